@@ -1,0 +1,1 @@
+//! dbgpt-cluster (bootstrap)
