@@ -1,0 +1,204 @@
+//! Daemon side of the admin socket: bind safely, check peers, answer frames.
+//!
+//! Binding removes a *stale* socket (one nobody answers on) and refuses to start if a live
+//! daemon answers. The socket is chmod'ed 0600 before `listen`, so there is no window in
+//! which another user could connect. Each connection must say `Hello` first (within a
+//! timeout); peers whose uid is neither ours nor root are refused with an error frame;
+//! garbage, unknown or oversized frames get an error frame and the connection is closed.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::net::{UnixListener, UnixSocket, UnixStream};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::proto::{self, PROTOCOL_VERSION, Request, Response, Status};
+
+/// How long a client may take to send its `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the admin server needs from the daemon it belongs to.
+pub trait AdminHandler: Send + Sync + 'static {
+    /// Current status.
+    fn status(&self) -> Status;
+    /// Begin a graceful stop (must return quickly).
+    fn stop(&self);
+}
+
+/// A bound admin socket; removes its file when dropped.
+pub struct AdminSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for AdminSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the admin socket at `path` (mode 0600), cleaning up a stale one.
+pub async fn bind(path: &Path) -> anyhow::Result<AdminSocket> {
+    if path.exists() {
+        match UnixStream::connect(path).await {
+            Ok(_) => anyhow::bail!(
+                "another daemon is already answering on admin socket {}",
+                path.display()
+            ),
+            Err(_) => {
+                info!(path = %path.display(), "removing stale admin socket");
+                std::fs::remove_file(path).map_err(|e| {
+                    anyhow::anyhow!("cannot remove stale socket {}: {e}", path.display())
+                })?;
+            }
+        }
+    }
+    let sock = UnixSocket::new_stream()?;
+    sock.bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot bind admin socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = sock.listen(64)?;
+    Ok(AdminSocket {
+        listener,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Accepts connections until `shutdown`.
+pub async fn serve(sock: AdminSocket, handler: Arc<dyn AdminHandler>, shutdown: CancellationToken) {
+    let me = nix::unistd::geteuid().as_raw();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = sock.listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, handler, me).await {
+                debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+    drop(sock);
+}
+
+async fn send(
+    framed: &mut Framed<UnixStream, tokio_util::codec::LengthDelimitedCodec>,
+    r: &Response,
+) -> std::io::Result<()> {
+    framed.send(Bytes::from(proto::encode(r))).await
+}
+
+fn error(message: impl Into<String>) -> Response {
+    Response::Error {
+        message: message.into(),
+    }
+}
+
+async fn connection(
+    stream: UnixStream,
+    handler: Arc<dyn AdminHandler>,
+    me: u32,
+) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let mut framed = Framed::new(stream, proto::codec());
+    if cred.uid() != me && cred.uid() != 0 {
+        warn!(
+            peer_uid = cred.uid(),
+            "refused admin connection from another user"
+        );
+        return send(
+            &mut framed,
+            &error(format!(
+                "permission denied: uid {} may not administer this daemon",
+                cred.uid()
+            )),
+        )
+        .await;
+    }
+    let mut greeted = false;
+    loop {
+        let next = if greeted {
+            framed.next().await
+        } else {
+            match tokio::time::timeout(HELLO_TIMEOUT, framed.next()).await {
+                Ok(n) => n,
+                Err(_) => return send(&mut framed, &error("timed out waiting for Hello")).await,
+            }
+        };
+        let frame = match next {
+            None => return Ok(()),
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                // Oversized frame or broken stream: say why, then close.
+                return send(
+                    &mut framed,
+                    &error(format!(
+                        "bad frame: {e} (limit {} bytes)",
+                        proto::MAX_FRAME_BYTES
+                    )),
+                )
+                .await;
+            }
+        };
+        let req: Request = match proto::decode(&frame) {
+            Ok(r) => r,
+            Err(e) => {
+                return send(
+                    &mut framed,
+                    &error(format!("malformed or unknown request: {e}")),
+                )
+                .await;
+            }
+        };
+        match (greeted, req) {
+            (false, Request::Hello { version, client }) => {
+                if version == 0 || version > PROTOCOL_VERSION {
+                    return send(&mut framed, &error(format!(
+                        "unsupported admin protocol version {version}; this daemon speaks {PROTOCOL_VERSION}"
+                    ))).await;
+                }
+                debug!(client, version, pid = cred.pid(), "admin hello");
+                greeted = true;
+                send(
+                    &mut framed,
+                    &Response::Hello {
+                        version: PROTOCOL_VERSION,
+                        server: format!("dbgpt {}", env!("CARGO_PKG_VERSION")),
+                    },
+                )
+                .await?;
+            }
+            (false, _) => {
+                return send(&mut framed, &error("the first request must be Hello")).await;
+            }
+            (true, Request::Hello { .. }) => send(&mut framed, &error("already greeted")).await?,
+            (true, Request::Status) => {
+                send(&mut framed, &Response::Status(handler.status())).await?
+            }
+            (true, Request::Stop) => {
+                info!(
+                    peer_uid = cred.uid(),
+                    peer_pid = cred.pid(),
+                    "stop requested over the admin socket"
+                );
+                send(&mut framed, &Response::Stopping).await?;
+                handler.stop();
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! `dbgpt ctl status|stop` and `dbgpt stop …`: the client side of the admin sockets.
+//!
+//! Daemons are found by listing their runtime directories (see [`crate::admin`]) and
+//! asking each socket; nothing ever matches process names. A stop waits until the daemon
+//! is really gone (its socket refuses connections and its pid no longer exists).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Subcommand;
+use serde_json::{Map, Value, json};
+
+use super::{StopArgs, StopOpts, StopTarget};
+use crate::admin::{self, AdminClient, FoundSocket, Status};
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Show every local dbgpt daemon: service, port, pid, uptime, version, instances.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the daemon listening on a port, gracefully; exits 0 once it is gone.
+    Stop {
+        /// HTTP port of the daemon to stop.
+        #[arg(long)]
+        port: u16,
+        /// Only a daemon of this kind (controller, worker, apiserver).
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        opts: StopOpts,
+    },
+}
+
+/// Runs a `ctl` subcommand.
+pub async fn run(cmd: CtlCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CtlCommand::Status { json } => status(json).await,
+        CtlCommand::Stop {
+            port,
+            service,
+            opts,
+        } => {
+            let found: Vec<_> = admin::discover()
+                .into_iter()
+                .filter(|s| s.port == port && service.as_ref().is_none_or(|x| *x == s.service))
+                .collect();
+            if found.is_empty() {
+                bail!(
+                    "no dbgpt daemon found for --port {port} (looked in {})",
+                    looked_in()
+                );
+            }
+            stop_all(found, &opts, true).await
+        }
+    }
+}
+
+fn looked_in() -> String {
+    admin::candidate_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs `dbgpt stop <target>`.
+pub async fn stop_command(args: StopArgs) -> anyhow::Result<ExitCode> {
+    let (service, port, opts, label) = match args.target {
+        StopTarget::Controller(p) => (Some("controller"), p.port, p.opts, "ModelController"),
+        StopTarget::Worker(p) => (Some("worker"), p.port, p.opts, "ModelWorker"),
+        StopTarget::Apiserver(p) => (Some("apiserver"), p.port, p.opts, "ModelAPIServer"),
+        StopTarget::All(o) => (None, None, o, "dbgpt daemon"),
+    };
+    let found: Vec<_> = admin::discover()
+        .into_iter()
+        .filter(|s| service.is_none_or(|x| x == s.service) && port.is_none_or(|p| p == s.port))
+        .collect();
+    if found.is_empty() {
+        let at = port.map(|p| format!(" on port {p}")).unwrap_or_default();
+        println!("{label} process not found{at}.");
+        // Naming a specific port that has nothing is an error; "stop all kinds" is not.
+        return Ok(if port.is_some() {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    stop_all(found, &opts, port.is_some()).await
+}
+
+async fn stop_all(
+    found: Vec<FoundSocket>,
+    opts: &StopOpts,
+    strict: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for s in found {
+        match stop_one(&s, Duration::from_secs(opts.timeout)).await {
+            Ok(Some(pid)) => println!("Stopped {} on port {} (pid {pid})", s.service, s.port),
+            Ok(None) => {
+                println!(
+                    "{} on port {}: stale socket {} (daemon not running)",
+                    s.service,
+                    s.port,
+                    s.path.display()
+                );
+                failed |= strict;
+            }
+            Err(e) => {
+                eprintln!("error: {} on port {}: {e:#}", s.service, s.port);
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // Signal 0 probes existence; EPERM still means "exists".
+    let exists = match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
+    };
+    // A zombie has exited already; only its parent has not reaped it yet.
+    exists && !is_zombie(pid)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Stops one daemon; `Ok(None)` if its socket was stale.
+async fn stop_one(s: &FoundSocket, timeout: Duration) -> anyhow::Result<Option<u32>> {
+    let mut c = match AdminClient::connect(&s.path).await {
+        Ok(c) => c,
+        Err(admin::client::AdminError::Connect { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let pid = c.status().await?.pid;
+    c.stop().await?;
+    drop(c);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let socket_gone = tokio::net::UnixStream::connect(&s.path).await.is_err();
+        if socket_gone && !pid_alive(pid) {
+            return Ok(Some(pid));
+        }
+        if Instant::now() > deadline {
+            bail!("pid {pid} acknowledged the stop but is still running after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn status_json(s: &Status) -> Value {
+    let details: Map<String, Value> = s
+        .details
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    json!({
+        "service": s.service, "port": s.port, "pid": s.pid, "version": s.version,
+        "started_unix_ms": s.started_unix_ms, "uptime_ms": s.uptime_ms,
+        "healthy": s.healthy, "total": s.total, "details": details,
+    })
+}
+
+async fn status(as_json: bool) -> anyhow::Result<ExitCode> {
+    let mut rows = Vec::new();
+    let mut stale = Vec::new();
+    for s in admin::discover() {
+        match AdminClient::connect(&s.path).await {
+            Ok(mut c) => match c.status().await {
+                Ok(st) => rows.push(st),
+                Err(e) => stale.push((s, e.to_string())),
+            },
+            Err(e) => stale.push((s, e.to_string())),
+        }
+    }
+    if as_json {
+        let out: Vec<Value> = rows.iter().map(status_json).collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        println!("No dbgpt daemons running (looked in {}).", looked_in());
+    } else {
+        let header = [
+            "SERVICE",
+            "PORT",
+            "PID",
+            "UPTIME",
+            "VERSION",
+            "HEALTHY/TOTAL",
+            "DETAILS",
+        ];
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|s| {
+                vec![
+                    s.service.clone(),
+                    s.port.to_string(),
+                    s.pid.to_string(),
+                    human_duration(s.uptime_ms),
+                    s.version.clone(),
+                    format!("{}/{}", s.healthy, s.total),
+                    s.details
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ]
+            })
+            .collect();
+        print_columns(&header, &table);
+    }
+    for (s, why) in stale {
+        eprintln!(
+            "note: {} on port {} did not answer ({why}); socket {}",
+            s.service,
+            s.port,
+            s.path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Left-aligned columns separated by two spaces.
+fn print_columns(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations() {
+        assert_eq!(super::human_duration(5_000), "5s");
+        assert_eq!(super::human_duration(65_000), "1m05s");
+        assert_eq!(super::human_duration(3_720_000), "1h02m");
+        assert_eq!(super::human_duration(90_000_000), "1d01h");
+    }
+}

@@ -1,0 +1,156 @@
+//! The `dbgpt` command line: clap definitions and dispatch.
+//!
+//! `start` runs a server (forking first with `--daemon`, before any runtime exists);
+//! `stop` and `ctl` talk to local daemons over their admin sockets; `model` talks to a
+//! controller over HTTP. Errors print one line naming what failed and exit 1; clap's usage
+//! errors exit 2.
+
+pub mod ctl;
+pub mod model;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::ControllerArgs;
+use crate::daemon::{self, Readiness};
+
+/// DB-GPT model-serving cluster: controller, workers and OpenAI-compatible API server.
+#[derive(Debug, Parser)]
+#[command(name = "dbgpt", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a server (foreground, or in the background with --daemon).
+    #[command(subcommand)]
+    Start(StartCommand),
+    /// Stop local servers gracefully through their admin sockets.
+    Stop(StopArgs),
+    /// Inspect and control local daemons through their admin sockets.
+    #[command(subcommand)]
+    Ctl(ctl::CtlCommand),
+    /// Query and manage models through the controller.
+    Model(model::ModelArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StartCommand {
+    /// The model controller: registry of model instances (DB-GPT's controller API).
+    Controller(ControllerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StopArgs {
+    #[command(subcommand)]
+    pub target: StopTarget,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StopTarget {
+    /// Stop the controller(s) on this machine.
+    Controller(StopPort),
+    /// Stop the worker(s) on this machine.
+    Worker(StopPort),
+    /// Stop the API server(s) on this machine.
+    Apiserver(StopPort),
+    /// Stop every dbgpt daemon on this machine.
+    All(StopOpts),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StopPort {
+    /// Only the instance listening on this port (default: all of that kind).
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[command(flatten)]
+    pub opts: StopOpts,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StopOpts {
+    /// Seconds to wait for each daemon to exit.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+}
+
+/// Builds the multi-threaded runtime (only after any fork).
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("dbgpt")
+        .build()?)
+}
+
+/// A small runtime for client commands.
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Start(StartCommand::Controller(args)) => start_controller(args),
+        Command::Stop(s) => client_runtime().and_then(|rt| rt.block_on(ctl::stop_command(s))),
+        Command::Ctl(c) => client_runtime().and_then(|rt| rt.block_on(ctl::run(c))),
+        Command::Model(m) => client_runtime().and_then(|rt| rt.block_on(model::run(m))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.resolve()?;
+    let readiness = if cfg.daemon {
+        daemon::daemonize("ModelController", &cfg.log_file)?
+    } else {
+        Readiness::foreground()
+    };
+    crate::telemetry::init(cfg.log_level.as_deref())?;
+    runtime()?.block_on(crate::controller::service::run(cfg, readiness))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn dbgpt_and_kebab_spellings_parse() {
+        let c = Cli::try_parse_from([
+            "dbgpt",
+            "start",
+            "controller",
+            "--port",
+            "18000",
+            "--registry-path",
+            "/tmp/r.redb",
+            "--heartbeat_timeout_secs",
+            "5",
+            "-d",
+        ])
+        .unwrap();
+        let Command::Start(StartCommand::Controller(a)) = c.command else {
+            panic!()
+        };
+        assert_eq!(a.port, Some(18000));
+        assert_eq!(a.heartbeat_timeout_secs, Some(5));
+        assert!(a.common.daemon);
+    }
+}

@@ -1,0 +1,254 @@
+//! Service parameters: command-line flags, environment variables and an optional TOML file.
+//!
+//! Precedence is flags > environment > `--config FILE` > defaults. Flags use DB-GPT's
+//! snake_case names (`--heartbeat_timeout_secs`) with kebab-case aliases; environment
+//! variables use DB-GPT's prefixes (`CONTROLLER_PORT`, `CONTROLLER_HEARTBEAT_TIMEOUT_SECS`,
+//! `DBGPT_LOG_LEVEL`, …) — but, unlike DB-GPT, never un-prefixed names such as `PORT`.
+//! A config file section is `[controller]` (or DB-GPT 0.7's `[service.model.controller]`);
+//! unknown keys are errors that name the key, so typos do not pass silently.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+/// Options every server command shares.
+#[derive(Debug, Clone, Args, Default)]
+pub struct CommonServerArgs {
+    /// Run in the background: returns once the server is serving (or fails with the reason).
+    #[arg(short = 'd', long)]
+    pub daemon: bool,
+    /// Log level: error, warn, info, debug, trace (DB-GPT's FATAL/WARNING/NOTSET also work).
+    #[arg(
+        long = "log_level",
+        visible_alias = "log-level",
+        env = "DBGPT_LOG_LEVEL"
+    )]
+    pub log_level: Option<String>,
+    /// Log file name (inside $DBGPT_LOG_DIR) or path, used with --daemon.
+    #[arg(long = "log_file", visible_alias = "log-file")]
+    pub log_file: Option<PathBuf>,
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(short = 'c', long = "config")]
+    pub config: Option<PathBuf>,
+}
+
+/// Registry backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistryType {
+    /// The embedded redb file (default).
+    Embedded,
+    /// A shared SQL database (several controllers; not available in this build yet).
+    Database,
+}
+
+/// `dbgpt start controller` options.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ControllerArgs {
+    /// Address to bind [default: 0.0.0.0]
+    #[arg(long, env = "CONTROLLER_HOST")]
+    pub host: Option<String>,
+    /// HTTP port [default: 8000]
+    #[arg(long, env = "CONTROLLER_PORT")]
+    pub port: Option<u16>,
+    /// Registry backend [default: embedded]
+    #[arg(
+        long = "registry_type",
+        visible_alias = "registry-type",
+        env = "CONTROLLER_REGISTRY_TYPE",
+        value_enum
+    )]
+    pub registry_type: Option<RegistryType>,
+    /// redb registry file [default: $DBGPT_STATE_DIR/registry.redb, ~/.local/share/dbgpt/registry.redb, or /var/lib/dbgpt/registry.redb for root]
+    #[arg(
+        long = "registry_path",
+        visible_alias = "registry-path",
+        env = "CONTROLLER_REGISTRY_PATH"
+    )]
+    pub registry_path: Option<PathBuf>,
+    /// Seconds between health checks of registered instances [default: 20]
+    #[arg(
+        long = "heartbeat_interval_secs",
+        visible_alias = "heartbeat-interval-secs",
+        env = "CONTROLLER_HEARTBEAT_INTERVAL_SECS"
+    )]
+    pub heartbeat_interval_secs: Option<u64>,
+    /// Seconds without a heartbeat after which an instance is unhealthy [default: 60]
+    #[arg(
+        long = "heartbeat_timeout_secs",
+        visible_alias = "heartbeat-timeout-secs",
+        env = "CONTROLLER_HEARTBEAT_TIMEOUT_SECS"
+    )]
+    pub heartbeat_timeout_secs: Option<u64>,
+    #[command(flatten)]
+    pub common: CommonServerArgs,
+}
+
+/// The `[controller]` section of a config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControllerFile {
+    host: Option<String>,
+    port: Option<u16>,
+    registry_type: Option<RegistryType>,
+    registry_path: Option<PathBuf>,
+    heartbeat_interval_secs: Option<u64>,
+    heartbeat_timeout_secs: Option<u64>,
+    log_level: Option<String>,
+    log_file: Option<PathBuf>,
+}
+
+/// Resolved controller configuration.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub host: String,
+    pub port: u16,
+    pub registry_type: RegistryType,
+    pub registry_path: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub log_level: Option<String>,
+    pub log_file: PathBuf,
+    pub daemon: bool,
+}
+
+/// Reads `[section]` (or `[service.model.<section>]`) of a TOML file.
+fn load_section<T: for<'de> Deserialize<'de> + Default>(
+    path: &Path,
+    section: &str,
+) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let root: toml::Table = toml::from_str(&text)
+        .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+    let found = root.get(section).cloned().or_else(|| {
+        root.get("service")
+            .and_then(|s| s.get("model"))
+            .and_then(|m| m.get(section))
+            .cloned()
+    });
+    match found {
+        None => Ok(T::default()),
+        Some(v) => v
+            .try_into()
+            .with_context(|| format!("invalid [{section}] section in {}", path.display())),
+    }
+}
+
+/// Resolves a log-file option: a bare file name goes into the log directory.
+pub fn resolve_log_file(opt: Option<PathBuf>, default_name: &str) -> PathBuf {
+    match opt {
+        Some(p) if p.components().count() > 1 || p.is_absolute() => p,
+        Some(p) => crate::daemon::log_dir().join(p),
+        None => crate::daemon::log_dir().join(default_name),
+    }
+}
+
+impl ControllerArgs {
+    /// Applies file values and defaults, and checks ranges.
+    pub fn resolve(self) -> anyhow::Result<ControllerConfig> {
+        let file: ControllerFile = match &self.common.config {
+            Some(p) => load_section(p, "controller")?,
+            None => ControllerFile::default(),
+        };
+        let interval = self
+            .heartbeat_interval_secs
+            .or(file.heartbeat_interval_secs)
+            .unwrap_or(20);
+        let timeout = self
+            .heartbeat_timeout_secs
+            .or(file.heartbeat_timeout_secs)
+            .unwrap_or(60);
+        if interval == 0 {
+            bail!("--heartbeat_interval_secs must be at least 1");
+        }
+        if timeout == 0 {
+            bail!("--heartbeat_timeout_secs must be at least 1");
+        }
+        let port = self.port.or(file.port).unwrap_or(8000);
+        if port == 0 {
+            bail!("--port must be between 1 and 65535");
+        }
+        let registry_type = self
+            .registry_type
+            .or(file.registry_type)
+            .unwrap_or(RegistryType::Embedded);
+        Ok(ControllerConfig {
+            host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
+            port,
+            registry_type,
+            registry_path: self
+                .registry_path
+                .or(file.registry_path)
+                .unwrap_or_else(|| crate::daemon::state_dir().join("registry.redb")),
+            heartbeat_interval: Duration::from_secs(interval),
+            heartbeat_timeout: Duration::from_secs(timeout),
+            log_level: self.common.log_level.or(file.log_level),
+            log_file: resolve_log_file(
+                self.common.log_file.or(file.log_file),
+                "dbgpt_model_controller.log",
+            ),
+            daemon: self.common.daemon,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[controller]\nport = 9000\nheartbeat_timeout_secs = 5\n",
+        )
+        .unwrap();
+        let args = ControllerArgs {
+            port: Some(9100),
+            common: CommonServerArgs {
+                config: Some(f.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.port, 9100);
+        assert_eq!(c.heartbeat_timeout, Duration::from_secs(5));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(20));
+        assert_eq!(c.host, "0.0.0.0");
+    }
+
+    #[test]
+    fn dbgpt_07_section_and_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[service.model.controller]\nport = 9001\n").unwrap();
+        let args = ControllerArgs {
+            common: CommonServerArgs {
+                config: Some(f.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(args.clone().resolve().unwrap().port, 9001);
+        std::fs::write(&f, "[controller]\nprot = 1\n").unwrap();
+        let e = format!("{:#}", args.resolve().unwrap_err());
+        assert!(e.contains("prot"), "{e}");
+    }
+
+    #[test]
+    fn zero_values_are_rejected_with_the_flag_name() {
+        let args = ControllerArgs {
+            heartbeat_timeout_secs: Some(0),
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.contains("--heartbeat_timeout_secs"), "{e}");
+    }
+}

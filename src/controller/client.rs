@@ -1,0 +1,213 @@
+//! HTTP client of the controller API, used by the CLI, workers and the apiserver.
+//!
+//! Takes DB-GPT's comma-separated list of controller URLs. Unlike DB-GPT (which picks a URL
+//! from a 5-second health round and never retries), a request that fails to connect or gets
+//! a 5xx is retried on the next URL at once, and the URL that answered is tried first next
+//! time.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::types::ModelInstance;
+
+/// Errors calling the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the controller at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("controller at {url} answered {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("controller at {url} sent an unexpected body: {reason}")]
+    Decode { url: String, reason: String },
+    #[error("no controller address given")]
+    NoAddress,
+}
+
+/// A controller client over one or more base URLs.
+pub struct ControllerClient {
+    urls: Vec<String>,
+    preferred: AtomicUsize,
+    http: reqwest::Client,
+}
+
+/// Splits DB-GPT's comma list, trims parts and trailing slashes, adds `http://` if missing.
+pub fn parse_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let s = s.trim_end_matches('/');
+            if s.contains("://") {
+                s.to_string()
+            } else {
+                format!("http://{s}")
+            }
+        })
+        .collect()
+}
+
+impl ControllerClient {
+    /// `urls` is DB-GPT's comma-separated list.
+    pub fn new(urls: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let urls = parse_urls(urls);
+        if urls.is_empty() {
+            return Err(ClientError::NoAddress);
+        }
+        crate::http::ensure_tls_provider();
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(3)))
+            .build()
+            .map_err(|e| ClientError::Unreachable {
+                url: urls[0].clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(ControllerClient {
+            urls,
+            preferred: AtomicUsize::new(0),
+            http,
+        })
+    }
+
+    /// The configured base URLs.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let n = self.urls.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last_err = None;
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let url = &self.urls[idx];
+            let resp = match build(&self.http, url).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_err = Some(ClientError::Unreachable {
+                        url: url.clone(),
+                        reason: describe(&e),
+                    });
+                    continue;
+                }
+            };
+            let status = resp.status();
+            if status.is_server_error() {
+                last_err = Some(ClientError::Status {
+                    url: url.clone(),
+                    status: status.as_u16(),
+                    body: resp.text().await.unwrap_or_default(),
+                });
+                continue;
+            }
+            if !status.is_success() {
+                return Err(ClientError::Status {
+                    url: url.clone(),
+                    status: status.as_u16(),
+                    body: resp.text().await.unwrap_or_default(),
+                });
+            }
+            self.preferred.store(idx, Ordering::Relaxed);
+            let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
+                reason: describe(&e),
+            })?;
+            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+                url: url.clone(),
+                reason: e.to_string(),
+            });
+        }
+        Err(last_err.unwrap_or(ClientError::NoAddress))
+    }
+
+    /// `GET /api/controller/models`.
+    pub async fn list(
+        &self,
+        model_name: Option<&str>,
+        healthy_only: bool,
+    ) -> Result<Vec<ModelInstance>, ClientError> {
+        self.call(|c, url| {
+            let mut q: Vec<(&str, String)> = vec![("healthy_only", healthy_only.to_string())];
+            if let Some(m) = model_name {
+                q.push(("model_name", m.to_string()));
+            }
+            c.get(format!("{url}/api/controller/models")).query(&q)
+        })
+        .await
+    }
+
+    /// `POST /api/controller/models`.
+    pub async fn register(&self, inst: &ModelInstance) -> Result<bool, ClientError> {
+        self.call(|c, url| c.post(format!("{url}/api/controller/models")).json(inst))
+            .await
+    }
+
+    /// `POST /api/controller/heartbeat`.
+    pub async fn heartbeat(&self, inst: &ModelInstance) -> Result<bool, ClientError> {
+        self.call(|c, url| c.post(format!("{url}/api/controller/heartbeat")).json(inst))
+            .await
+    }
+
+    /// `DELETE /api/controller/models` (mark unhealthy, or remove).
+    pub async fn deregister(
+        &self,
+        inst: &ModelInstance,
+        remove: bool,
+    ) -> Result<bool, ClientError> {
+        self.call(|c, url| {
+            c.delete(format!("{url}/api/controller/models")).query(&[
+                ("model_name", inst.model_name.clone()),
+                ("host", inst.host.clone()),
+                ("port", inst.port.to_string()),
+                ("remove_from_registry", remove.to_string()),
+            ])
+        })
+        .await
+    }
+
+    /// `GET /api/health` on one URL.
+    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+        self.call(|c, url| c.get(format!("{url}/api/health"))).await
+    }
+}
+
+/// A short reason for a reqwest error (connection refused, timeout, …).
+pub fn describe(e: &reqwest::Error) -> String {
+    use std::error::Error;
+    let mut msg = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "connection failed".to_string()
+    } else {
+        e.to_string()
+    };
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg = format!("{msg}: {text}");
+        }
+        src = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn url_lists() {
+        assert_eq!(
+            super::parse_urls("http://a:8000/, b:8010 ,,"),
+            ["http://a:8000", "http://b:8010"]
+        );
+    }
+}

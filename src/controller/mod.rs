@@ -1,0 +1,184 @@
+//! The model controller: DB-GPT's controller HTTP API over a [`Registry`], plus the
+//! background tasks that keep health and persistence current.
+//!
+//! Routes (reference §2): `GET /api/health`, `POST/DELETE/GET /api/controller/models`,
+//! `POST /api/controller/heartbeat`. Responses are DB-GPT's bare JSON literals (`true`,
+//! lists of nine-key instances). The health sweep marks instances unhealthy after
+//! `heartbeat_timeout`, and a flusher persists heartbeat timestamps in batches; both run
+//! each tick in a fresh task so that an error or even a panic is logged and the loop
+//! carries on.
+
+pub mod client;
+pub mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::http::{ApiError, CappedBody, json_response, trace_requests, with_fallbacks};
+use crate::registry::{Registry, RegistryError};
+use crate::types::InstanceInput;
+use crate::validate::{Fields, parse_json_object, query_object};
+
+/// How often buffered heartbeat timestamps are written to the registry.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Shared state of the controller's HTTP handlers.
+#[derive(Clone)]
+pub struct ControllerState {
+    pub registry: Arc<dyn Registry>,
+}
+
+/// The controller's HTTP routes.
+pub fn router(state: ControllerState) -> Router {
+    let api = Router::new()
+        .route("/api/health", get(health))
+        .route(
+            "/api/controller/models",
+            post(register).delete(deregister).get(list),
+        )
+        .route("/api/controller/heartbeat", post(heartbeat));
+    with_fallbacks(api)
+        .layer(axum::middleware::from_fn(trace_requests))
+        .with_state(state)
+}
+
+fn storage_error(e: RegistryError) -> ApiError {
+    error!(error = %e, "registry write failed");
+    ApiError::Unavailable(format!("registry unavailable: {e}"))
+}
+
+fn ok_true() -> Response {
+    json_response(StatusCode::OK, &true)
+}
+
+async fn health() -> Response {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+fn body_instance(body: &[u8]) -> Result<InstanceInput, ApiError> {
+    let v = parse_json_object(body, "ModelInstance")?;
+    Ok(InstanceInput::from_json("body", &v)?)
+}
+
+async fn register(
+    State(s): State<ControllerState>,
+    CappedBody(body): CappedBody,
+) -> Result<Response, ApiError> {
+    let input = body_instance(&body)?;
+    let key = input.key();
+    s.registry.register(input).await.map_err(storage_error)?;
+    info!(instance = %key, "registered");
+    Ok(ok_true())
+}
+
+async fn heartbeat(
+    State(s): State<ControllerState>,
+    CappedBody(body): CappedBody,
+) -> Result<Response, ApiError> {
+    let input = body_instance(&body)?;
+    s.registry.heartbeat(input).await.map_err(storage_error)?;
+    Ok(ok_true())
+}
+
+async fn deregister(
+    State(s): State<ControllerState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let v = query_object(q.as_deref());
+    let input = InstanceInput::from_json("query", &v)?;
+    let key = input.key();
+    let removed = input.remove_from_registry;
+    s.registry.deregister(input).await.map_err(storage_error)?;
+    info!(instance = %key, removed, "deregistered");
+    Ok(ok_true())
+}
+
+async fn list(
+    State(s): State<ControllerState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let v: Value = query_object(q.as_deref());
+    let mut f = Fields::new("query", &v);
+    let model_name = f.opt_str("model_name").filter(|m| !m.is_empty());
+    let healthy_only = f.bool_or("healthy_only", false);
+    f.finish()?;
+    let list = s
+        .registry
+        .list(model_name.as_deref(), healthy_only)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("registry unavailable: {e}")))?;
+    Ok(json_response(StatusCode::OK, &list))
+}
+
+/// Runs `tick` every `period` until `shutdown`; each tick runs in its own task so a panic
+/// in it is logged instead of ending the loop.
+pub fn spawn_resilient_loop<F, Fut>(
+    name: &'static str,
+    period: Duration,
+    shutdown: CancellationToken,
+    tick: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = interval.tick() => {}
+            }
+            if let Err(e) = tokio::spawn(tick()).await {
+                error!(task = name, error = %e, "background task panicked; it keeps running");
+            }
+        }
+    })
+}
+
+/// Starts the health sweep (every `check_interval`) and the heartbeat flusher.
+pub fn spawn_background(
+    registry: Arc<dyn Registry>,
+    check_interval: Duration,
+    shutdown: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let r1 = registry.clone();
+    let sweep = spawn_resilient_loop(
+        "health-check",
+        check_interval,
+        shutdown.clone(),
+        move || {
+            let r = r1.clone();
+            async move {
+                match r.expire().await {
+                    Ok(0) => {}
+                    Ok(n) => info!(count = n, "marked instances unhealthy: heartbeat timeout"),
+                    Err(e) => {
+                        warn!(error = %e, "health check could not persist expiry; will retry")
+                    }
+                }
+            }
+        },
+    );
+    let r2 = registry;
+    let flush = spawn_resilient_loop("heartbeat-flush", FLUSH_INTERVAL, shutdown, move || {
+        let r = r2.clone();
+        async move {
+            if let Err(e) = r.flush().await {
+                warn!(error = %e, "could not persist heartbeat timestamps; will retry");
+            }
+        }
+    });
+    vec![sweep, flush]
+}

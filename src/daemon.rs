@@ -1,0 +1,335 @@
+//! Process lifecycle shared by every daemon: background mode, pid lock, readiness,
+//! systemd notification, signals and default directories.
+//!
+//! `--daemon` forks (through the `daemonize` crate) *before* any thread or tokio runtime
+//! exists. The original process does not trust the fork's exit code: it waits on a pipe
+//! until the daemon reports "ready" (its port and admin socket are bound) or the reason it
+//! failed, and exits 0 or 1 accordingly. Under systemd the same readiness point sends
+//! `READY=1` (`Type=notify`), `STATUS=` lines and, when `WatchdogSec=` is set, `WATCHDOG=1`
+//! pings. Every daemon holds an exclusive `flock` on `<service>-<port>.pid` in its runtime
+//! directory for its whole life, so a second instance is refused at once.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use nix::fcntl::{Flock, FlockArg};
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Environment variable for the log directory (DB-GPT's name).
+pub const LOG_DIR_ENV: &str = "DBGPT_LOG_DIR";
+/// Environment variable for the state directory (registry file).
+pub const STATE_DIR_ENV: &str = "DBGPT_STATE_DIR";
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Where log files go: `$DBGPT_LOG_DIR`, else `/var/log/dbgpt` for root, else
+/// `$XDG_STATE_HOME/dbgpt/logs` (`~/.local/state/dbgpt/logs`).
+pub fn log_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os(LOG_DIR_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if is_root() {
+        return PathBuf::from("/var/log/dbgpt");
+    }
+    dirs::state_dir()
+        .map(|d| d.join("dbgpt").join("logs"))
+        .unwrap_or_else(|| PathBuf::from("logs"))
+}
+
+/// Where persistent state goes: `$DBGPT_STATE_DIR`, else `/var/lib/dbgpt` for root, else
+/// `$XDG_DATA_HOME/dbgpt` (`~/.local/share/dbgpt`).
+pub fn state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os(STATE_DIR_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if is_root() {
+        return PathBuf::from("/var/lib/dbgpt");
+    }
+    dirs::data_dir()
+        .map(|d| d.join("dbgpt"))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Creates a directory (and parents) private to this user if it does not exist.
+pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create directory {}", dir.display()))
+}
+
+/// An exclusively locked pid file; removed on drop.
+pub struct PidFile {
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl PidFile {
+    /// Locks `path` and writes our pid. Fails at once, naming the running pid, if another
+    /// process holds the lock.
+    pub fn acquire(path: &Path, what: &str) -> anyhow::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("cannot open pid file {}", path.display()))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut f, errno)) => {
+                if errno == nix::errno::Errno::EWOULDBLOCK {
+                    let mut s = String::new();
+                    let _ = f.read_to_string(&mut s);
+                    let pid = s.trim();
+                    bail!(
+                        "{what} is already running{} (lock held on {})",
+                        if pid.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" with pid {pid}")
+                        },
+                        path.display()
+                    );
+                }
+                bail!("cannot lock pid file {}: {errno}", path.display());
+            }
+        };
+        lock.set_len(0)?;
+        writeln!(&mut *lock, "{}", std::process::id())?;
+        lock.flush()?;
+        Ok(PidFile {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        // Unlink while still holding the lock, so nobody can lock a file about to vanish.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reports start-up success or failure to whoever waits: the `--daemon` parent (through a
+/// pipe) and systemd (through `NOTIFY_SOCKET`).
+pub struct Readiness {
+    pipe: Option<File>,
+}
+
+impl Readiness {
+    /// Foreground: only systemd (if any) is told.
+    pub fn foreground() -> Self {
+        Readiness { pipe: None }
+    }
+
+    /// Start-up finished: the daemon serves.
+    pub fn ready(&mut self, status: &str) {
+        if let Some(mut p) = self.pipe.take() {
+            let _ = writeln!(p, "OK {}", std::process::id());
+        }
+        if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]) {
+            warn!(error = %e, "could not notify systemd");
+        }
+    }
+
+    /// Start-up failed; `reason` is shown to the user who ran `--daemon`.
+    pub fn failed(&mut self, reason: &str) {
+        if let Some(mut p) = self.pipe.take() {
+            let _ = writeln!(p, "ERR {}", reason.replace('\n', " "));
+        }
+        let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {reason}"))]);
+    }
+}
+
+/// Detaches into the background. Returns in the daemon (the grandchild) only; the calling
+/// process waits for the daemon's readiness report, prints it and exits with 0 on success
+/// or 1 with the reason. Must be called before any thread is started.
+pub fn daemonize(label: &str, log_path: &Path) -> anyhow::Result<Readiness> {
+    if let Some(dir) = log_path.parent() {
+        ensure_private_dir(dir)?;
+    }
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("cannot open log file {}", log_path.display()))?;
+    let (rx, tx): (OwnedFd, OwnedFd) = nix::unistd::pipe().context("cannot create pipe")?;
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let d = daemonize::Daemonize::new()
+        .working_directory(cwd)
+        .umask(0o027)
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    match d.execute() {
+        daemonize::Outcome::Parent(res) => {
+            drop(tx);
+            if let Err(e) = res {
+                eprintln!("error: could not start {label} in the background: {e}");
+                std::process::exit(1);
+            }
+            let mut answer = String::new();
+            let _ = File::from(rx).read_to_string(&mut answer);
+            let answer = answer.trim();
+            if let Some(pid) = answer.strip_prefix("OK ") {
+                println!(
+                    "Started {label} in background with pid: {pid} (log: {})",
+                    log_path.display()
+                );
+                std::process::exit(0);
+            }
+            let reason = answer
+                .strip_prefix("ERR ")
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    format!(
+                        "the daemon exited during start-up; see {}",
+                        log_path.display()
+                    )
+                });
+            eprintln!("error: {label} failed to start: {reason}");
+            std::process::exit(1);
+        }
+        daemonize::Outcome::Child(Ok(_)) => {
+            drop(rx);
+            Ok(Readiness {
+                pipe: Some(File::from(tx)),
+            })
+        }
+        daemonize::Outcome::Child(Err(e)) => {
+            let mut p = File::from(tx);
+            let _ = writeln!(p, "ERR cannot daemonize: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received: stopping"),
+            _ = int.recv() => info!("SIGINT received: stopping"),
+            _ = token.cancelled() => return,
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+/// Sends `WATCHDOG=1` at half the period systemd asked for, while the runtime is alive.
+pub fn spawn_watchdog(token: CancellationToken) {
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let every = (period / 2).max(Duration::from_millis(100));
+    info!(?period, "systemd watchdog enabled");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = tick.tick() => { let _ = sd_notify::notify(&[NotifyState::Watchdog]); }
+            }
+        }
+    });
+}
+
+/// Tells systemd the service is stopping.
+pub fn notify_stopping() {
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything a daemon holds from start-up to exit: pid lock, runtime dir and start time.
+pub struct DaemonBase {
+    pub service: &'static str,
+    pub port: u16,
+    pub runtime_dir: PathBuf,
+    pub started: std::time::Instant,
+    pub started_unix_ms: u64,
+    pub shutdown: CancellationToken,
+    _pid: PidFile,
+}
+
+impl DaemonBase {
+    /// Creates the runtime directory and takes the pid lock.
+    pub fn acquire(service: &'static str, label: &str, port: u16) -> anyhow::Result<Self> {
+        if port == 0 {
+            bail!("--port must be between 1 and 65535");
+        }
+        let runtime_dir = crate::admin::runtime_dir();
+        ensure_private_dir(&runtime_dir)?;
+        let pid = PidFile::acquire(
+            &runtime_dir.join(crate::admin::pid_name(service, port)),
+            &format!("{label} on port {port}"),
+        )?;
+        Ok(DaemonBase {
+            service,
+            port,
+            runtime_dir,
+            started: std::time::Instant::now(),
+            started_unix_ms: unix_ms(),
+            shutdown: CancellationToken::new(),
+            _pid: pid,
+        })
+    }
+
+    /// Path of this daemon's admin socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.runtime_dir
+            .join(crate::admin::socket_name(self.service, self.port))
+    }
+
+    /// A status skeleton with the common fields filled in.
+    pub fn status(
+        &self,
+        healthy: u32,
+        total: u32,
+        details: Vec<(String, String)>,
+    ) -> crate::admin::Status {
+        crate::admin::Status {
+            service: self.service.to_string(),
+            port: self.port,
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_unix_ms: self.started_unix_ms,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            healthy,
+            total,
+            details,
+        }
+    }
+}
+
+/// Wraps a start-up error so the `--daemon` parent and systemd see the reason.
+pub fn report_startup<T>(readiness: &mut Readiness, r: anyhow::Result<T>) -> anyhow::Result<T> {
+    if let Err(e) = &r {
+        readiness.failed(&format!("{e:#}"));
+    }
+    r
+}

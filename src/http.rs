@@ -1,0 +1,176 @@
+//! HTTP plumbing shared by the services: FastAPI-shaped errors, capped body reading,
+//! JSON 404/405 fallbacks, request tracing, and serving with graceful shutdown.
+//!
+//! DB-GPT's clients parse FastAPI's error bodies (`{"detail": …}`), so every service answers
+//! bad input the same way: 422 with pydantic-style entries, 413 for oversized bodies, JSON
+//! 404/405 — never a 500 or a dropped connection.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span};
+
+use crate::validate::ValidationErrors;
+
+/// Largest request body any service accepts by default.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// An error answered in FastAPI's shape.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("validation failed: {0}")]
+    Validation(#[from] ValidationErrors),
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            ApiError::Validation(e) => (StatusCode::UNPROCESSABLE_ENTITY, json!({ "detail": e.0 })),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, json!({ "detail": "Not Found" })),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({ "detail": "Method Not Allowed" }),
+            ),
+            ApiError::TooLarge(n) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({ "detail": format!("Request body too large: the limit is {n} bytes") }),
+            ),
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({ "detail": m })),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "detail": m })),
+        };
+        json_response(status, &body)
+    }
+}
+
+/// Serialises `body` as a JSON response (compact, `application/json`).
+pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// The raw request body, read up to [`MAX_BODY_BYTES`] (413 beyond).
+pub struct CappedBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for CappedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(len) = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            && len > MAX_BODY_BYTES
+        {
+            return Err(ApiError::TooLarge(MAX_BODY_BYTES));
+        }
+        axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map(CappedBody)
+            .map_err(|_| ApiError::TooLarge(MAX_BODY_BYTES))
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Adds the JSON 404/405 fallbacks to a router.
+pub fn with_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// Paths that are neither traced nor logged (DB-GPT filters these too: they are hot).
+fn is_quiet(path: &str) -> bool {
+    path == "/api/controller/heartbeat" || path == "/api/health"
+}
+
+/// Middleware: one `tracing` span and one log line per request, except heartbeats and
+/// health checks.
+pub async fn trace_requests(req: Request, next: Next) -> Response {
+    if is_quiet(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let span = info_span!("http_request", %method, %path);
+    async move {
+        let started = Instant::now();
+        let resp = next.run(req).await;
+        info!(
+            status = resp.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "request"
+        );
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+/// Binds a TCP listener with a message that names the address on failure.
+pub async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = format!("{host}:{port}");
+    tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!("port {port} is already in use (cannot listen on {addr})")
+        } else {
+            anyhow::anyhow!("cannot listen on {addr}: {e}")
+        }
+    })
+}
+
+/// Serves `router` until `shutdown` is cancelled, then stops accepting and drains
+/// in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Installs the process-wide TLS crypto provider (ring) once; every reqwest client needs it
+/// before it is built (HTTPS upstreams such as OpenAI for the proxy backend).
+pub fn ensure_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

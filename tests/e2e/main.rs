@@ -1,0 +1,8 @@
+//! End-to-end tests: every test starts the real `dbgpt` binary on ephemeral ports with
+//! private temp directories. One integration-test binary (one link step) with shared
+//! fixtures in `common`.
+
+mod admin;
+mod cli;
+mod common;
+mod controller;
