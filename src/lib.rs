@@ -1,1 +1,3 @@
 //! dbgpt-cluster (bootstrap)
+
+pub mod worker;
