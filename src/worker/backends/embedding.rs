@@ -169,6 +169,13 @@ impl BertEmbeddingBackend {
         })
     }
 
+    /// [`BertEmbeddingBackend::load`] on tokio's blocking pool.
+    pub async fn load_async(config: BertEmbeddingConfig) -> Result<Self, BackendError> {
+        tokio::task::spawn_blocking(move || Self::load(config))
+            .await
+            .map_err(|e| BackendError::internal(format!("model loading task failed: {e}")))?
+    }
+
     /// Embed synchronously on the calling thread (blocking).
     pub fn embed_blocking(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, BackendError> {
         self.inner.embed_all(inputs, &AtomicBool::new(false))
@@ -385,7 +392,7 @@ mod tests {
             batch_size: 2,
             ..BertEmbeddingConfig::new(require_test_model("all-MiniLM-L6-v2"))
         };
-        let small = BertEmbeddingBackend::load(cfg).unwrap();
+        let small = BertEmbeddingBackend::load_async(cfg).await.unwrap();
         let texts: Vec<String> = (0..5).map(|i| format!("sentence number {i}")).collect();
         let a = small.embed(texts.clone()).await.unwrap();
         let b = model().embed(texts).await.unwrap();

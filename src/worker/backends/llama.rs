@@ -27,7 +27,8 @@
 //!   therefore stops decoding within one token (or one prompt chunk).
 //!
 //! `LlamaBackend::init` runs once per process (see [`llama_runtime`]); llama.cpp
-//! logs are routed into `tracing`.
+//! logs are routed into `tracing` under the target `llama-cpp-2` (model loading
+//! logs ~100 lines at INFO; a filter such as `llama-cpp-2=warn` quiets them).
 
 use std::fs::File;
 use std::io::Read;
@@ -250,6 +251,13 @@ impl LlamaCppBackend {
                 running: AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// [`LlamaCppBackend::load`] on tokio's blocking pool.
+    pub async fn load_async(config: LlamaCppConfig) -> Result<Self, BackendError> {
+        tokio::task::spawn_blocking(move || Self::load(config))
+            .await
+            .map_err(|e| BackendError::internal(format!("model loading task failed: {e}")))?
     }
 
     /// Path of the loaded file.
@@ -884,7 +892,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropping_the_stream_cancels() {
         // Own instance: other tests share `model()` and its running counter.
-        let m = &LlamaCppBackend::load(LlamaCppConfig::new(require_test_model(GGUF))).unwrap();
+        let m = &LlamaCppBackend::load_async(LlamaCppConfig::new(require_test_model(GGUF)))
+            .await
+            .unwrap();
         let mut p = ask("Write a very long essay about the history of Europe.");
         p.max_new_tokens = Some(2000);
         let mut s = m.generate_stream(p);
@@ -900,6 +910,52 @@ mod tests {
             }
             assert!(t.elapsed().as_secs() < 5, "generation not cancelled");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Throughput report (run alone: `cargo test --lib llama::tests::throughput
+    /// -- --ignored --nocapture`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "performance report, not a check"]
+    async fn throughput() {
+        let m = model();
+        for (label, question, max_new) in [
+            (
+                "short prompt",
+                "Write a long story about a dragon.".to_string(),
+                128,
+            ),
+            (
+                "long prompt",
+                "Summarise: ".to_string() + &"The cat sat on the mat. ".repeat(120),
+                32,
+            ),
+        ] {
+            let mut p = ask(&question);
+            p.max_new_tokens = Some(max_new);
+            let t = Instant::now();
+            let mut s = m.generate_stream(p);
+            let mut first = None;
+            let mut usage = None;
+            while let Some(ev) = s.next().await {
+                match ev.unwrap() {
+                    GenerateEvent::Delta { .. } => {
+                        first.get_or_insert_with(|| t.elapsed());
+                    }
+                    GenerateEvent::Finish { usage: u, .. } => usage = u,
+                }
+            }
+            let total = t.elapsed();
+            let u = usage.unwrap();
+            let first = first.unwrap();
+            eprintln!(
+                "{label}: {} prompt tokens, first delta after {first:?} ({:.0} prompt tok/s), \
+                 {} completion tokens, decode {:.1} tok/s",
+                u.prompt_tokens,
+                f64::from(u.prompt_tokens) / first.as_secs_f64(),
+                u.completion_tokens,
+                f64::from(u.completion_tokens - 1) / (total - first).as_secs_f64()
+            );
         }
     }
 

@@ -427,6 +427,34 @@ impl SseChatParser {
     }
 }
 
+/// Events for a non-streamed `chat.completion` object.
+fn completion_events(v: &Value) -> Vec<Result<GenerateEvent, BackendError>> {
+    let mut parser = SseChatParser::default();
+    let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
+        return vec![Err(BackendError::Upstream {
+            status: None,
+            message: "upstream completion has no choices".into(),
+        })];
+    };
+    let mut events = Vec::new();
+    if let Some(text) = choice.pointer("/message/content").and_then(Value::as_str)
+        && !text.is_empty()
+    {
+        events.push(Ok(GenerateEvent::Delta {
+            text: text.to_string(),
+        }));
+    }
+    parser.finish_reason = Some(
+        choice
+            .get("finish_reason")
+            .and_then(Value::as_str)
+            .map_or(FinishReason::Stop, FinishReason::from_upstream),
+    );
+    parser.usage = v.get("usage").and_then(parse_usage);
+    events.extend(parser.finish());
+    events
+}
+
 impl LlmBackend for OpenAiProxyBackend {
     fn generate_stream(
         &self,
@@ -455,6 +483,22 @@ impl LlmBackend for OpenAiProxyBackend {
                 Ok(r) => r,
                 Err(e) => return fail(e),
             };
+            let is_json = resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.starts_with("application/json"));
+            if is_json {
+                // The upstream ignored `stream: true` and sent one completion.
+                let events = match resp.json::<Value>().await {
+                    Ok(v) => completion_events(&v),
+                    Err(e) => vec![Err(BackendError::Upstream {
+                        status: None,
+                        message: format!("invalid completion JSON: {}", error_chain(&e)),
+                    })],
+                };
+                return stream::iter(events).boxed();
+            }
             let bytes: BoxStream<'static, Result<Bytes, reqwest::Error>> =
                 resp.bytes_stream().boxed();
             // State: (byte stream, parser, queued events, finished).
@@ -653,6 +697,12 @@ mod tests {
                 ),
             )
                 .into_response(),
+            "nonstream" => axum::Json(json!({
+                "id": "c2", "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "whole answer"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+            }))
+            .into_response(),
             "truncated" => (
                 [("content-type", "text/event-stream")],
                 sse(&[json!({"choices":[{"index":0,"delta":{"content":"par"}}]})], false),
@@ -864,6 +914,30 @@ mod tests {
             &events[1],
             Err(BackendError::Upstream { status: None, .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn non_streamed_json_answer_is_accepted() {
+        let (base, _rec) = upstream().await;
+        // Used through the trait object, as the worker manager will.
+        let b: Arc<dyn LlmBackend> = Arc::new(backend(&base, "nonstream"));
+        let events: Vec<_> = b.generate_stream(params()).collect().await;
+        assert_eq!(
+            events,
+            vec![
+                Ok(GenerateEvent::Delta {
+                    text: "whole answer".into()
+                }),
+                Ok(GenerateEvent::Finish {
+                    finish_reason: FinishReason::Stop,
+                    usage: Some(Usage::new(5, 2)),
+                }),
+            ]
+        );
+        let e: Arc<dyn EmbeddingBackend> = Arc::new(backend(&base, "m"));
+        assert_eq!(e.embed(vec!["x".into()]).await.unwrap().len(), 1);
+        assert_eq!(b.context_length(), 4096);
+        assert!(b.count_tokens("hello there world").unwrap() >= 3);
     }
 
     #[tokio::test]
