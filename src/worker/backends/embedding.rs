@@ -411,6 +411,26 @@ mod tests {
         assert!(model().embed(Vec::new()).await.unwrap().is_empty());
     }
 
+    /// Timing report (run alone: `cargo test --lib embedding::tests::throughput
+    /// -- --ignored --nocapture`).
+    #[tokio::test]
+    #[ignore = "performance report, not a check"]
+    async fn throughput() {
+        let m = model();
+        for n in [1usize, 3, 32, 100] {
+            let texts: Vec<String> = (0..n)
+                .map(|i| format!("This is test sentence number {i}, about databases and SQL."))
+                .collect();
+            let t = Instant::now();
+            let v = m.embed(texts).await.unwrap();
+            let el = t.elapsed();
+            eprintln!(
+                "{n} texts: {el:?} ({:.0} texts/s)",
+                v.len() as f64 / el.as_secs_f64()
+            );
+        }
+    }
+
     #[test]
     fn missing_files_are_load_errors_naming_the_file() {
         let err = BertEmbeddingBackend::load(BertEmbeddingConfig::new("/nonexistent/minilm"))

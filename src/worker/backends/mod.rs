@@ -299,7 +299,9 @@ pub(crate) fn error_stream(
     futures::stream::iter([Err(e)]).boxed()
 }
 
-/// A chat model.
+/// A chat model. Streams and futures returned by backends must be polled
+/// inside a tokio runtime (the proxy uses reqwest, the embedding model uses
+/// `spawn_blocking`).
 pub trait LlmBackend: Send + Sync {
     /// Start generating. The stream yields text deltas then one finish event.
     /// Dropping the stream cancels the generation promptly (the model stops
