@@ -402,6 +402,11 @@ impl Inner {
         let tokens = self.tokenize_prompt(&prompt);
         let n_prompt = tokens.len();
         let ctx_len = self.context_length as usize;
+        if n_prompt == 0 {
+            return Err(BackendError::BadRequest(
+                "the rendered prompt is empty".into(),
+            ));
+        }
         if n_prompt >= ctx_len {
             return Err(BackendError::BadRequest(format!(
                 "prompt is {n_prompt} tokens but the model's context window is {ctx_len} tokens \
