@@ -14,6 +14,7 @@
 //! - [`admin`]: Unix-socket frames, server and client.
 //! - [`daemon`]: background mode, pid lock, readiness, systemd notify, signals.
 //! - [`config`]: flags, environment and TOML; [`telemetry`]: logging.
+//! - [`worker`]: model backends (llama.cpp, candle embeddings, OpenAI proxy) and the worker.
 //! - [`http`]: shared HTTP plumbing; [`cli`]: the `dbgpt` command line.
 
 pub mod admin;
@@ -26,3 +27,4 @@ pub mod registry;
 pub mod telemetry;
 pub mod types;
 pub mod validate;
+pub mod worker;

@@ -1,0 +1,1014 @@
+//! GGUF chat models run in-process through llama.cpp (`llama-cpp-2`).
+//!
+//! # Concurrency model
+//!
+//! One [`LlamaCppBackend`] holds one loaded `LlamaModel` (weights are shared,
+//! read-only, memory-mapped). Every generation request gets its **own
+//! `LlamaContext`** (KV cache), created on a dedicated OS thread that runs the
+//! whole request (template, tokenisation, prefill, decode loop) and streams
+//! events back through a bounded channel. Nothing heavy runs on the async
+//! executor.
+//!
+//! * Context creation is serialised process-wide by a mutex, because
+//!   llama.cpp's context constructor may mutate the shared model
+//!   (`llama-cpp-2` documents that contexts must not be created in parallel).
+//!   Decoding itself runs in parallel on independent contexts.
+//! * At most [`LlamaCppConfig::parallel`] generations run at once per model;
+//!   further requests wait (FIFO, cancellable) for a slot.
+//! * Each context is sized to what the request can use
+//!   (`prompt + max_new_tokens`, rounded up to 256, capped at the configured
+//!   context length), so short requests allocate a small KV cache.
+//! * Threads: a request that starts alone uses all `n_threads` (default: the
+//!   number of physical cores available to the process); a request that starts
+//!   while others are running gets `n_threads / running` (at least 1), so
+//!   concurrent requests do not oversubscribe the CPU badly.
+//! * Cancellation: the worker thread checks the channel between prompt chunks
+//!   (`n_batch` tokens) and between generated tokens; dropping the stream
+//!   therefore stops decoding within one token (or one prompt chunk).
+//!
+//! `LlamaBackend::init` runs once per process (see [`llama_runtime`]); llama.cpp
+//! logs are routed into `tracing` under the target `llama-cpp-2` (model loading
+//! logs ~100 lines at INFO; a filter such as `llama-cpp-2=warn` quiets them).
+
+use std::fs::File;
+use std::io::Read;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use futures::stream::{self, BoxStream, StreamExt};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::{ChatTemplateError, LogOptions};
+use tokio::sync::{Semaphore, mpsc};
+
+use super::{
+    BackendError, ChatMessage, FinishReason, GenerateEvent, GenerateParams, LlmBackend, Usage,
+    error_stream,
+};
+
+/// Default context window when the config does not set one (capped by the
+/// model's training context).
+pub const DEFAULT_CONTEXT_LENGTH: u32 = 4096;
+/// Default sampling temperature when the request does not set one (llama.cpp's
+/// default).
+pub const DEFAULT_TEMPERATURE: f32 = 0.8;
+
+/// Configuration of a [`LlamaCppBackend`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaCppConfig {
+    /// Path of the `.gguf` file.
+    pub model_path: PathBuf,
+    /// Context window (prompt + completion) in tokens. `None`:
+    /// `min(model training context, 4096)`. Values above the training context
+    /// are capped to it.
+    pub context_length: Option<u32>,
+    /// CPU threads per generation. `None`: physical cores available.
+    pub n_threads: Option<usize>,
+    /// Maximum concurrent generations on this model (at least 1).
+    pub parallel: usize,
+    /// Prompt tokens decoded per llama.cpp call (also the cancellation
+    /// granularity during prefill).
+    pub n_batch: u32,
+}
+
+impl LlamaCppConfig {
+    /// Defaults for the given model file: context `min(train, 4096)`, threads =
+    /// physical cores, 2 parallel generations, batch 512.
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        LlamaCppConfig {
+            model_path: model_path.into(),
+            context_length: None,
+            n_threads: None,
+            parallel: 2,
+            n_batch: 512,
+        }
+    }
+}
+
+/// The process-wide llama.cpp runtime (initialised once; logs go to
+/// `tracing`).
+pub fn llama_runtime() -> Result<&'static LlamaBackend, BackendError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| BackendError::internal(format!("llama.cpp initialisation failed: {e}")))
+}
+
+/// llama.cpp mutates the model while creating a context: create one at a time.
+static CONTEXT_CREATION: Mutex<()> = Mutex::new(());
+
+/// Number of physical cores available to this process (hyper-threads do not
+/// help llama.cpp). Falls back to the logical CPU count.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return logical;
+    };
+    let mut cores = std::collections::HashSet::new();
+    let mut physical_id = "";
+    for line in cpuinfo.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        match key.trim() {
+            "physical id" => physical_id = value.trim(),
+            "core id" => {
+                cores.insert((physical_id.to_string(), value.trim().to_string()));
+            }
+            _ => {}
+        }
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical).max(1)
+    }
+}
+
+/// A GGUF chat model served by llama.cpp. Cheap to clone (shared model).
+#[derive(Clone)]
+pub struct LlamaCppBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    model: LlamaModel,
+    template: LlamaChatTemplate,
+    path: PathBuf,
+    context_length: u32,
+    n_threads: usize,
+    n_batch: u32,
+    slots: Arc<Semaphore>,
+    running: AtomicUsize,
+}
+
+impl std::fmt::Debug for LlamaCppBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaCppBackend")
+            .field("path", &self.inner.path)
+            .field("context_length", &self.inner.context_length)
+            .field("n_threads", &self.inner.n_threads)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LlamaCppBackend {
+    /// Load a GGUF model. Blocking (file I/O, 0.1 s for a 100 MB model): call
+    /// it from `spawn_blocking` when on an async executor.
+    pub fn load(config: LlamaCppConfig) -> Result<Self, BackendError> {
+        let path = config.model_path.clone();
+        check_gguf_file(&path)?;
+        let runtime = llama_runtime()?;
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        tracing::info!(file = %file_name, size_bytes = size, "loading GGUF model");
+
+        let start = Instant::now();
+        let progress_name = file_name.clone();
+        let mut last_decile = -1i32;
+        let params = LlamaModelParams::default().with_progress_callback(move |p: f32| {
+            let decile = (p * 10.0) as i32;
+            if decile > last_decile {
+                last_decile = decile;
+                tracing::debug!(file = %progress_name, progress = decile * 10, "loading model (%)");
+            }
+            true
+        });
+        let model = LlamaModel::load_from_file(runtime, &path, &params).map_err(|e| {
+            BackendError::load(&path, format!("llama.cpp could not load the model: {e}"))
+        })?;
+
+        let template = match model.chat_template(None) {
+            Ok(t) => t,
+            Err(ChatTemplateError::MissingTemplate) => {
+                tracing::warn!(file = %file_name, "GGUF has no chat template; using ChatML");
+                LlamaChatTemplate::new("chatml").expect("static string has no NUL")
+            }
+            Err(e) => {
+                return Err(BackendError::load(
+                    &path,
+                    format!("unreadable chat template: {e}"),
+                ));
+            }
+        };
+        // Refuse at load time a template llama.cpp's built-in engine cannot apply.
+        let probe =
+            [LlamaChatMessage::new("user".into(), "hi".into())
+                .expect("static strings have no NUL")];
+        model
+            .apply_chat_template(&template, &probe, true)
+            .map_err(|e| {
+                BackendError::load(
+                    &path,
+                    format!("chat template not supported by llama.cpp: {e}"),
+                )
+            })?;
+
+        let train_ctx = model.n_ctx_train().max(1);
+        let context_length = config
+            .context_length
+            .unwrap_or(DEFAULT_CONTEXT_LENGTH)
+            .clamp(1, train_ctx);
+        let n_threads = config.n_threads.unwrap_or_else(physical_cores).max(1);
+        let parallel = config.parallel.max(1);
+        tracing::info!(
+            file = %file_name,
+            size_bytes = size,
+            n_params = model.n_params(),
+            train_ctx,
+            context_length,
+            n_threads,
+            parallel,
+            load_ms = start.elapsed().as_millis() as u64,
+            "loaded GGUF model"
+        );
+        Ok(LlamaCppBackend {
+            inner: Arc::new(Inner {
+                model,
+                template,
+                path,
+                context_length,
+                n_threads,
+                n_batch: config.n_batch.max(1),
+                slots: Arc::new(Semaphore::new(parallel)),
+                running: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// [`LlamaCppBackend::load`] on tokio's blocking pool.
+    pub async fn load_async(config: LlamaCppConfig) -> Result<Self, BackendError> {
+        tokio::task::spawn_blocking(move || Self::load(config))
+            .await
+            .map_err(|e| BackendError::internal(format!("model loading task failed: {e}")))?
+    }
+
+    /// Path of the loaded file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Render the chat template for `messages` (with the assistant turn
+    /// opened), as the model will see it.
+    pub fn render_prompt(&self, messages: &[ChatMessage]) -> Result<String, BackendError> {
+        self.inner.render_prompt(messages)
+    }
+}
+
+fn check_gguf_file(path: &Path) -> Result<(), BackendError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| BackendError::load(path, format!("cannot read model file: {e}")))?;
+    if !meta.is_file() {
+        return Err(BackendError::load(path, "not a regular file"));
+    }
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| BackendError::load(path, format!("cannot read model file: {e}")))?;
+    if &magic != b"GGUF" {
+        return Err(BackendError::load(
+            path,
+            "not a GGUF file (missing GGUF magic bytes)",
+        ));
+    }
+    Ok(())
+}
+
+fn validate(params: &GenerateParams) -> Result<(), BackendError> {
+    let bad = |m: String| Err(BackendError::BadRequest(m));
+    if params.messages.is_empty() {
+        return bad("messages must not be empty".into());
+    }
+    if let Some(t) = params.temperature
+        && !(t.is_finite() && t >= 0.0)
+    {
+        return bad(format!("temperature must be >= 0, got {t}"));
+    }
+    if let Some(p) = params.top_p
+        && !(p.is_finite() && p > 0.0 && p <= 1.0)
+    {
+        return bad(format!("top_p must be in (0, 1], got {p}"));
+    }
+    if params.max_new_tokens == Some(0) {
+        return bad("max_new_tokens must be at least 1".into());
+    }
+    for (name, v) in [
+        ("presence_penalty", params.presence_penalty),
+        ("frequency_penalty", params.frequency_penalty),
+    ] {
+        if let Some(v) = v
+            && !(v.is_finite() && (-2.0..=2.0).contains(&v))
+        {
+            return bad(format!("{name} must be in [-2, 2], got {v}"));
+        }
+    }
+    Ok(())
+}
+
+fn build_sampler(params: &GenerateParams, n_vocab: i32, n_ctx: u32) -> LlamaSampler {
+    let mut chain = Vec::new();
+    let freq = params.frequency_penalty.unwrap_or(0.0);
+    let presence = params.presence_penalty.unwrap_or(0.0);
+    if freq != 0.0 || presence != 0.0 {
+        // The sampler sees only generated tokens (prompt tokens are not
+        // accepted into it), like OpenAI's penalties.
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            n_ctx as i32,
+            1.0,
+            freq,
+            presence,
+        ));
+    }
+    let temperature = params.temperature.unwrap_or(DEFAULT_TEMPERATURE);
+    if temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if let Some(k) = params.top_k.filter(|k| *k > 0) {
+            chain.push(LlamaSampler::top_k(k));
+        }
+        if let Some(p) = params.top_p.filter(|p| *p < 1.0) {
+            chain.push(LlamaSampler::top_p(p, 1));
+        }
+        chain.push(LlamaSampler::temp(temperature));
+        let seed = match params.seed {
+            Some(s) => (s ^ (s >> 32)) as u32,
+            None => rand::random::<u32>(),
+        };
+        chain.push(LlamaSampler::dist(seed));
+    }
+    LlamaSampler::chain_simple(chain)
+}
+
+type EventSender = mpsc::Sender<Result<GenerateEvent, BackendError>>;
+
+/// Decrements the running-generation counter when a generation ends.
+struct RunningGuard<'a>(&'a AtomicUsize);
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Inner {
+    fn render_prompt(&self, messages: &[ChatMessage]) -> Result<String, BackendError> {
+        if messages.is_empty() {
+            return Err(BackendError::BadRequest(
+                "messages must not be empty".into(),
+            ));
+        }
+        let chat = messages
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.openai_name().to_string(), m.content.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| BackendError::BadRequest("message content contains a NUL byte".into()))?;
+        self.model
+            .apply_chat_template(&self.template, &chat, true)
+            .map_err(|e| BackendError::internal(format!("applying the chat template failed: {e}")))
+    }
+
+    fn tokenize_prompt(&self, prompt: &str) -> Vec<LlamaToken> {
+        let vocab = self.model.vocab();
+        let mut tokens = vocab.tokenize(prompt.as_bytes(), false, true);
+        // Add BOS if the model wants one and the template did not write it.
+        if vocab.should_add_bos() && tokens.first() != Some(&vocab.bos()) {
+            tokens.insert(0, vocab.bos());
+        }
+        tokens
+    }
+
+    /// Run one generation on the current (dedicated) thread. Returns `Ok` also
+    /// when the receiver went away (cancellation).
+    fn generate(&self, params: GenerateParams, tx: &EventSender) -> Result<(), BackendError> {
+        validate(&params)?;
+        let prompt = self.render_prompt(&params.messages)?;
+        let tokens = self.tokenize_prompt(&prompt);
+        let n_prompt = tokens.len();
+        let ctx_len = self.context_length as usize;
+        if n_prompt == 0 {
+            return Err(BackendError::BadRequest(
+                "the rendered prompt is empty".into(),
+            ));
+        }
+        if n_prompt >= ctx_len {
+            return Err(BackendError::BadRequest(format!(
+                "prompt is {n_prompt} tokens but the model's context window is {ctx_len} tokens \
+                 (prompt plus at least one generated token must fit); shorten the conversation"
+            )));
+        }
+        let room = ctx_len - n_prompt;
+        let max_new = params.max_new_tokens.map_or(room, |m| m as usize).min(room);
+        let n_ctx = ((n_prompt + max_new).div_ceil(256) * 256).min(ctx_len) as u32;
+        let n_batch = self.n_batch.min(n_ctx) as usize;
+        if tx.is_closed() {
+            return Ok(());
+        }
+
+        let running = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        let _running = RunningGuard(&self.running);
+        let threads = (self.n_threads / running).max(1) as i32;
+        let ctx_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_batch as u32)
+            .with_n_ubatch(n_batch as u32)
+            .with_n_seq_max(1)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let runtime = llama_runtime()?;
+        let mut ctx = {
+            let _lock = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
+            self.model.new_context(runtime, ctx_params)
+        }
+        .map_err(|e| BackendError::internal(format!("cannot create llama.cpp context: {e}")))?;
+        let mut sampler = build_sampler(&params, self.model.n_vocab(), n_ctx);
+        let vocab = self.model.vocab();
+        let decode_err = |e: llama_cpp_2::DecodeError| {
+            BackendError::internal(format!("llama.cpp decode failed: {e}"))
+        };
+        let batch_err = |e: llama_cpp_2::llama_batch::BatchAddError| {
+            BackendError::internal(format!("llama.cpp batch error: {e}"))
+        };
+
+        // Prefill, in chunks of n_batch so that cancellation is noticed.
+        let t_prefill = Instant::now();
+        let mut batch = LlamaBatch::new(n_batch, 1);
+        for (ci, chunk) in tokens.chunks(n_batch).enumerate() {
+            if tx.is_closed() {
+                return Ok(());
+            }
+            batch.clear();
+            let last_chunk = (ci + 1) * n_batch >= n_prompt;
+            for (j, &t) in chunk.iter().enumerate() {
+                let pos = (ci * n_batch + j) as i32;
+                batch
+                    .add(t, pos, &[0], last_chunk && j + 1 == chunk.len())
+                    .map_err(batch_err)?;
+            }
+            ctx.decode(&mut batch).map_err(decode_err)?;
+        }
+        let prefill_time = t_prefill.elapsed();
+
+        // Decode loop.
+        let t_decode = Instant::now();
+        let mut utf8 = Utf8Stream::default();
+        let mut stops = StopMatcher::new(&params.stop);
+        let mut n_cur = n_prompt;
+        let mut completion = 0usize;
+        let send = |text: String| -> bool {
+            text.is_empty() || tx.blocking_send(Ok(GenerateEvent::Delta { text })).is_ok()
+        };
+        let finish_reason = loop {
+            let token = sampler.sample(&ctx, batch.n_tokens() - 1);
+            if vocab.is_eog(token) {
+                break FinishReason::Stop;
+            }
+            completion += 1;
+            let piece = vocab.token_to_piece(token, false, None);
+            let text = utf8.push(&piece);
+            let (emit, stopped) = stops.push(&text);
+            if !send(emit) {
+                return Ok(());
+            }
+            if stopped {
+                break FinishReason::Stop;
+            }
+            if completion >= max_new {
+                break FinishReason::Length;
+            }
+            if tx.is_closed() {
+                return Ok(());
+            }
+            batch.clear();
+            batch
+                .add(token, n_cur as i32, &[0], true)
+                .map_err(batch_err)?;
+            ctx.decode(&mut batch).map_err(decode_err)?;
+            n_cur += 1;
+        };
+        if !stops.stopped {
+            // Flush what was held back (incomplete UTF-8, possible stop prefix).
+            let tail = utf8.finish();
+            let (mut emit, stopped) = stops.push(&tail);
+            if !stopped {
+                emit.push_str(&stops.flush());
+            }
+            if !send(emit) {
+                return Ok(());
+            }
+        }
+        let decode_time = t_decode.elapsed();
+        tracing::debug!(
+            prompt_tokens = n_prompt,
+            completion_tokens = completion,
+            threads,
+            n_ctx,
+            prefill_tok_s = n_prompt as f64 / prefill_time.as_secs_f64().max(1e-9),
+            decode_tok_s = completion as f64 / decode_time.as_secs_f64().max(1e-9),
+            finish_reason = %finish_reason,
+            "generation finished"
+        );
+        let _ = tx.blocking_send(Ok(GenerateEvent::Finish {
+            finish_reason,
+            usage: Some(Usage::new(n_prompt as u32, completion as u32)),
+        }));
+        Ok(())
+    }
+}
+
+impl LlmBackend for LlamaCppBackend {
+    fn generate_stream(
+        &self,
+        params: GenerateParams,
+    ) -> BoxStream<'static, Result<GenerateEvent, BackendError>> {
+        let inner = self.inner.clone();
+        let start = async move {
+            // Waiting for a slot is cancellable: dropping the stream drops this future.
+            let permit = match inner.slots.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => return error_stream(BackendError::internal("model is shutting down")),
+            };
+            let (tx, rx) = mpsc::channel(64);
+            let spawned = std::thread::Builder::new()
+                .name("llama-generate".into())
+                .spawn(move || {
+                    let _permit = permit;
+                    if let Err(e) = inner.generate(params, &tx) {
+                        let _ = tx.blocking_send(Err(e));
+                    }
+                });
+            if let Err(e) = spawned {
+                return error_stream(BackendError::internal(format!(
+                    "cannot spawn generation thread: {e}"
+                )));
+            }
+            stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
+            )
+            .boxed()
+        };
+        stream::once(start).flatten().boxed()
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize, BackendError> {
+        Ok(self
+            .inner
+            .model
+            .vocab()
+            .tokenize(text.as_bytes(), false, false)
+            .len())
+    }
+
+    fn context_length(&self) -> usize {
+        self.inner.context_length as usize
+    }
+}
+
+/// Incremental UTF-8 decoder: tokens may end in the middle of a multi-byte
+/// character; those bytes are held until the character is complete. Invalid
+/// bytes become U+FFFD.
+#[derive(Debug, Default)]
+pub(crate) struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Add bytes; return the text that is now complete.
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(
+                        std::str::from_utf8(&self.pending[..valid]).expect("validated prefix"),
+                    );
+                    match e.error_len() {
+                        // Incomplete character at the end: keep it for later.
+                        None => {
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                        Some(n) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..valid + n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// End of stream: whatever is left, lossily decoded.
+    pub(crate) fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        s
+    }
+}
+
+/// Stop-string detection over streamed text. Text that might be the start of
+/// a stop string is held back until it is known not to be one, so emitted
+/// text never contains any part of a matched stop string.
+#[derive(Debug, Default)]
+pub(crate) struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+    pub(crate) stopped: bool,
+}
+
+impl StopMatcher {
+    pub(crate) fn new(stops: &[String]) -> Self {
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// Add text; returns (text safe to emit, whether a stop string matched).
+    /// After a match, the text from the stop string on is discarded.
+    pub(crate) fn push(&mut self, text: &str) -> (String, bool) {
+        if self.stopped {
+            return (String::new(), true);
+        }
+        self.held.push_str(text);
+        if let Some(idx) = self.stops.iter().filter_map(|s| self.held.find(s)).min() {
+            let out = self.held[..idx].to_string();
+            self.held.clear();
+            self.stopped = true;
+            return (out, true);
+        }
+        let hold = self.partial_suffix_len();
+        let cut = self.held.len() - hold;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    /// Length of the longest suffix of `held` that is a proper prefix of a
+    /// stop string.
+    fn partial_suffix_len(&self) -> usize {
+        let h = &self.held;
+        let mut best = 0;
+        for s in &self.stops {
+            for k in (best + 1..s.len().min(h.len() + 1)).rev() {
+                if s.is_char_boundary(k) && h.is_char_boundary(h.len() - k) && h.ends_with(&s[..k])
+                {
+                    best = k;
+                    break;
+                }
+            }
+        }
+        best
+    }
+
+    /// Release held-back text (end of generation without a match).
+    pub(crate) fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Role, require_test_model};
+    use super::*;
+    use futures::StreamExt;
+
+    const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+    fn model() -> &'static LlamaCppBackend {
+        static MODEL: OnceLock<LlamaCppBackend> = OnceLock::new();
+        MODEL.get_or_init(|| {
+            let path = require_test_model(GGUF);
+            let t = Instant::now();
+            let m = LlamaCppBackend::load(LlamaCppConfig::new(path)).expect("load SmolLM2");
+            eprintln!("SmolLM2 load: {:?}", t.elapsed());
+            m
+        })
+    }
+
+    fn ask(question: &str) -> GenerateParams {
+        GenerateParams {
+            messages: vec![ChatMessage::new(Role::User, question)],
+            temperature: Some(0.0),
+            ..Default::default()
+        }
+    }
+
+    struct Outcome {
+        text: String,
+        deltas: usize,
+        finish: FinishReason,
+        usage: Usage,
+    }
+
+    async fn run(
+        backend: &LlamaCppBackend,
+        params: GenerateParams,
+    ) -> Result<Outcome, BackendError> {
+        let mut s = backend.generate_stream(params);
+        let mut text = String::new();
+        let mut deltas = 0;
+        while let Some(ev) = s.next().await {
+            match ev? {
+                GenerateEvent::Delta { text: t } => {
+                    assert!(!t.is_empty(), "empty delta");
+                    text.push_str(&t);
+                    deltas += 1;
+                }
+                GenerateEvent::Finish {
+                    finish_reason,
+                    usage,
+                } => {
+                    assert!(s.next().await.is_none(), "events after Finish");
+                    return Ok(Outcome {
+                        text,
+                        deltas,
+                        finish: finish_reason,
+                        usage: usage.expect("local models always report usage"),
+                    });
+                }
+            }
+        }
+        panic!("stream ended without Finish");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn greedy_is_deterministic_and_non_empty() {
+        let m = model();
+        let mut p = ask("What is the capital of France?");
+        p.max_new_tokens = Some(24);
+        let t = Instant::now();
+        let a = run(m, p.clone()).await.unwrap();
+        let elapsed = t.elapsed();
+        eprintln!(
+            "greedy: {:?} ({} tokens, {} deltas, {:?}, {:.1} tok/s incl. prefill)",
+            a.text,
+            a.usage.completion_tokens,
+            a.deltas,
+            elapsed,
+            a.usage.completion_tokens as f64 / elapsed.as_secs_f64()
+        );
+        let b = run(m, p).await.unwrap();
+        assert!(!a.text.trim().is_empty());
+        assert_eq!(a.text, b.text);
+        assert_eq!(a.usage, b.usage);
+        assert!(a.usage.prompt_tokens > 5);
+        assert_eq!(
+            a.usage.total_tokens,
+            a.usage.prompt_tokens + a.usage.completion_tokens
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn max_new_tokens_gives_length() {
+        let mut p = ask("Write a long story about a dragon who learns to fly.");
+        p.max_new_tokens = Some(5);
+        let o = run(model(), p).await.unwrap();
+        assert_eq!(o.finish, FinishReason::Length);
+        assert_eq!(o.usage.completion_tokens, 5);
+        assert!(!o.text.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_string_truncates() {
+        let m = model();
+        let mut p = ask("Write a long story about a dragon who learns to fly.");
+        p.max_new_tokens = Some(40);
+        let full = run(m, p.clone()).await.unwrap();
+        // Pick a stop string from the middle of the greedy output.
+        let words: Vec<&str> = full.text.split_whitespace().collect();
+        assert!(words.len() >= 6, "output too short: {:?}", full.text);
+        let stop = words[4].to_string();
+        let idx = full.text.find(&stop).expect("stop string present");
+        p.stop = vec!["NEVER-APPEARS".into(), stop.clone()];
+        let o = run(m, p).await.unwrap();
+        assert_eq!(o.finish, FinishReason::Stop);
+        assert_eq!(o.text, full.text[..idx], "stop {stop:?}");
+        assert!(!o.text.contains(&stop));
+        assert!(o.usage.completion_tokens < full.usage.completion_tokens);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn token_counts_are_consistent() {
+        let m = model();
+        let n = m
+            .count_tokens("The quick brown fox jumps over the lazy dog.")
+            .unwrap();
+        assert!(n > 5 && n < 20, "{n}");
+        assert_eq!(m.count_tokens("").unwrap(), 0);
+        assert_eq!(m.context_length(), 4096);
+        // The usage's prompt tokens are the tokens of the rendered template.
+        let p = ask("Hello!");
+        let rendered = m.render_prompt(&p.messages).unwrap();
+        assert!(rendered.contains("<|im_start|>assistant"), "{rendered}");
+        let mut p2 = p.clone();
+        p2.max_new_tokens = Some(2);
+        let o = run(m, p2).await.unwrap();
+        assert_eq!(
+            o.usage.prompt_tokens as usize,
+            m.inner.tokenize_prompt(&rendered).len()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn too_long_prompt_is_bad_request() {
+        let m = model();
+        let long = "hello world ".repeat(3000);
+        assert!(m.count_tokens(&long).unwrap() > m.context_length());
+        let err = run(m, ask(&long)).await.err().expect("must fail");
+        assert!(
+            matches!(&err, BackendError::BadRequest(msg) if msg.contains("context window")),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invalid_params_are_bad_request() {
+        let m = model();
+        let mut p = ask("hi");
+        p.temperature = Some(-1.0);
+        assert!(matches!(run(m, p).await, Err(BackendError::BadRequest(_))));
+        let p = GenerateParams::default();
+        assert!(matches!(run(m, p).await, Err(BackendError::BadRequest(_))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_concurrent_generations_complete() {
+        let m = model();
+        let mut a = ask("Name three colours.");
+        a.max_new_tokens = Some(16);
+        let mut b = ask("Name three animals.");
+        b.max_new_tokens = Some(16);
+        b.temperature = Some(0.7);
+        b.seed = Some(42);
+        b.top_p = Some(0.9);
+        b.top_k = Some(40);
+        b.frequency_penalty = Some(0.5);
+        let t = Instant::now();
+        let (ra, rb) = tokio::join!(run(m, a), run(m, b));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        eprintln!(
+            "concurrent: {:?} / {:?} in {:?}",
+            ra.text,
+            rb.text,
+            t.elapsed()
+        );
+        assert!(!ra.text.is_empty() && !rb.text.is_empty());
+        assert!(ra.usage.completion_tokens > 0 && rb.usage.completion_tokens > 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seeded_sampling_is_reproducible() {
+        let m = model();
+        let mut p = ask("Tell me a joke.");
+        p.max_new_tokens = Some(12);
+        p.temperature = Some(1.0);
+        p.seed = Some(7);
+        let a = run(m, p.clone()).await.unwrap();
+        let b = run(m, p).await.unwrap();
+        assert_eq!(a.text, b.text);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_stream_cancels() {
+        // Own instance: other tests share `model()` and its running counter.
+        let m = &LlamaCppBackend::load_async(LlamaCppConfig::new(require_test_model(GGUF)))
+            .await
+            .unwrap();
+        let mut p = ask("Write a very long essay about the history of Europe.");
+        p.max_new_tokens = Some(2000);
+        let mut s = m.generate_stream(p);
+        // Take one delta, then drop the stream.
+        let first = s.next().await.unwrap().unwrap();
+        assert!(matches!(first, GenerateEvent::Delta { .. }));
+        drop(s);
+        // The generation thread must release its slot quickly.
+        let t = Instant::now();
+        loop {
+            if m.inner.running.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            assert!(t.elapsed().as_secs() < 5, "generation not cancelled");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Throughput report (run alone: `cargo test --lib llama::tests::throughput
+    /// -- --ignored --nocapture`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "performance report, not a check"]
+    async fn throughput() {
+        let m = model();
+        for (label, question, max_new) in [
+            (
+                "short prompt",
+                "Write a long story about a dragon.".to_string(),
+                128,
+            ),
+            (
+                "long prompt",
+                "Summarise: ".to_string() + &"The cat sat on the mat. ".repeat(120),
+                32,
+            ),
+        ] {
+            let mut p = ask(&question);
+            p.max_new_tokens = Some(max_new);
+            let t = Instant::now();
+            let mut s = m.generate_stream(p);
+            let mut first = None;
+            let mut usage = None;
+            while let Some(ev) = s.next().await {
+                match ev.unwrap() {
+                    GenerateEvent::Delta { .. } => {
+                        first.get_or_insert_with(|| t.elapsed());
+                    }
+                    GenerateEvent::Finish { usage: u, .. } => usage = u,
+                }
+            }
+            let total = t.elapsed();
+            let u = usage.unwrap();
+            let first = first.unwrap();
+            eprintln!(
+                "{label}: {} prompt tokens, first delta after {first:?} ({:.0} prompt tok/s), \
+                 {} completion tokens, decode {:.1} tok/s",
+                u.prompt_tokens,
+                f64::from(u.prompt_tokens) / first.as_secs_f64(),
+                u.completion_tokens,
+                f64::from(u.completion_tokens - 1) / (total - first).as_secs_f64()
+            );
+        }
+    }
+
+    #[test]
+    fn missing_or_bad_file_is_load_error() {
+        let err =
+            LlamaCppBackend::load(LlamaCppConfig::new("/nonexistent/model.gguf")).unwrap_err();
+        assert!(
+            matches!(&err, BackendError::Load { path, .. } if path.ends_with("model.gguf")),
+            "{err:?}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("fake.gguf");
+        std::fs::write(&f, b"not a gguf at all").unwrap();
+        let err = LlamaCppBackend::load(LlamaCppConfig::new(&f)).unwrap_err();
+        assert!(err.to_string().contains("fake.gguf"), "{err}");
+        assert!(err.to_string().contains("GGUF"), "{err}");
+    }
+
+    #[test]
+    fn utf8_stream_handles_split_characters() {
+        let mut d = Utf8Stream::default();
+        let bytes = "aé😀b".as_bytes();
+        let mut out = String::new();
+        for b in bytes {
+            out.push_str(&d.push(std::slice::from_ref(b)));
+        }
+        out.push_str(&d.finish());
+        assert_eq!(out, "aé😀b");
+        let mut d = Utf8Stream::default();
+        assert_eq!(d.push(&[b'x', 0xff, b'y']), "x\u{fffd}y");
+        assert_eq!(d.push(&[0xe2, 0x82]), "");
+        assert_eq!(d.finish(), "\u{fffd}");
+    }
+
+    #[test]
+    fn stop_matcher_holds_back_prefixes() {
+        let mut m = StopMatcher::new(&["</end>".into(), "".into()]);
+        assert_eq!(m.push("hello </"), ("hello ".into(), false));
+        assert_eq!(m.push("en"), ("".into(), false));
+        assert_eq!(m.push("x more"), ("</enx more".into(), false));
+        assert_eq!(m.push(" </e"), (" ".into(), false));
+        assert_eq!(m.push("nd> tail"), ("".into(), true));
+        assert!(m.stopped);
+        let mut m = StopMatcher::new(&["ab".into()]);
+        assert_eq!(m.push("xa"), ("x".into(), false));
+        assert_eq!(m.flush(), "a");
+        let mut m = StopMatcher::new(&[]);
+        assert_eq!(m.push("abc"), ("abc".into(), false));
+    }
+}

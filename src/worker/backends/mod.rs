@@ -1,0 +1,416 @@
+//! Model backends: the engines a worker hosts. This layer owns turning a chat
+//! request ([`GenerateParams`]) into a stream of text deltas plus a final
+//! finish reason and token usage ([`LlmBackend`]), and turning texts into
+//! embedding vectors ([`EmbeddingBackend`]). Three implementations live here:
+//! GGUF chat models run in-process through llama.cpp ([`llama`], feature
+//! `local-models`), BERT sentence-embedding models run in-process through
+//! candle ([`embedding`], feature `local-models`), and any OpenAI-compatible
+//! HTTP server (vLLM, llama-server, Ollama, OpenAI) reached through
+//! [`proxy`]. Everything above this layer (worker manager, DB-GPT wire
+//! format, HTTP status codes, registration) is someone else's job: backends
+//! only report typed [`BackendError`]s, never HTTP responses. Heavy CPU work
+//! never runs on the async executor, and dropping a generation stream cancels
+//! the generation.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "local-models")]
+pub mod embedding;
+#[cfg(feature = "local-models")]
+pub mod llama;
+pub mod proxy;
+
+#[cfg(feature = "local-models")]
+pub use embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
+#[cfg(feature = "local-models")]
+pub use llama::{LlamaCppBackend, LlamaCppConfig};
+pub use proxy::{OpenAiProxyBackend, OpenAiProxyConfig};
+
+/// Who wrote a chat message.
+///
+/// Parses both DB-GPT's role names (`system`, `human`, `ai`) and OpenAI's
+/// (`system`, `user`, `assistant`), ASCII case-insensitively. Any other role is
+/// an error: a message is never dropped silently (DB-GPT's proxy path drops
+/// unknown roles; we refuse them instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// System prompt.
+    System,
+    /// The user (`human` in DB-GPT, `user` in OpenAI).
+    User,
+    /// The model (`ai` in DB-GPT, `assistant` in OpenAI).
+    Assistant,
+}
+
+impl Role {
+    /// Parse a DB-GPT or OpenAI role name.
+    pub fn parse(role: &str) -> Result<Role, BackendError> {
+        let r = role.trim();
+        if r.eq_ignore_ascii_case("system") {
+            Ok(Role::System)
+        } else if r.eq_ignore_ascii_case("human") || r.eq_ignore_ascii_case("user") {
+            Ok(Role::User)
+        } else if r.eq_ignore_ascii_case("ai") || r.eq_ignore_ascii_case("assistant") {
+            Ok(Role::Assistant)
+        } else {
+            Err(BackendError::BadRequest(format!(
+                "unknown message role {role:?} (expected one of system, human, ai, user, assistant)"
+            )))
+        }
+    }
+
+    /// The OpenAI name of this role (`system`, `user`, `assistant`); also what
+    /// chat templates expect.
+    pub fn openai_name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+
+    /// The DB-GPT name of this role (`system`, `human`, `ai`).
+    pub fn dbgpt_name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "human",
+            Role::Assistant => "ai",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = BackendError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::parse(s)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.openai_name())
+    }
+}
+
+/// Serialises as the OpenAI name.
+impl Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.openai_name())
+    }
+}
+
+/// Accepts DB-GPT and OpenAI names; anything else is a deserialisation error.
+impl<'de> Deserialize<'de> for Role {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Role::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Author of the message.
+    pub role: Role,
+    /// Text of the message.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// Shorthand constructor.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// A chat generation request. `None` means "backend default" (for the proxy:
+/// not sent upstream, so the upstream's default applies).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerateParams {
+    /// Conversation, oldest first.
+    pub messages: Vec<ChatMessage>,
+    /// Sampling temperature; `0` means greedy decoding.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling threshold in `(0, 1]`.
+    pub top_p: Option<f32>,
+    /// Top-k sampling; `<= 0` disables it.
+    pub top_k: Option<i32>,
+    /// Maximum number of tokens to generate.
+    pub max_new_tokens: Option<u32>,
+    /// Stop strings: generation ends at the first occurrence of any of them,
+    /// and the text is truncated before it (finish reason `stop`).
+    pub stop: Vec<String>,
+    /// RNG seed for reproducible sampling.
+    pub seed: Option<u64>,
+    /// OpenAI-style presence penalty.
+    pub presence_penalty: Option<f32>,
+    /// OpenAI-style frequency penalty.
+    pub frequency_penalty: Option<f32>,
+}
+
+/// Token accounting for one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the (templated) prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+    /// `prompt_tokens + completion_tokens`.
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    /// Build a usage record, computing the total.
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        }
+    }
+}
+
+/// Why a generation ended. Serialises as OpenAI's strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `max_new_tokens` reached, or the context window is full.
+    Length,
+    /// Upstream (proxy only) filtered the content.
+    ContentFilter,
+    /// Upstream (proxy only) stopped to call tools.
+    ToolCalls,
+}
+
+impl FinishReason {
+    /// The OpenAI string (`stop`, `length`, `content_filter`, `tool_calls`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::ToolCalls => "tool_calls",
+        }
+    }
+
+    /// Map an upstream finish reason string; unknown values (e.g. `eos`)
+    /// count as `stop`.
+    pub fn from_upstream(s: &str) -> FinishReason {
+        match s {
+            "length" => FinishReason::Length,
+            "content_filter" => FinishReason::ContentFilter,
+            "tool_calls" | "function_call" => FinishReason::ToolCalls,
+            _ => FinishReason::Stop,
+        }
+    }
+}
+
+impl fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One item of a generation stream: zero or more [`GenerateEvent::Delta`]s,
+/// then exactly one [`GenerateEvent::Finish`] (unless an error ends the
+/// stream first; an `Err` item is always the last item).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GenerateEvent {
+    /// New text, to append to everything received so far. Never empty.
+    Delta {
+        /// The new text (valid UTF-8; never splits a character).
+        text: String,
+    },
+    /// End of generation.
+    Finish {
+        /// Why generation ended.
+        finish_reason: FinishReason,
+        /// Token usage. Always present for local models; for the proxy it is
+        /// `None` when the upstream does not report usage.
+        usage: Option<Usage>,
+    },
+}
+
+/// Errors a backend reports. The HTTP layer maps them to status codes:
+/// `BadRequest` → 400, `Upstream` → the upstream status (or 502 without one),
+/// `Internal` → 500, `Load` → 500 at model start.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    /// The request is invalid (bad parameter, unknown role, prompt longer
+    /// than the context window, ...).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The proxy's upstream failed. `status` is the upstream HTTP status, or
+    /// `None` when there was no usable HTTP response (connection refused,
+    /// timeout, malformed stream).
+    #[error("upstream error{}: {message}", .status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
+    Upstream {
+        /// Upstream HTTP status, if a response was received.
+        status: Option<u16>,
+        /// The upstream's error message (from OpenAI error JSON when present).
+        message: String,
+    },
+    /// The model failed while running (decode failure, tensor error, ...).
+    #[error("model error: {0}")]
+    Internal(String),
+    /// The model could not be loaded. The message names the offending path.
+    #[error("cannot load model from {}: {message}", .path.display())]
+    Load {
+        /// File or directory that could not be loaded.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl BackendError {
+    /// Convenience constructor for [`BackendError::Load`].
+    pub fn load(path: impl Into<PathBuf>, message: impl fmt::Display) -> Self {
+        BackendError::Load {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Convenience constructor for [`BackendError::Internal`].
+    pub fn internal(message: impl fmt::Display) -> Self {
+        BackendError::Internal(message.to_string())
+    }
+}
+
+/// A stream holding just one error (for failures before generation starts).
+pub(crate) fn error_stream(
+    e: BackendError,
+) -> BoxStream<'static, Result<GenerateEvent, BackendError>> {
+    use futures::StreamExt;
+    futures::stream::iter([Err(e)]).boxed()
+}
+
+/// A chat model. Streams and futures returned by backends must be polled
+/// inside a tokio runtime (the proxy uses reqwest, the embedding model uses
+/// `spawn_blocking`).
+pub trait LlmBackend: Send + Sync {
+    /// Start generating. The stream yields text deltas then one finish event.
+    /// Dropping the stream cancels the generation promptly (the model stops
+    /// within one decoded token or one prompt chunk). Nothing happens until
+    /// the stream is first polled.
+    fn generate_stream(
+        &self,
+        params: GenerateParams,
+    ) -> BoxStream<'static, Result<GenerateEvent, BackendError>>;
+
+    /// Number of tokens in `text` (no special tokens added). Cheap; may be
+    /// called on the async executor.
+    fn count_tokens(&self, text: &str) -> Result<usize, BackendError>;
+
+    /// Context window in tokens (prompt + completion).
+    fn context_length(&self) -> usize;
+}
+
+/// A text-embedding model.
+pub trait EmbeddingBackend: Send + Sync {
+    /// Embed every input; the result has one vector per input, in order.
+    /// Dropping the future stops work at the next sub-batch boundary.
+    fn embed(&self, inputs: Vec<String>)
+    -> BoxFuture<'static, Result<Vec<Vec<f32>>, BackendError>>;
+
+    /// Vector dimension, when known (local models: always; proxy: after the
+    /// first successful call, or when configured).
+    fn dimension(&self) -> Option<usize>;
+}
+
+/// Directory holding the real test models: `$DBGPT_MODELS_DIR`, else
+/// `$HOME/.cache/dbgpt-cluster/models`.
+#[cfg(all(test, feature = "local-models"))]
+pub(crate) fn test_models_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("DBGPT_MODELS_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").expect("HOME is not set");
+    PathBuf::from(home).join(".cache/dbgpt-cluster/models")
+}
+
+/// Path of a required test model file; panics (test failure, not a skip)
+/// when it is missing.
+#[cfg(all(test, feature = "local-models"))]
+pub(crate) fn require_test_model(name: &str) -> PathBuf {
+    let p = test_models_dir().join(name);
+    assert!(
+        p.exists(),
+        "test model {} is missing: run scripts/fetch-models.sh (or set DBGPT_MODELS_DIR)",
+        p.display()
+    );
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_parse_dbgpt_and_openai_names() {
+        assert_eq!(Role::parse("human").unwrap(), Role::User);
+        assert_eq!(Role::parse("user").unwrap(), Role::User);
+        assert_eq!(Role::parse("ai").unwrap(), Role::Assistant);
+        assert_eq!(Role::parse("assistant").unwrap(), Role::Assistant);
+        assert_eq!(Role::parse("system").unwrap(), Role::System);
+        assert_eq!("Human".parse::<Role>().unwrap(), Role::User);
+        assert!(matches!(
+            Role::parse("bogus"),
+            Err(BackendError::BadRequest(m)) if m.contains("bogus")
+        ));
+        assert!(Role::parse("view").is_err());
+        assert!(Role::parse("").is_err());
+    }
+
+    #[test]
+    fn roles_serde() {
+        let m: ChatMessage = serde_json::from_str(r#"{"role":"human","content":"hi"}"#).unwrap();
+        assert_eq!(m, ChatMessage::new(Role::User, "hi"));
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"role":"user","content":"hi"}"#
+        );
+        assert!(serde_json::from_str::<ChatMessage>(r#"{"role":"bogus","content":"x"}"#).is_err());
+        assert_eq!(Role::Assistant.dbgpt_name(), "ai");
+    }
+
+    #[test]
+    fn finish_reason_and_usage_serde() {
+        assert_eq!(
+            serde_json::to_string(&FinishReason::Stop).unwrap(),
+            r#""stop""#
+        );
+        assert_eq!(
+            serde_json::to_string(&FinishReason::Length).unwrap(),
+            r#""length""#
+        );
+        assert_eq!(FinishReason::from_upstream("length"), FinishReason::Length);
+        assert_eq!(FinishReason::from_upstream("eos"), FinishReason::Stop);
+        assert_eq!(Usage::new(3, 4).total_tokens, 7);
+    }
+
+    #[test]
+    fn error_display() {
+        let e = BackendError::Upstream {
+            status: Some(401),
+            message: "bad key".into(),
+        };
+        assert_eq!(e.to_string(), "upstream error (HTTP 401): bad key");
+        let e = BackendError::load("/x/model.gguf", "missing");
+        assert!(e.to_string().contains("/x/model.gguf"));
+    }
+}
