@@ -38,6 +38,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Any other status with a `{"detail": message}` body.
+    #[error("{1}")]
+    Status(StatusCode, String),
 }
 
 impl IntoResponse for ApiError {
@@ -55,6 +58,7 @@ impl IntoResponse for ApiError {
             ),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({ "detail": m })),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "detail": m })),
+            ApiError::Status(s, m) => (*s, json!({ "detail": m })),
         };
         json_response(status, &body)
     }

@@ -16,10 +16,13 @@ pub fn normalize_level(level: &str) -> String {
 
 /// Installs the global subscriber (call once, after daemonizing).
 pub fn init(level: Option<&str>) -> anyhow::Result<()> {
+    // llama.cpp logs ~100 INFO lines per model load: keep them at warn unless asked.
+    let quiet = ",llama-cpp-2=warn,llama_cpp_2=warn";
     let filter = match level {
-        Some(l) => EnvFilter::try_new(normalize_level(l))
+        Some(l) => EnvFilter::try_new(format!("{}{quiet}", normalize_level(l)))
             .map_err(|e| anyhow::anyhow!("invalid --log_level {l:?}: {e}"))?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(format!("info{quiet}"))),
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()

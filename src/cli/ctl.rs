@@ -75,10 +75,17 @@ pub async fn stop_command(args: StopArgs) -> anyhow::Result<ExitCode> {
         StopTarget::Apiserver(p) => (Some("apiserver"), p.port, p.opts, "ModelAPIServer"),
         StopTarget::All(o) => (None, None, o, "dbgpt daemon"),
     };
-    let found: Vec<_> = admin::discover()
+    let mut found: Vec<_> = admin::discover()
         .into_iter()
         .filter(|s| service.is_none_or(|x| x == s.service) && port.is_none_or(|p| p == s.port))
         .collect();
+    // Workers first (they deregister through the controller), the controller last.
+    found.sort_by_key(|s| match s.service.as_str() {
+        "worker" => 0,
+        "apiserver" => 1,
+        "controller" => 3,
+        _ => 2,
+    });
     if found.is_empty() {
         let at = port.map(|p| format!(" on port {p}")).unwrap_or_default();
         println!("{label} process not found{at}.");

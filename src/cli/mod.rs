@@ -5,14 +5,16 @@
 //! controller over HTTP. Errors print one line naming what failed and exit 1; clap's usage
 //! errors exit 2.
 
+pub mod chat;
 pub mod ctl;
 pub mod model;
+pub mod model_ops;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::ControllerArgs;
+use crate::config::{ControllerArgs, WorkerArgs};
 use crate::daemon::{self, Readiness};
 
 /// DB-GPT model-serving cluster: controller, workers and OpenAI-compatible API server.
@@ -41,6 +43,9 @@ pub enum Command {
 pub enum StartCommand {
     /// The model controller: registry of model instances (DB-GPT's controller API).
     Controller(ControllerArgs),
+    /// A model worker: hosts models (llama.cpp GGUF, local embeddings, OpenAI-compatible
+    /// proxies) and registers them with the controller.
+    Worker(Box<WorkerArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -96,6 +101,7 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Start(StartCommand::Controller(args)) => start_controller(args),
+        Command::Start(StartCommand::Worker(args)) => start_worker(*args),
         Command::Stop(s) => client_runtime().and_then(|rt| rt.block_on(ctl::stop_command(s))),
         Command::Ctl(c) => client_runtime().and_then(|rt| rt.block_on(ctl::run(c))),
         Command::Model(m) => client_runtime().and_then(|rt| rt.block_on(model::run(m))),
@@ -118,6 +124,19 @@ fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     };
     crate::telemetry::init(cfg.log_level.as_deref())?;
     runtime()?.block_on(crate::controller::service::run(cfg, readiness))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.resolve()?;
+    let label = format!("ModelWorker-{}", cfg.port);
+    let readiness = if cfg.daemon {
+        daemon::daemonize(&label, &cfg.log_file)?
+    } else {
+        Readiness::foreground()
+    };
+    crate::telemetry::init(cfg.log_level.as_deref())?;
+    runtime()?.block_on(crate::worker::service::run(cfg, readiness))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -40,6 +40,89 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Start a model on a worker (through the worker's models/startup API).
+    Start(ModelStartArgs),
+    /// Stop a model on the worker(s) serving it.
+    Stop(ModelTarget),
+    /// Restart a model (stop + start of the same configuration) on every worker serving it.
+    Restart(ModelTarget),
+    /// Chat with a model interactively; tokens stream as they are generated.
+    Chat(ChatArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelTarget {
+    /// Model name (without @type).
+    #[arg(long = "model_name", visible_alias = "model-name")]
+    pub model_name: String,
+    /// Worker type: llm or text2vec.
+    #[arg(
+        long = "model_type",
+        visible_alias = "model-type",
+        alias = "worker_type",
+        default_value = "llm"
+    )]
+    pub model_type: String,
+    /// Only the worker on this host (with --port).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only the worker on this port.
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelStartArgs {
+    /// Model name to register (<model_name>@<worker_type>).
+    #[arg(long = "model_name", visible_alias = "model-name")]
+    pub model_name: String,
+    /// GGUF file or embedding-model directory, as seen by the worker.
+    #[arg(long = "model_path", visible_alias = "model-path")]
+    pub model_path: Option<String>,
+    /// Engine: llama.cpp, hf (embeddings) or proxy.
+    #[arg(long = "model_type", visible_alias = "model-type")]
+    pub model_type: Option<String>,
+    /// Worker type: llm or text2vec.
+    #[arg(
+        long = "worker_type",
+        visible_alias = "worker-type",
+        default_value = "llm"
+    )]
+    pub worker_type: String,
+    /// Worker host [default: the first worker registered with the controller].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Worker port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Proxy: upstream base URL.
+    #[arg(long = "proxy_api_base", visible_alias = "proxy-api-base")]
+    pub proxy_api_base: Option<String>,
+    /// Proxy: upstream API key.
+    #[arg(long = "proxy_api_key", visible_alias = "proxy-api-key")]
+    pub proxy_api_key: Option<String>,
+    /// Proxy: upstream model name.
+    #[arg(long = "proxyllm_backend", visible_alias = "proxyllm-backend")]
+    pub proxyllm_backend: Option<String>,
+    /// llama.cpp context size.
+    #[arg(long = "context_length", visible_alias = "context-length")]
+    pub context_length: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// Model name (an @llm model).
+    #[arg(long = "model_name", visible_alias = "model-name", short = 'm')]
+    pub model_name: String,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Maximum tokens per answer.
+    #[arg(long = "max_new_tokens", visible_alias = "max-new-tokens")]
+    pub max_new_tokens: Option<u32>,
 }
 
 /// Resolves the controller address for client commands.
@@ -78,6 +161,10 @@ pub async fn run(args: ModelArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        ModelCommand::Start(a) => super::model_ops::start(&client, a).await,
+        ModelCommand::Stop(t) => super::model_ops::stop(&client, t).await,
+        ModelCommand::Restart(t) => super::model_ops::restart(&client, t).await,
+        ModelCommand::Chat(c) => super::chat::run(&client, c).await,
     }
 }
 

@@ -1,4 +1,14 @@
-//! Model workers: the code that hosts models inside a worker process. The
-//! [`backends`] module holds the inference engines (local llama.cpp and candle
-//! models, and the OpenAI-compatible proxy).
+//! Model workers: one worker process (a "worker manager" in DB-GPT's terms) hosts one or
+//! more models behind DB-GPT's worker HTTP API and keeps them registered with the
+//! controller.
+//!
+//! [`backends`] holds the inference engines (llama.cpp, candle embeddings, the
+//! OpenAI-compatible proxy); [`spec`] describes a model and loads it; [`manager`] owns the
+//! running models and their lifecycle; [`registration`] keeps the controller's registry in
+//! step; [`routes`] is the HTTP API; [`service`] wires the process together.
 pub mod backends;
+pub mod manager;
+pub mod registration;
+pub mod routes;
+pub mod service;
+pub mod spec;

@@ -1,0 +1,249 @@
+//! The worker manager: the set of models one worker process hosts, and their lifecycle.
+//!
+//! Models are keyed `name@type`, one instance per key. Start loads the engine *then*
+//! inserts and registers it; a second start of a running (or starting) key is refused
+//! without touching the running one (DB-GPT's duplicate start deletes it). Stop
+//! deregisters first, removes the model, then lets in-flight requests finish on their own
+//! handle. Restart is stop + start of the *same* spec and leaves the model registered and
+//! healthy (DB-GPT's restart loses the spec and fails). Each model has a fair semaphore of
+//! `concurrency` permits: excess requests wait, they are not rejected.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::info;
+
+use super::registration::Registrar;
+use super::spec::{Engine, ModelSpec, WorkerType};
+
+/// Default per-model concurrency (DB-GPT's `limit_model_concurrency`).
+pub const DEFAULT_CONCURRENCY: usize = 5;
+
+/// Lifecycle errors, mapped to HTTP statuses by the routes.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("model {0} is already running on this worker")]
+    AlreadyRunning(String),
+    #[error("model {0} is already starting on this worker")]
+    Starting(String),
+    #[error("model {0} is not running on this worker")]
+    NotRunning(String),
+    #[error("invalid model configuration: {0}")]
+    Invalid(String),
+    #[error("model {key} failed to load: {message}")]
+    Load { key: String, message: String },
+}
+
+/// A model being served.
+pub struct RunningModel {
+    pub spec: ModelSpec,
+    pub engine: Engine,
+    limit: Arc<Semaphore>,
+    in_flight: AtomicUsize,
+    pub loaded_at: Instant,
+}
+
+/// Holds a concurrency permit and counts the request as in flight until dropped.
+pub struct Slot {
+    model: Arc<RunningModel>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.model.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl RunningModel {
+    /// Waits for a free slot (requests beyond the limit queue here, in order).
+    pub async fn acquire(self: &Arc<Self>) -> Slot {
+        let permit = self
+            .limit
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("model semaphores are never closed");
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            model: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// All models of this worker.
+pub struct WorkerManager {
+    models: RwLock<HashMap<String, Arc<RunningModel>>>,
+    /// Specs of models stopped through the API, kept so `models/supports` lists them.
+    known: RwLock<Vec<ModelSpec>>,
+    starting: Mutex<HashSet<String>>,
+    registrar: Option<Arc<Registrar>>,
+    default_concurrency: usize,
+}
+
+impl WorkerManager {
+    pub fn new(registrar: Option<Arc<Registrar>>, default_concurrency: usize) -> Self {
+        WorkerManager {
+            models: RwLock::new(HashMap::new()),
+            known: RwLock::new(Vec::new()),
+            starting: Mutex::new(HashSet::new()),
+            registrar,
+            default_concurrency: default_concurrency.max(1),
+        }
+    }
+
+    pub fn registrar(&self) -> Option<&Arc<Registrar>> {
+        self.registrar.as_ref()
+    }
+
+    /// The running model `name@worker_type`.
+    pub fn get(&self, name: &str, worker_type: WorkerType) -> Option<Arc<RunningModel>> {
+        let key = crate::types::worker_key(name, worker_type.as_str());
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+    }
+
+    /// Every running model, sorted by key.
+    pub fn running(&self) -> Vec<Arc<RunningModel>> {
+        let mut v: Vec<_> = self
+            .models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|m| m.spec.key());
+        v
+    }
+
+    /// Specs of every model this worker runs or ran.
+    pub fn known_specs(&self) -> Vec<ModelSpec> {
+        let mut specs: Vec<ModelSpec> = self.running().iter().map(|m| m.spec.clone()).collect();
+        for s in self.known.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            if !specs.iter().any(|x| x.key() == s.key()) {
+                specs.push(s.clone());
+            }
+        }
+        specs
+    }
+
+    /// Requests in flight across all models.
+    pub fn in_flight(&self) -> usize {
+        self.running().iter().map(|m| m.in_flight()).sum()
+    }
+
+    /// Loads and starts a model, then registers it.
+    pub async fn start(&self, spec: ModelSpec) -> Result<Arc<RunningModel>, ManagerError> {
+        spec.validate().map_err(|e| ManagerError::Invalid(e.0))?;
+        let key = spec.key();
+        if self
+            .models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&key)
+        {
+            return Err(ManagerError::AlreadyRunning(key));
+        }
+        if !self
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            return Err(ManagerError::Starting(key));
+        }
+        let loaded = spec.load().await;
+        let result = match loaded {
+            Ok(engine) => {
+                let model = Arc::new(RunningModel {
+                    limit: Arc::new(Semaphore::new(
+                        spec.concurrency.unwrap_or(self.default_concurrency),
+                    )),
+                    spec: spec.clone(),
+                    engine,
+                    in_flight: AtomicUsize::new(0),
+                    loaded_at: Instant::now(),
+                });
+                self.models
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone(), model.clone());
+                self.known
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|s| s.key() != key);
+                Ok(model)
+            }
+            Err(e) => Err(ManagerError::Load {
+                key: key.clone(),
+                message: e.to_string(),
+            }),
+        };
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let model = result?;
+        if let Some(r) = &self.registrar {
+            r.add(&key).await;
+        }
+        info!(model = %key, "model started");
+        Ok(model)
+    }
+
+    /// Deregisters and stops a model; returns its spec.
+    pub async fn stop(
+        &self,
+        name: &str,
+        worker_type: WorkerType,
+    ) -> Result<ModelSpec, ManagerError> {
+        let key = crate::types::worker_key(name, worker_type.as_str());
+        if !self
+            .models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&key)
+        {
+            return Err(ManagerError::NotRunning(key));
+        }
+        // Deregister before removing, so routers stop sending requests first.
+        if let Some(r) = &self.registrar {
+            r.remove(&key).await;
+        }
+        let removed = self
+            .models
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let Some(model) = removed else {
+            return Err(ManagerError::NotRunning(key));
+        };
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(model.spec.clone());
+        info!(model = %key, in_flight = model.in_flight(), "model stopped");
+        Ok(model.spec.clone())
+    }
+
+    /// Stop then start of the same spec.
+    pub async fn restart(
+        &self,
+        name: &str,
+        worker_type: WorkerType,
+    ) -> Result<Arc<RunningModel>, ManagerError> {
+        let spec = self.stop(name, worker_type).await?;
+        self.start(spec).await
+    }
+}

@@ -1,0 +1,477 @@
+//! The worker's HTTP API, in DB-GPT's wire format (reference §6.1–§6.2).
+//!
+//! `generate_stream` answers JSON frames of cumulative text, each followed by one NUL byte
+//! (the final frame carries `finish_reason` and `usage`; an error is one frame with
+//! `error_code` 1, HTTP 200, as DB-GPT's clients expect). Both DB-GPT roles
+//! (`human`/`ai`/`system`) and OpenAI roles are accepted; an unknown role is an error frame,
+//! never a silently dropped message. Lifecycle routes (`apply`, `models/startup`,
+//! `models/shutdown`) answer JSON 4xx for conflicts and unknown models instead of DB-GPT's
+//! plain-text 500s.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use super::backends::{BackendError, ChatMessage, GenerateEvent, GenerateParams, Role};
+use super::manager::{ManagerError, WorkerManager};
+use super::spec::{Engine, ModelSpec, WorkerType};
+use crate::http::{ApiError, CappedBody, json_response, trace_requests, with_fallbacks};
+use crate::types::{
+    ModelMetadata, ModelOutput, PromptRequest, SupportedModel, WorkerApplyOutput,
+    WorkerSupportedModel,
+};
+use crate::validate::{Fields, parse_json_object, query_object};
+
+/// Shared state of the worker's handlers.
+#[derive(Clone)]
+pub struct WorkerState {
+    pub manager: Arc<WorkerManager>,
+}
+
+/// The worker's routes.
+pub fn router(state: WorkerState) -> Router {
+    let api = Router::new()
+        .route(
+            "/api/health",
+            get(|| async { json_response(StatusCode::OK, &json!({"status": "ok"})) }),
+        )
+        .route("/api/worker/generate_stream", post(generate_stream))
+        .route("/api/worker/generate", post(generate))
+        .route("/api/worker/embeddings", post(embeddings))
+        .route("/api/worker/count_token", post(count_token))
+        .route("/api/worker/model_metadata", post(model_metadata))
+        .route("/api/worker/apply", post(apply))
+        .route(
+            "/api/worker/parameter/descriptions",
+            get(parameter_descriptions),
+        )
+        .route("/api/worker/models/supports", get(supports))
+        .route("/api/worker/models/startup", post(startup))
+        .route("/api/worker/models/shutdown", post(shutdown));
+    with_fallbacks(api)
+        .layer(axum::middleware::from_fn(trace_requests))
+        .with_state(state)
+}
+
+fn manager_error(e: ManagerError) -> ApiError {
+    let status = match &e {
+        ManagerError::AlreadyRunning(_) | ManagerError::Starting(_) => StatusCode::CONFLICT,
+        ManagerError::NotRunning(_) => StatusCode::NOT_FOUND,
+        ManagerError::Invalid(_) | ManagerError::Load { .. } => StatusCode::BAD_REQUEST,
+    };
+    ApiError::Status(status, e.to_string())
+}
+
+fn backend_error(e: BackendError) -> ApiError {
+    let status = match &e {
+        BackendError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        BackendError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::Status(status, e.to_string())
+}
+
+fn not_running(name: &str, wt: WorkerType) -> ApiError {
+    ApiError::Status(
+        StatusCode::NOT_FOUND,
+        format!(
+            "model {} is not running on this worker",
+            crate::types::worker_key(name, wt.as_str())
+        ),
+    )
+}
+
+/// Maps a validated request onto backend parameters (roles included).
+pub fn to_params(req: &PromptRequest) -> Result<GenerateParams, BackendError> {
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (role, content) in &req.messages {
+        if role == "view" {
+            continue; // DB-GPT's display-only role is never sent to a model.
+        }
+        messages.push(ChatMessage::new(Role::parse(role)?, content.clone()));
+    }
+    Ok(GenerateParams {
+        messages,
+        temperature: req.temperature.map(|t| t as f32),
+        top_p: req.top_p.map(|t| t as f32),
+        top_k: req.top_k.map(|k| k as i32),
+        max_new_tokens: req.max_new_tokens.map(|m| m as u32),
+        stop: req.stop.clone(),
+        seed: req.seed.map(|s| s as u64),
+        presence_penalty: req.presence_penalty.map(|p| p as f32),
+        frequency_penalty: req.frequency_penalty.map(|p| p as f32),
+    })
+}
+
+fn frame(out: &ModelOutput) -> Bytes {
+    let mut b = serde_json::to_vec(out).expect("ModelOutput serialises");
+    b.push(0);
+    Bytes::from(b)
+}
+
+/// The frames of one generation, as a stream of `ModelOutput`s.
+async fn generation(
+    s: &WorkerState,
+    body: &[u8],
+) -> Result<futures::stream::BoxStream<'static, ModelOutput>, ApiError> {
+    let v = parse_json_object(body, "PromptRequest")?;
+    let req = PromptRequest::from_json(&v)?;
+    let Some(model) = s.manager.get(&req.model, WorkerType::Llm) else {
+        let msg = format!(
+            "Cound not found worker instances for model name {} and worker type llm",
+            req.model
+        );
+        return Ok(futures::stream::once(async move { ModelOutput::error(&msg) }).boxed());
+    };
+    let params = match to_params(&req) {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = e.to_string();
+            return Ok(futures::stream::once(async move { ModelOutput::error(&msg) }).boxed());
+        }
+    };
+    let Engine::Llm(backend) = model.engine.clone() else {
+        return Err(not_running(&req.model, WorkerType::Llm));
+    };
+    let slot = model.acquire().await;
+    let events = backend.generate_stream(params);
+    let frames = events
+        .scan((String::new(), false, slot), |(text, done, _slot), ev| {
+            if *done {
+                return futures::future::ready(None);
+            }
+            let out = match ev {
+                Ok(GenerateEvent::Delta { text: d }) => {
+                    text.push_str(&d);
+                    ModelOutput::text(text.clone())
+                }
+                Ok(GenerateEvent::Finish {
+                    finish_reason,
+                    usage,
+                }) => {
+                    *done = true;
+                    ModelOutput {
+                        finish_reason: Some(finish_reason.as_str().to_string()),
+                        usage: usage.map(|u| serde_json::to_value(u).unwrap_or(Value::Null)),
+                        ..ModelOutput::text(text.clone())
+                    }
+                }
+                Err(e) => {
+                    *done = true;
+                    ModelOutput::error(&e.to_string())
+                }
+            };
+            futures::future::ready(Some(out))
+        })
+        .boxed();
+    Ok(frames)
+}
+
+async fn generate_stream(
+    State(s): State<WorkerState>,
+    CappedBody(body): CappedBody,
+) -> Result<Response, ApiError> {
+    let frames = generation(&s, &body).await?;
+    let body = Body::from_stream(frames.map(|f| Ok::<_, Infallible>(frame(&f))));
+    // DB-GPT sends no Content-Type on this stream.
+    Ok((StatusCode::OK, body).into_response())
+}
+
+async fn generate(
+    State(s): State<WorkerState>,
+    CappedBody(body): CappedBody,
+) -> Result<Response, ApiError> {
+    let mut frames = generation(&s, &body).await?;
+    let mut last = None;
+    while let Some(f) = frames.next().await {
+        last = Some(f);
+    }
+    let out = last.unwrap_or_else(|| ModelOutput::error("the model produced no output"));
+    Ok(json_response(StatusCode::OK, &out))
+}
+
+async fn embeddings(
+    State(s): State<WorkerState>,
+    CappedBody(body): CappedBody,
+) -> Result<Response, ApiError> {
+    let v = parse_json_object(&body, "EmbeddingsRequest")?;
+    let mut f = Fields::new("body", &v);
+    let model = f.req_str("model");
+    let input: Vec<String> = match f.raw("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect(),
+        Some(_) => {
+            f.invalid("list_type", "input", "Input should be a list of strings");
+            vec![]
+        }
+        None => {
+            f.invalid("missing", "input", "Field required");
+            vec![]
+        }
+    };
+    f.finish()?;
+    let Some(m) = s.manager.get(&model, WorkerType::Text2vec) else {
+        return Err(not_running(&model, WorkerType::Text2vec));
+    };
+    let Engine::Embedding(backend) = m.engine.clone() else {
+        return Err(not_running(&model, WorkerType::Text2vec));
+    };
+    if input.is_empty() {
+        return Ok(json_response(StatusCode::OK, &Vec::<Vec<f32>>::new()));
+    }
+    let _slot = m.acquire().await;
+    let vectors = backend.embed(input).await.map_err(backend_error)?;
+    Ok(json_response(StatusCode::OK, &vectors))
+}
+
+fn model_field(body: &[u8], class: &str) -> Result<(String, Value), ApiError> {
+    let v = parse_json_object(body, class)?;
+    let mut f = Fields::new("body", &v);
+    let model = f.req_str("model");
+    f.finish()?;
+    Ok((model, v))
+}
+
+async fn count_token(
+    State(s): State<WorkerState>,
+    CappedBody(body): CappedBody,
+) -> Result<Response, ApiError> {
+    let (model, v) = model_field(&body, "CountTokenRequest")?;
+    let mut f = Fields::new("body", &v);
+    let prompt = f.req_str("prompt");
+    f.finish()?;
+    let Some(m) = s.manager.get(&model, WorkerType::Llm) else {
+        return Err(not_running(&model, WorkerType::Llm));
+    };
+    let n: i64 = match &m.engine {
+        Engine::Llm(b) => b.count_tokens(&prompt).map(|n| n as i64).unwrap_or(-1),
+        Engine::Embedding(_) => -1,
+    };
+    Ok(json_response(StatusCode::OK, &n))
+}
+
+async fn model_metadata(
+    State(s): State<WorkerState>,
+    CappedBody(body): CappedBody,
+) -> Result<Response, ApiError> {
+    let (model, _) = model_field(&body, "ModelMetadataRequest")?;
+    let Some(m) = s.manager.get(&model, WorkerType::Llm) else {
+        return Err(not_running(&model, WorkerType::Llm));
+    };
+    let context_length = match &m.engine {
+        Engine::Llm(b) => b.context_length(),
+        Engine::Embedding(_) => 0,
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &ModelMetadata {
+            model,
+            context_length,
+            chat_model: true,
+            is_function_calling_model: false,
+            metadata: json!({}),
+            ext_metadata: json!({"prompt_roles": ["system", "human", "ai"], "prompt_sep": "\n", "prompt_chat_template": null}),
+        },
+    ))
+}
+
+fn worker_type_field(f: &mut Fields<'_>, v: &Value, required: bool) -> WorkerType {
+    match v.get("worker_type") {
+        None | Some(Value::Null) if !required => WorkerType::Llm,
+        None => {
+            f.invalid("missing", "worker_type", "Field required");
+            WorkerType::Llm
+        }
+        Some(Value::String(t)) => WorkerType::parse(t).unwrap_or_else(|| {
+            f.invalid("enum", "worker_type", "Input should be 'llm' or 'text2vec'");
+            WorkerType::Llm
+        }),
+        Some(_) => {
+            f.invalid("enum", "worker_type", "Input should be 'llm' or 'text2vec'");
+            WorkerType::Llm
+        }
+    }
+}
+
+async fn apply(
+    State(s): State<WorkerState>,
+    CappedBody(body): CappedBody,
+) -> Result<Response, ApiError> {
+    let v = parse_json_object(&body, "WorkerApplyRequest")?;
+    let mut f = Fields::new("body", &v);
+    let model = f.req_str("model");
+    let apply_type = f.req_str("apply_type");
+    let wt = worker_type_field(&mut f, &v, false);
+    if !f.has_errors()
+        && !matches!(
+            apply_type.as_str(),
+            "start" | "stop" | "restart" | "update_params"
+        )
+    {
+        f.invalid(
+            "enum",
+            "apply_type",
+            "Input should be 'start', 'stop', 'restart' or 'update_params'",
+        );
+    }
+    f.finish()?;
+    let params = v.get("params").cloned().unwrap_or(Value::Null);
+    let started = Instant::now();
+    let key = crate::types::worker_key(&model, wt.as_str());
+    let m = &s.manager;
+    let message = match apply_type.as_str() {
+        "start" => {
+            let spec = ModelSpec::from_params(&model, wt, &params)
+                .map_err(|e| ApiError::Status(StatusCode::BAD_REQUEST, e.0))?;
+            m.start(spec).await.map_err(manager_error)?;
+            format!("model {key} started")
+        }
+        "stop" => {
+            m.stop(&model, wt).await.map_err(manager_error)?;
+            format!("model {key} stopped")
+        }
+        "restart" => {
+            m.restart(&model, wt).await.map_err(manager_error)?;
+            format!("model {key} restarted")
+        }
+        _ => {
+            // update_params: the current spec overlaid with the given params.
+            let Some(cur) = m.get(&model, wt) else {
+                return Err(not_running(&model, wt));
+            };
+            let mut merged = serde_json::Map::new();
+            for p in cur.spec.describe_params() {
+                if p.param_name == "proxy_api_key" {
+                    continue;
+                }
+                if let Some(d) = p.default_value {
+                    merged.insert(p.param_name, d);
+                }
+            }
+            if let Some(k) = &cur.spec.api_key {
+                merged.insert("proxy_api_key".into(), Value::String(k.clone()));
+            }
+            if let Some(obj) = params.as_object() {
+                for (k, val) in obj {
+                    merged.insert(k.clone(), val.clone());
+                }
+            }
+            let new_spec = ModelSpec::from_params(&model, wt, &Value::Object(merged))
+                .map_err(|e| ApiError::Status(StatusCode::BAD_REQUEST, e.0))?;
+            let old = m.stop(&model, wt).await.map_err(manager_error)?;
+            if let Err(e) = m.start(new_spec).await {
+                // Put the previous configuration back so the model is not lost.
+                let rollback = m.start(old).await;
+                return Err(ApiError::Status(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "{e}; previous parameters {}",
+                        if rollback.is_ok() {
+                            "restored"
+                        } else {
+                            "could not be restored"
+                        }
+                    ),
+                ));
+            }
+            format!("model {key} parameters updated")
+        }
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &WorkerApplyOutput {
+            message,
+            success: true,
+            timecost: started.elapsed().as_secs_f64(),
+        },
+    ))
+}
+
+async fn parameter_descriptions(
+    State(s): State<WorkerState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let v = query_object(q.as_deref());
+    let mut f = Fields::new("query", &v);
+    let model = f.req_str("model");
+    let wt = worker_type_field(&mut f, &v, false);
+    f.finish()?;
+    let spec = s
+        .manager
+        .known_specs()
+        .into_iter()
+        .find(|sp| sp.name == model && sp.worker_type == wt)
+        .ok_or_else(|| not_running(&model, wt))?;
+    Ok(json_response(StatusCode::OK, &spec.describe_params()))
+}
+
+async fn supports(State(s): State<WorkerState>) -> Response {
+    let (host, port) = s
+        .manager
+        .registrar()
+        .map(|r| r.address())
+        .unwrap_or_else(|| ("127.0.0.1".into(), 0));
+    let models = s
+        .manager
+        .known_specs()
+        .into_iter()
+        .map(|sp| SupportedModel {
+            path: sp
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| sp.api_base.clone().unwrap_or_default()),
+            path_exist: sp.path.as_ref().map(|p| p.exists()).unwrap_or(false),
+            proxy: sp.model_type == super::spec::ModelType::Proxy,
+            worker_type: sp.worker_type.as_str().into(),
+            enabled: true,
+            params: Some(sp.describe_params()),
+            model: sp.name,
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &vec![WorkerSupportedModel { host, port, models }],
+    )
+}
+
+fn startup_request(body: &[u8]) -> Result<(String, WorkerType, Value), ApiError> {
+    let v = parse_json_object(body, "WorkerStartupRequest")?;
+    let mut f = Fields::new("body", &v);
+    let model = f.req_str("model");
+    let wt = worker_type_field(&mut f, &v, true);
+    f.finish()?;
+    Ok((model, wt, v.get("params").cloned().unwrap_or(Value::Null)))
+}
+
+async fn startup(
+    State(s): State<WorkerState>,
+    CappedBody(body): CappedBody,
+) -> Result<Response, ApiError> {
+    let (model, wt, params) = startup_request(&body)?;
+    let spec = ModelSpec::from_params(&model, wt, &params)
+        .map_err(|e| ApiError::Status(StatusCode::BAD_REQUEST, e.0))?;
+    s.manager.start(spec).await.map_err(manager_error)?;
+    Ok(json_response(StatusCode::OK, &Value::Null))
+}
+
+async fn shutdown(
+    State(s): State<WorkerState>,
+    CappedBody(body): CappedBody,
+) -> Result<Response, ApiError> {
+    let (model, wt, _) = startup_request(&body)?;
+    s.manager.stop(&model, wt).await.map_err(manager_error)?;
+    Ok(json_response(StatusCode::OK, &Value::Null))
+}

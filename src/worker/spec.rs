@@ -1,0 +1,533 @@
+//! What a worker can host: a [`ModelSpec`] names a model, its worker type (`llm`,
+//! `text2vec`) and its engine (`llama.cpp`, local BERT embeddings, or an OpenAI-compatible
+//! `proxy`), and [`ModelSpec::load`] turns it into a running [`Engine`].
+//!
+//! Specs come from command-line flags, from a TOML file (`[[models.llms]]` /
+//! `[[models.embeddings]]` in the shape of DB-GPT 0.7), or from the `params` of a
+//! `models/startup` request; all three are validated here with errors that name the field.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::Value;
+use tracing::info;
+
+use super::backends::{
+    BackendError, EmbeddingBackend, LlmBackend,
+    proxy::{OpenAiProxyBackend, OpenAiProxyConfig},
+};
+
+/// DB-GPT worker types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerType {
+    Llm,
+    Text2vec,
+}
+
+impl WorkerType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerType::Llm => "llm",
+            WorkerType::Text2vec => "text2vec",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "llm" => Some(WorkerType::Llm),
+            "text2vec" | "embedding" | "embeddings" => Some(WorkerType::Text2vec),
+            _ => None,
+        }
+    }
+}
+
+/// Inference engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelType {
+    /// GGUF chat model through llama.cpp.
+    LlamaCpp,
+    /// BERT-family sentence embeddings through candle.
+    Bert,
+    /// Any OpenAI-compatible HTTP upstream.
+    Proxy,
+}
+
+impl ModelType {
+    /// Accepts DB-GPT's names (`llama.cpp`, `proxy`, `huggingface`/`hf`) and 0.7's
+    /// providers (`proxy/openai`, `llama.cpp.server`…) for the given worker type.
+    pub fn parse(s: &str, worker_type: WorkerType) -> Option<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        if s == "proxy"
+            || s.starts_with("proxy/")
+            || s == "openai"
+            || s == "vllm"
+            || s == "ollama"
+            || s == "llama.cpp.server"
+        {
+            return Some(ModelType::Proxy);
+        }
+        match (worker_type, s.as_str()) {
+            (WorkerType::Llm, "llama.cpp" | "llama_cpp" | "llamacpp" | "gguf") => {
+                Some(ModelType::LlamaCpp)
+            }
+            (
+                WorkerType::Text2vec,
+                "hf" | "huggingface" | "bert" | "text2vec" | "candle" | "local",
+            ) => Some(ModelType::Bert),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelType::LlamaCpp => "llama.cpp",
+            ModelType::Bert => "hf",
+            ModelType::Proxy => "proxy",
+        }
+    }
+}
+
+/// A model a worker hosts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub worker_type: WorkerType,
+    pub model_type: ModelType,
+    /// GGUF file or embedding-model directory (local engines).
+    pub path: Option<PathBuf>,
+    /// Proxy: upstream base URL such as `http://127.0.0.1:8080/v1`.
+    pub api_base: Option<String>,
+    /// Proxy: API key (else `OPENAI_API_KEY`).
+    pub api_key: Option<String>,
+    /// Proxy: upstream model name.
+    pub backend: Option<String>,
+    /// llama.cpp context size.
+    pub context_length: Option<u32>,
+    /// llama.cpp threads.
+    pub n_threads: Option<usize>,
+    /// Concurrent requests for this model (excess requests wait).
+    pub concurrency: Option<usize>,
+}
+
+/// Why a spec is invalid (the message names the field).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(pub String);
+
+/// A loaded model.
+#[derive(Clone)]
+pub enum Engine {
+    Llm(Arc<dyn LlmBackend>),
+    Embedding(Arc<dyn EmbeddingBackend>),
+}
+
+impl ModelSpec {
+    /// `name@type`, the registry key.
+    pub fn key(&self) -> String {
+        crate::types::worker_key(&self.name, self.worker_type.as_str())
+    }
+
+    /// Checks the combination of fields.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.name.trim().is_empty() {
+            return Err(SpecError("model_name must not be empty".into()));
+        }
+        if self.name.contains('@') {
+            return Err(SpecError(format!(
+                "invalid symbol '@' in model_name {:?}",
+                self.name
+            )));
+        }
+        match (self.worker_type, self.model_type) {
+            (WorkerType::Llm, ModelType::Bert) => {
+                return Err(SpecError(
+                    "model_type hf (embeddings) needs worker_type text2vec".into(),
+                ));
+            }
+            (WorkerType::Text2vec, ModelType::LlamaCpp) => {
+                return Err(SpecError(
+                    "model_type llama.cpp needs worker_type llm".into(),
+                ));
+            }
+            _ => {}
+        }
+        match self.model_type {
+            ModelType::LlamaCpp | ModelType::Bert => {
+                if self.path.is_none() {
+                    return Err(SpecError(format!(
+                        "model {}: model_path is required for model_type {}",
+                        self.name,
+                        self.model_type.as_str()
+                    )));
+                }
+            }
+            ModelType::Proxy => {
+                if self.api_base.is_none() {
+                    return Err(SpecError(format!(
+                        "model {}: proxy_api_base (or proxy_server_url, or OPENAI_API_BASE) is required for a proxy model",
+                        self.name
+                    )));
+                }
+            }
+        }
+        if self.concurrency == Some(0) {
+            return Err(SpecError(
+                "limit_model_concurrency must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads the engine (blocking work runs off the async executor). Logs the file, its
+    /// size and the load time.
+    pub async fn load(&self) -> Result<Engine, BackendError> {
+        let started = Instant::now();
+        let what = match &self.path {
+            Some(p) => format!("{} ({})", p.display(), human_size(path_size(p))),
+            None => format!(
+                "{} via {}",
+                self.backend.as_deref().unwrap_or(&self.name),
+                self.api_base.as_deref().unwrap_or("")
+            ),
+        };
+        info!(model = %self.key(), "loading {what}");
+        let spinner = loading_spinner(&format!("loading {} from {what}", self.key()));
+        let engine = self.load_inner().await;
+        if let Some(s) = spinner {
+            s.finish_and_clear();
+        }
+        let engine = engine?;
+        info!(model = %self.key(), secs = started.elapsed().as_secs_f64(), "model loaded in {:.2} s", started.elapsed().as_secs_f64());
+        Ok(engine)
+    }
+
+    async fn load_inner(&self) -> Result<Engine, BackendError> {
+        match self.model_type {
+            ModelType::Proxy => {
+                let mut cfg = OpenAiProxyConfig::new(
+                    self.api_base.clone().unwrap_or_default(),
+                    self.backend.clone().unwrap_or_else(|| self.name.clone()),
+                );
+                cfg.api_key = self.api_key.clone().or_else(|| {
+                    std::env::var("OPENAI_API_KEY")
+                        .ok()
+                        .filter(|k| !k.is_empty())
+                });
+                if let Some(c) = self.context_length {
+                    cfg.context_length = c as usize;
+                }
+                let backend = Arc::new(OpenAiProxyBackend::new(cfg)?);
+                Ok(match self.worker_type {
+                    WorkerType::Llm => Engine::Llm(backend),
+                    WorkerType::Text2vec => Engine::Embedding(backend),
+                })
+            }
+            #[cfg(feature = "local-models")]
+            ModelType::LlamaCpp => {
+                use super::backends::llama::{LlamaCppBackend, LlamaCppConfig};
+                let mut cfg = LlamaCppConfig::new(self.path.clone().unwrap_or_default());
+                cfg.context_length = self.context_length;
+                cfg.n_threads = self.n_threads;
+                if let Some(c) = self.concurrency {
+                    cfg.parallel = cfg.parallel.min(c).max(1);
+                }
+                Ok(Engine::Llm(Arc::new(
+                    LlamaCppBackend::load_async(cfg).await?,
+                )))
+            }
+            #[cfg(feature = "local-models")]
+            ModelType::Bert => {
+                use super::backends::embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
+                let cfg = BertEmbeddingConfig::new(self.path.clone().unwrap_or_default());
+                Ok(Engine::Embedding(Arc::new(
+                    BertEmbeddingBackend::load_async(cfg).await?,
+                )))
+            }
+            #[cfg(not(feature = "local-models"))]
+            ModelType::LlamaCpp | ModelType::Bert => Err(BackendError::load(
+                self.path.clone().unwrap_or_default(),
+                "this dbgpt was built without the local-models feature",
+            )),
+        }
+    }
+
+    /// Builds a spec from a `models/startup` request's `params` (DB-GPT's parameter names:
+    /// `model_path`, `model_type`, `proxy_api_base`, `proxy_server_url`, `proxy_api_key`,
+    /// `proxyllm_backend`, …), for model `name` of `worker_type`.
+    pub fn from_params(
+        name: &str,
+        worker_type: WorkerType,
+        params: &Value,
+    ) -> Result<Self, SpecError> {
+        let get = |k: &str| {
+            params.get(k).and_then(|v| match v {
+                Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+        };
+        let num = |k: &str| -> Result<Option<u64>, SpecError> {
+            match get(k) {
+                None => Ok(None),
+                Some(s) => s.parse::<u64>().map(Some).map_err(|_| {
+                    SpecError(format!("params.{k} must be a positive integer, got {s:?}"))
+                }),
+            }
+        };
+        let api_base = get("proxy_api_base").or_else(|| {
+            get("proxy_server_url").map(|u| {
+                u.trim_end_matches('/')
+                    .trim_end_matches("/chat/completions")
+                    .trim_end_matches("/embeddings")
+                    .to_string()
+            })
+        });
+        let model_type = match get("model_type").or_else(|| get("provider")) {
+            Some(t) => ModelType::parse(&t, worker_type).ok_or_else(|| {
+                SpecError(format!(
+                    "params.model_type {t:?} is not supported for worker_type {}",
+                    worker_type.as_str()
+                ))
+            })?,
+            None => default_model_type(
+                worker_type,
+                get("model_path").as_deref(),
+                api_base.is_some(),
+            ),
+        };
+        let spec = ModelSpec {
+            name: name.to_string(),
+            worker_type,
+            model_type,
+            path: get("model_path").or_else(|| get("path")).map(PathBuf::from),
+            api_base,
+            api_key: get("proxy_api_key").or_else(|| get("api_key")),
+            backend: get("proxyllm_backend")
+                .or_else(|| get("proxy_backend"))
+                .or_else(|| get("backend")),
+            context_length: num("context_length")?
+                .or(num("max_context_size")?)
+                .map(|v| v as u32),
+            n_threads: num("n_threads")?.map(|v| v as usize),
+            concurrency: num("limit_model_concurrency")?
+                .or(num("concurrency")?)
+                .map(|v| v as usize),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The parameters that would recreate this spec (API key masked), as DB-GPT's
+    /// `ParameterDescription`s.
+    pub fn describe_params(&self) -> Vec<crate::types::ParameterDescription> {
+        let class = match self.model_type {
+            ModelType::Proxy => "dbgpt.model.parameter.ProxyModelParameters",
+            ModelType::LlamaCpp => "dbgpt.model.parameter.LlamaCppModelParameters",
+            ModelType::Bert => "dbgpt.model.parameter.EmbeddingModelParameters",
+        };
+        let p = |name: &str, ty: &str, desc: &str, value: Option<Value>, tag: &str| {
+            crate::types::ParameterDescription {
+                required: false,
+                param_class: class.into(),
+                param_name: name.into(),
+                param_type: ty.into(),
+                description: desc.into(),
+                default_value: value,
+                valid_values: None,
+                ext_metadata: if tag.is_empty() {
+                    Value::Object(Default::default())
+                } else {
+                    serde_json::json!({"tags": tag})
+                },
+            }
+        };
+        let mut out = vec![
+            p(
+                "model_name",
+                "str",
+                "Model name",
+                Some(Value::String(self.name.clone())),
+                "fixed",
+            ),
+            p(
+                "model_type",
+                "str",
+                "Model type: llama.cpp, hf (embeddings) or proxy",
+                Some(Value::String(self.model_type.as_str().into())),
+                "fixed",
+            ),
+        ];
+        if let Some(path) = &self.path {
+            out.push(p(
+                "model_path",
+                "str",
+                "Model file or directory",
+                Some(Value::String(path.display().to_string())),
+                "fixed",
+            ));
+        }
+        if let Some(b) = &self.api_base {
+            out.push(p(
+                "proxy_api_base",
+                "str",
+                "OpenAI-compatible upstream base URL",
+                Some(Value::String(b.clone())),
+                "",
+            ));
+            out.push(p(
+                "proxy_api_key",
+                "str",
+                "Upstream API key",
+                self.api_key.as_ref().map(|k| Value::String(mask(k))),
+                "privacy",
+            ));
+            out.push(p(
+                "proxyllm_backend",
+                "str",
+                "Upstream model name",
+                self.backend.clone().map(Value::String),
+                "",
+            ));
+        }
+        if let Some(c) = self.context_length {
+            out.push(p(
+                "context_length",
+                "int",
+                "Context size in tokens",
+                Some(Value::from(c)),
+                "",
+            ));
+        }
+        out
+    }
+}
+
+/// DB-GPT prints secrets as `s******t`.
+pub fn mask(secret: &str) -> String {
+    let chars: Vec<char> = secret.chars().collect();
+    match chars.len() {
+        0 => String::new(),
+        1 | 2 => "*".repeat(chars.len()),
+        n => format!("{}{}{}", chars[0], "*".repeat(6.min(n - 2)), chars[n - 1]),
+    }
+}
+
+/// Engine to use when only a path (or a proxy URL) is given.
+pub fn default_model_type(
+    worker_type: WorkerType,
+    path: Option<&str>,
+    has_api_base: bool,
+) -> ModelType {
+    if has_api_base && path.is_none() {
+        return ModelType::Proxy;
+    }
+    match worker_type {
+        WorkerType::Llm => ModelType::LlamaCpp,
+        WorkerType::Text2vec => ModelType::Bert,
+    }
+}
+
+fn path_size(p: &std::path::Path) -> u64 {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(_) => std::fs::read_dir(p)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// `98.4 MB`.
+pub fn human_size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// A spinner on stderr while loading, only when stderr is a terminal.
+fn loading_spinner(msg: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(100));
+    Some(pb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn params_from_dbgpt_startup_requests() {
+        let s = ModelSpec::from_params(
+            "gpt",
+            WorkerType::Llm,
+            &json!({"model_type": "proxy", "proxy_server_url": "http://u:1/v1/chat/completions", "proxy_api_key": "sk-secret", "proxyllm_backend": "gpt-4o-mini", "model_path": null}),
+        )
+        .unwrap();
+        assert_eq!(s.model_type, ModelType::Proxy);
+        assert_eq!(s.api_base.as_deref(), Some("http://u:1/v1"));
+        assert_eq!(s.backend.as_deref(), Some("gpt-4o-mini"));
+        let d = s.describe_params();
+        let key = d.iter().find(|p| p.param_name == "proxy_api_key").unwrap();
+        assert_eq!(key.default_value, Some(json!("s******t")));
+
+        let s = ModelSpec::from_params("m", WorkerType::Llm, &json!({"model_path": "/x.gguf"}))
+            .unwrap();
+        assert_eq!(s.model_type, ModelType::LlamaCpp);
+        let s = ModelSpec::from_params("e", WorkerType::Text2vec, &json!({"model_path": "/d"}))
+            .unwrap();
+        assert_eq!(s.model_type, ModelType::Bert);
+    }
+
+    #[test]
+    fn invalid_specs_name_the_field() {
+        let e = ModelSpec::from_params("m", WorkerType::Llm, &json!({})).unwrap_err();
+        assert!(e.0.contains("model_path"), "{e}");
+        let e = ModelSpec::from_params("m", WorkerType::Llm, &json!({"model_type": "proxy"}))
+            .unwrap_err();
+        assert!(e.0.contains("proxy_api_base"), "{e}");
+        let e = ModelSpec::from_params("a@b", WorkerType::Llm, &json!({"model_path": "/x"}))
+            .unwrap_err();
+        assert!(e.0.contains('@'), "{e}");
+        let e = ModelSpec::from_params(
+            "m",
+            WorkerType::Llm,
+            &json!({"model_type": "tensorrt", "model_path": "/x"}),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("model_type"), "{e}");
+        let e = ModelSpec::from_params(
+            "m",
+            WorkerType::Llm,
+            &json!({"model_path": "/x", "context_length": "lots"}),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("context_length"), "{e}");
+    }
+
+    #[test]
+    fn masking() {
+        assert_eq!(mask("sk-secret"), "s******t");
+        assert_eq!(mask("ab"), "**");
+    }
+}
