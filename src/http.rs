@@ -13,6 +13,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
 use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -66,8 +67,19 @@ impl IntoResponse for ApiError {
 
 /// Serialises `body` as a JSON response (compact, `application/json`).
 pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response {
-    match serde_json::to_vec(body) {
-        Ok(bytes) => (
+    json_response_sized(status, body, 128)
+}
+
+/// [`json_response`] into a buffer of `capacity` bytes to start with (large bodies such as
+/// a full listing are then written without repeated reallocation).
+pub fn json_response_sized<T: Serialize + ?Sized>(
+    status: StatusCode,
+    body: &T,
+    capacity: usize,
+) -> Response {
+    let mut bytes = Vec::with_capacity(capacity);
+    match serde_json::to_writer(&mut bytes, body) {
+        Ok(()) => (
             status,
             [(
                 header::CONTENT_TYPE,
@@ -160,11 +172,20 @@ pub async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListen
 
 /// Serves `router` until `shutdown` is cancelled, then stops accepting and drains
 /// in-flight requests.
+///
+/// Accepted connections get `TCP_NODELAY` (axum 0.8 leaves Nagle on): every response is
+/// written in one go, and with Nagle a keep-alive client pays delayed-ACK stalls and the
+/// kernel extra work on each response.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -6,7 +6,7 @@
 //! Parsing from untrusted JSON goes through [`crate::validate`] so errors come out
 //! FastAPI-shaped; serialisation uses serde with fields in wire order.
 
-use chrono::{DateTime, Local, Utc};
+use chrono::{DateTime, Datelike, Local, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -31,14 +31,44 @@ impl Timestamp {
 
     /// Python's `datetime.isoformat()` of the local naive time: microseconds are printed
     /// only when non-zero, exactly like Python.
+    ///
+    /// Hot path (once per instance in every listing): the digits are written by hand
+    /// instead of through chrono's `format`, whose strftime parsing dominated a listing.
     pub fn to_local_iso(self) -> String {
         let utc = DateTime::<Utc>::from_timestamp_micros(self.0).unwrap_or_default();
         let local = utc.with_timezone(&Local).naive_local();
-        if self.0.rem_euclid(1_000_000) == 0 {
-            local.format("%Y-%m-%dT%H:%M:%S").to_string()
-        } else {
-            local.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+        let whole = self.0.rem_euclid(1_000_000) == 0;
+        if !(0..=9999).contains(&local.year()) {
+            // Outside what `%Y` prints as four plain digits: let chrono do it.
+            let fmt = if whole {
+                "%Y-%m-%dT%H:%M:%S"
+            } else {
+                "%Y-%m-%dT%H:%M:%S%.6f"
+            };
+            return local.format(fmt).to_string();
         }
+        // "YYYY-MM-DDTHH:MM:SS.ffffff" written into a stack buffer.
+        fn put(buf: &mut [u8], v: u32) {
+            let mut v = v;
+            for b in buf.iter_mut().rev() {
+                *b = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        }
+        let mut buf = *b"0000-00-00T00:00:00.000000";
+        put(&mut buf[0..4], local.year() as u32);
+        put(&mut buf[5..7], local.month());
+        put(&mut buf[8..10], local.day());
+        put(&mut buf[11..13], local.hour());
+        put(&mut buf[14..16], local.minute());
+        put(&mut buf[17..19], local.second());
+        let len = if whole {
+            19
+        } else {
+            put(&mut buf[20..26], local.nanosecond() % 1_000_000_000 / 1000);
+            26
+        };
+        String::from_utf8_lossy(&buf[..len]).into_owned()
     }
 
     /// Seconds elapsed from `self` to `now` (negative if `self` is in the future).
@@ -259,6 +289,54 @@ mod tests {
         assert!(s.ends_with(".139447"), "{s}");
         let whole = Timestamp(1_795_315_241_000_000).to_local_iso();
         assert_eq!(whole.len(), 19, "{whole}");
+    }
+
+    #[test]
+    fn isoformat_matches_chrono_strftime() {
+        let reference = |t: Timestamp| {
+            let local = DateTime::<Utc>::from_timestamp_micros(t.0)
+                .unwrap()
+                .with_timezone(&Local)
+                .naive_local();
+            let fmt = if t.0.rem_euclid(1_000_000) == 0 {
+                "%Y-%m-%dT%H:%M:%S"
+            } else {
+                "%Y-%m-%dT%H:%M:%S%.6f"
+            };
+            local.format(fmt).to_string()
+        };
+        let samples = [
+            0,
+            1,
+            999_999,
+            -1,
+            -1_000_000,
+            1_795_315_241_139_447,
+            1_795_315_241_000_000,
+            1_795_315_241_000_001,
+            1_711_846_799_999_999,
+            253_402_300_799_999_999,
+            -62_135_596_800_000_000,
+        ];
+        for us in samples {
+            assert_eq!(
+                Timestamp(us).to_local_iso(),
+                reference(Timestamp(us)),
+                "{us}"
+            );
+        }
+        let mut x: i64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let us = x.rem_euclid(4_102_444_800_000_000);
+            assert_eq!(
+                Timestamp(us).to_local_iso(),
+                reference(Timestamp(us)),
+                "{us}"
+            );
+        }
     }
 
     #[test]

@@ -17,13 +17,15 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::http::{ApiError, CappedBody, json_response, trace_requests, with_fallbacks};
+use crate::http::{
+    ApiError, CappedBody, json_response, json_response_sized, trace_requests, with_fallbacks,
+};
 use crate::registry::{Registry, RegistryError};
 use crate::types::InstanceInput;
 use crate::validate::{Fields, parse_json_object, query_object};
@@ -56,8 +58,16 @@ fn storage_error(e: RegistryError) -> ApiError {
     ApiError::Unavailable(format!("registry unavailable: {e}"))
 }
 
+/// DB-GPT's bare `true` (a static body: this answers every heartbeat).
 fn ok_true() -> Response {
-    json_response(StatusCode::OK, &true)
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        axum::body::Bytes::from_static(b"true"),
+    )
+        .into_response()
 }
 
 async fn health() -> Response {
@@ -116,7 +126,12 @@ async fn list(
         .list(model_name.as_deref(), healthy_only)
         .await
         .map_err(|e| ApiError::Unavailable(format!("registry unavailable: {e}")))?;
-    Ok(json_response(StatusCode::OK, &list))
+    // About 200 bytes per instance on the wire.
+    Ok(json_response_sized(
+        StatusCode::OK,
+        &list,
+        64 + list.len() * 256,
+    ))
 }
 
 /// Runs `tick` every `period` until `shutdown`; each tick runs in its own task so a panic

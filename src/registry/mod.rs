@@ -132,13 +132,18 @@ impl MemState {
     pub fn get(&self, key: &InstanceKey) -> Option<&Instance> {
         self.models
             .get(&key.model_name)?
-            .get(&(key.host.clone(), key.port))
+            .get(&HostPort(&key.host, key.port))
     }
 
     pub fn get_mut(&mut self, key: &InstanceKey) -> Option<&mut Instance> {
+        self.get_mut_by(&key.model_name, &key.host, key.port)
+    }
+
+    /// [`MemState::get_mut`] from borrowed parts (no key to build: the heartbeat path).
+    pub fn get_mut_by(&mut self, model_name: &str, host: &str, port: u16) -> Option<&mut Instance> {
         self.models
-            .get_mut(&key.model_name)?
-            .get_mut(&(key.host.clone(), key.port))
+            .get_mut(model_name)?
+            .get_mut(&HostPort(host, port))
     }
 
     /// Inserts or replaces an instance (keeping its position if it exists).
@@ -188,6 +193,17 @@ impl MemState {
 
     pub fn is_empty(&self) -> bool {
         self.models.is_empty()
+    }
+}
+
+/// A borrowed `(host, port)` that looks up `(String, u16)` keys without allocating: it
+/// hashes exactly as the tuple does (`str`, then `u16`).
+#[derive(Hash)]
+struct HostPort<'a>(&'a str, u16);
+
+impl indexmap::Equivalent<(String, u16)> for HostPort<'_> {
+    fn equivalent(&self, key: &(String, u16)) -> bool {
+        self.0 == key.0 && self.1 == key.1
     }
 }
 

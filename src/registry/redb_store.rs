@@ -37,7 +37,8 @@ pub struct RedbRegistry {
     db: Arc<Database>,
     path: PathBuf,
     mem: RwLock<MemState>,
-    dirty: Mutex<HashSet<InstanceKey>>,
+    /// `seq` of instances whose heartbeat timestamp is not on disk yet.
+    dirty: Mutex<HashSet<u64>>,
     writer: tokio::sync::Mutex<()>,
     timeout: Duration,
 }
@@ -161,7 +162,7 @@ impl RedbRegistry {
         self.mem.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn dirty(&self) -> std::sync::MutexGuard<'_, HashSet<InstanceKey>> {
+    fn dirty(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -182,10 +183,11 @@ impl Registry for RedbRegistry {
                 }
             }
         };
-        self.commit(vec![Op::Put(key.clone(), record::encode(&inst))])
+        self.commit(vec![Op::Put(key, record::encode(&inst))])
             .await?;
+        let seq = inst.seq;
         self.write_mem().put(inst);
-        self.dirty().remove(&key);
+        self.dirty().remove(&seq);
         Ok(())
     }
 
@@ -197,8 +199,9 @@ impl Registry for RedbRegistry {
                 return Ok(());
             }
             self.commit(vec![Op::Delete(key.clone())]).await?;
-            self.write_mem().remove(&key);
-            self.dirty().remove(&key);
+            if let Some(gone) = self.write_mem().remove(&key) {
+                self.dirty().remove(&gone.seq);
+            }
             return Ok(());
         }
         let updated = match self.read_mem().get(&key) {
@@ -217,14 +220,14 @@ impl Registry for RedbRegistry {
     }
 
     async fn heartbeat(&self, input: InstanceInput) -> Result<(), RegistryError> {
-        let key = input.key();
         {
             let mut mem = self.write_mem();
-            if let Some(inst) = mem.get_mut(&key) {
+            if let Some(inst) = mem.get_mut_by(&input.model_name, &input.host, input.port) {
                 inst.last_heartbeat = Some(Timestamp::now());
                 inst.healthy = true;
+                let seq = inst.seq;
                 drop(mem);
-                self.dirty().insert(key);
+                self.dirty().insert(seq);
                 return Ok(());
             }
         }
@@ -240,11 +243,15 @@ impl Registry for RedbRegistry {
     ) -> Result<Vec<ModelInstance>, RegistryError> {
         let now = Timestamp::now();
         let mem = self.read_mem();
-        Ok(mem
-            .select(model_name)
-            .filter(|i| !healthy_only || i.reported_healthy(now, self.timeout))
-            .map(|i| i.to_wire(now, self.timeout))
-            .collect())
+        // Sized up front: collecting from the boxed iterator would grow the vector by
+        // doubling, copying every instance several times on a full listing.
+        let mut out = Vec::with_capacity(mem.len());
+        out.extend(
+            mem.select(model_name)
+                .filter(|i| !healthy_only || i.reported_healthy(now, self.timeout))
+                .map(|i| i.to_wire(now, self.timeout)),
+        );
+        Ok(out)
     }
 
     async fn expire(&self) -> Result<usize, RegistryError> {
@@ -288,18 +295,19 @@ impl Registry for RedbRegistry {
 
     async fn flush(&self) -> Result<(), RegistryError> {
         let _w = self.writer.lock().await;
-        let keys: Vec<InstanceKey> = self.dirty().drain().collect();
-        if keys.is_empty() {
+        let seqs: HashSet<u64> = std::mem::take(&mut *self.dirty());
+        if seqs.is_empty() {
             return Ok(());
         }
         let ops: Vec<Op> = {
             let mem = self.read_mem();
-            keys.iter()
-                .filter_map(|k| mem.get(k).map(|i| Op::Put(k.clone(), record::encode(i))))
+            mem.iter()
+                .filter(|i| seqs.contains(&i.seq))
+                .map(|i| Op::Put(i.key.clone(), record::encode(i)))
                 .collect()
         };
         if let Err(e) = self.commit(ops).await {
-            self.dirty().extend(keys);
+            self.dirty().extend(seqs);
             return Err(e);
         }
         Ok(())

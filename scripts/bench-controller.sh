@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Controller benchmark (not a test: it prints a table and asserts nothing).
+#
+# Builds the `dbgpt` binary and the `hello_hyper` / `loadgen` examples optimised (our crate
+# at opt-level 3 in the dev profile; dependencies are opt-level 3 already), copies them out
+# of the target dir, then in ONE run on loopback:
+#   * starts a controller (foreground, private temp dirs, ephemeral port) and registers
+#     1000 instances; stops it gracefully and keeps a copy of that registry file;
+#   * restarts it on the same file and starts the bare hyper server (examples/hello_hyper);
+#   * drives heartbeat / hello / list / register at each concurrency for BENCH_SECS seconds
+#     (closed loop, keep-alive), reading the server's utime+stime from /proc before and
+#     after each run for CPU µs per request;
+#   * measures idle RSS and start-up time to the first 200 from /api/health (median);
+#   * prints one markdown table plus the start-up and RSS lines.
+# The server is pinned to CPU 0 and the load generator to CPU 1 with taskset when there
+# are at least two CPUs (BENCH_PIN=0 disables it).
+#
+# Environment: BENCH_SECS (default 5), BENCH_CONCS (default "1 16 64"),
+# BENCH_MAX_REQUESTS per run (default 500000), BENCH_STARTS (default 10),
+# BENCH_NO_BUILD=1 to reuse the binaries already in $CARGO_TARGET_DIR/bench-bin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS=${BENCH_SECS:-5}
+CONCS=${BENCH_CONCS:-"1 16 64"}
+MAX_REQ=${BENCH_MAX_REQUESTS:-500000}
+STARTS=${BENCH_STARTS:-10}
+INSTANCES=1000
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/dbgpt-cluster/target}
+BIN=$CARGO_TARGET_DIR/bench-bin
+
+if [ -z "${BENCH_NO_BUILD:-}" ]; then
+    # The target dir is shared with other checkouts: their plain dev builds overwrite
+    # debug/dbgpt. Copy right after building and check that the copy was built from this
+    # checkout (its debug info names this directory); rebuild if not.
+    mkdir -p "$BIN"
+    for attempt in 1 2 3; do
+        echo "== building (dev profile, opt-level 3 for dbgpt-cluster), attempt $attempt" >&2
+        CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --bin dbgpt --examples >&2
+        ok=1
+        for f in dbgpt examples/hello_hyper examples/loadgen; do
+            cp "$CARGO_TARGET_DIR/debug/$f" "$BIN/$(basename "$f").new"
+            grep -qF "$PWD" "$BIN/$(basename "$f").new" || ok=0
+        done
+        [ "$ok" = 1 ] && break
+        echo "   a build from another checkout replaced the binaries; building again" >&2
+    done
+    [ "$ok" = 1 ] || { echo "could not get binaries built from $PWD" >&2; exit 1; }
+    for f in dbgpt hello_hyper loadgen; do mv "$BIN/$f.new" "$BIN/$f"; done
+fi
+for f in dbgpt hello_hyper loadgen; do
+    [ -x "$BIN/$f" ] || { echo "missing $BIN/$f (run without BENCH_NO_BUILD)" >&2; exit 1; }
+done
+
+SRV=() GEN=()
+if [ "${BENCH_PIN:-1}" != 0 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+    SRV=(taskset -c 0) GEN=(taskset -c 1)
+    pinning="server pinned to CPU 0, load generator to CPU 1 (taskset)"
+else
+    pinning="no CPU pinning"
+fi
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/dbgpt-bench.XXXXXX")
+export DBGPT_RUNTIME_DIR=$tmp/run DBGPT_STATE_DIR=$tmp/state DBGPT_LOG_DIR=$tmp/log
+unset CONTROLLER_ADDRESS NOTIFY_SOCKET DBGPT_LOG_LEVEL RUST_LOG
+mkdir -p "$DBGPT_LOG_DIR"
+
+ctl_pid= hello_pid=
+stop_pid() { # pid: SIGTERM, wait up to 10 s, then SIGKILL
+    local pid=$1
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+    stop_pid "$ctl_pid"
+    stop_pid "$hello_pid"
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_health() { # port [path]: up to 20 s
+    for _ in $(seq 400); do
+        curl -sf -o /dev/null "http://127.0.0.1:$1${2:-/api/health}" && return 0
+        sleep 0.05
+    done
+    echo "server on port $1 never answered" >&2
+    exit 1
+}
+
+lg() { "${GEN[@]}" "$BIN/loadgen" "$@"; }
+
+registry=$tmp/registry.redb
+start_controller() {
+    ctl_port=$(lg freeport)
+    "${SRV[@]}" "$BIN/dbgpt" start controller --host 127.0.0.1 --port "$ctl_port" \
+        --registry_path "$registry" >>"$tmp/controller.log" 2>&1 &
+    ctl_pid=$!
+    wait_health "$ctl_port"
+}
+
+rss_line() { # pid
+    awk '/^VmRSS|^RssAnon|^RssFile/ {printf "%s %s kB  ", $1, $2}' "/proc/$1/status"
+}
+
+echo "== populating $INSTANCES instances" >&2
+start_controller
+lg populate --addr "127.0.0.1:$ctl_port" --instances "$INSTANCES" >&2
+stop_pid "$ctl_pid"; ctl_pid=
+cp "$registry" "$tmp/populated.redb"
+start_controller
+hello_port=$(lg freeport)
+"${SRV[@]}" "$BIN/hello_hyper" "$hello_port" >"$tmp/hello.log" 2>&1 &
+hello_pid=$!
+wait_health "$hello_port" /
+sleep 3
+ctl_rss=$(rss_line "$ctl_pid")
+hello_rss=$(rss_line "$hello_pid")
+ctl_rss_kb=$(awk '/^VmRSS/ {print $2}' "/proc/$ctl_pid/status")
+
+results=$tmp/results.tsv
+: >"$results"
+run() { # mode conc port pid
+    local line
+    line=$(lg run --addr "127.0.0.1:$3" --mode "$1" --conc "$2" --secs "$SECS" \
+        --max-requests "$MAX_REQ" --instances "$INSTANCES" --pid "$4")
+    echo "$line" >>"$results"
+    echo "   $line" >&2
+}
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "== load: mode conc requests secs req/s p50_us p99_us errors server_cpu_us/req gen_cpu_us/req" >&2
+# The controller and the bare server back to back at each concurrency, then the rest
+# (registration last: it adds instances).
+for c in $CONCS; do
+    run heartbeat "$c" "$ctl_port" "$ctl_pid"
+    run hello "$c" "$hello_port" "$hello_pid"
+done
+for c in $CONCS; do run list "$c" "$ctl_port" "$ctl_pid"; done
+for c in $CONCS; do run register "$c" "$ctl_port" "$ctl_pid"; done
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+stop_pid "$ctl_pid"; ctl_pid=
+stop_pid "$hello_pid"; hello_pid=
+
+echo "== start-up ($STARTS starts each)" >&2
+startup_empty=$(lg startup --bin "$BIN/dbgpt" --runs "$STARTS")
+startup_full=$(lg startup --bin "$BIN/dbgpt" --runs "$STARTS" --registry "$tmp/populated.redb")
+
+echo
+echo "Controller benchmark: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, ${SECS} s per row," \
+    "$INSTANCES instances registered; $pinning."
+echo "Load average (1/5/15 min) before the runs: $load_start; after: $load_end."
+echo
+echo "| mode | conc | req/s | p50 µs | p99 µs | errors | server CPU µs/req | loadgen CPU µs/req | req/s vs hello | CPU/req vs hello |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+awk -F'\t' '
+    { mode[NR]=$1; conc[NR]=$2; rps[NR]=$5; p50[NR]=$6; p99[NR]=$7; err[NR]=$8; cpu[NR]=$9; gen[NR]=$10
+      if ($1 == "hello") { hrps[$2]=$5; hcpu[$2]=$9 } }
+    END {
+      for (i = 1; i <= NR; i++) {
+        r = "-"; c = "-"
+        if (mode[i] == "heartbeat" && hrps[conc[i]] > 0) {
+          r = sprintf("%.0f%%", 100 * rps[i] / hrps[conc[i]])
+          if (hcpu[conc[i]] > 0 && cpu[i] != "-") c = sprintf("%.2f×", cpu[i] / hcpu[conc[i]])
+        }
+        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", mode[i], conc[i], rps[i], p50[i], p99[i], err[i], cpu[i], gen[i], r, c
+      }
+    }' "$results"
+echo
+echo "Start-up, spawn to first 200 from /api/health, median of $STARTS (ms): empty registry" \
+    "$(cut -f1 <<<"$startup_empty") [$(cut -f2 <<<"$startup_empty")];" \
+    "$INSTANCES-instance registry $(cut -f1 <<<"$startup_full") [$(cut -f2 <<<"$startup_full")]."
+echo "Idle RSS after registering $INSTANCES instances and 3 s idle: controller $((ctl_rss_kb / 1024)) MiB ($ctl_rss); bare hyper server: $hello_rss."
