@@ -6,3 +6,4 @@ mod admin;
 mod cli;
 mod common;
 mod controller;
+mod sql;
