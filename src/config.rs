@@ -71,6 +71,30 @@ pub struct ControllerArgs {
         env = "CONTROLLER_REGISTRY_PATH"
     )]
     pub registry_path: Option<PathBuf>,
+    /// The `--registry_db_*` options (boxed: they are many and rarely used).
+    #[command(flatten)]
+    pub registry_db: Box<RegistryDbArgs>,
+    /// Seconds between health checks of registered instances [default: 20]
+    #[arg(
+        long = "heartbeat_interval_secs",
+        visible_alias = "heartbeat-interval-secs",
+        env = "CONTROLLER_HEARTBEAT_INTERVAL_SECS"
+    )]
+    pub heartbeat_interval_secs: Option<u64>,
+    /// Seconds without a heartbeat after which an instance is unhealthy [default: 60]
+    #[arg(
+        long = "heartbeat_timeout_secs",
+        visible_alias = "heartbeat-timeout-secs",
+        env = "CONTROLLER_HEARTBEAT_TIMEOUT_SECS"
+    )]
+    pub heartbeat_timeout_secs: Option<u64>,
+    #[command(flatten)]
+    pub common: CommonServerArgs,
+}
+
+/// `--registry_db_*`: where the shared SQL registry lives (`--registry_type database`).
+#[derive(Debug, Clone, Args, Default)]
+pub struct RegistryDbArgs {
     /// Database server of the shared registry: mysql (also MariaDB) or postgresql [default: mysql]
     #[arg(
         long = "registry_db_type",
@@ -143,22 +167,6 @@ pub struct ControllerArgs {
         env = "CONTROLLER_REGISTRY_DB_WAIT"
     )]
     pub registry_db_wait: Option<u64>,
-    /// Seconds between health checks of registered instances [default: 20]
-    #[arg(
-        long = "heartbeat_interval_secs",
-        visible_alias = "heartbeat-interval-secs",
-        env = "CONTROLLER_HEARTBEAT_INTERVAL_SECS"
-    )]
-    pub heartbeat_interval_secs: Option<u64>,
-    /// Seconds without a heartbeat after which an instance is unhealthy [default: 60]
-    #[arg(
-        long = "heartbeat_timeout_secs",
-        visible_alias = "heartbeat-timeout-secs",
-        env = "CONTROLLER_HEARTBEAT_TIMEOUT_SECS"
-    )]
-    pub heartbeat_timeout_secs: Option<u64>,
-    #[command(flatten)]
-    pub common: CommonServerArgs,
 }
 
 /// The `[controller]` section of a config file.
@@ -290,6 +298,7 @@ impl ControllerArgs {
 /// The `--registry_db_*` options, resolved and checked.
 fn sql_config(a: &ControllerArgs, f: &ControllerFile) -> anyhow::Result<SqlConfig> {
     let ty = a
+        .registry_db
         .registry_db_type
         .clone()
         .or(f.registry_db_type.clone())
@@ -298,10 +307,11 @@ fn sql_config(a: &ControllerArgs, f: &ControllerFile) -> anyhow::Result<SqlConfi
         anyhow::anyhow!("--registry_db_type must be mysql or postgresql, not {ty:?}")
     })?;
     let password_file = a
+        .registry_db
         .registry_db_password_file
         .clone()
         .or(f.registry_db_password_file.clone());
-    let password = match (&a.registry_db_password, &password_file) {
+    let password = match (&a.registry_db.registry_db_password, &password_file) {
         (Some(p), _) => p.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
             .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
@@ -316,36 +326,50 @@ fn sql_config(a: &ControllerArgs, f: &ControllerFile) -> anyhow::Result<SqlConfi
     let mut cfg = SqlConfig {
         db_type,
         host: a
+            .registry_db
             .registry_db_host
             .clone()
             .or(f.registry_db_host.clone())
             .unwrap_or_default(),
         port: 0,
         user: a
+            .registry_db
             .registry_db_user
             .clone()
             .or(f.registry_db_user.clone())
             .unwrap_or_else(|| "root".into()),
         password: Secret(password),
         database: a
+            .registry_db
             .registry_db_name
             .clone()
             .or(f.registry_db_name.clone())
             .unwrap_or_else(|| "dbgpt".into()),
         pool_size: a
+            .registry_db
             .registry_db_pool_size
             .or(f.registry_db_pool_size)
             .unwrap_or(5),
-        wait: Duration::from_secs(a.registry_db_wait.or(f.registry_db_wait).unwrap_or(0)),
+        wait: Duration::from_secs(
+            a.registry_db
+                .registry_db_wait
+                .or(f.registry_db_wait)
+                .unwrap_or(0),
+        ),
     };
-    if let Some(url) = a.registry_db_url.clone().or(f.registry_db_url.clone()) {
+    if let Some(url) = a
+        .registry_db
+        .registry_db_url
+        .clone()
+        .or(f.registry_db_url.clone())
+    {
         cfg = cfg.apply_url(&url)?;
     } else if cfg.host.trim().is_empty() {
         bail!(
             "--registry_db_host is required with --registry_type database (or give --registry_db_url)"
         );
     }
-    if let Some(p) = a.registry_db_port.or(f.registry_db_port) {
+    if let Some(p) = a.registry_db.registry_db_port.or(f.registry_db_port) {
         if p == 0 {
             bail!("--registry_db_port must be between 1 and 65535");
         }
@@ -416,9 +440,12 @@ mod tests {
         std::fs::write(&pw, "s3cret\n").unwrap();
         let args = ControllerArgs {
             registry_type: Some(RegistryType::Database),
-            registry_db_type: Some("postgresql".into()),
-            registry_db_host: Some("db.example".into()),
-            registry_db_password_file: Some(pw),
+            registry_db: Box::new(RegistryDbArgs {
+                registry_db_type: Some("postgresql".into()),
+                registry_db_host: Some("db.example".into()),
+                registry_db_password_file: Some(pw),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let c = args.resolve().unwrap().registry_db.unwrap();
@@ -430,7 +457,10 @@ mod tests {
 
         let args = ControllerArgs {
             registry_type: Some(RegistryType::Database),
-            registry_db_url: Some("mysql://u%40x:p%3Aw@10.0.0.1:3307/reg".into()),
+            registry_db: Box::new(RegistryDbArgs {
+                registry_db_url: Some("mysql://u%40x:p%3Aw@10.0.0.1:3307/reg".into()),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let c = args.resolve().unwrap().registry_db.unwrap();
@@ -446,8 +476,11 @@ mod tests {
             (
                 ControllerArgs {
                     registry_type: Some(RegistryType::Database),
-                    registry_db_type: Some("oracle".into()),
-                    registry_db_host: Some("h".into()),
+                    registry_db: Box::new(RegistryDbArgs {
+                        registry_db_type: Some("oracle".into()),
+                        registry_db_host: Some("h".into()),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 },
                 "--registry_db_type",
@@ -462,7 +495,10 @@ mod tests {
             (
                 ControllerArgs {
                     registry_type: Some(RegistryType::Database),
-                    registry_db_url: Some("nonsense".into()),
+                    registry_db: Box::new(RegistryDbArgs {
+                        registry_db_url: Some("nonsense".into()),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 },
                 "--registry_db_url",

@@ -607,12 +607,22 @@ impl SqlRegistry {
                 }
             }
         };
-        let ddl = AssertSqlSafe(create_table_sql(cfg.db_type));
-        on_pool!(&pool, |p| sqlx::query(ddl).execute(p).await.map(|_| ()))
-            .map_err(|e| open_err(format!("cannot create table {TABLE}: {e}")))?;
-        let unique = ensure_unique(&pool, cfg.db_type)
+        // Schema set-up under a database lock: controllers starting together must not race
+        // on CREATE TABLE (PostgreSQL fails one of them) or on adding the index.
+        let lock = schema_lock(&pool)
             .await
-            .map_err(|e| open_err(format!("cannot inspect table {TABLE}: {e}")))?;
+            .map_err(|e| open_err(format!("cannot take the schema lock: {e}")))?;
+        let ddl = AssertSqlSafe(create_table_sql(cfg.db_type));
+        let created = on_pool!(&pool, |p| sqlx::query(ddl).execute(p).await.map(|_| ()))
+            .map_err(|e| open_err(format!("cannot create table {TABLE}: {e}")));
+        let unique = match created {
+            Ok(()) => ensure_unique(&pool, cfg.db_type)
+                .await
+                .map_err(|e| open_err(format!("cannot inspect table {TABLE}: {e}"))),
+            Err(e) => Err(e),
+        };
+        schema_unlock(lock).await;
+        let unique = unique?;
         let inner = Arc::new(Inner {
             pool,
             dialect: cfg.db_type,
@@ -639,6 +649,70 @@ impl SqlRegistry {
     /// table holding duplicates).
     pub fn has_unique_index(&self) -> bool {
         self.inner.unique
+    }
+}
+
+/// A session holding the schema lock.
+enum SchemaLock {
+    My(sqlx::pool::PoolConnection<sqlx::MySql>),
+    Pg(sqlx::pool::PoolConnection<sqlx::Postgres>),
+}
+
+const SCHEMA_LOCK_MYSQL: &str = "dbgpt_cluster_registry_schema";
+const SCHEMA_LOCK_PG: i64 = 0x6462_6770_7473_6368; // "dbgptsch"
+
+async fn schema_lock(pool: &Pool) -> Result<SchemaLock, sqlx::Error> {
+    match pool {
+        Pool::My(p) => {
+            let mut c = p.acquire().await?;
+            let got: Option<i64> = sqlx::query("SELECT GET_LOCK(?, 60)")
+                .bind(SCHEMA_LOCK_MYSQL)
+                .fetch_one(&mut *c)
+                .await?
+                .try_get(0)?;
+            if got != Some(1) {
+                return Err(sqlx::Error::Protocol(
+                    "timed out waiting for another controller's schema set-up".into(),
+                ));
+            }
+            Ok(SchemaLock::My(c))
+        }
+        Pool::Pg(p) => {
+            let mut c = p.acquire().await?;
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(SCHEMA_LOCK_PG)
+                .execute(&mut *c)
+                .await?;
+            Ok(SchemaLock::Pg(c))
+        }
+    }
+}
+
+async fn schema_unlock(lock: SchemaLock) {
+    let released = match lock {
+        SchemaLock::My(mut c) => {
+            let r = sqlx::query("SELECT RELEASE_LOCK(?)")
+                .bind(SCHEMA_LOCK_MYSQL)
+                .execute(&mut *c)
+                .await;
+            if r.is_err() {
+                c.detach();
+            }
+            r.is_ok()
+        }
+        SchemaLock::Pg(mut c) => {
+            let r = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(SCHEMA_LOCK_PG)
+                .execute(&mut *c)
+                .await;
+            if r.is_err() {
+                c.detach();
+            }
+            r.is_ok()
+        }
+    };
+    if !released {
+        warn!("could not release the schema lock; it ends with the connection");
     }
 }
 
@@ -822,7 +896,11 @@ impl Inner {
         });
         let rows = self.note(rows)?;
         let mut cache = self.write_cache();
-        match rows.into_iter().filter_map(|r| r.into_instance(now)).last() {
+        match rows
+            .into_iter()
+            .filter_map(|r| r.into_instance(now))
+            .next_back()
+        {
             Some(inst) => cache.put(inst),
             None => {
                 cache.remove(key);
@@ -1203,7 +1281,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::registry::conformance::{self, Factory, input};
 
-    /// A private database on the local test server, dropped by [`TestDb::drop_db`].
+    /// A private database on the local test server, dropped (even on panic) with the value.
     pub struct TestDb {
         pub cfg: SqlConfig,
     }
@@ -1276,17 +1354,6 @@ pub(crate) mod tests {
             }
         }
 
-        pub async fn drop_db(self) {
-            let d = self.cfg.db_type;
-            let sql = match d {
-                DbType::Mysql => format!("DROP DATABASE IF EXISTS {}", self.cfg.database),
-                DbType::Postgresql => {
-                    format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.cfg.database)
-                }
-            };
-            admin(d, sql).await;
-        }
-
         async fn pool(&self) -> Pool {
             connect(&self.cfg).await.unwrap()
         }
@@ -1313,6 +1380,28 @@ pub(crate) mod tests {
         }
     }
 
+    impl Drop for TestDb {
+        /// Drops the database even when the test panicked (on a thread with its own
+        /// runtime: this may run inside the test's runtime).
+        fn drop(&mut self) {
+            let d = self.cfg.db_type;
+            let sql = match d {
+                DbType::Mysql => format!("DROP DATABASE IF EXISTS {}", self.cfg.database),
+                DbType::Postgresql => {
+                    format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.cfg.database)
+                }
+            };
+            let _ = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(admin(d, sql))
+            })
+            .join();
+        }
+    }
+
     struct Sql(SqlConfig);
 
     #[async_trait]
@@ -1325,7 +1414,7 @@ pub(crate) mod tests {
     async fn conforms(d: DbType) {
         let db = TestDb::new(d).await;
         conformance::run_all(&Sql(db.cfg.clone())).await;
-        db.drop_db().await;
+        drop(db);
     }
 
     #[tokio::test]
@@ -1344,8 +1433,10 @@ pub(crate) mod tests {
     async fn shared(d: DbType) {
         let db = TestDb::new(d).await;
         let t = Duration::from_millis(2500);
-        let a = Arc::new(SqlRegistry::open(&db.cfg, t).await.unwrap());
-        let b = Arc::new(SqlRegistry::open(&db.cfg, t).await.unwrap());
+        // Both start at once on an empty database: the schema set-up must not race.
+        let (a, b) = tokio::join!(SqlRegistry::open(&db.cfg, t), SqlRegistry::open(&db.cfg, t));
+        let (a, b) = (Arc::new(a.unwrap()), Arc::new(b.unwrap()));
+        assert!(a.has_unique_index() && b.has_unique_index());
         a.register(input("m@llm", 1)).await.unwrap();
         let l = b.list(None, false).await.unwrap();
         assert_eq!(l.len(), 1);
@@ -1392,7 +1483,7 @@ pub(crate) mod tests {
             .await;
         assert_eq!(n, 1);
         drop((a, b));
-        db.drop_db().await;
+        drop(db);
     }
 
     #[tokio::test]
@@ -1472,7 +1563,7 @@ pub(crate) mod tests {
             .await;
         assert_eq!(n, 3);
         drop(r);
-        db.drop_db().await;
+        drop(db);
     }
 
     /// A DB-GPT table that already holds duplicates: no unique index can be added, writes
@@ -1538,7 +1629,7 @@ pub(crate) mod tests {
         b.flush().await.unwrap();
         assert_eq!(a.list(None, true).await.unwrap().len(), 2);
         drop((a, b));
-        db.drop_db().await;
+        drop(db);
     }
 
     #[tokio::test]
@@ -1610,7 +1701,7 @@ pub(crate) mod tests {
         r.flush().await.unwrap();
         assert_eq!(r.list(None, true).await.unwrap().len(), 2);
         drop(r);
-        db.drop_db().await;
+        drop(db);
     }
 
     #[tokio::test]
@@ -1652,5 +1743,121 @@ pub(crate) mod tests {
         assert!(t0.elapsed() < Duration::from_secs(10));
         assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod outage_tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::tests::TestDb;
+    use super::*;
+    use crate::registry::conformance::input;
+
+    /// A TCP proxy in front of the database server that can be cut: while down it refuses
+    /// new connections and closes the open ones.
+    struct Proxy {
+        port: u16,
+        up: Arc<AtomicBool>,
+        cut: Arc<tokio::sync::Notify>,
+    }
+
+    impl Proxy {
+        async fn start(target: (String, u16)) -> Proxy {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let up = Arc::new(AtomicBool::new(true));
+            let cut = Arc::new(tokio::sync::Notify::new());
+            let (up2, cut2) = (up.clone(), cut.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if !up2.load(Ordering::SeqCst) {
+                        continue; // dropped: connection closed at once
+                    }
+                    let target = target.clone();
+                    let cut = cut2.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut server) =
+                            tokio::net::TcpStream::connect((target.0.as_str(), target.1)).await
+                        else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = cut.notified() => {}
+                        }
+                    });
+                }
+            });
+            Proxy { port, up, cut }
+        }
+
+        fn down(&self) {
+            self.up.store(false, Ordering::SeqCst);
+            self.cut.notify_waiters();
+        }
+
+        fn up(&self) {
+            self.up.store(true, Ordering::SeqCst);
+        }
+    }
+
+    async fn outage(d: DbType) {
+        let db = TestDb::new(d).await;
+        let proxy = Proxy::start((db.cfg.host.clone(), db.cfg.port)).await;
+        let mut cfg = db.cfg.clone();
+        cfg.port = proxy.port;
+        let r = SqlRegistry::open(&cfg, Duration::from_secs(60))
+            .await
+            .unwrap();
+        r.register(input("a@llm", 1)).await.unwrap();
+        r.register(input("b@llm", 1)).await.unwrap();
+        proxy.down();
+        // Writes fail with a storage error (HTTP 503) naming the database.
+        let e = r.register(input("c@llm", 1)).await.unwrap_err();
+        assert!(matches!(e, RegistryError::Storage(_)), "{e}");
+        assert!(e.to_string().contains(&cfg.describe()), "{e}");
+        assert!(r.deregister(input("a@llm", 1)).await.is_err());
+        // Heartbeats of known instances are buffered but reported as failing.
+        assert!(r.heartbeat(input("a@llm", 1)).await.is_err());
+        assert!(r.expire().await.is_err());
+        // Reads serve the last known view, at once.
+        let t0 = Instant::now();
+        let l = r.list(None, true).await.unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        assert_eq!(l.len(), 2);
+        assert_eq!(r.counts().total, 2);
+        // Back: the background task reconnects and writes the buffered heartbeat.
+        proxy.up();
+        let mut back = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if r.inner.db_ok.load(Ordering::Relaxed) && r.inner.lock_pending().is_empty() {
+                back = true;
+                break;
+            }
+        }
+        assert!(
+            back,
+            "registry did not recover after the database came back"
+        );
+        r.register(input("c@llm", 1)).await.unwrap();
+        assert_eq!(r.expire().await.unwrap(), 0);
+        assert_eq!(r.list(None, true).await.unwrap().len(), 3);
+        drop(r);
+        drop(db);
+    }
+
+    #[tokio::test]
+    async fn mysql_outage_503_then_recovery() {
+        outage(DbType::Mysql).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_outage_503_then_recovery() {
+        outage(DbType::Postgresql).await;
     }
 }
