@@ -1851,6 +1851,33 @@ mod outage_tests {
         drop(db);
     }
 
+    /// `--registry_db_wait`: start-up keeps retrying until the server answers.
+    #[tokio::test]
+    async fn start_up_waits_for_the_database_when_asked() {
+        let db = TestDb::new(DbType::Postgresql).await;
+        let proxy = Proxy::start((db.cfg.host.clone(), db.cfg.port)).await;
+        proxy.down();
+        let mut cfg = db.cfg.clone();
+        cfg.port = proxy.port;
+        assert!(
+            SqlRegistry::open(&cfg, Duration::from_secs(60))
+                .await
+                .is_err()
+        );
+        cfg.wait = Duration::from_secs(20);
+        let up_later = async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            proxy.up();
+        };
+        let t0 = Instant::now();
+        let (r, ()) = tokio::join!(SqlRegistry::open(&cfg, Duration::from_secs(60)), up_later);
+        let r = r.unwrap();
+        assert!(t0.elapsed() >= Duration::from_millis(1500));
+        r.register(input("w@llm", 1)).await.unwrap();
+        drop(r);
+        drop(db);
+    }
+
     #[tokio::test]
     async fn mysql_outage_503_then_recovery() {
         outage(DbType::Mysql).await;
