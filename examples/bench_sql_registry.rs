@@ -34,6 +34,11 @@ impl Store {
 }
 
 async fn admin(store: Store, sql: String) -> Vec<i64> {
+    admin_in(store, "postgres", sql).await
+}
+
+/// Runs `sql` (PostgreSQL: in database `pg_db`); returns the first column as integers.
+async fn admin_in(store: Store, pg_db: &str, sql: String) -> Vec<i64> {
     match store {
         Store::Mysql => {
             let mut c = sqlx::mysql::MySqlConnectOptions::new()
@@ -55,7 +60,7 @@ async fn admin(store: Store, sql: String) -> Vec<i64> {
                 .host("127.0.0.1")
                 .port(5432)
                 .username("postgres")
-                .database("postgres")
+                .database(pg_db)
                 .ssl_mode(sqlx::postgres::PgSslMode::Disable)
                 .connect()
                 .await
@@ -297,8 +302,14 @@ async fn run(bin: &str, store: Store, n: usize, secs: u64, conc: usize) -> Outco
             v.first().copied()
         }
         Store::Postgres => {
+            let v = admin_in(
+                store,
+                &db,
+                "SELECT COUNT(*) FROM dbgpt_cluster_registry_instance".into(),
+            )
+            .await;
             admin(store, format!("DROP DATABASE {db} WITH (FORCE)")).await;
-            None
+            v.first().copied()
         }
     };
     Outcome {
