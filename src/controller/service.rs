@@ -16,7 +16,7 @@ use super::{ControllerState, router, spawn_background};
 use crate::admin::server::AdminHandler;
 use crate::config::{ControllerConfig, RegistryType};
 use crate::daemon::{self, DaemonBase, Readiness};
-use crate::registry::{RedbRegistry, Registry};
+use crate::registry::{RedbRegistry, Registry, SqlRegistry};
 
 /// How long in-flight HTTP requests may take to finish on stop.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,9 +114,10 @@ async fn start(cfg: &ControllerConfig) -> anyhow::Result<Started> {
             )
         }
         RegistryType::Database => {
-            bail!(
-                "--registry_type database is not available in this build yet; use the embedded registry"
-            )
+            let Some(db) = cfg.registry_db.as_ref() else {
+                bail!("--registry_type database needs --registry_db_host or --registry_db_url");
+            };
+            Arc::new(SqlRegistry::open(db, cfg.heartbeat_timeout).await?)
         }
     };
     let listener = crate::http::bind(&cfg.host, cfg.port).await?;

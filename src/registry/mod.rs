@@ -9,8 +9,11 @@
 //! [`Registry::expire`] sweep also records that flip. [`MemState`] is the ordered in-memory
 //! view the stores serve reads from.
 
+#[cfg(test)]
+mod conformance;
 pub mod record;
 pub mod redb_store;
+pub mod sql;
 
 use std::time::Duration;
 
@@ -20,6 +23,7 @@ use indexmap::IndexMap;
 use crate::types::{InstanceInput, InstanceKey, ModelInstance, Timestamp};
 
 pub use redb_store::RedbRegistry;
+pub use sql::SqlRegistry;
 
 /// Errors of a registry store.
 #[derive(Debug, thiserror::Error)]

@@ -6,4 +6,5 @@ mod admin;
 mod cli;
 mod common;
 mod controller;
+mod sql;
 mod worker;
