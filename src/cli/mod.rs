@@ -41,6 +41,8 @@ pub enum Command {
 pub enum StartCommand {
     /// The model controller: registry of model instances (DB-GPT's controller API).
     Controller(ControllerArgs),
+    /// The OpenAI-compatible API server in front of the workers the controller knows.
+    Apiserver(crate::config::ApiserverArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -96,6 +98,7 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Start(StartCommand::Controller(args)) => start_controller(args),
+        Command::Start(StartCommand::Apiserver(args)) => start_apiserver(args),
         Command::Stop(s) => client_runtime().and_then(|rt| rt.block_on(ctl::stop_command(s))),
         Command::Ctl(c) => client_runtime().and_then(|rt| rt.block_on(ctl::run(c))),
         Command::Model(m) => client_runtime().and_then(|rt| rt.block_on(model::run(m))),
@@ -118,6 +121,18 @@ fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     };
     crate::telemetry::init(cfg.log_level.as_deref())?;
     runtime()?.block_on(crate::controller::service::run(cfg, readiness))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn start_apiserver(args: crate::config::ApiserverArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.resolve()?;
+    let readiness = if cfg.daemon {
+        daemon::daemonize("ModelAPIServer", &cfg.log_file)?
+    } else {
+        Readiness::foreground()
+    };
+    crate::telemetry::init(cfg.log_level.as_deref())?;
+    runtime()?.block_on(crate::apiserver::service::run(cfg, readiness))?;
     Ok(ExitCode::SUCCESS)
 }
 
