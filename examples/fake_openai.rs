@@ -128,6 +128,12 @@ fn main() -> anyhow::Result<()> {
             .route("/api/worker/generate", post(move || worker_generate(n)));
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
         let port = listener.local_addr()?.port();
+        let listener = {
+            use axum::serve::ListenerExt;
+            listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            })
+        };
         if let Some(ctl) = args.register.clone() {
             dbgpt_cluster::http::ensure_tls_provider();
             let inst = json!({"model_name": format!("{}@llm", args.model), "host": "127.0.0.1", "port": port,

@@ -165,7 +165,7 @@ pub async fn run(cfg: ApiserverConfig, mut readiness: Readiness) -> anyhow::Resu
         token.clone(),
     ));
     let app = router(state.clone()).layer(cors(&cfg.cors_allow_origins));
-    let http = tokio::spawn(crate::http::serve(listener, app, token.clone()));
+    let http = tokio::spawn(serve(listener, app, token.clone()));
 
     let status = format!(
         "apiserver serving on {}:{} (controller {}, policy {})",
@@ -192,6 +192,23 @@ pub async fn run(cfg: ApiserverConfig, mut readiness: Readiness) -> anyhow::Resu
     info!("apiserver stopped");
     drop(base);
     Ok(())
+}
+
+/// Like [`crate::http::serve`], with `TCP_NODELAY` on every accepted connection: SSE chunks
+/// are small writes, and Nagle's algorithm against the client's delayed ACK would hold each
+/// one back by up to 40 ms.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 type Started = (
