@@ -289,6 +289,43 @@ struct Envelope {
     include_usage: bool,
 }
 
+#[derive(serde::Serialize)]
+struct ChunkOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: &'a [ChoiceOut<'a>],
+    /// `Some(None)` renders `"usage": null` (include_usage streams), `None` omits it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<&'a Value>>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum ChoiceOut<'a> {
+    Chat {
+        index: usize,
+        delta: DeltaOut<'a>,
+        logprobs: Option<()>,
+        finish_reason: Option<&'a str>,
+    },
+    Text {
+        index: usize,
+        text: &'a str,
+        logprobs: Option<()>,
+        finish_reason: Option<&'a str>,
+    },
+}
+
+#[derive(serde::Serialize)]
+struct DeltaOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
 impl Envelope {
     fn chunk(
         &self,
@@ -298,35 +335,42 @@ impl Envelope {
         finish: Option<&str>,
     ) -> Bytes {
         let choice = match self.kind {
-            Kind::Chat => {
-                let mut delta = serde_json::Map::new();
-                if role {
-                    delta.insert("role".into(), json!("assistant"));
-                }
-                if let Some(c) = content {
-                    delta.insert("content".into(), json!(c));
-                }
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
-            }
-            Kind::Text => {
-                json!({"index": index, "text": content.unwrap_or(""), "logprobs": null, "finish_reason": finish})
-            }
+            Kind::Chat => ChoiceOut::Chat {
+                index,
+                delta: DeltaOut {
+                    role: role.then_some("assistant"),
+                    content,
+                },
+                logprobs: None,
+                finish_reason: finish,
+            },
+            Kind::Text => ChoiceOut::Text {
+                index,
+                text: content.unwrap_or(""),
+                logprobs: None,
+                finish_reason: finish,
+            },
         };
-        self.event(vec![choice], None)
+        self.event(std::slice::from_ref(&choice), None)
     }
 
-    fn event(&self, choices: Vec<Value>, usage: Option<Value>) -> Bytes {
-        let mut v = json!({
-            "id": self.id,
-            "object": match self.kind { Kind::Chat => "chat.completion.chunk", Kind::Text => "text_completion" },
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        });
-        if self.include_usage {
-            v["usage"] = usage.unwrap_or(Value::Null);
-        }
-        sse(&v)
+    fn event(&self, choices: &[ChoiceOut], usage: Option<&Value>) -> Bytes {
+        let c = ChunkOut {
+            id: &self.id,
+            object: match self.kind {
+                Kind::Chat => "chat.completion.chunk",
+                Kind::Text => "text_completion",
+            },
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage: self.include_usage.then_some(usage),
+        };
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"data: ");
+        let _ = serde_json::to_writer(&mut out, &c);
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
     }
 }
 
@@ -502,7 +546,7 @@ async fn pump(
     }
     if env.include_usage {
         let u = total_usage(&choices);
-        if !send(env.event(vec![], Some(u.to_json()))).await {
+        if !send(env.event(&[], Some(&u.to_json()))).await {
             return;
         }
     }

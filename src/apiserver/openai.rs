@@ -532,42 +532,67 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
     })
 }
 
-/// The PromptRequest a worker gets for one prompt. Only options that were set are sent, and
-/// `temperature: 0` is sent as 0 (DB-GPT's apiserver drops falsy values).
-pub fn worker_prompt(model: &str, messages: &[(String, String)], s: &Sampling) -> Value {
-    let mut m = Map::new();
-    m.insert("model".into(), json!(model));
-    m.insert(
-        "messages".into(),
-        Value::Array(
-            messages
-                .iter()
-                .map(|(r, c)| json!({"role": r, "content": c, "round_index": 0}))
-                .collect(),
-        ),
-    );
-    m.insert("echo".into(), json!(false));
-    let mut put = |k: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            m.insert(k.into(), v);
-        }
-    };
-    put("temperature", s.temperature.map(|x| json!(x)));
-    put("top_p", s.top_p.map(|x| json!(x)));
-    put("top_k", s.top_k.map(|x| json!(x)));
-    put("max_new_tokens", s.max_tokens.map(|x| json!(x)));
+/// A DB-GPT message as sent to workers.
+#[derive(serde::Serialize)]
+struct WorkerMessage<'a> {
+    role: &'a str,
+    content: &'a str,
+    round_index: u32,
+}
+
+/// DB-GPT's PromptRequest, with only the options that were set.
+#[derive(serde::Serialize)]
+struct WorkerPrompt<'a> {
+    model: &'a str,
+    messages: Vec<WorkerMessage<'a>>,
+    echo: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_new_tokens: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+}
+
+/// The PromptRequest body a worker gets for one prompt. Only options that were set are sent,
+/// and `temperature: 0` is sent as 0 (DB-GPT's apiserver drops falsy values).
+pub fn worker_prompt(model: &str, messages: &[(String, String)], s: &Sampling) -> bytes::Bytes {
     // DB-GPT 0.5.x workers take `stop` as a string only: send a one-element list as a string.
-    put(
-        "stop",
-        s.stop.clone().map(|v| match v {
-            Value::Array(a) if a.len() == 1 => a[0].clone(),
-            v => v,
-        }),
-    );
-    put("seed", s.seed.map(|x| json!(x)));
-    put("presence_penalty", s.presence_penalty.map(|x| json!(x)));
-    put("frequency_penalty", s.frequency_penalty.map(|x| json!(x)));
-    Value::Object(m)
+    let stop = s.stop.as_ref().map(|v| match v {
+        Value::Array(a) if a.len() == 1 => &a[0],
+        v => v,
+    });
+    let p = WorkerPrompt {
+        model,
+        messages: messages
+            .iter()
+            .map(|(r, c)| WorkerMessage {
+                role: r,
+                content: c,
+                round_index: 0,
+            })
+            .collect(),
+        echo: false,
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        max_new_tokens: s.max_tokens,
+        stop,
+        seed: s.seed,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+    };
+    bytes::Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
 }
 
 /// A validated embeddings request.
@@ -779,7 +804,8 @@ mod tests {
         .unwrap();
         assert_eq!(r.n, 2);
         assert!(r.stream && r.include_usage);
-        let w = worker_prompt(&r.model, &r.prompts[0], &r.sampling);
+        let w: Value =
+            serde_json::from_slice(&worker_prompt(&r.model, &r.prompts[0], &r.sampling)).unwrap();
         assert_eq!(w["messages"][0]["role"], "system");
         assert_eq!(w["messages"][1]["role"], "human");
         assert_eq!(w["messages"][1]["content"], "hi");

@@ -33,35 +33,55 @@ pub struct Frame {
     pub usage: Option<Usage>,
 }
 
+/// ModelOutput as it arrives; unknown keys (`model_context`, `metrics`, …) are skipped.
+#[derive(serde::Deserialize)]
+struct RawFrame {
+    #[serde(default)]
+    text: Option<String>,
+    /// DB-GPT 0.7+ calls `text` `content`.
+    #[serde(default)]
+    content: Option<Value>,
+    #[serde(default)]
+    error_code: Option<Value>,
+    #[serde(default)]
+    finish_reason: Option<Value>,
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
 impl Frame {
-    /// Reads a ModelOutput; DB-GPT 0.7+ calls `text` `content`.
-    pub fn from_json(v: &Value) -> Option<Frame> {
-        let obj = v.as_object()?;
-        let text = obj
-            .get("text")
-            .or_else(|| obj.get("content"))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let error_code = obj.get("error_code").and_then(Value::as_i64).unwrap_or(0);
-        let finish_reason = obj
-            .get("finish_reason")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string);
-        let usage = obj.get("usage").and_then(Value::as_object).map(|u| {
+    fn from_raw(r: RawFrame) -> Frame {
+        let text = match (r.text, r.content) {
+            (Some(t), _) => t,
+            (None, Some(Value::String(c))) => c,
+            _ => String::new(),
+        };
+        let usage = r.usage.as_ref().and_then(Value::as_object).map(|u| {
             let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
             Usage {
                 prompt_tokens: n("prompt_tokens"),
                 completion_tokens: n("completion_tokens"),
             }
         });
-        Some(Frame {
+        Frame {
             text,
-            error_code,
-            finish_reason,
+            error_code: r.error_code.as_ref().and_then(Value::as_i64).unwrap_or(0),
+            finish_reason: match r.finish_reason {
+                Some(Value::String(s)) if !s.is_empty() => Some(s),
+                _ => None,
+            },
             usage,
-        })
+        }
+    }
+
+    /// Reads a ModelOutput.
+    pub fn from_json(v: &Value) -> Option<Frame> {
+        if !v.is_object() {
+            return None;
+        }
+        serde_json::from_value::<RawFrame>(v.clone())
+            .ok()
+            .map(Frame::from_raw)
     }
 }
 
@@ -143,9 +163,9 @@ impl FrameStream {
 }
 
 fn parse_frame(piece: &[u8]) -> Result<Frame, String> {
-    serde_json::from_slice::<Value>(piece)
+    serde_json::from_slice::<RawFrame>(piece)
         .ok()
-        .and_then(|v| Frame::from_json(&v))
+        .map(Frame::from_raw)
         .ok_or_else(|| {
             format!(
                 "the worker sent a malformed frame: {}",
@@ -253,9 +273,8 @@ impl Upstream {
     pub async fn open_stream(
         &self,
         model: &str,
-        body: &Value,
+        body: &Bytes,
     ) -> Result<(Frame, FrameStream), OpenAiError> {
-        let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
         self.with_retries(model, super::discovery::LLM, |guard| {
             let body = body.clone();
             async move {
@@ -289,8 +308,7 @@ impl Upstream {
     }
 
     /// `generate` (non-stream): the final frame.
-    pub async fn generate(&self, model: &str, body: &Value) -> Result<Frame, OpenAiError> {
-        let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+    pub async fn generate(&self, model: &str, body: &Bytes) -> Result<Frame, OpenAiError> {
         self.with_retries(model, super::discovery::LLM, |guard| {
             let body = body.clone();
             async move {
