@@ -783,7 +783,9 @@ impl Usage {
 
 /// A fresh response id with OpenAI's prefix (`chatcmpl-`, `cmpl-`).
 pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+    // From the thread-local RNG: no getrandom system call per request.
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    format!("{prefix}{}", id.simple())
 }
 
 /// Seconds since the Unix epoch.

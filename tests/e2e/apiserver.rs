@@ -45,6 +45,25 @@ struct WorkerShared {
     last_body: Mutex<Value>,
     embed_batches: Mutex<Vec<usize>>,
     reranker: AtomicBool,
+    /// Streams whose HTTP body was dropped before the last frame (client went away).
+    cancelled: AtomicUsize,
+}
+
+/// Counts a stream as cancelled if it is dropped before it finished.
+struct Unfinished(Arc<WorkerShared>, bool);
+
+impl Unfinished {
+    fn finish(&mut self) {
+        self.1 = true;
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// A test-double DB-GPT worker serving one model.
@@ -115,8 +134,10 @@ async fn generate_stream(State(s): State<Arc<WorkerShared>>, body: Bytes) -> Res
                 "stop"
             };
             let prompt_tokens = req["messages"].as_array().map_or(0, |a| a.len() as u64) * 3;
-            let st = futures::stream::unfold(0usize, move |i| async move {
+            let guard = Unfinished(s.clone(), false);
+            let st = futures::stream::unfold((0usize, guard), move |(i, mut guard)| async move {
                 if i >= n {
+                    guard.finish();
                     return None;
                 }
                 if delay_ms > 0 {
@@ -135,7 +156,7 @@ async fn generate_stream(State(s): State<Arc<WorkerShared>>, body: Bytes) -> Res
                 } else {
                     frame(fake_text(i + 1), None, None, 0)
                 };
-                Some((f, i + 1))
+                Some((f, (i + 1, guard)))
             });
             Response::new(Body::from_stream(st))
         }
@@ -199,6 +220,7 @@ impl FakeWorker {
             last_body: Mutex::new(Value::Null),
             embed_batches: Mutex::new(Vec::new()),
             reranker: AtomicBool::new(false),
+            cancelled: AtomicUsize::new(0),
         });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -1352,6 +1374,15 @@ fn apiserver_routing_policies() {
         );
         // Dropping the client's stream cancels it; afterwards both share the load again.
         drop(first);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while held.shared.cancelled.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            held.shared.cancelled.load(Ordering::SeqCst),
+            1,
+            "the client's disconnect reached the worker"
+        );
         held.set_mode(quick.clone());
         tokio::time::sleep(Duration::from_millis(200)).await;
         for _ in 0..20 {
