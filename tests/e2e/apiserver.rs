@@ -1299,7 +1299,9 @@ fn apiserver_routing_policies() {
     let off = FakeWorker::start(&u, "rr", "llm", 0, quick.clone(), 1.0, false);
     let busy = FakeWorker::llm(&u, "lo", quick.clone());
     let idle = FakeWorker::llm(&u, "lo", quick.clone());
-    let rr_api = apiserver(&env, &u, &["--routing_policy", "round_robin"]);
+    // The first controller URL is dead: discovery fails over to the second at once.
+    let dead_first = format!("http://127.0.0.1:{},{u}", free_port());
+    let rr_api = apiserver(&env, &dead_first, &["--routing_policy", "round_robin"]);
     let lo_api = apiserver(&env, &u, &[]);
     let rnd_api = apiserver(&env, &u, &["--routing_policy", "random"]);
     rt().block_on(async {
