@@ -18,6 +18,7 @@
 //! - [`http`]: shared HTTP plumbing; [`cli`]: the `dbgpt` command line.
 
 pub mod admin;
+pub mod apiserver;
 pub mod cli;
 pub mod config;
 pub mod controller;

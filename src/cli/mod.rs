@@ -46,6 +46,8 @@ pub enum StartCommand {
     /// A model worker: hosts models (llama.cpp GGUF, local embeddings, OpenAI-compatible
     /// proxies) and registers them with the controller.
     Worker(Box<WorkerArgs>),
+    /// The OpenAI-compatible API server in front of the workers the controller knows.
+    Apiserver(crate::config::ApiserverArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,6 +104,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Start(StartCommand::Controller(args)) => start_controller(args),
         Command::Start(StartCommand::Worker(args)) => start_worker(*args),
+        Command::Start(StartCommand::Apiserver(args)) => start_apiserver(args),
         Command::Stop(s) => client_runtime().and_then(|rt| rt.block_on(ctl::stop_command(s))),
         Command::Ctl(c) => client_runtime().and_then(|rt| rt.block_on(ctl::run(c))),
         Command::Model(m) => client_runtime().and_then(|rt| rt.block_on(model::run(m))),
@@ -137,6 +140,18 @@ fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     };
     crate::telemetry::init(cfg.log_level.as_deref())?;
     runtime()?.block_on(crate::worker::service::run(cfg, readiness))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn start_apiserver(args: crate::config::ApiserverArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.resolve()?;
+    let readiness = if cfg.daemon {
+        daemon::daemonize("ModelAPIServer", &cfg.log_file)?
+    } else {
+        Readiness::foreground()
+    };
+    crate::telemetry::init(cfg.log_level.as_deref())?;
+    runtime()?.block_on(crate::apiserver::service::run(cfg, readiness))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,255 @@
+//! Load generator for the apiserver benchmark (not a test): drives OpenAI chat completions
+//! against several targets side by side and prints one table.
+//!
+//! A target is `label|base_url|pid,pid,…` — the base URL ends in `/v1` (or `/api/v1`) and the
+//! pids are the processes on that path whose CPU time is charged per request (read from
+//! `/proc/<pid>/stat`). Insert a middle hop (e.g. a proxy worker) by adding a target.
+//! For each target and concurrency: a non-stream phase (req/s, p50/p99 latency, CPU µs per
+//! request per pid) and a stream phase (time to first chunk p50/p99, full stream p50). Every
+//! phase is bounded by `--secs`.
+//!
+//! ```text
+//! cargo run --example bench_apiserver -- --model fake --secs 5 --concurrency 1,32,128 \
+//!   --target 'direct|http://127.0.0.1:9000/v1|1234' --target 'apiserver|http://127.0.0.1:8100/v1|5678,1234'
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::StreamExt;
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// `label|base_url|pid,pid` (repeatable).
+    #[arg(long = "target", required = true)]
+    targets: Vec<String>,
+    #[arg(long, default_value = "fake")]
+    model: String,
+    #[arg(long, value_delimiter = ',', default_value = "1,32,128")]
+    concurrency: Vec<usize>,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Bearer key to send.
+    #[arg(long)]
+    api_key: Option<String>,
+}
+
+struct Target {
+    label: String,
+    url: String,
+    pids: Vec<u32>,
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After "pid (comm) ", field 3 is index 0: utime is field 14, stime 15.
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz.max(1.0)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+struct Phase {
+    ok: usize,
+    errors: usize,
+    elapsed: f64,
+    /// Latency (non-stream) or full-stream time, ms.
+    lat: Vec<f64>,
+    /// Time to first content chunk, ms (stream only).
+    ttfc: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+async fn phase(c: &reqwest::Client, t: &Target, args: &Args, conc: usize, stream: bool) -> Phase {
+    let body = Arc::new(
+        serde_json::to_vec(&json!({
+            "model": args.model, "stream": stream, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Say something."}]
+        }))
+        .unwrap(),
+    );
+    let cpu0: Vec<f64> = t.pids.iter().map(|&p| cpu_secs(p)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.secs);
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (c, body, url, stop) = (c.clone(), body.clone(), t.url.clone(), stop.clone());
+        let key = args.api_key.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut errors, mut lat, mut ttfc) = (0, 0, Vec::new(), Vec::new());
+            while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                let mut r = c
+                    .post(format!("{url}/chat/completions"))
+                    .header("content-type", "application/json")
+                    .body(body.as_ref().clone())
+                    .timeout(Duration::from_secs(30));
+                if let Some(k) = &key {
+                    r = r.bearer_auth(k);
+                }
+                let resp = match r.send().await {
+                    Ok(r) if r.status().is_success() => r,
+                    _ => {
+                        errors += 1;
+                        continue;
+                    }
+                };
+                if stream {
+                    let mut s = resp.bytes_stream();
+                    let mut first = None;
+                    let mut good = false;
+                    let mut tail = Vec::new();
+                    while let Some(chunk) = s.next().await {
+                        let Ok(chunk) = chunk else { break };
+                        if first.is_none() && chunk.windows(9).any(|w| w == b"\"content\"") {
+                            first = Some(t0.elapsed());
+                        }
+                        tail.extend_from_slice(&chunk);
+                        if tail.len() > 64 {
+                            tail.drain(..tail.len() - 64);
+                        }
+                        if tail.ends_with(b"data: [DONE]\n\n") {
+                            good = true;
+                        }
+                    }
+                    if good {
+                        ok += 1;
+                        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                        ttfc.push(first.unwrap_or(t0.elapsed()).as_secs_f64() * 1e3);
+                    } else {
+                        errors += 1;
+                    }
+                } else if resp.bytes().await.is_ok() {
+                    ok += 1;
+                    lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                } else {
+                    errors += 1;
+                }
+            }
+            (ok, errors, lat, ttfc)
+        }));
+    }
+    let mut p = Phase {
+        ok: 0,
+        errors: 0,
+        elapsed: 0.0,
+        lat: Vec::new(),
+        ttfc: Vec::new(),
+        cpu: Vec::new(),
+    };
+    for task in tasks {
+        if let Ok((ok, e, l, f)) = task.await {
+            p.ok += ok;
+            p.errors += e;
+            p.lat.extend(l);
+            p.ttfc.extend(f);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    p.elapsed = started.elapsed().as_secs_f64();
+    p.cpu = t
+        .pids
+        .iter()
+        .zip(cpu0)
+        .map(|(&pid, c0)| (cpu_secs(pid) - c0) / p.ok.max(1) as f64 * 1e6)
+        .collect();
+    p
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let targets: Vec<Target> = args
+        .targets
+        .iter()
+        .map(|s| {
+            let mut parts = s.split('|');
+            let label = parts.next().unwrap_or_default().to_string();
+            let url = parts
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_string();
+            let pids = parts
+                .next()
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|p| p.trim().parse().ok())
+                .collect();
+            Target { label, url, pids }
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        dbgpt_cluster::http::ensure_tls_provider();
+        let c = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .build()?;
+        println!(
+            "| target | conc | req/s | p50 ms | p99 ms | stream req/s | TTFC p50 ms | TTFC p99 ms | stream p50 ms | CPU µs/req (per pid) | errors |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+        for &conc in &args.concurrency {
+            for t in &targets {
+                // Warm the connection pool.
+                let _ = phase(&c, t, &Args { secs: 0.3, ..clone_args(&args) }, conc.min(8), false).await;
+                let mut plain = phase(&c, t, &args, conc, false).await;
+                let mut st = phase(&c, t, &args, conc, true).await;
+                let cpu: Vec<String> = plain
+                    .cpu
+                    .iter()
+                    .zip(&t.pids)
+                    .map(|(c, p)| format!("{p}: {c:.0}"))
+                    .collect();
+                println!(
+                    "| {} | {} | {:.0} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} |",
+                    t.label,
+                    conc,
+                    plain.ok as f64 / plain.elapsed,
+                    pct(&mut plain.lat, 0.5),
+                    pct(&mut plain.lat, 0.99),
+                    st.ok as f64 / st.elapsed,
+                    pct(&mut st.ttfc, 0.5),
+                    pct(&mut st.ttfc, 0.99),
+                    pct(&mut st.lat, 0.5),
+                    cpu.join(", "),
+                    plain.errors + st.errors,
+                );
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn clone_args(a: &Args) -> Args {
+    Args {
+        targets: a.targets.clone(),
+        model: a.model.clone(),
+        concurrency: a.concurrency.clone(),
+        secs: a.secs,
+        api_key: a.api_key.clone(),
+    }
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): OpenAI chat completions straight to a fast fake upstream vs through
+# the apiserver, at several concurrencies, bounded in time. Prints a Markdown table.
+#
+#   scripts/bench-apiserver.sh                 # 5 s per phase, concurrency 1,32,128
+#   SECS=3 CONC=1,32 scripts/bench-apiserver.sh
+#
+# Build: our crate optimised (CARGO_PROFILE_DEV_OPT_LEVEL=3), dependencies reused from the
+# dev cache (they are already opt-level 3); never --release.
+#
+# Topology:   bench ──► fake_openai /v1                       ("direct")
+#             bench ──► apiserver ──► fake_openai worker API   ("apiserver")
+# To insert a middle hop (a proxy worker in front of the fake's /v1), start it and pass
+# extra targets in EXTRA_TARGETS, e.g.
+#   EXTRA_TARGETS="--target 'worker+apiserver|http://127.0.0.1:8100/v1|<api pid>,<worker pid>,<fake pid>'"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${SECS:-5}
+CONC=${CONC:-1,32,128}
+export CARGO_PROFILE_DEV_OPT_LEVEL=3
+cargo build -q --bin dbgpt --example fake_openai --example bench_apiserver
+TARGET=${CARGO_TARGET_DIR:-target}/debug
+BIN=$TARGET/dbgpt
+
+WORK=$(mktemp -d /tmp/dbgpt-bench.XXXXXX)
+export DBGPT_RUNTIME_DIR=$WORK/run DBGPT_LOG_DIR=$WORK/log DBGPT_STATE_DIR=$WORK/state
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "timeout waiting for $1" >&2; exit 1; }
+
+CTL=$(port); FAKE=$(port); API=$(port)
+$BIN start controller --host 127.0.0.1 --port "$CTL" --registry_path "$WORK/reg.redb" >"$WORK/ctl.log" 2>&1 & PIDS+=($!)
+wait_http "http://127.0.0.1:$CTL/api/health"
+"$TARGET/examples/fake_openai" --port "$FAKE" --tokens 16 --register "http://127.0.0.1:$CTL" --model fake >"$WORK/fake.log" 2>&1 & FAKE_PID=$!; PIDS+=($FAKE_PID)
+$BIN start apiserver --host 127.0.0.1 --port "$API" --controller_addr "http://127.0.0.1:$CTL" --log_level warn >"$WORK/api.log" 2>&1 & API_PID=$!; PIDS+=($API_PID)
+wait_http "http://127.0.0.1:$API/api/health"
+for _ in $(seq 100); do curl -s "http://127.0.0.1:$API/v1/models" | grep -q '"fake"' && break; sleep 0.1; done
+
+echo "# $(nproc) cores, ${SECS}s per phase, 16-token replies; CPU µs/req from /proc/<pid>/stat (non-stream phase)"
+echo "# pids: fake=$FAKE_PID apiserver=$API_PID"
+eval "$TARGET/examples/bench_apiserver" --model fake --secs "$SECS" --concurrency "$CONC" \
+  --target "'direct|http://127.0.0.1:$FAKE/v1|$FAKE_PID'" \
+  --target "'apiserver|http://127.0.0.1:$API/v1|$API_PID,$FAKE_PID'" \
+  "${EXTRA_TARGETS:-}"

@@ -1,0 +1,378 @@
+//! Discovery: the apiserver's in-memory view of worker instances, per `model@type`.
+//!
+//! One background loop asks the controller(s) for every instance (`healthy_only=false`, so a
+//! registered model whose instances are all down answers 503 rather than 404) on an interval,
+//! and at once when a request reports a failure; requests never wait for the controller.
+//! When every controller is down the last view keeps serving. Per-instance state (requests in
+//! flight, round-robin credit, the "suspect" mark after a failed call) lives in a map keyed
+//! by instance identity, so it survives refreshes. A suspect instance is avoided for
+//! [`SUSPECT_FOR`] unless nothing else is left; a refresh that shows an instance coming back
+//! (unhealthy or absent before, healthy now) clears the mark.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::controller::client::ControllerClient;
+use crate::types::{ModelInstance, split_worker_key};
+
+/// How long an instance that failed a call is avoided.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// Minimum gap between two failure-triggered refreshes.
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
+
+/// Worker types the apiserver routes to.
+pub const LLM: &str = "llm";
+pub const TEXT2VEC: &str = "text2vec";
+
+/// Mutable per-instance state that survives refreshes.
+#[derive(Debug, Default)]
+pub struct InstanceState {
+    /// Requests currently in flight on this instance.
+    pub outstanding: AtomicU64,
+    /// Requests sent to this instance since start.
+    pub served: AtomicU64,
+    /// Smooth weighted round-robin credit.
+    pub rr_current: AtomicI64,
+    /// Milliseconds (since discovery start) until which the instance is avoided; 0 = never.
+    suspect_until_ms: AtomicU64,
+}
+
+/// One worker instance as the apiserver sees it.
+#[derive(Debug)]
+pub struct Instance {
+    /// `host:port`, also the instance's identity within a model.
+    pub addr: String,
+    /// `http://host:port` (IPv6 hosts bracketed).
+    pub base_url: String,
+    pub weight: f64,
+    pub enabled: bool,
+    pub healthy: bool,
+    pub state: Arc<InstanceState>,
+}
+
+impl Instance {
+    /// Can the policy ever choose it?
+    pub fn routable(&self) -> bool {
+        self.healthy && self.enabled && self.weight > 0.0
+    }
+}
+
+/// Every instance of one `model@type`.
+#[derive(Debug, Default)]
+pub struct Group {
+    pub instances: Vec<Arc<Instance>>,
+    /// Serialises round-robin credit updates.
+    pub rr_lock: Mutex<()>,
+}
+
+/// A snapshot of the whole view.
+#[derive(Debug, Default)]
+pub struct View {
+    pub groups: HashMap<String, Arc<Group>>,
+}
+
+impl View {
+    /// Model names (without the type) of `worker_type` with at least one routable instance.
+    pub fn models(&self, worker_type: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.instances.iter().any(|i| i.routable()))
+            .filter_map(|(k, _)| {
+                let (name, ty) = split_worker_key(k)?;
+                (ty == worker_type).then(|| name.to_string())
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// What a look-up of `model@type` found.
+pub enum Lookup {
+    /// Never registered (or no longer listed).
+    Unknown,
+    /// Registered, but no instance can take requests.
+    NoneRoutable,
+    Found(Arc<Group>),
+}
+
+/// The discovery service.
+pub struct Discovery {
+    client: ControllerClient,
+    view: RwLock<Arc<View>>,
+    states: Mutex<HashMap<(String, String), Arc<InstanceState>>>,
+    wake: Notify,
+    epoch: Instant,
+    last_ok: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<String>>,
+    last_trigger: Mutex<Option<Instant>>,
+    refreshes: AtomicU64,
+}
+
+fn base_url(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("http://[{host}]:{port}")
+    } else {
+        format!("http://{host}:{port}")
+    }
+}
+
+impl Discovery {
+    pub fn new(client: ControllerClient) -> Self {
+        Discovery {
+            client,
+            view: RwLock::new(Arc::new(View::default())),
+            states: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            epoch: Instant::now(),
+            last_ok: Mutex::new(None),
+            last_error: Mutex::new(None),
+            last_trigger: Mutex::new(None),
+            refreshes: AtomicU64::new(0),
+        }
+    }
+
+    /// The controller URLs.
+    pub fn controllers(&self) -> String {
+        self.client.urls().join(",")
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The current snapshot.
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Looks up `key` (`model@type`).
+    pub fn lookup(&self, key: &str) -> Lookup {
+        let view = self.view();
+        match view.groups.get(key) {
+            None => Lookup::Unknown,
+            Some(g) if !g.instances.iter().any(|i| i.routable()) => Lookup::NoneRoutable,
+            Some(g) => Lookup::Found(g.clone()),
+        }
+    }
+
+    /// Is the instance currently marked suspect?
+    pub fn is_suspect(&self, i: &Instance) -> bool {
+        i.state.suspect_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// Marks an instance suspect after a failed call and asks for a refresh.
+    pub fn mark_suspect(&self, i: &Instance, reason: &str) {
+        let until = self.now_ms() + SUSPECT_FOR.as_millis() as u64;
+        i.state.suspect_until_ms.store(until, Ordering::Relaxed);
+        warn!(instance = %i.addr, %reason, "worker call failed; instance marked suspect");
+        self.request_refresh();
+    }
+
+    /// Asks the refresh loop to run now (coalesced, at most every 200 ms).
+    pub fn request_refresh(&self) {
+        let mut last = self.last_trigger.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_GAP) {
+            return;
+        }
+        *last = Some(Instant::now());
+        self.wake.notify_one();
+    }
+
+    /// Fetches the instance list once and swaps the view; on failure keeps the old view.
+    pub async fn refresh(&self) -> bool {
+        self.refreshes.fetch_add(1, Ordering::Relaxed);
+        match self.client.list(None, false).await {
+            Ok(list) => {
+                self.install(list);
+                *self.last_ok.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                let was = self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if was.is_some() {
+                    info!("controller reachable again; instance view refreshed");
+                }
+                true
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let mut le = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+                if le.as_deref() != Some(msg.as_str()) {
+                    warn!(error = %msg, "cannot refresh instances; serving from the last view");
+                }
+                *le = Some(msg);
+                false
+            }
+        }
+    }
+
+    /// Replaces the view with `list` (the controller's answer).
+    pub fn install(&self, list: Vec<ModelInstance>) {
+        let old = self.view();
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = std::collections::HashSet::new();
+        let mut groups: HashMap<String, Vec<Arc<Instance>>> = HashMap::new();
+        for m in list {
+            let Some((_, ty)) = split_worker_key(&m.model_name) else {
+                continue;
+            };
+            if ty != LLM && ty != TEXT2VEC {
+                continue;
+            }
+            let addr = format!("{}:{}", m.host, m.port);
+            let id = (m.model_name.clone(), addr.clone());
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let state = states.entry(id).or_default().clone();
+            let healthy = m.healthy.unwrap_or(false);
+            let was_healthy = old
+                .groups
+                .get(&m.model_name)
+                .and_then(|g| g.instances.iter().find(|i| i.addr == addr))
+                .is_some_and(|i| i.healthy);
+            if healthy && !was_healthy {
+                // Came back (or is new): forget an old failure.
+                state.suspect_until_ms.store(0, Ordering::Relaxed);
+            }
+            let weight = m.weight.unwrap_or(1.0);
+            groups
+                .entry(m.model_name.clone())
+                .or_default()
+                .push(Arc::new(Instance {
+                    base_url: base_url(&m.host, m.port),
+                    addr,
+                    weight: if weight.is_finite() {
+                        weight.max(0.0)
+                    } else {
+                        0.0
+                    },
+                    enabled: m.enabled.unwrap_or(true),
+                    healthy,
+                    state,
+                }));
+        }
+        states.retain(|k, _| seen.contains(k));
+        drop(states);
+        let groups = groups
+            .into_iter()
+            .map(|(k, mut instances)| {
+                instances.sort_by(|a, b| a.addr.cmp(&b.addr));
+                (
+                    k,
+                    Arc::new(Group {
+                        instances,
+                        rr_lock: Mutex::new(()),
+                    }),
+                )
+            })
+            .collect();
+        debug!("instance view refreshed");
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(View { groups });
+    }
+
+    /// Seconds since the last successful refresh, and the last error if the latest failed.
+    pub fn freshness(&self) -> (Option<Duration>, Option<String>) {
+        let ok = self
+            .last_ok
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed());
+        let err = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (ok, err)
+    }
+
+    /// Refreshes every `interval` and whenever [`Self::request_refresh`] is called, until
+    /// `shutdown`.
+    pub fn spawn_loop(
+        self: &Arc<Self>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = me.wake.notified() => {}
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = me.refresh() => {}
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(name: &str, port: u16, healthy: bool) -> ModelInstance {
+        ModelInstance {
+            model_name: name.into(),
+            host: "127.0.0.1".into(),
+            port,
+            weight: Some(1.0),
+            check_healthy: Some(true),
+            healthy: Some(healthy),
+            enabled: Some(true),
+            prompt_template: None,
+            last_heartbeat: None,
+        }
+    }
+
+    #[test]
+    fn view_groups_and_state_survives_refresh() {
+        let d = Discovery::new(
+            ControllerClient::new("http://127.0.0.1:1", Duration::from_secs(1)).unwrap(),
+        );
+        d.install(vec![
+            inst("a@llm", 1, true),
+            inst("a@llm", 2, true),
+            inst("e@text2vec", 3, true),
+            inst("WorkerManager@service", 4, true),
+            inst("down@llm", 5, false),
+        ]);
+        let v = d.view();
+        assert_eq!(v.models(LLM), ["a"]);
+        assert_eq!(v.models(TEXT2VEC), ["e"]);
+        assert!(matches!(d.lookup("down@llm"), Lookup::NoneRoutable));
+        assert!(matches!(d.lookup("zz@llm"), Lookup::Unknown));
+        let Lookup::Found(g) = d.lookup("a@llm") else {
+            panic!()
+        };
+        g.instances[0].state.outstanding.store(7, Ordering::Relaxed);
+        d.mark_suspect(&g.instances[1], "test");
+        assert!(d.is_suspect(&g.instances[1]));
+        // Still healthy in the next list: state and suspect mark survive.
+        d.install(vec![inst("a@llm", 1, true), inst("a@llm", 2, true)]);
+        let Lookup::Found(g) = d.lookup("a@llm") else {
+            panic!()
+        };
+        assert_eq!(g.instances[0].state.outstanding.load(Ordering::Relaxed), 7);
+        assert!(d.is_suspect(&g.instances[1]));
+        // Goes away, then comes back: the mark is cleared.
+        d.install(vec![inst("a@llm", 1, true), inst("a@llm", 2, false)]);
+        d.install(vec![inst("a@llm", 1, true), inst("a@llm", 2, true)]);
+        let Lookup::Found(g) = d.lookup("a@llm") else {
+            panic!()
+        };
+        assert!(!d.is_suspect(&g.instances[1]));
+    }
+}

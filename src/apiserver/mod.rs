@@ -1,0 +1,680 @@
+//! The OpenAI-compatible API server: routes, auth, CORS and the OpenAI response shapes.
+//!
+//! Routes (under both `/api/v1` and `/v1`): `GET models`, `POST chat/completions` (plain and
+//! SSE), `POST completions`, `POST embeddings`, `POST beta/relevance`; plus an open
+//! `GET /api/health`. Requests are validated ([`openai`]), routed to a worker instance from
+//! the cached controller view ([`discovery`], [`policy`]) and relayed ([`proxy`]); worker
+//! frames carry cumulative text, which is turned into OpenAI deltas here. Streams send the
+//! role first, one chunk with `finish_reason` per choice, an optional usage chunk, then
+//! `data: [DONE]`; a worker failure mid-stream ends the stream with an OpenAI error event.
+//! The stream is produced by a task that stops (dropping the worker connection) as soon as
+//! the client goes away. [`service`] wires the process.
+
+pub mod discovery;
+pub mod openai;
+pub mod policy;
+pub mod proxy;
+pub mod service;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use self::openai::{CompletionRequest, OpenAiError, Usage};
+use self::proxy::{Frame, FrameStream, Upstream};
+use crate::http::json_response;
+
+/// Largest request body accepted (embedding batches can be large).
+pub const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// Shared state of the handlers.
+pub struct AppState {
+    pub upstream: Upstream,
+    pub api_keys: Vec<String>,
+    pub embedding_batch_size: usize,
+    pub in_flight: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+type Shared = Arc<AppState>;
+
+/// The apiserver's router (without CORS; see [`service`]).
+pub fn router(state: Shared) -> Router {
+    let v1 = Router::new()
+        .route("/models", get(models))
+        .route("/chat/completions", post(chat))
+        .route("/completions", post(completions))
+        .route("/embeddings", post(embeddings))
+        .route("/beta/relevance", post(relevance));
+    let api = Router::new()
+        .nest("/api/v1", v1.clone())
+        .nest("/v1", v1)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/api/health", get(health))
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(crate::http::trace_requests))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "unknown_url",
+        format!("Unknown request URL: {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!(
+            "Method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+}
+
+async fn health() -> Response {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+/// Constant-time comparison (keys must not leak through timing).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Bearer-key check; open when no keys are configured. Keys are never logged.
+async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    if s.api_keys.is_empty() || req.method() == Method::OPTIONS {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let token = match given {
+        None => {
+            return OpenAiError::unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+            )
+            .into_response();
+        }
+        Some(h) => match h.split_once(' ') {
+            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
+            _ => {
+                return OpenAiError::unauthorized(
+                    "Malformed Authorization header; expected 'Bearer <key>'.",
+                )
+                .into_response();
+            }
+        },
+    };
+    let mut ok = false;
+    for k in &s.api_keys {
+        ok |= same(k.as_bytes(), token.as_bytes());
+    }
+    if !ok {
+        return OpenAiError::unauthorized("Incorrect API key provided.").into_response();
+    }
+    next.run(req).await
+}
+
+/// Reads the body (413 beyond [`MAX_BODY_BYTES`]).
+async fn read_body(req: Request) -> Result<Bytes, OpenAiError> {
+    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            OpenAiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                format!("The request body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        })
+}
+
+/// Counts a request in flight for the admin status.
+struct Busy(Shared);
+
+impl Busy {
+    fn new(s: &Shared) -> Self {
+        s.in_flight.fetch_add(1, Ordering::Relaxed);
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        Busy(s.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn models(State(s): State<Shared>) -> Response {
+    let view = s.upstream.discovery.view();
+    let mut names = view.models(discovery::LLM);
+    names.extend(view.models(discovery::TEXT2VEC));
+    names.sort();
+    names.dedup();
+    let now = openai::unix_now();
+    let data: Vec<Value> = names.iter().map(|m| openai::model_card(m, now)).collect();
+    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+/// Which OpenAI API a completion request came through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+impl Kind {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Chat => "chatcmpl-",
+            Kind::Text => "cmpl-",
+        }
+    }
+}
+
+async fn chat(State(s): State<Shared>, req: Request) -> Response {
+    let _busy = Busy::new(&s);
+    match read_body(req).await.and_then(|b| openai::parse_chat(&b)) {
+        Ok(r) => run_completion(s.clone(), Kind::Chat, r, _busy).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(State(s): State<Shared>, req: Request) -> Response {
+    let _busy = Busy::new(&s);
+    match read_body(req)
+        .await
+        .and_then(|b| openai::parse_completion(&b))
+    {
+        Ok(r) => run_completion(s.clone(), Kind::Text, r, _busy).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Strips a trailing replacement character (a split multi-byte sequence still in flight).
+fn settled(text: &str) -> &str {
+    text.trim_end_matches('\u{fffd}')
+}
+
+/// The part of `text` (cumulative) not yet sent; `sent` is what was sent so far.
+fn delta(sent: &mut String, text: &str) -> String {
+    let text = settled(text);
+    if !text.starts_with(sent.as_str()) && text.len() < sent.len() {
+        // The worker rewrote (shortened) earlier text: nothing can be taken back; wait.
+        return String::new();
+    }
+    let mut start = sent.len().min(text.len());
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let d = text[start..].to_string();
+    sent.clear();
+    sent.push_str(text);
+    d
+}
+
+/// Per-choice bookkeeping while streaming.
+struct Choice {
+    index: usize,
+    /// Whether this choice is the first of its prompt (prompt tokens are counted once).
+    first_of_prompt: bool,
+    echo: Option<String>,
+    sent: String,
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+}
+
+impl Choice {
+    fn apply(&mut self, f: &Frame) -> String {
+        let d = delta(&mut self.sent, &f.text);
+        if let Some(r) = &f.finish_reason {
+            self.finish_reason = Some(r.clone());
+        }
+        if f.usage.is_some() {
+            self.usage = f.usage;
+        }
+        match self.echo.take() {
+            Some(p) => p + &d,
+            None => d,
+        }
+    }
+}
+
+fn total_usage(choices: &[Choice]) -> Usage {
+    let mut u = Usage::default();
+    for c in choices {
+        if let Some(cu) = c.usage {
+            if c.first_of_prompt {
+                u.prompt_tokens += cu.prompt_tokens;
+            }
+            u.completion_tokens += cu.completion_tokens;
+        }
+    }
+    u
+}
+
+/// Chunk/response envelope fields shared by every message of one request.
+struct Envelope {
+    kind: Kind,
+    id: String,
+    created: i64,
+    model: String,
+    include_usage: bool,
+}
+
+#[derive(serde::Serialize)]
+struct ChunkOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: &'a [ChoiceOut<'a>],
+    /// `Some(None)` renders `"usage": null` (include_usage streams), `None` omits it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<&'a Value>>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum ChoiceOut<'a> {
+    Chat {
+        index: usize,
+        delta: DeltaOut<'a>,
+        logprobs: Option<()>,
+        finish_reason: Option<&'a str>,
+    },
+    Text {
+        index: usize,
+        text: &'a str,
+        logprobs: Option<()>,
+        finish_reason: Option<&'a str>,
+    },
+}
+
+#[derive(serde::Serialize)]
+struct DeltaOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+impl Envelope {
+    fn chunk(
+        &self,
+        index: usize,
+        content: Option<&str>,
+        role: bool,
+        finish: Option<&str>,
+    ) -> Bytes {
+        let choice = match self.kind {
+            Kind::Chat => ChoiceOut::Chat {
+                index,
+                delta: DeltaOut {
+                    role: role.then_some("assistant"),
+                    content,
+                },
+                logprobs: None,
+                finish_reason: finish,
+            },
+            Kind::Text => ChoiceOut::Text {
+                index,
+                text: content.unwrap_or(""),
+                logprobs: None,
+                finish_reason: finish,
+            },
+        };
+        self.event(std::slice::from_ref(&choice), None)
+    }
+
+    fn event(&self, choices: &[ChoiceOut], usage: Option<&Value>) -> Bytes {
+        let c = ChunkOut {
+            id: &self.id,
+            object: match self.kind {
+                Kind::Chat => "chat.completion.chunk",
+                Kind::Text => "text_completion",
+            },
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage: self.include_usage.then_some(usage),
+        };
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"data: ");
+        let _ = serde_json::to_writer(&mut out, &c);
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+}
+
+fn sse(v: &Value) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"data: ");
+    let _ = serde_json::to_writer(&mut out, v);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy) -> Response {
+    // Validate the model before anything else (404/503 with the right message).
+    if let Err(e) = s.upstream.group(&r.model, discovery::LLM) {
+        return e.into_response();
+    }
+    let env = Envelope {
+        kind,
+        id: openai::new_id(kind.id_prefix()),
+        created: openai::unix_now(),
+        model: r.model.clone(),
+        include_usage: r.include_usage,
+    };
+    let mut bodies = Vec::new();
+    let mut choices = Vec::new();
+    for (p, msgs) in r.prompts.iter().enumerate() {
+        let body = openai::worker_prompt(&r.model, msgs, &r.sampling);
+        for j in 0..r.n {
+            bodies.push(body.clone());
+            choices.push(Choice {
+                index: p * r.n + j,
+                first_of_prompt: j == 0,
+                echo: (kind == Kind::Text && r.echo).then(|| msgs[0].1.clone()),
+                sent: String::new(),
+                finish_reason: None,
+                usage: None,
+            });
+        }
+    }
+    if !r.stream {
+        let results =
+            futures::future::join_all(bodies.iter().map(|b| s.upstream.generate(&r.model, b)))
+                .await;
+        let mut out = Vec::with_capacity(choices.len());
+        for (c, res) in choices.iter_mut().zip(results) {
+            let f = match res {
+                Ok(f) => f,
+                Err(e) => return e.into_response(),
+            };
+            if f.error_code != 0 {
+                return OpenAiError::bad_gateway(format!("the worker failed: {}", f.text))
+                    .into_response();
+            }
+            let text = c.apply(&f);
+            let finish = c.finish_reason.clone().unwrap_or_else(|| "stop".into());
+            out.push(match kind {
+                Kind::Chat => json!({"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}),
+                Kind::Text => json!({"index": c.index, "text": text, "logprobs": null, "finish_reason": finish}),
+            });
+        }
+        let usage = total_usage(&choices);
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "id": env.id,
+                "object": match kind { Kind::Chat => "chat.completion", Kind::Text => "text_completion" },
+                "created": env.created,
+                "model": env.model,
+                "choices": out,
+                "usage": usage.to_json(),
+            }),
+        );
+    }
+    // Streaming: every choice's worker stream must deliver its first frame before we commit
+    // to a 200, so failures up to there are retried or answered with a proper status.
+    let opened =
+        futures::future::join_all(bodies.iter().map(|b| s.upstream.open_stream(&r.model, b))).await;
+    let mut streams = Vec::with_capacity(opened.len());
+    for o in opened {
+        match o {
+            // An error before any output is still an HTTP error, not a 200 stream.
+            Ok((f, _)) if f.error_code != 0 => {
+                return OpenAiError::bad_gateway(format!("the worker failed: {}", f.text))
+                    .into_response();
+            }
+            Ok(v) => streams.push(v),
+            Err(e) => return e.into_response(),
+        }
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let _busy = busy;
+        tokio::select! {
+            _ = pump(&env, choices, streams, &tx) => {}
+            _ = tx.closed() => debug!("client went away; cancelling the worker stream"),
+        }
+    });
+    let body = Body::from_stream(tokio_stream_from(rx).map(Ok::<Bytes, std::convert::Infallible>));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// An mpsc receiver as a stream.
+fn tokio_stream_from(mut rx: mpsc::Receiver<Bytes>) -> impl futures::Stream<Item = Bytes> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Relays the worker streams of every choice as OpenAI chunks.
+async fn pump(
+    env: &Envelope,
+    mut choices: Vec<Choice>,
+    streams: Vec<(Frame, FrameStream)>,
+    tx: &mpsc::Sender<Bytes>,
+) {
+    let send = |b: Bytes| async move { tx.send(b).await.is_ok() };
+    if env.kind == Kind::Chat {
+        for c in &choices {
+            if !send(env.chunk(c.index, Some(""), true, None)).await {
+                return;
+            }
+        }
+    }
+    let mut merged =
+        futures::stream::select_all(streams.into_iter().enumerate().map(|(slot, (first, fs))| {
+            let first = futures::stream::once(async move { Some(Ok(first)) });
+            let rest = futures::stream::unfold(fs, |mut fs| async move {
+                let item = fs.next().await;
+                item.map(|i| (Some(i), fs))
+            });
+            first
+                .chain(rest)
+                .chain(futures::stream::once(async { None }))
+                .map(move |i| (slot, i))
+                .boxed()
+        }));
+    while let Some((slot, item)) = merged.next().await {
+        let c = &mut choices[slot];
+        match item {
+            Some(Ok(f)) if f.error_code == 0 => {
+                let d = c.apply(&f);
+                if !d.is_empty() && !send(env.chunk(c.index, Some(&d), false, None)).await {
+                    return;
+                }
+            }
+            Some(Ok(f)) => {
+                let e = OpenAiError::bad_gateway(format!("the worker failed: {}", f.text));
+                let _ = send(sse(&e.body())).await;
+                return;
+            }
+            Some(Err(msg)) => {
+                let e = OpenAiError::bad_gateway(format!("the worker stream broke: {msg}"));
+                let _ = send(sse(&e.body())).await;
+                return;
+            }
+            None => {
+                let finish = c.finish_reason.clone().unwrap_or_else(|| "stop".into());
+                let chunk = match env.kind {
+                    Kind::Chat => env.chunk(c.index, None, false, Some(&finish)),
+                    Kind::Text => env.chunk(c.index, Some(""), false, Some(&finish)),
+                };
+                if !send(chunk).await {
+                    return;
+                }
+            }
+        }
+    }
+    if env.include_usage {
+        let u = total_usage(&choices);
+        if !send(env.event(&[], Some(&u.to_json()))).await {
+            return;
+        }
+    }
+    let _ = send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+}
+
+async fn embeddings(State(s): State<Shared>, req: Request) -> Response {
+    let _busy = Busy::new(&s);
+    let r = match read_body(req)
+        .await
+        .and_then(|b| openai::parse_embeddings(&b))
+    {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = s.upstream.group(&r.model, discovery::TEXT2VEC) {
+        return e.into_response();
+    }
+    let batches: Vec<&[String]> = r.input.chunks(s.embedding_batch_size).collect();
+    let results = futures::future::join_all(
+        batches
+            .iter()
+            .map(|b| s.upstream.embeddings(&r.model, b, None)),
+    )
+    .await;
+    let mut data = Vec::with_capacity(r.input.len());
+    for (b, res) in batches.iter().zip(results) {
+        let vecs = match res {
+            Ok(v) => v,
+            Err(e) => return e.into_response(),
+        };
+        if vecs.len() != b.len() {
+            return OpenAiError::bad_gateway(format!(
+                "the worker returned {} embeddings for {} inputs",
+                vecs.len(),
+                b.len()
+            ))
+            .into_response();
+        }
+        for v in vecs {
+            let index = data.len();
+            let embedding = if r.base64 {
+                Value::String(openai::base64_f32(&v))
+            } else {
+                json!(v)
+            };
+            data.push(json!({"object": "embedding", "embedding": embedding, "index": index}));
+        }
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "data": data,
+            "model": r.model,
+            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+        }),
+    )
+}
+
+async fn relevance(State(s): State<Shared>, req: Request) -> Response {
+    let _busy = Busy::new(&s);
+    let r = match read_body(req)
+        .await
+        .and_then(|b| openai::parse_relevance(&b))
+    {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = s.upstream.group(&r.model, discovery::TEXT2VEC) {
+        return e.into_response();
+    }
+    let scores = if r.documents.is_empty() {
+        Vec::new()
+    } else {
+        match s
+            .upstream
+            .embeddings(&r.model, &r.documents, Some(&r.query))
+            .await
+        {
+            // A reranker answers one list of scores, one per document.
+            Ok(mut v) if v.len() == 1 && v[0].len() == r.documents.len() => v.remove(0),
+            Ok(_) => {
+                return OpenAiError::invalid(
+                    "model",
+                    "model_not_reranker",
+                    format!(
+                        "model `{}` is not a reranker (it answered with embeddings, not one score per document); start a text2vec worker with a rerank model",
+                        r.model
+                    ),
+                )
+                .into_response();
+            }
+            Err(e) => return e.into_response(),
+        }
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "model": r.model,
+            "data": scores,
+            "usage": {"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0},
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deltas_from_cumulative_text() {
+        let mut sent = String::new();
+        assert_eq!(delta(&mut sent, "Hel"), "Hel");
+        assert_eq!(delta(&mut sent, "Hello"), "lo");
+        assert_eq!(delta(&mut sent, "Hello"), "");
+        // A half-decoded character is held back until it settles.
+        assert_eq!(delta(&mut sent, "Hello \u{fffd}"), " ");
+        assert_eq!(delta(&mut sent, "Hello é!"), "é!");
+        // A rewrite of earlier text never re-sends or panics.
+        assert_eq!(delta(&mut sent, "Help"), "");
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+    }
+}

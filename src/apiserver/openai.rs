@@ -1,0 +1,891 @@
+//! OpenAI wire types of the apiserver: request validation, error bodies and response shapes.
+//!
+//! Requests are parsed from raw JSON by hand (not derived) so that every rejection names the
+//! offending field in OpenAI's error shape `{"error":{"message","type","param","code"}}`;
+//! unknown fields are ignored like OpenAI does. Where DB-GPT's apiserver deviates from
+//! OpenAI (no `object`/`created` in chunks, `temperature: 0` dropped, HTTP 400 for every
+//! error) we follow OpenAI. Conversion to the worker's PromptRequest also lives here: roles
+//! are mapped to DB-GPT's `system`/`human`/`ai`, which both DB-GPT's Python workers and ours
+//! understand.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+/// An error answered in OpenAI's shape.
+#[derive(Debug, Clone)]
+pub struct OpenAiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl OpenAiError {
+    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, msg: String) -> Self {
+        OpenAiError {
+            status,
+            message: msg,
+            kind,
+            param: None,
+            code: Some(code),
+        }
+    }
+
+    /// 400 naming the offending request field.
+    pub fn invalid(param: &str, code: &'static str, msg: impl Into<String>) -> Self {
+        OpenAiError {
+            status: StatusCode::BAD_REQUEST,
+            message: msg.into(),
+            kind: "invalid_request_error",
+            param: Some(param.to_string()),
+            code: Some(code),
+        }
+    }
+
+    pub fn unauthorized(msg: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            msg.to_string(),
+        )
+    }
+
+    pub fn model_not_found(model: &str, available: &[String]) -> Self {
+        let list = if available.is_empty() {
+            "no models are available right now".to_string()
+        } else {
+            format!("available models: {}", available.join(", "))
+        };
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model `{model}` does not exist; {list}"),
+        );
+        e.param = Some("model".into());
+        e
+    }
+
+    pub fn unavailable(msg: String) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "no_healthy_instance",
+            msg,
+        )
+    }
+
+    pub fn bad_gateway(msg: String) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "upstream_error",
+            msg,
+        )
+    }
+
+    pub fn gateway_timeout(msg: String) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            "upstream_timeout",
+            msg,
+        )
+    }
+
+    /// The JSON body `{"error":{…}}`.
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        crate::http::json_response(self.status, &self.body())
+    }
+}
+
+/// Parses a request body as a JSON object.
+pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, OpenAiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(OpenAiError::invalid(
+            "body",
+            "invalid_json",
+            "The request body is empty; send a JSON object",
+        ));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(OpenAiError::invalid(
+            "body",
+            "invalid_json",
+            "The request body must be a JSON object",
+        )),
+        Err(e) => Err(OpenAiError::invalid(
+            "body",
+            "invalid_json",
+            format!("The request body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(field: &str, want: &str, got: &Value) -> OpenAiError {
+    OpenAiError::invalid(
+        field,
+        "invalid_type",
+        format!("'{field}' must be {want}, got {}", type_name(got)),
+    )
+}
+
+/// Field accessors that treat `null` as absent.
+struct Obj<'a>(&'a Map<String, Value>);
+
+impl<'a> Obj<'a> {
+    fn get(&self, k: &str) -> Option<&'a Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+
+    fn model(&self) -> Result<String, OpenAiError> {
+        match self.get("model") {
+            None => Err(OpenAiError::invalid(
+                "model",
+                "missing_required_parameter",
+                "Missing required parameter: 'model'",
+            )),
+            Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+            Some(Value::String(_)) => Err(OpenAiError::invalid(
+                "model",
+                "invalid_value",
+                "'model' must not be empty",
+            )),
+            Some(v) => Err(wrong_type("model", "a string", v)),
+        }
+    }
+
+    fn bool(&self, k: &str) -> Result<Option<bool>, OpenAiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(wrong_type(k, "a boolean", v)),
+        }
+    }
+
+    fn float(&self, k: &str, lo: f64, hi: f64) -> Result<Option<f64>, OpenAiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::Number(n)) => {
+                let x = n.as_f64().unwrap_or(f64::NAN);
+                if !(lo..=hi).contains(&x) {
+                    return Err(OpenAiError::invalid(
+                        k,
+                        "invalid_value",
+                        format!("'{k}' must be between {lo} and {hi}, got {x}"),
+                    ));
+                }
+                Ok(Some(x))
+            }
+            Some(v) => Err(wrong_type(k, "a number", v)),
+        }
+    }
+
+    fn int(&self, k: &str, lo: i64, hi: i64) -> Result<Option<i64>, OpenAiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::Number(n)) => {
+                let Some(x) = n
+                    .as_i64()
+                    .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+                else {
+                    return Err(wrong_type(k, "an integer", &Value::Number(n.clone())));
+                };
+                if !(lo..=hi).contains(&x) {
+                    return Err(OpenAiError::invalid(
+                        k,
+                        "invalid_value",
+                        format!("'{k}' must be between {lo} and {hi}, got {x}"),
+                    ));
+                }
+                Ok(Some(x))
+            }
+            Some(v) => Err(wrong_type(k, "an integer", v)),
+        }
+    }
+}
+
+/// Sampling options shared by chat and text completions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampling {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub max_tokens: Option<i64>,
+    /// A string or a list of strings, as sent.
+    pub stop: Option<Value>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+}
+
+/// A validated chat or text completion request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRequest {
+    pub model: String,
+    /// DB-GPT-role messages (`system`/`human`/`ai`), one list per prompt.
+    pub prompts: Vec<Vec<(String, String)>>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Text completions only: prepend the prompt to the output.
+    pub echo: bool,
+    pub sampling: Sampling,
+}
+
+fn sampling(o: &Obj) -> Result<Sampling, OpenAiError> {
+    let max_tokens = match o.int("max_completion_tokens", 1, 1 << 24)? {
+        Some(m) => Some(m),
+        None => o.int("max_tokens", 1, 1 << 24)?,
+    };
+    let top_k = o.int("top_k", -1, 1 << 20)?;
+    if top_k == Some(0) {
+        return Err(OpenAiError::invalid(
+            "top_k",
+            "invalid_value",
+            "'top_k' must be -1 (disabled) or at least 1",
+        ));
+    }
+    let stop = match o.get("stop") {
+        None => None,
+        Some(Value::String(s)) => Some(Value::String(s.clone())),
+        Some(Value::Array(a)) => {
+            if a.len() > 16 {
+                return Err(OpenAiError::invalid(
+                    "stop",
+                    "invalid_value",
+                    "'stop' may hold at most 16 sequences",
+                ));
+            }
+            for (i, s) in a.iter().enumerate() {
+                match s {
+                    Value::String(s) if !s.is_empty() => {}
+                    _ => {
+                        return Err(OpenAiError::invalid(
+                            "stop",
+                            "invalid_value",
+                            format!("'stop[{i}]' must be a non-empty string"),
+                        ));
+                    }
+                }
+            }
+            if a.is_empty() {
+                None
+            } else {
+                Some(Value::Array(a.clone()))
+            }
+        }
+        Some(v) => return Err(wrong_type("stop", "a string or a list of strings", v)),
+    };
+    Ok(Sampling {
+        temperature: o.float("temperature", 0.0, 2.0)?,
+        top_p: o.float("top_p", 0.0, 1.0)?,
+        top_k,
+        max_tokens,
+        stop,
+        seed: o.int("seed", i64::MIN, i64::MAX)?,
+        presence_penalty: o.float("presence_penalty", -2.0, 2.0)?,
+        frequency_penalty: o.float("frequency_penalty", -2.0, 2.0)?,
+    })
+}
+
+fn common(o: &Obj) -> Result<(usize, bool, bool), OpenAiError> {
+    let n = o.int("n", 1, 128)?.unwrap_or(1) as usize;
+    let stream = o.bool("stream")?.unwrap_or(false);
+    let include_usage = match o.get("stream_options") {
+        None => false,
+        Some(Value::Object(so)) => {
+            if !stream {
+                return Err(OpenAiError::invalid(
+                    "stream_options",
+                    "invalid_value",
+                    "'stream_options' is only allowed when 'stream' is true",
+                ));
+            }
+            match so.get("include_usage") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => return Err(wrong_type("stream_options.include_usage", "a boolean", v)),
+            }
+        }
+        Some(v) => return Err(wrong_type("stream_options", "an object", v)),
+    };
+    for unsupported in ["tools", "functions", "tool_choice", "function_call"] {
+        if o.get(unsupported).is_some() {
+            return Err(OpenAiError::invalid(
+                unsupported,
+                "unsupported_parameter",
+                format!("'{unsupported}' is not supported by this server"),
+            ));
+        }
+    }
+    if o.bool("logprobs")? == Some(true) {
+        return Err(OpenAiError::invalid(
+            "logprobs",
+            "unsupported_parameter",
+            "'logprobs' is not supported by this server",
+        ));
+    }
+    Ok((n, stream, include_usage))
+}
+
+/// Maps an OpenAI (or DB-GPT) role to the DB-GPT role workers understand.
+pub fn map_role(role: &str) -> Option<&'static str> {
+    match role {
+        "system" | "developer" => Some("system"),
+        "user" | "human" => Some("human"),
+        "assistant" | "ai" => Some("ai"),
+        _ => None,
+    }
+}
+
+fn message_content(i: usize, v: Option<&Value>) -> Result<String, OpenAiError> {
+    let field = format!("messages[{i}].content");
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut out = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(t)) => out.push_str(t),
+                    (Some(other), _) if other != "text" => {
+                        return Err(OpenAiError::invalid(
+                            &format!("{field}[{j}].type"),
+                            "unsupported_parameter",
+                            format!(
+                                "content parts of type '{other}' are not supported; only 'text'"
+                            ),
+                        ));
+                    }
+                    _ => {
+                        return Err(OpenAiError::invalid(
+                            &format!("{field}[{j}]"),
+                            "invalid_value",
+                            "a content part must be {\"type\":\"text\",\"text\":<string>}",
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Some(v) => Err(wrong_type(&field, "a string or a list of content parts", v)),
+    }
+}
+
+/// Validates `POST /v1/chat/completions`.
+pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
+    let m = parse_body(body)?;
+    let o = Obj(&m);
+    let model = o.model()?;
+    let messages = match o.get("messages") {
+        None => {
+            return Err(OpenAiError::invalid(
+                "messages",
+                "missing_required_parameter",
+                "Missing required parameter: 'messages'",
+            ));
+        }
+        // DB-GPT accepts a bare string as one user message.
+        Some(Value::String(s)) => vec![("human".to_string(), s.clone())],
+        Some(Value::Array(a)) => {
+            if a.is_empty() {
+                return Err(OpenAiError::invalid(
+                    "messages",
+                    "invalid_value",
+                    "'messages' must contain at least one message",
+                ));
+            }
+            let mut out = Vec::with_capacity(a.len());
+            for (i, msg) in a.iter().enumerate() {
+                let Value::Object(mo) = msg else {
+                    return Err(wrong_type(&format!("messages[{i}]"), "an object", msg));
+                };
+                let role = match mo.get("role") {
+                    Some(Value::String(r)) => r.as_str(),
+                    None | Some(Value::Null) => {
+                        return Err(OpenAiError::invalid(
+                            &format!("messages[{i}].role"),
+                            "missing_required_parameter",
+                            format!("Missing required parameter: 'messages[{i}].role'"),
+                        ));
+                    }
+                    Some(v) => {
+                        return Err(wrong_type(&format!("messages[{i}].role"), "a string", v));
+                    }
+                };
+                let Some(mapped) = map_role(role) else {
+                    return Err(OpenAiError::invalid(
+                        &format!("messages[{i}].role"),
+                        "invalid_value",
+                        format!(
+                            "unsupported role '{role}'; use 'system', 'developer', 'user' or 'assistant'"
+                        ),
+                    ));
+                };
+                out.push((mapped.to_string(), message_content(i, mo.get("content"))?));
+            }
+            out
+        }
+        Some(v) => return Err(wrong_type("messages", "a list of messages", v)),
+    };
+    let (n, stream, include_usage) = common(&o)?;
+    Ok(CompletionRequest {
+        model,
+        prompts: vec![messages],
+        n,
+        stream,
+        include_usage,
+        echo: false,
+        sampling: sampling(&o)?,
+    })
+}
+
+/// Validates `POST /v1/completions` (legacy text completions).
+pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
+    let m = parse_body(body)?;
+    let o = Obj(&m);
+    let model = o.model()?;
+    let prompts: Vec<String> = match o.get("prompt") {
+        None => {
+            return Err(OpenAiError::invalid(
+                "prompt",
+                "missing_required_parameter",
+                "Missing required parameter: 'prompt'",
+            ));
+        }
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => a
+            .iter()
+            .map(|s| s.as_str().unwrap_or_default().to_string())
+            .collect(),
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(OpenAiError::invalid(
+                "prompt",
+                "invalid_value",
+                "'prompt' must not be an empty list",
+            ));
+        }
+        Some(v) => {
+            return Err(wrong_type(
+                "prompt",
+                "a string or a list of strings (token arrays are not supported)",
+                v,
+            ));
+        }
+    };
+    if prompts.len() > 128 {
+        return Err(OpenAiError::invalid(
+            "prompt",
+            "invalid_value",
+            "'prompt' may hold at most 128 prompts",
+        ));
+    }
+    let (n, stream, include_usage) = common(&o)?;
+    if prompts.len() * n > 128 {
+        return Err(OpenAiError::invalid(
+            "n",
+            "invalid_value",
+            "prompts × n must be at most 128",
+        ));
+    }
+    Ok(CompletionRequest {
+        model,
+        prompts: prompts
+            .into_iter()
+            .map(|p| vec![("human".to_string(), p)])
+            .collect(),
+        n,
+        stream,
+        include_usage,
+        echo: o.bool("echo")?.unwrap_or(false),
+        sampling: sampling(&o)?,
+    })
+}
+
+/// A DB-GPT message as sent to workers.
+#[derive(serde::Serialize)]
+struct WorkerMessage<'a> {
+    role: &'a str,
+    content: &'a str,
+    round_index: u32,
+}
+
+/// DB-GPT's PromptRequest, with only the options that were set.
+#[derive(serde::Serialize)]
+struct WorkerPrompt<'a> {
+    model: &'a str,
+    messages: Vec<WorkerMessage<'a>>,
+    echo: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_new_tokens: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+}
+
+/// The PromptRequest body a worker gets for one prompt. Only options that were set are sent,
+/// and `temperature: 0` is sent as 0 (DB-GPT's apiserver drops falsy values).
+pub fn worker_prompt(model: &str, messages: &[(String, String)], s: &Sampling) -> bytes::Bytes {
+    // DB-GPT 0.5.x workers take `stop` as a string only: send a one-element list as a string.
+    let stop = s.stop.as_ref().map(|v| match v {
+        Value::Array(a) if a.len() == 1 => &a[0],
+        v => v,
+    });
+    let p = WorkerPrompt {
+        model,
+        messages: messages
+            .iter()
+            .map(|(r, c)| WorkerMessage {
+                role: r,
+                content: c,
+                round_index: 0,
+            })
+            .collect(),
+        echo: false,
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        max_new_tokens: s.max_tokens,
+        stop,
+        seed: s.seed,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+    };
+    bytes::Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
+}
+
+/// A validated embeddings request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingsRequest {
+    pub model: String,
+    pub input: Vec<String>,
+    pub base64: bool,
+}
+
+/// Validates `POST /v1/embeddings`.
+pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
+    let m = parse_body(body)?;
+    let o = Obj(&m);
+    let model = o.model()?;
+    let input = match o.get("input") {
+        None => {
+            return Err(OpenAiError::invalid(
+                "input",
+                "missing_required_parameter",
+                "Missing required parameter: 'input'",
+            ));
+        }
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(OpenAiError::invalid(
+                "input",
+                "invalid_value",
+                "'input' must not be an empty list",
+            ));
+        }
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+            .iter()
+            .map(|s| s.as_str().unwrap_or_default().to_string())
+            .collect(),
+        Some(v) => {
+            return Err(wrong_type(
+                "input",
+                "a string or a list of strings (token arrays are not supported)",
+                v,
+            ));
+        }
+    };
+    if input.len() > 2048 {
+        return Err(OpenAiError::invalid(
+            "input",
+            "invalid_value",
+            "'input' may hold at most 2048 items",
+        ));
+    }
+    let base64 = match o.get("encoding_format") {
+        None => false,
+        Some(Value::String(s)) if s == "float" => false,
+        Some(Value::String(s)) if s == "base64" => true,
+        Some(v) => {
+            return Err(OpenAiError::invalid(
+                "encoding_format",
+                "invalid_value",
+                format!("'encoding_format' must be 'float' or 'base64', got {v}"),
+            ));
+        }
+    };
+    if o.get("dimensions").is_some() {
+        return Err(OpenAiError::invalid(
+            "dimensions",
+            "unsupported_parameter",
+            "'dimensions' is not supported by this server",
+        ));
+    }
+    Ok(EmbeddingsRequest {
+        model,
+        input,
+        base64,
+    })
+}
+
+/// A validated relevance (rerank) request, DB-GPT's `/api/v1/beta/relevance`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelevanceRequest {
+    pub model: String,
+    pub query: String,
+    pub documents: Vec<String>,
+}
+
+/// Validates `POST /v1/beta/relevance`.
+pub fn parse_relevance(body: &[u8]) -> Result<RelevanceRequest, OpenAiError> {
+    let m = parse_body(body)?;
+    let o = Obj(&m);
+    let model = o.model()?;
+    let query = match o.get("query") {
+        Some(Value::String(s)) => s.clone(),
+        None => {
+            return Err(OpenAiError::invalid(
+                "query",
+                "missing_required_parameter",
+                "Missing required parameter: 'query'",
+            ));
+        }
+        Some(v) => return Err(wrong_type("query", "a string", v)),
+    };
+    let documents = match o.get("documents") {
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+            .iter()
+            .map(|s| s.as_str().unwrap_or_default().to_string())
+            .collect(),
+        None => {
+            return Err(OpenAiError::invalid(
+                "documents",
+                "missing_required_parameter",
+                "Missing required parameter: 'documents'",
+            ));
+        }
+        Some(v) => return Err(wrong_type("documents", "a list of strings", v)),
+    };
+    Ok(RelevanceRequest {
+        model,
+        query,
+        documents,
+    })
+}
+
+/// Standard base64 (RFC 4648, padded) of little-endian f32s: OpenAI's `encoding_format: base64`.
+pub fn base64_f32(v: &[f32]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+/// An OpenAI model card (DB-GPT's shape, which adds `root`, `parent`, `permission`).
+pub fn model_card(id: &str, created: i64) -> Value {
+    json!({
+        "id": id,
+        "object": "model",
+        "created": created,
+        "owned_by": "DB-GPT",
+        "root": id,
+        "parent": null,
+        "permission": [{
+            "id": format!("modelperm-{}", uuid::Uuid::new_v4().simple()),
+            "object": "model_permission",
+            "created": created,
+            "allow_create_engine": false,
+            "allow_sampling": true,
+            "allow_logprobs": true,
+            "allow_search_indices": true,
+            "allow_view": true,
+            "allow_fine_tuning": false,
+            "organization": "*",
+            "group": null,
+            "is_blocking": false
+        }]
+    })
+}
+
+/// Token counts in OpenAI's shape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn to_json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        })
+    }
+}
+
+/// A fresh response id with OpenAI's prefix (`chatcmpl-`, `cmpl-`).
+pub fn new_id(prefix: &str) -> String {
+    // From the thread-local RNG: no getrandom system call per request.
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    format!("{prefix}{}", id.simple())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    (crate::daemon::unix_ms() / 1000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_roles_sampling_and_worker_body() {
+        let r = parse_chat(
+            br#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"hi"}]},{"role":"assistant","content":null}],
+                "temperature":0,"stop":["x"],"max_tokens":5,"n":2,"stream":true,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.n, 2);
+        assert!(r.stream && r.include_usage);
+        let w: Value =
+            serde_json::from_slice(&worker_prompt(&r.model, &r.prompts[0], &r.sampling)).unwrap();
+        assert_eq!(w["messages"][0]["role"], "system");
+        assert_eq!(w["messages"][1]["role"], "human");
+        assert_eq!(w["messages"][1]["content"], "hi");
+        assert_eq!(w["messages"][2]["role"], "ai");
+        assert_eq!(w["temperature"], 0.0);
+        assert_eq!(w["stop"], "x");
+        assert_eq!(w["max_new_tokens"], 5);
+        assert_eq!(w["echo"], false);
+        assert!(w.get("top_p").is_none());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "body"),
+            (b"[1]", "body"),
+            (b"{", "body"),
+            (br#"{"messages":[]}"#, "model"),
+            (br#"{"model":"m"}"#, "messages"),
+            (br#"{"model":"m","messages":[]}"#, "messages"),
+            (
+                br#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                br#"{"model":"m","messages":"x","temperature":3}"#,
+                "temperature",
+            ),
+            (br#"{"model":"m","messages":"x","top_p":"a"}"#, "top_p"),
+            (br#"{"model":"m","messages":"x","n":0}"#, "n"),
+            (
+                br#"{"model":"m","messages":"x","max_tokens":0}"#,
+                "max_tokens",
+            ),
+            (br#"{"model":"m","messages":"x","stop":5}"#, "stop"),
+            (br#"{"model":"m","messages":"x","top_k":0}"#, "top_k"),
+            (
+                br#"{"model":"m","messages":"x","stream_options":{}}"#,
+                "stream_options",
+            ),
+            (br#"{"model":"m","messages":"x","tools":[]}"#, "tools"),
+        ];
+        for (body, field) in cases {
+            let e = parse_chat(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert_eq!(
+                e.param.as_deref(),
+                Some(*field),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn embeddings_and_base64() {
+        let r =
+            parse_embeddings(br#"{"model":"e","input":"a","encoding_format":"base64"}"#).unwrap();
+        assert!(r.base64);
+        assert_eq!(r.input, ["a"]);
+        assert_eq!(
+            parse_embeddings(br#"{"model":"e","input":[1,2]}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("input")
+        );
+        // 1.0f32 = 00 00 80 3f
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32(&[1.0, 2.0]), "AACAPwAAAEA=");
+        assert_eq!(base64_f32(&[]), "");
+    }
+
+    #[test]
+    fn completions_prompts() {
+        let r = parse_completion(br#"{"model":"m","prompt":["a","b"],"n":2,"echo":true}"#).unwrap();
+        assert_eq!(r.prompts.len(), 2);
+        assert!(r.echo);
+        assert!(parse_completion(br#"{"model":"m","prompt":[[1,2]]}"#).is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! The apiserver process: wires discovery, the worker client, HTTP routes with CORS, the
+//! admin socket and the graceful-stop sequence, exactly like the controller's.
+//!
+//! Start-up order: pid lock → first instance-list fetch (a controller that is down is only
+//! a warning: the view fills in when it comes up) → TCP bind → admin socket → ready. Stop
+//! (SIGTERM, SIGINT or admin `Stop`) stops accepting, lets in-flight requests finish
+//! (bounded), removes socket and pid file and exits 0.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::http::{HeaderValue, Method};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+use tracing::{info, warn};
+
+use super::discovery::Discovery;
+use super::proxy::Upstream;
+use super::{AppState, router};
+use crate::admin::server::AdminHandler;
+use crate::config::ApiserverConfig;
+use crate::controller::client::ControllerClient;
+use crate::daemon::{self, DaemonBase, Readiness};
+
+/// How long in-flight requests (including streams) may take to finish on stop.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout of each controller call.
+const CONTROLLER_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Admin {
+    base: Arc<DaemonBase>,
+    state: Arc<AppState>,
+    policy: &'static str,
+}
+
+impl AdminHandler for Admin {
+    fn status(&self) -> crate::admin::Status {
+        let d = &self.state.upstream.discovery;
+        let view = d.view();
+        let mut healthy = 0;
+        let mut total = 0;
+        for g in view.groups.values() {
+            for i in &g.instances {
+                total += 1;
+                if i.routable() && !d.is_suspect(i) {
+                    healthy += 1;
+                }
+            }
+        }
+        let mut models = view.models(super::discovery::LLM);
+        models.extend(view.models(super::discovery::TEXT2VEC));
+        let (ok, err) = d.freshness();
+        let refresh = match (ok, err) {
+            (_, Some(e)) => format!("failing ({e})"),
+            (Some(t), None) => format!("ok {:.1}s ago", t.as_secs_f64()),
+            (None, None) => "pending".into(),
+        };
+        self.base.status(
+            healthy,
+            total,
+            vec![
+                ("controller".into(), d.controllers()),
+                ("policy".into(), self.policy.into()),
+                (
+                    "models".into(),
+                    if models.is_empty() {
+                        "-".into()
+                    } else {
+                        models.join(",")
+                    },
+                ),
+                (
+                    "in_flight".into(),
+                    self.state.in_flight.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "requests".into(),
+                    self.state.requests.load(Ordering::Relaxed).to_string(),
+                ),
+                ("refresh".into(), refresh),
+            ],
+        )
+    }
+
+    fn stop(&self) {
+        self.base.shutdown.cancel();
+    }
+}
+
+/// CORS: DB-GPT's allow-all (origin echoed, credentials allowed), or a fixed origin list.
+fn cors(origins: &Option<Vec<String>>) -> CorsLayer {
+    let origin = match origins {
+        None => AllowOrigin::mirror_request(),
+        Some(list) => AllowOrigin::list(
+            list.iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        ),
+    };
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_credentials(true)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers(AllowHeaders::mirror_request())
+}
+
+/// Builds the shared state (used by the process and by in-process tests).
+pub fn build_state(cfg: &ApiserverConfig) -> anyhow::Result<Arc<AppState>> {
+    let client = ControllerClient::new(&cfg.controller_addr, CONTROLLER_TIMEOUT)?;
+    crate::http::ensure_tls_provider();
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .http1_only()
+        .build()?;
+    Ok(Arc::new(AppState {
+        upstream: Upstream {
+            http,
+            discovery: Arc::new(Discovery::new(client)),
+            policy: cfg.routing_policy,
+            max_retries: cfg.max_retries,
+            timeout: cfg.request_timeout,
+        },
+        api_keys: cfg.api_keys.clone(),
+        embedding_batch_size: cfg.embedding_batch_size,
+        in_flight: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+    }))
+}
+
+/// Runs the apiserver until it is stopped.
+pub async fn run(cfg: ApiserverConfig, mut readiness: Readiness) -> anyhow::Result<()> {
+    let started = daemon::report_startup(&mut readiness, start(&cfg).await);
+    let (base, state, listener, admin_sock) = started?;
+    let base = Arc::new(base);
+    let token = base.shutdown.clone();
+    daemon::spawn_signal_handler(token.clone())?;
+
+    if cfg.api_keys.is_empty() {
+        warn!("no --api_keys given: the API server is open to anyone who can reach it");
+    } else {
+        info!(keys = cfg.api_keys.len(), "API key authentication enabled");
+    }
+    let refresher = state
+        .upstream
+        .discovery
+        .spawn_loop(cfg.refresh_interval, token.clone());
+    let admin: Arc<dyn AdminHandler> = Arc::new(Admin {
+        base: base.clone(),
+        state: state.clone(),
+        policy: cfg.routing_policy.as_str(),
+    });
+    let admin_task = tokio::spawn(crate::admin::server::serve(
+        admin_sock,
+        admin,
+        token.clone(),
+    ));
+    let app = router(state.clone()).layer(cors(&cfg.cors_allow_origins));
+    let http = tokio::spawn(serve(listener, app, token.clone()));
+
+    let status = format!(
+        "apiserver serving on {}:{} (controller {}, policy {})",
+        cfg.host,
+        cfg.port,
+        state.upstream.discovery.controllers(),
+        cfg.routing_policy.as_str()
+    );
+    info!("{status}");
+    readiness.ready(&status);
+    daemon::spawn_watchdog(token.clone());
+
+    token.cancelled().await;
+    daemon::notify_stopping();
+    info!("stopping: draining in-flight requests");
+    match tokio::time::timeout(DRAIN_TIMEOUT, http).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "HTTP server task failed"),
+        Err(_) => warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}; closing"),
+    }
+    let _ = refresher.await;
+    let _ = admin_task.await;
+    info!("apiserver stopped");
+    drop(base);
+    Ok(())
+}
+
+/// Like [`crate::http::serve`], with `TCP_NODELAY` on every accepted connection: SSE chunks
+/// are small writes, and Nagle's algorithm against the client's delayed ACK would hold each
+/// one back by up to 40 ms.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+type Started = (
+    DaemonBase,
+    Arc<AppState>,
+    tokio::net::TcpListener,
+    crate::admin::server::AdminSocket,
+);
+
+async fn start(cfg: &ApiserverConfig) -> anyhow::Result<Started> {
+    let base = DaemonBase::acquire("apiserver", "apiserver", cfg.port)?;
+    let state = build_state(cfg)?;
+    if !state.upstream.discovery.refresh().await {
+        warn!("no controller answered at start-up; models appear once one does");
+    }
+    let listener = crate::http::bind(&cfg.host, cfg.port).await?;
+    let admin = crate::admin::server::bind(&base.socket_path()).await?;
+    Ok((base, state, listener, admin))
+}
