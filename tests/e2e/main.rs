@@ -8,4 +8,5 @@ mod cli;
 mod common;
 mod controller;
 mod sql;
+mod stack;
 mod worker;
