@@ -9,25 +9,31 @@
 #   * restarts it on the same file and starts the bare hyper server (examples/hello_hyper);
 #   * drives heartbeat / hello / list / register at each concurrency for BENCH_SECS seconds
 #     (closed loop, keep-alive), reading the server's utime+stime from /proc before and
-#     after each run for CPU µs per request;
+#     after each run for CPU µs per request; the whole sequence is repeated BENCH_ROUNDS
+#     times (heartbeat and hello back to back each time) and the table shows per-row
+#     medians over the rounds, the ratio columns the median of the per-round ratios, so a
+#     burst of load from other processes on a shared machine skews one round, not the row;
 #   * measures idle RSS and start-up time to the first 200 from /api/health (median);
 #   * prints one markdown table plus the start-up and RSS lines.
 # The server is pinned to CPU 0 and the load generator to CPU 1 with taskset when there
 # are at least two CPUs (BENCH_PIN=0 disables it).
 #
-# Environment: BENCH_SECS (default 5), BENCH_CONCS (default "1 16 64"),
+# Environment: BENCH_SECS per run (default 2), BENCH_ROUNDS (default 3),
+# BENCH_CONCS (default "1 16 64"),
 # BENCH_MAX_REQUESTS per run (default 500000), BENCH_STARTS (default 10),
-# BENCH_NO_BUILD=1 to reuse the binaries already in $CARGO_TARGET_DIR/bench-bin.
+# BENCH_NO_BUILD=1 to reuse the binaries already in $BENCH_BIN_DIR (default
+# $CARGO_TARGET_DIR/bench-bin), e.g. to compare another build of dbgpt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SECS=${BENCH_SECS:-5}
+SECS=${BENCH_SECS:-2}
+ROUNDS=${BENCH_ROUNDS:-3}
 CONCS=${BENCH_CONCS:-"1 16 64"}
 MAX_REQ=${BENCH_MAX_REQUESTS:-500000}
 STARTS=${BENCH_STARTS:-10}
 INSTANCES=1000
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/dbgpt-cluster/target}
-BIN=$CARGO_TARGET_DIR/bench-bin
+BIN=${BENCH_BIN_DIR:-$CARGO_TARGET_DIR/bench-bin}
 
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
     # The target dir is shared with other checkouts: their plain dev builds overwrite
@@ -126,23 +132,27 @@ ctl_rss_kb=$(awk '/^VmRSS/ {print $2}' "/proc/$ctl_pid/status")
 
 results=$tmp/results.tsv
 : >"$results"
-run() { # mode conc port pid
+run() { # mode conc port pid  (uses $round)
     local line
-    line=$(lg run --addr "127.0.0.1:$3" --mode "$1" --conc "$2" --secs "$SECS" \
+    line=$round$'\t'$(lg run --addr "127.0.0.1:$3" --mode "$1" --conc "$2" --secs "$SECS" \
         --max-requests "$MAX_REQ" --instances "$INSTANCES" --pid "$4")
     echo "$line" >>"$results"
     echo "   $line" >&2
 }
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
-echo "== load: mode conc requests secs req/s p50_us p99_us errors server_cpu_us/req gen_cpu_us/req" >&2
+echo "== load: round mode conc requests secs req/s p50_us p99_us errors server_cpu_us/req gen_cpu_us/req" >&2
 # The controller and the bare server back to back at each concurrency, then the rest
 # (registration last: it adds instances).
-for c in $CONCS; do
-    run heartbeat "$c" "$ctl_port" "$ctl_pid"
-    run hello "$c" "$hello_port" "$hello_pid"
+for round in $(seq "$ROUNDS"); do
+    for c in $CONCS; do
+        run heartbeat "$c" "$ctl_port" "$ctl_pid"
+        run hello "$c" "$hello_port" "$hello_pid"
+    done
+    for c in $CONCS; do run list "$c" "$ctl_port" "$ctl_pid"; done
 done
-for c in $CONCS; do run list "$c" "$ctl_port" "$ctl_pid"; done
-for c in $CONCS; do run register "$c" "$ctl_port" "$ctl_pid"; done
+for round in $(seq "$ROUNDS"); do
+    for c in $CONCS; do run register "$c" "$ctl_port" "$ctl_pid"; done
+done
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 stop_pid "$ctl_pid"; ctl_pid=
 stop_pid "$hello_pid"; hello_pid=
@@ -152,27 +162,41 @@ startup_empty=$(lg startup --bin "$BIN/dbgpt" --runs "$STARTS")
 startup_full=$(lg startup --bin "$BIN/dbgpt" --runs "$STARTS" --registry "$tmp/populated.redb")
 
 echo
-echo "Controller benchmark: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, ${SECS} s per row," \
+echo "Controller benchmark: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, medians of $ROUNDS rounds of ${SECS} s per row," \
     "$INSTANCES instances registered; $pinning."
 echo "Load average (1/5/15 min) before the runs: $load_start; after: $load_end."
 echo
 echo "| mode | conc | req/s | p50 µs | p99 µs | errors | server CPU µs/req | loadgen CPU µs/req | req/s vs hello | CPU/req vs hello |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 awk -F'\t' '
-    { mode[NR]=$1; conc[NR]=$2; rps[NR]=$5; p50[NR]=$6; p99[NR]=$7; err[NR]=$8; cpu[NR]=$9; gen[NR]=$10
-      if ($1 == "hello") { hrps[$2]=$5; hcpu[$2]=$9 } }
+    function median(list,    n, a, i, j, t) {
+      n = split(list, a, " ")
+      for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+      return n ? a[int((n + 1) / 2)] : "-"
+    }
+    # Columns: round mode conc requests secs req/s p50 p99 errors cpu gen
+    { k = $2 SUBSEP $3
+      if (!(k in seen)) { seen[k] = 1; order[++nk] = k; mode[k] = $2; conc[k] = $3 }
+      rps[k] = rps[k] " " $6; p50[k] = p50[k] " " $7; p99[k] = p99[k] " " $8
+      err[k] += $9; cpu[k] = cpu[k] " " $10; gen[k] = gen[k] " " $11
+      r_rps[$1, $2, $3] = $6; r_cpu[$1, $2, $3] = $10; rounds[$1] = 1 }
     END {
-      for (i = 1; i <= NR; i++) {
-        r = "-"; c = "-"
-        if (mode[i] == "heartbeat" && hrps[conc[i]] > 0) {
-          r = sprintf("%.0f%%", 100 * rps[i] / hrps[conc[i]])
-          if (hcpu[conc[i]] > 0 && cpu[i] != "-") c = sprintf("%.2f×", cpu[i] / hcpu[conc[i]])
+      for (i = 1; i <= nk; i++) {
+        k = order[i]; r = "-"; c = "-"; rr = ""; cr = ""
+        if (mode[k] == "heartbeat") {
+          for (x in rounds) {
+            h = r_rps[x, "hello", conc[k]]; hc = r_cpu[x, "hello", conc[k]]
+            if (h > 0) rr = rr " " 100 * r_rps[x, "heartbeat", conc[k]] / h
+            if (hc > 0 && r_cpu[x, "heartbeat", conc[k]] != "-") cr = cr " " r_cpu[x, "heartbeat", conc[k]] / hc
+          }
+          if (rr != "") r = sprintf("%.0f%%", median(rr))
+          if (cr != "") c = sprintf("%.2f×", median(cr))
         }
-        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", mode[i], conc[i], rps[i], p50[i], p99[i], err[i], cpu[i], gen[i], r, c
+        printf "| %s | %s | %s | %s | %s | %d | %s | %s | %s | %s |\n", mode[k], conc[k], median(rps[k]), median(p50[k]), median(p99[k]), err[k], median(cpu[k]), median(gen[k]), r, c
       }
     }' "$results"
 echo
 echo "Start-up, spawn to first 200 from /api/health, median of $STARTS (ms): empty registry" \
     "$(cut -f1 <<<"$startup_empty") [$(cut -f2 <<<"$startup_empty")];" \
     "$INSTANCES-instance registry $(cut -f1 <<<"$startup_full") [$(cut -f2 <<<"$startup_full")]."
-echo "Idle RSS after registering $INSTANCES instances and 3 s idle: controller $((ctl_rss_kb / 1024)) MiB ($ctl_rss); bare hyper server: $hello_rss."
+echo "Idle RSS after registering $INSTANCES instances and 3 s idle: controller $(awk -v k="$ctl_rss_kb" 'BEGIN { printf "%.1f", k / 1024 }') MiB ($ctl_rss); bare hyper server: $hello_rss."
