@@ -1,7 +1,7 @@
 //! Load generator for the apiserver benchmark (not a test): drives OpenAI chat completions
 //! against several targets side by side and prints one table.
 //!
-//! A target is `label|base_url|pid,pid,…` — the base URL ends in `/v1` (or `/api/v1`) and the
+//! A target is `label|base_url|pid,pid,…[|model]` — the base URL ends in `/v1` (or `/api/v1`) and the
 //! pids are the processes on that path whose CPU time is charged per request (read from
 //! `/proc/<pid>/stat`). Insert a middle hop (e.g. a proxy worker) by adding a target.
 //! For each target and concurrency: a non-stream phase (req/s, p50/p99 latency, CPU µs per
@@ -40,6 +40,8 @@ struct Args {
 
 struct Target {
     label: String,
+    /// Model name for this target (else `--model`).
+    model: Option<String>,
     url: String,
     pids: Vec<u32>,
 }
@@ -83,7 +85,7 @@ struct Phase {
 async fn phase(c: &reqwest::Client, t: &Target, args: &Args, conc: usize, stream: bool) -> Phase {
     let body = Arc::new(
         serde_json::to_vec(&json!({
-            "model": args.model, "stream": stream, "max_tokens": 16,
+            "model": t.model.as_deref().unwrap_or(&args.model), "stream": stream, "max_tokens": 16,
             "messages": [{"role": "user", "content": "Say something."}]
         }))
         .unwrap(),
@@ -196,7 +198,13 @@ fn main() -> anyhow::Result<()> {
                 .split(',')
                 .filter_map(|p| p.trim().parse().ok())
                 .collect();
-            Target { label, url, pids }
+            let model = parts.next().filter(|m| !m.is_empty()).map(str::to_string);
+            Target {
+                label,
+                model,
+                url,
+                pids,
+            }
         })
         .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()

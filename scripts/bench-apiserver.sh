@@ -10,9 +10,8 @@
 #
 # Topology:   bench ──► fake_openai /v1                       ("direct")
 #             bench ──► apiserver ──► fake_openai worker API   ("apiserver")
-# To insert a middle hop (a proxy worker in front of the fake's /v1), start it and pass
-# extra targets in EXTRA_TARGETS, e.g.
-#   EXTRA_TARGETS="--target 'worker+apiserver|http://127.0.0.1:8100/v1|<api pid>,<worker pid>,<fake pid>'"
+#             bench ──► apiserver ──► dbgpt proxy worker ──► fake_openai /v1   ("apiserver+worker")
+# More targets can be passed in EXTRA_TARGETS ("--target 'label|url|pids|model'").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
@@ -31,17 +30,21 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "timeout waiting for $1" >&2; exit 1; }
 
-CTL=$(port); FAKE=$(port); API=$(port)
+CTL=$(port); FAKE=$(port); API=$(port); WRK=$(port)
 $BIN start controller --host 127.0.0.1 --port "$CTL" --registry_path "$WORK/reg.redb" >"$WORK/ctl.log" 2>&1 & PIDS+=($!)
 wait_http "http://127.0.0.1:$CTL/api/health"
 "$TARGET/examples/fake_openai" --port "$FAKE" --tokens 16 --register "http://127.0.0.1:$CTL" --model fake >"$WORK/fake.log" 2>&1 & FAKE_PID=$!; PIDS+=($FAKE_PID)
+$BIN start worker --host 127.0.0.1 --port "$WRK" --controller_addr "http://127.0.0.1:$CTL" --model_name viaworker \
+  --model_type proxy --proxy_api_base "http://127.0.0.1:$FAKE/v1" --proxyllm_backend fake --limit_model_concurrency 512 \
+  --log_level warn >"$WORK/worker.log" 2>&1 & WRK_PID=$!; PIDS+=($WRK_PID)
 $BIN start apiserver --host 127.0.0.1 --port "$API" --controller_addr "http://127.0.0.1:$CTL" --log_level warn >"$WORK/api.log" 2>&1 & API_PID=$!; PIDS+=($API_PID)
 wait_http "http://127.0.0.1:$API/api/health"
-for _ in $(seq 100); do curl -s "http://127.0.0.1:$API/v1/models" | grep -q '"fake"' && break; sleep 0.1; done
+for _ in $(seq 100); do curl -s "http://127.0.0.1:$API/v1/models" | grep -q '"viaworker"' && curl -s "http://127.0.0.1:$API/v1/models" | grep -q '"fake"' && break; sleep 0.1; done
 
 echo "# $(nproc) cores, ${SECS}s per phase, 16-token replies; CPU µs/req from /proc/<pid>/stat (non-stream phase)"
-echo "# pids: fake=$FAKE_PID apiserver=$API_PID"
+echo "# pids: fake=$FAKE_PID apiserver=$API_PID worker=$WRK_PID"
 eval "$TARGET/examples/bench_apiserver" --model fake --secs "$SECS" --concurrency "$CONC" \
   --target "'direct|http://127.0.0.1:$FAKE/v1|$FAKE_PID'" \
   --target "'apiserver|http://127.0.0.1:$API/v1|$API_PID,$FAKE_PID'" \
+  --target "'apiserver+worker|http://127.0.0.1:$API/v1|$API_PID,$WRK_PID,$FAKE_PID|viaworker'" \
   "${EXTRA_TARGETS:-}"

@@ -12,7 +12,20 @@ fn apiserver(env: &TestEnv, controller: &str) -> Daemon {
     let port = free_port();
     let ps = port.to_string();
     let d = env.spawn(
-        &["start", "apiserver", "--host", "127.0.0.1", "--port", &ps, "--controller_addr", controller, "--api_keys", "k1", "--refresh_interval_secs", "1"],
+        &[
+            "start",
+            "apiserver",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &ps,
+            "--controller_addr",
+            controller,
+            "--api_keys",
+            "k1",
+            "--refresh_interval_secs",
+            "1",
+        ],
         port,
         "apiserver",
     );
@@ -25,7 +38,10 @@ fn post(port: u16, path: &str, body: &Value) -> (u16, String) {
         port,
         "POST",
         path,
-        &[("Content-Type", "application/json"), ("Authorization", "Bearer k1")],
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", "Bearer k1"),
+        ],
         &serde_json::to_vec(body).unwrap(),
     )
     .unwrap();
@@ -36,15 +52,40 @@ fn post(port: u16, path: &str, body: &Value) -> (u16, String) {
 fn openai_requests_reach_the_real_models_through_the_apiserver() {
     let env = TestEnv::new();
     let c = env.controller(&[]);
-    let _llm = worker(&env, &c.url(), &["--model_name", "smollm2", "--model_path", &gguf()]);
-    let _emb = worker(&env, &c.url(), &["--model_name", "all-minilm", "--worker_type", "text2vec", "--model_path", &minilm()]);
+    let _llm = worker(
+        &env,
+        &c.url(),
+        &["--model_name", "smollm2", "--model_path", &gguf()],
+    );
+    let _emb = worker(
+        &env,
+        &c.url(),
+        &[
+            "--model_name",
+            "all-minilm",
+            "--worker_type",
+            "text2vec",
+            "--model_path",
+            &minilm(),
+        ],
+    );
     let api = apiserver(&env, &c.url());
 
     // The model list shows both models once the apiserver's view has them.
     assert!(wait_until(Duration::from_secs(10), || {
-        let (s, _, b) = raw_http(api.port, "GET", "/v1/models", &[("Authorization", "Bearer k1")], b"").unwrap();
+        let (s, _, b) = raw_http(
+            api.port,
+            "GET",
+            "/v1/models",
+            &[("Authorization", "Bearer k1")],
+            b"",
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
-        let ids: Vec<&str> = v["data"].as_array().map(|d| d.iter().filter_map(|m| m["id"].as_str()).collect()).unwrap_or_default();
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .map(|d| d.iter().filter_map(|m| m["id"].as_str()).collect())
+            .unwrap_or_default();
         s == 200 && ids.contains(&"smollm2") && ids.contains(&"all-minilm")
     }));
 
@@ -55,42 +96,89 @@ fn openai_requests_reach_the_real_models_through_the_apiserver() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["model"], "smollm2");
-    let answer = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let answer = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(answer.contains("Paris"), "{answer}");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     let u = &v["usage"];
     assert!(u["completion_tokens"].as_u64().unwrap() > 0);
-    assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+    );
 
     // Streaming: role first, deltas that add up to the same greedy answer, one finish, [DONE].
     let mut sask = ask.clone();
     sask["stream"] = json!(true);
     let (s, body) = post(api.port, "/api/v1/chat/completions", &sask);
     assert_eq!(s, 200, "{body}");
-    let events: Vec<&str> = body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
     assert_eq!(events.last().copied(), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let id = chunks[0]["id"].clone();
-    assert!(chunks.iter().all(|c| c["id"] == id && c["object"] == "chat.completion.chunk"));
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-    assert_eq!(text, answer, "streamed and non-streamed greedy answers agree");
-    assert_eq!(chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).count(), 1);
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["id"] == id && c["object"] == "chat.completion.chunk")
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text, answer,
+        "streamed and non-streamed greedy answers agree"
+    );
+    assert_eq!(
+        chunks
+            .iter()
+            .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+            .count(),
+        1
+    );
 
     // Embeddings through the apiserver equal the reference vector's direction.
-    let (s, body) = post(api.port, "/v1/embeddings", &json!({"model": "all-minilm", "input": ["hello world", "A man is eating food."]}));
+    let (s, body) = post(
+        api.port,
+        "/v1/embeddings",
+        &json!({"model": "all-minilm", "input": ["hello world", "A man is eating food."]}),
+    );
     assert_eq!(s, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
-    let e0: Vec<f64> = v["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let e0: Vec<f64> = v["data"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
     assert_eq!(e0.len(), 384);
     let reference = [-0.0344773, 0.0310233, 0.0067349, 0.0261089, -0.0393620];
     let dot: f64 = e0[..5].iter().zip(reference).map(|(a, b)| a * b).sum();
-    let (na, nb) = (e0[..5].iter().map(|x| x * x).sum::<f64>().sqrt(), reference.iter().map(|x| x * x).sum::<f64>().sqrt());
+    let (na, nb) = (
+        e0[..5].iter().map(|x| x * x).sum::<f64>().sqrt(),
+        reference.iter().map(|x| x * x).sum::<f64>().sqrt(),
+    );
     assert!(dot / (na * nb) >= 0.9999);
     assert_eq!(v["data"][1]["index"], 1);
 
     // No key: 401 in OpenAI's shape.
-    let (s, _, b) = raw_http(api.port, "POST", "/v1/chat/completions", &[("Content-Type", "application/json")], &serde_json::to_vec(&ask).unwrap()).unwrap();
+    let (s, _, b) = raw_http(
+        api.port,
+        "POST",
+        "/v1/chat/completions",
+        &[("Content-Type", "application/json")],
+        &serde_json::to_vec(&ask).unwrap(),
+    )
+    .unwrap();
     assert_eq!(s, 401);
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert!(v["error"]["message"].is_string());
@@ -98,7 +186,12 @@ fn openai_requests_reach_the_real_models_through_the_apiserver() {
     // ctl status lists the whole cluster.
     let out = env.run(&["ctl", "status", "--json"]);
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    let services: Vec<&str> = v.as_array().unwrap().iter().map(|s| s["service"].as_str().unwrap()).collect();
+    let services: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["service"].as_str().unwrap())
+        .collect();
     for s in ["controller", "worker", "apiserver"] {
         assert!(services.contains(&s), "{services:?}");
     }
