@@ -333,3 +333,26 @@ pub fn report_startup<T>(readiness: &mut Readiness, r: anyhow::Result<T>) -> any
     }
     r
 }
+
+/// Waits up to `timeout` for an HTTP server task to finish draining in-flight requests,
+/// logging how it ended; `false` if it had to be abandoned.
+pub async fn drain_http(
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    timeout: Duration,
+) -> bool {
+    match tokio::time::timeout(timeout, http).await {
+        Ok(Ok(Ok(()))) => true,
+        Ok(Ok(Err(e))) => {
+            warn!(error = %e, "HTTP server ended with an error");
+            true
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "HTTP server task failed");
+            true
+        }
+        Err(_) => {
+            warn!("in-flight requests did not finish within {timeout:?}; closing");
+            false
+        }
+    }
+}

@@ -181,12 +181,7 @@ pub async fn run(cfg: ApiserverConfig, mut readiness: Readiness) -> anyhow::Resu
     token.cancelled().await;
     daemon::notify_stopping();
     info!("stopping: draining in-flight requests");
-    match tokio::time::timeout(DRAIN_TIMEOUT, http).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server ended with an error"),
-        Ok(Err(e)) => warn!(error = %e, "HTTP server task failed"),
-        Err(_) => warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}; closing"),
-    }
+    daemon::drain_http(http, DRAIN_TIMEOUT).await;
     let _ = refresher.await;
     let _ = admin_task.await;
     info!("apiserver stopped");

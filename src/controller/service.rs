@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::{ControllerState, router, spawn_background};
 use crate::admin::server::AdminHandler;
@@ -77,12 +77,7 @@ pub async fn run(cfg: ControllerConfig, mut readiness: Readiness) -> anyhow::Res
     token.cancelled().await;
     daemon::notify_stopping();
     info!("stopping: draining in-flight requests");
-    match tokio::time::timeout(DRAIN_TIMEOUT, http).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server ended with an error"),
-        Ok(Err(e)) => warn!(error = %e, "HTTP server task failed"),
-        Err(_) => warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}; closing"),
-    }
+    daemon::drain_http(http, DRAIN_TIMEOUT).await;
     for t in bg {
         let _ = t.await;
     }

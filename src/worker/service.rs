@@ -122,12 +122,11 @@ pub async fn run(cfg: WorkerConfig, mut readiness: Readiness) -> anyhow::Result<
         let _ = h.await;
     }
     http_token.cancel();
-    match tokio::time::timeout(DRAIN_TIMEOUT, http).await {
-        Ok(_) => {}
-        Err(_) => warn!(
+    if !daemon::drain_http(http, DRAIN_TIMEOUT).await {
+        warn!(
             in_flight = manager.in_flight(),
-            "in-flight requests did not finish within {DRAIN_TIMEOUT:?}; closing"
-        ),
+            "abandoned in-flight requests"
+        );
     }
     let _ = admin_task.await;
     info!("worker stopped");
