@@ -49,6 +49,7 @@ if [ ! -f "$img" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$deps" ]; then
     debootstrap --variant=minbase --include="systemd,systemd-sysv,dbus,$deps" \
         bookworm "$build" "${mirror:-http://deb.debian.org/debian}" >"$cache/nspawn/debootstrap.log" 2>&1 ||
         { tail -20 "$cache/nspawn/debootstrap.log"; rm -rf "$build"; fail "debootstrap"; }
+    chmod 0755 "$build"
     tar -C "$build" -cf "$img.tmp" .
     mv "$img.tmp" "$img"
     echo "$deps" >"$stamp"
@@ -68,6 +69,9 @@ cleanup() {
 }
 trap cleanup EXIT
 tar -C "$root" -xf "$img"
+# The container's "/" (also "." in the tar) must be 0755, not mktemp's 0700, or every
+# unprivileged process inside (dbus, user dbgpt) is locked out of the whole file system.
+chmod 0755 "$root"
 cp "$deb" "$root/root/dbgpt.deb"
 
 step "boot the container"
@@ -77,15 +81,21 @@ nsp=$!
 leader=
 for _ in $(seq 1 60); do
     leader=$(pgrep -P "$nsp" | head -1 || true)
-    if [ -n "$leader" ]; then
-        state=$(nsenter -t "$leader" -a systemctl is-system-running 2>/dev/null || true)
-        case "$state" in running | degraded) break ;; esac
-    fi
+    [ -z "$leader" ] || break
     sleep 1
 done
-[ -n "$leader" ] || { cat "$root.console.log"; fail "container did not boot"; }
+[ -n "$leader" ] || { cat "$root.console.log"; fail "container did not start"; }
 ct() { nsenter -t "$leader" -a "$@"; }
-echo "container systemd: $(ct systemctl is-system-running || true)"
+# Wait until the container's systemd has finished booting (running, or degraded if some
+# unrelated unit failed); the D-Bus socket may take a moment to appear first.
+state=
+for _ in $(seq 1 90); do
+    state=$(timeout 5 nsenter -t "$leader" -a systemctl is-system-running 2>/dev/null || true)
+    case "$state" in running | degraded) break ;; esac
+    sleep 1
+done
+echo "container systemd: $state"
+case "$state" in running | degraded) ;; *) cat "$root.console.log"; fail "container did not boot" ;; esac
 
 step "dpkg -i"
 ct dpkg -i /root/dbgpt.deb

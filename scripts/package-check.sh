@@ -239,6 +239,7 @@ for f in /usr/bin/dbgpt \
     /usr/share/zsh/site-functions/_dbgpt /usr/share/fish/vendor_completions.d/dbgpt.fish; do
     grep -qxF "$f" "$tmp/rpm-files" || fail "$f missing from $rpmf"
 done
+rpm -qpR "$rpmf" | grep -q '^ca-certificates' || fail "rpm does not require ca-certificates"
 rpm -qp --configfiles "$rpmf" | sort | diff -u "$tmp/want-conffiles" - || fail "rpm config files differ"
 rpm -qp --scripts "$rpmf" >"$tmp/rpm-scripts"
 for s in 'postinstall scriptlet' 'preuninstall scriptlet' 'postuninstall scriptlet'; do
