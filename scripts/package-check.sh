@@ -43,6 +43,10 @@ command -v rpm >/dev/null || need_apt+=(rpm)
 command -v dpkg-shlibdeps >/dev/null || need_apt+=(dpkg-dev)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v python3 >/dev/null || need_apt+=(python3)
+# The package's dependencies, so that `dpkg -i` (which resolves nothing) can succeed.
+[ -d /etc/ssl/certs ] && dpkg-query -W -f='${Status}' ca-certificates 2>/dev/null | grep -q 'ok installed' ||
+    need_apt+=(ca-certificates)
+command -v systemd-sysusers >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
