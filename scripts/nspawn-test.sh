@@ -6,7 +6,8 @@
 # Boots a Debian 12 container with systemd-nspawn, installs the package, starts
 # dbgpt-controller (Type=notify, hardened unit, User=dbgpt), checks that systemd saw it ready,
 # that `dbgpt ctl status` inside finds it under /run/dbgpt/controller/ and that its registry
-# lives in /var/lib/dbgpt, then stops it, removes and purges the package.
+# lives in /var/lib/dbgpt, that the watchdog restarts it when frozen, then stops it, removes
+# and purges the package.
 #
 # The bookworm root file system is built once with debootstrap and cached in
 # $DBGPT_CACHE_DIR/nspawn/bookworm.tar; every run unpacks a fresh copy.
@@ -119,6 +120,23 @@ ct test -S /run/dbgpt/controller/controller-8000.sock || fail "no socket in /run
 ct dbgpt model list --address http://127.0.0.1:8000
 owner=$(ct stat -c %U /var/lib/dbgpt/registry.redb)
 [ "$owner" = dbgpt ] || fail "registry owned by $owner"
+
+step "watchdog: a frozen controller is killed (WatchdogSec=30s) and restarted"
+pid=$(ct systemctl show -p MainPID --value dbgpt-controller.service)
+ct systemctl kill --signal=SIGSTOP dbgpt-controller.service
+restarts=0
+for _ in $(seq 1 60); do
+    restarts=$(ct systemctl show -p NRestarts --value dbgpt-controller.service)
+    [ "$restarts" -ge 1 ] && [ "$(ct systemctl is-active dbgpt-controller.service || true)" = active ] && break
+    sleep 1
+done
+[ "$restarts" -ge 1 ] || fail "the watchdog did not restart the frozen controller"
+ct systemctl is-active dbgpt-controller.service
+newpid=$(ct systemctl show -p MainPID --value dbgpt-controller.service)
+[ "$newpid" != "$pid" ] || fail "same MainPID after the watchdog restart"
+ct journalctl -u dbgpt-controller --no-pager | grep -F 'Watchdog timeout' ||
+    fail "no watchdog timeout in the journal"
+ct dbgpt ctl status | grep -Eq "^controller +8000 +$newpid " || fail "ctl status misses the restarted controller"
 
 step "systemctl stop (graceful: SIGTERM, STOPPING=1, exit 0)"
 ct systemctl stop dbgpt-controller.service
