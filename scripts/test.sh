@@ -10,3 +10,4 @@ scripts/setup.sh
 echo "== cargo fmt --check"; cargo fmt --all -- --check
 echo "== cargo clippy"; cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"; cargo test --locked -- --test-threads="${DBGPT_TEST_THREADS:-4}"
+echo "== package checks"; scripts/package-check.sh

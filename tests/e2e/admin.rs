@@ -339,8 +339,7 @@ fn notify_socket_gets_ready_only_once_serving() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    // WATCHDOG_PID must be ours for sd-notify to ping; set it via a re-exec-free trick:
-    // the watchdog is only honoured when WATCHDOG_PID matches, so also check READY alone.
+    // No WATCHDOG_PID: sd-notify then honours WATCHDOG_USEC for any pid (as systemd allows).
     let mut buf = [0u8; 512];
     let n = dgram.recv(&mut buf).unwrap();
     let msg = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -348,6 +347,22 @@ fn notify_socket_gets_ready_only_once_serving() {
     // At the moment READY arrives, the port and admin socket already answer.
     assert_eq!(http_get_status(port, "/api/health"), Some(200));
     assert!(sock(&env, port).exists());
+    // WatchdogSec pings follow READY, every half period (200 ms here): expect at least two
+    // within 3 s, and nothing else but STATUS lines.
+    let mut pings = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while pings < 2 && std::time::Instant::now() < until {
+        let n = dgram.recv(&mut buf).unwrap();
+        let m = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(!m.contains("READY=1"), "READY=1 sent twice: {m}");
+        if m.contains("WATCHDOG=1") {
+            pings += 1;
+        }
+    }
+    assert!(
+        pings >= 2,
+        "expected WATCHDOG=1 pings after READY=1, got {pings}"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,
