@@ -199,3 +199,34 @@ pub fn ensure_tls_provider() {
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
 }
+
+/// Builds a reqwest client from `configure(Client::builder())`.
+///
+/// The platform certificate verifier refuses to build on a machine without usable CA
+/// certificates, and reqwest then refuses to build any client — even one that only ever
+/// speaks plain HTTP to the controller and workers. Cluster traffic must not depend on
+/// that, so the client is rebuilt with an empty root store (HTTPS requests then fail with
+/// a certificate error, which the log explains once).
+pub fn build_client(
+    configure: impl Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> reqwest::Result<reqwest::Client> {
+    ensure_tls_provider();
+    match configure(reqwest::Client::builder()).build() {
+        Ok(c) => Ok(c),
+        Err(first) => {
+            match configure(reqwest::Client::builder())
+                .tls_certs_only(Vec::<reqwest::Certificate>::new())
+                .build()
+            {
+                Ok(c) => {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        tracing::warn!(error = %first, "no usable CA certificates on this machine: plain HTTP works, HTTPS upstreams cannot be verified (install ca-certificates)");
+                    });
+                    Ok(c)
+                }
+                Err(_) => Err(first),
+            }
+        }
+    }
+}

@@ -114,14 +114,13 @@ fn cors(origins: &Option<Vec<String>>) -> CorsLayer {
 /// Builds the shared state (used by the process and by in-process tests).
 pub fn build_state(cfg: &ApiserverConfig) -> anyhow::Result<Arc<AppState>> {
     let client = ControllerClient::new(&cfg.controller_addr, CONTROLLER_TIMEOUT)?;
-    crate::http::ensure_tls_provider();
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .tcp_nodelay(true)
-        .http1_only()
-        .build()?;
+    let http = crate::http::build_client(|b| {
+        b.connect_timeout(Duration::from_secs(3))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .http1_only()
+    })?;
     Ok(Arc::new(AppState {
         upstream: Upstream {
             http,

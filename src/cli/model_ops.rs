@@ -17,11 +17,10 @@ use crate::worker::registration::manager_key;
 
 /// HTTP client for worker calls (model loading can take a while).
 pub fn worker_http() -> anyhow::Result<reqwest::Client> {
-    crate::http::ensure_tls_provider();
-    Ok(reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(600))
-        .build()?)
+    Ok(crate::http::build_client(|b| {
+        b.connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(600))
+    })?)
 }
 
 /// POSTs JSON to a worker; returns the body, or an error with the worker's `detail`.

@@ -59,15 +59,14 @@ impl ControllerClient {
         if urls.is_empty() {
             return Err(ClientError::NoAddress);
         }
-        crate::http::ensure_tls_provider();
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(3)))
-            .build()
-            .map_err(|e| ClientError::Unreachable {
-                url: urls[0].clone(),
-                reason: e.to_string(),
-            })?;
+        let http = crate::http::build_client(|b| {
+            b.timeout(timeout)
+                .connect_timeout(timeout.min(Duration::from_secs(3)))
+        })
+        .map_err(|e| ClientError::Unreachable {
+            url: urls[0].clone(),
+            reason: e.to_string(),
+        })?;
         Ok(ControllerClient {
             urls,
             preferred: AtomicUsize::new(0),

@@ -83,6 +83,16 @@ fn model_list_table_json_and_filters() {
         3
     );
 
+    // A machine without CA certificates still talks plain HTTP to the cluster.
+    let out = env
+        .cmd()
+        .args(["model", "--address", &c.url(), "list", "--json"])
+        .env("SSL_CERT_FILE", "/nonexistent")
+        .env("SSL_CERT_DIR", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
     // Without any address, the local controller is found through its admin socket.
     let out = env.run(&["model", "list", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -184,16 +184,15 @@ impl OpenAiProxyBackend {
                 "api_base must be an http:// or https:// URL",
             ));
         }
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.timeout)
-            .read_timeout(config.timeout)
-            .build()
-            .map_err(|e| {
-                BackendError::load(
-                    &config.api_base,
-                    format!("HTTP client: {}", error_chain(&e)),
-                )
-            })?;
+        let timeout = config.timeout;
+        let client =
+            crate::http::build_client(|b| b.connect_timeout(timeout).read_timeout(timeout))
+                .map_err(|e| {
+                    BackendError::load(
+                        &config.api_base,
+                        format!("HTTP client: {}", error_chain(&e)),
+                    )
+                })?;
         let api_key = config
             .api_key
             .or_else(|| std::env::var("OPENAI_API_KEY").ok())
