@@ -1185,3 +1185,69 @@ mod apiserver_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod packaged_config_tests {
+    use super::*;
+
+    /// The config files the packages install parse with this build, and the worker
+    /// example's commented model entries are valid once uncommented.
+    #[test]
+    fn shipped_configs_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/etc");
+        let with = |f: &Path| CommonServerArgs {
+            config: Some(f.to_path_buf()),
+            ..Default::default()
+        };
+        ControllerArgs {
+            common: with(&etc.join("controller.toml")),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        ApiserverArgs {
+            common: with(&etc.join("apiserver.toml")),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let w = WorkerArgs {
+            common: with(&etc.join("worker-example.toml")),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(
+            w.models.is_empty(),
+            "the example serves nothing until edited"
+        );
+        let text = std::fs::read_to_string(etc.join("worker-example.toml")).unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|r| r.starts_with('[') || r.contains(" = "))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let f = dir.path().join("w.toml");
+        std::fs::write(&f, uncommented).unwrap();
+        let w = WorkerArgs {
+            common: with(&f),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let keys: Vec<String> = w.models.iter().map(|m| m.key()).collect();
+        assert_eq!(
+            keys,
+            [
+                "smollm2-135m-instruct@llm",
+                "gpt-4o-mini@llm",
+                "all-minilm@text2vec"
+            ]
+        );
+    }
+}
