@@ -35,8 +35,18 @@ impl Timestamp {
     /// Hot path (once per instance in every listing): the digits are written by hand
     /// instead of through chrono's `format`, whose strftime parsing dominated a listing.
     pub fn to_local_iso(self) -> String {
+        let mut out = Vec::with_capacity(26);
+        self.write_local_iso(&mut out, &mut LocalOffsets::default());
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// [`Timestamp::to_local_iso`] appended to `out`, with the local UTC offset looked up
+    /// once per 15-minute bucket (time-zone transitions fall on quarter hours), so a
+    /// listing of many recent timestamps asks the time-zone database once or twice.
+    pub fn write_local_iso(self, out: &mut Vec<u8>, offsets: &mut LocalOffsets) {
         let utc = DateTime::<Utc>::from_timestamp_micros(self.0).unwrap_or_default();
-        let local = utc.with_timezone(&Local).naive_local();
+        let offset = offsets.get(self.0, &utc);
+        let local = utc.naive_utc() + chrono::TimeDelta::seconds(offset as i64);
         let whole = self.0.rem_euclid(1_000_000) == 0;
         if !(0..=9999).contains(&local.year()) {
             // Outside what `%Y` prints as four plain digits: let chrono do it.
@@ -45,9 +55,11 @@ impl Timestamp {
             } else {
                 "%Y-%m-%dT%H:%M:%S%.6f"
             };
-            return local.format(fmt).to_string();
+            out.extend_from_slice(local.format(fmt).to_string().as_bytes());
+            return;
         }
-        // "YYYY-MM-DDTHH:MM:SS.ffffff" written into a stack buffer.
+        // "YYYY-MM-DDTHH:MM:SS.ffffff" written by hand (chrono's strftime dominated a
+        // listing).
         fn put(buf: &mut [u8], v: u32) {
             let mut v = v;
             for b in buf.iter_mut().rev() {
@@ -68,12 +80,34 @@ impl Timestamp {
             put(&mut buf[20..26], local.nanosecond() % 1_000_000_000 / 1000);
             26
         };
-        String::from_utf8_lossy(&buf[..len]).into_owned()
+        out.extend_from_slice(&buf[..len]);
     }
 
     /// Seconds elapsed from `self` to `now` (negative if `self` is in the future).
     pub fn secs_until(self, now: Timestamp) -> f64 {
         (now.0 - self.0) as f64 / 1e6
+    }
+}
+
+/// Memo of the local UTC offset (seconds) for the last 15-minute bucket looked up.
+#[derive(Debug, Default)]
+pub struct LocalOffsets {
+    bucket: Option<i64>,
+    offset: i32,
+}
+
+impl LocalOffsets {
+    fn get(&mut self, micros: i64, utc: &DateTime<Utc>) -> i32 {
+        use chrono::{Offset, TimeZone};
+        let bucket = micros.div_euclid(900_000_000);
+        if self.bucket != Some(bucket) {
+            self.offset = Local
+                .offset_from_utc_datetime(&utc.naive_utc())
+                .fix()
+                .local_minus_utc();
+            self.bucket = Some(bucket);
+        }
+        self.offset
     }
 }
 

@@ -23,9 +23,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::http::{
-    ApiError, CappedBody, json_response, json_response_sized, trace_requests, with_fallbacks,
-};
+use crate::http::{ApiError, CappedBody, json_response, trace_requests, with_fallbacks};
 use crate::registry::{Registry, RegistryError};
 use crate::types::InstanceInput;
 use crate::validate::{Fields, parse_json_object, query_object};
@@ -121,17 +119,19 @@ async fn list(
     let model_name = f.opt_str("model_name").filter(|m| !m.is_empty());
     let healthy_only = f.bool_or("healthy_only", false);
     f.finish()?;
-    let list = s
+    let body = s
         .registry
-        .list(model_name.as_deref(), healthy_only)
+        .list_json(model_name.as_deref(), healthy_only)
         .await
         .map_err(|e| ApiError::Unavailable(format!("registry unavailable: {e}")))?;
-    // About 200 bytes per instance on the wire.
-    Ok(json_response_sized(
-        StatusCode::OK,
-        &list,
-        64 + list.len() * 256,
-    ))
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 /// Runs `tick` every `period` until `shutdown`; each tick runs in its own task so a panic

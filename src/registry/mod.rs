@@ -87,6 +87,51 @@ impl Instance {
         }
     }
 
+    /// Appends the DB-GPT wire form as JSON, byte-identical to serialising
+    /// [`Instance::to_wire`], without building it (the listing hot path).
+    pub fn write_wire_json(
+        &self,
+        out: &mut Vec<u8>,
+        now: Timestamp,
+        timeout: Duration,
+        offsets: &mut crate::types::LocalOffsets,
+    ) {
+        fn opt_bool(out: &mut Vec<u8>, b: Option<bool>) {
+            out.extend_from_slice(match b {
+                Some(true) => b"true",
+                Some(false) => b"false",
+                None => b"null",
+            });
+        }
+        let json = |out: &mut Vec<u8>, v: &dyn erased::Json| v.write(out);
+        out.extend_from_slice(b"{\"model_name\":");
+        json(out, &self.key.model_name.as_str());
+        out.extend_from_slice(b",\"host\":");
+        json(out, &self.key.host.as_str());
+        out.extend_from_slice(b",\"port\":");
+        out.extend_from_slice(self.key.port.to_string().as_bytes());
+        out.extend_from_slice(b",\"weight\":");
+        json(out, &self.weight);
+        out.extend_from_slice(b",\"check_healthy\":");
+        opt_bool(out, self.check_healthy);
+        out.extend_from_slice(b",\"healthy\":");
+        opt_bool(out, Some(self.reported_healthy(now, timeout)));
+        out.extend_from_slice(b",\"enabled\":");
+        opt_bool(out, self.enabled);
+        out.extend_from_slice(b",\"prompt_template\":");
+        json(out, &self.prompt_template.as_deref());
+        out.extend_from_slice(b",\"last_heartbeat\":");
+        match self.last_heartbeat {
+            Some(t) => {
+                out.push(b'"');
+                t.write_local_iso(out, offsets);
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.push(b'}');
+    }
+
     /// A new instance from a registration.
     pub fn from_input(input: &InstanceInput, seq: u64, now: Timestamp) -> Self {
         Instance {
@@ -211,6 +256,44 @@ impl indexmap::Equivalent<(String, u16)> for HostPort<'_> {
     }
 }
 
+/// serde_json writing of the few value types the instance writer needs.
+mod erased {
+    pub trait Json {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn write(&self, out: &mut Vec<u8>) {
+            serde_json::to_writer(out, self).expect("plain values serialise");
+        }
+    }
+}
+
+/// A JSON array of instances in DB-GPT's wire form, written straight from `instances`.
+pub fn write_listing<'a>(
+    instances: impl Iterator<Item = &'a Instance>,
+    healthy_only: bool,
+    now: Timestamp,
+    timeout: Duration,
+    capacity: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    let mut offsets = crate::types::LocalOffsets::default();
+    out.push(b'[');
+    let mut first = true;
+    for i in instances {
+        if healthy_only && !i.reported_healthy(now, timeout) {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        i.write_wire_json(&mut out, now, timeout, &mut offsets);
+    }
+    out.push(b']');
+    out
+}
+
 /// Healthy and total instance counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Counts {
@@ -234,6 +317,16 @@ pub trait Registry: Send + Sync + 'static {
         model_name: Option<&str>,
         healthy_only: bool,
     ) -> Result<Vec<ModelInstance>, RegistryError>;
+    /// The same listing as [`Registry::list`], as DB-GPT's JSON array. Stores with an
+    /// in-memory view override this to write it without intermediate copies.
+    async fn list_json(
+        &self,
+        model_name: Option<&str>,
+        healthy_only: bool,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let list = self.list(model_name, healthy_only).await?;
+        serde_json::to_vec(&list).map_err(|e| RegistryError::Storage(e.to_string()))
+    }
     /// Marks instances past their heartbeat deadline unhealthy; returns how many flipped.
     async fn expire(&self) -> Result<usize, RegistryError>;
     /// Persists buffered heartbeat timestamps.

@@ -254,6 +254,22 @@ impl Registry for RedbRegistry {
         Ok(out)
     }
 
+    async fn list_json(
+        &self,
+        model_name: Option<&str>,
+        healthy_only: bool,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let now = Timestamp::now();
+        let mem = self.read_mem();
+        Ok(super::write_listing(
+            mem.select(model_name),
+            healthy_only,
+            now,
+            self.timeout,
+            64 + mem.len() * 256,
+        ))
+    }
+
     async fn expire(&self) -> Result<usize, RegistryError> {
         let _w = self.writer.lock().await;
         let now = Timestamp::now();
@@ -417,6 +433,39 @@ mod tests {
         let l = r.list(None, false).await.unwrap();
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].model_name, "x@llm");
+    }
+
+    /// The direct JSON writer is byte-identical to serialising the wire structs, across
+    /// every optional field and escaping case.
+    #[tokio::test]
+    async fn list_json_equals_serialised_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = RedbRegistry::open(&dir.path().join("r.redb"), Duration::from_secs(60)).unwrap();
+        let mut odd = input("quote\"back\\slash \u{e9}\u{4e2d}@llm", 65535);
+        odd.weight = None;
+        odd.check_healthy = None;
+        odd.enabled = Some(false);
+        odd.prompt_template = Some("tab\tnew\nline \u{1f600}".into());
+        r.register(odd).await.unwrap();
+        let mut w = input("w@text2vec", 0);
+        w.weight = Some(0.1 + 0.2);
+        w.check_healthy = Some(false);
+        r.register(w).await.unwrap();
+        r.register(input("a@llm", 1)).await.unwrap();
+        r.deregister(input("a@llm", 1)).await.unwrap();
+        for (name, healthy_only) in [
+            (None, false),
+            (None, true),
+            (Some("a@llm"), false),
+            (Some("zz"), false),
+        ] {
+            let direct = r.list_json(name, healthy_only).await.unwrap();
+            let via = serde_json::to_vec(&r.list(name, healthy_only).await.unwrap()).unwrap();
+            assert_eq!(
+                String::from_utf8(direct).unwrap(),
+                String::from_utf8(via).unwrap()
+            );
+        }
     }
 
     #[tokio::test]
