@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Opt-in full test of the .deb under a real systemd (not part of CI: ~4 min the first time to
-# build the root file system, then ~1-2 min). Needs root, systemd-nspawn and debootstrap (apt
+# Opt-in full test of the .deb under a real systemd (not part of CI: ~2-3 min the first time to
+# build the root file system, then ~1 min). Needs root, systemd-nspawn and debootstrap (apt
 # installs them when missing), and the SmolLM2 GGUF (scripts/fetch-models.sh).
 #
 # Boots a Debian 12 container with systemd-nspawn (--private-network: the container has only
