@@ -230,6 +230,50 @@ impl InstanceInput {
         })
     }
 
+    /// The fast path for well-formed bodies (every worker's register and heartbeat): a
+    /// typed parse that accepts only inputs the lenient [`InstanceInput::from_json`] also
+    /// accepts, with the same result. Anything else (strings for numbers, blank names,
+    /// duplicate keys, malformed JSON…) returns `None` and goes through the lenient path,
+    /// which produces the same values or DB-GPT's 422.
+    pub fn from_body_strict(body: &[u8]) -> Option<Self> {
+        use std::borrow::Cow;
+        #[derive(Deserialize)]
+        struct Strict<'a> {
+            #[serde(borrow)]
+            model_name: Cow<'a, str>,
+            #[serde(borrow)]
+            host: Cow<'a, str>,
+            port: u16,
+            #[serde(default = "default_weight")]
+            weight: Option<f64>,
+            #[serde(default = "default_true")]
+            check_healthy: Option<bool>,
+            #[serde(default = "default_true")]
+            enabled: Option<bool>,
+            #[serde(default)]
+            prompt_template: Option<String>,
+            #[serde(default, rename = "healthy")]
+            _healthy: Option<bool>,
+            #[serde(default)]
+            remove_from_registry: Option<bool>,
+        }
+        let s: Strict<'_> = serde_json::from_slice(body).ok()?;
+        let (model_name, host) = (s.model_name.trim(), s.host.trim());
+        if model_name.is_empty() || host.is_empty() || s.weight.is_some_and(|w| !w.is_finite()) {
+            return None;
+        }
+        Some(InstanceInput {
+            model_name: model_name.to_string(),
+            host: host.to_string(),
+            port: s.port,
+            weight: s.weight,
+            check_healthy: s.check_healthy,
+            enabled: s.enabled,
+            prompt_template: s.prompt_template,
+            remove_from_registry: s.remove_from_registry.unwrap_or(false),
+        })
+    }
+
     /// The registry identity of this instance.
     pub fn key(&self) -> InstanceKey {
         InstanceKey {
@@ -302,6 +346,41 @@ mod tests {
         assert_eq!(i.check_healthy, Some(true));
         assert_eq!(i.enabled, Some(true));
         assert!(i.remove_from_registry);
+    }
+
+    /// Whatever the strict fast path accepts, the lenient validator accepts with the same
+    /// result; the standard worker body takes the fast path.
+    #[test]
+    fn strict_fast_path_agrees_with_the_lenient_validator() {
+        let bodies = [
+            r#"{"model_name":"a@llm","host":"h","port":1,"weight":1.0,"check_healthy":true,"healthy":false,"enabled":true,"prompt_template":null,"last_heartbeat":null}"#,
+            r#"{"model_name":" a@llm ","host":"h","port":8001}"#,
+            r#"{"model_name":"a@llm","host":"h","port":1,"weight":null,"check_healthy":null,"enabled":false,"prompt_template":"t\"q","extra":[1,{}]}"#,
+            r#"{"model_name":"a\u00e9@llm","host":"h","port":65535,"remove_from_registry":true,"last_heartbeat":"2026-01-01T00:00:00"}"#,
+            r#"{"model_name":"a@llm","host":"h","port":"1"}"#,
+            r#"{"model_name":"a@llm","host":"h","port":1.0}"#,
+            r#"{"model_name":"a@llm","host":"h","port":1,"enabled":"yes"}"#,
+            r#"{"model_name":"","host":"h","port":1}"#,
+            r#"{"model_name":"a@llm","host":"  ","port":1}"#,
+            r#"{"model_name":"a@llm","host":"h","port":70000}"#,
+            r#"{"model_name":"a@llm","host":"h","port":1,"port":2}"#,
+            r#"{"model_name":"a@llm","host":"h","port":1,"healthy":"maybe"}"#,
+            r#"{"model_name":"a@llm","host":"h","port":1,"weight":"2"}"#,
+            r#"{"model_name":"a@llm","host":"h"}"#,
+            r#"[1]"#,
+            r#"{"#,
+        ];
+        let mut fast = 0;
+        for b in bodies {
+            let lenient = crate::validate::parse_json_object(b.as_bytes(), "ModelInstance")
+                .and_then(|v| InstanceInput::from_json("body", &v));
+            if let Some(strict) = InstanceInput::from_body_strict(b.as_bytes()) {
+                fast += 1;
+                assert_eq!(Some(strict), lenient.ok(), "{b}");
+            }
+        }
+        assert_eq!(fast, 4, "the well-formed bodies take the fast path");
+        assert!(InstanceInput::from_body_strict(bodies[0].as_bytes()).is_some());
     }
 
     #[test]
