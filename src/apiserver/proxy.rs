@@ -307,28 +307,38 @@ impl Upstream {
         .await
     }
 
+    /// POSTs a JSON `body` to a worker route and reads the whole answer, bounded by the
+    /// request timeout (a timeout is final, a broken read may be retried elsewhere).
+    async fn post_and_read(
+        &self,
+        base_url: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Bytes, Attempt> {
+        let req = self
+            .http
+            .post(format!("{base_url}{path}"))
+            .header("content-type", "application/json")
+            .body(body);
+        let resp = self.send(req).await?;
+        match tokio::time::timeout(self.timeout, resp.bytes()).await {
+            Err(_) => Err(Attempt::Fail(OpenAiError::gateway_timeout(format!(
+                "the worker did not finish within {:?}",
+                self.timeout
+            )))),
+            Ok(Err(e)) => Err(Attempt::Retry(describe(&e))),
+            Ok(Ok(b)) => Ok(b),
+        }
+    }
+
     /// `generate` (non-stream): the final frame.
     pub async fn generate(&self, model: &str, body: &Bytes) -> Result<Frame, OpenAiError> {
         self.with_retries(model, super::discovery::LLM, |guard| {
             let body = body.clone();
             async move {
-                let url = format!("{}/api/worker/generate", guard.instance().base_url);
-                let req = self
-                    .http
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .body(body);
-                let resp = self.send(req).await?;
-                let bytes = match tokio::time::timeout(self.timeout, resp.bytes()).await {
-                    Err(_) => {
-                        return Err(Attempt::Fail(OpenAiError::gateway_timeout(format!(
-                            "the worker did not finish within {:?}",
-                            self.timeout
-                        ))));
-                    }
-                    Ok(Err(e)) => return Err(Attempt::Retry(describe(&e))),
-                    Ok(Ok(b)) => b,
-                };
+                let bytes = self
+                    .post_and_read(&guard.instance().base_url, "/api/worker/generate", body)
+                    .await?;
                 drop(guard);
                 parse_frame(&bytes).map_err(|e| Attempt::Fail(OpenAiError::bad_gateway(e)))
             }
@@ -351,23 +361,9 @@ impl Upstream {
         self.with_retries(model, super::discovery::TEXT2VEC, |guard| {
             let body = body.clone();
             async move {
-                let url = format!("{}/api/worker/embeddings", guard.instance().base_url);
-                let req = self
-                    .http
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .body(body);
-                let resp = self.send(req).await?;
-                let bytes = match tokio::time::timeout(self.timeout, resp.bytes()).await {
-                    Err(_) => {
-                        return Err(Attempt::Fail(OpenAiError::gateway_timeout(format!(
-                            "the worker did not finish within {:?}",
-                            self.timeout
-                        ))));
-                    }
-                    Ok(Err(e)) => return Err(Attempt::Retry(describe(&e))),
-                    Ok(Ok(b)) => b,
-                };
+                let bytes = self
+                    .post_and_read(&guard.instance().base_url, "/api/worker/embeddings", body)
+                    .await?;
                 serde_json::from_slice::<Vec<Vec<f32>>>(&bytes).map_err(|_| {
                     Attempt::Fail(OpenAiError::bad_gateway(format!(
                         "the worker's embeddings answer is not a list of vectors: {}",
