@@ -350,19 +350,7 @@ impl Registry for RedbRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn input(name: &str, port: u16) -> InstanceInput {
-        InstanceInput {
-            model_name: name.into(),
-            host: "127.0.0.1".into(),
-            port,
-            weight: Some(1.0),
-            check_healthy: Some(true),
-            enabled: Some(true),
-            prompt_template: None,
-            remove_from_registry: false,
-        }
-    }
+    use crate::registry::conformance::input;
 
     #[tokio::test]
     async fn survives_reopen_and_keeps_order() {
