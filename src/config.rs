@@ -962,6 +962,10 @@ pub struct ApiserverArgs {
         env = "APISERVER_MAX_RETRIES"
     )]
     pub max_retries: Option<u32>,
+    /// HTTP serving threads; each owns its client connections and its pooled worker
+    /// connections [default: the number of CPUs]
+    #[arg(long = "threads", env = "APISERVER_THREADS")]
+    pub threads: Option<usize>,
     /// CORS origins allowed, comma separated; `*` allows any [default: *]
     #[arg(
         long = "cors_allow_origins",
@@ -986,6 +990,7 @@ struct ApiserverFile {
     refresh_interval_secs: Option<f64>,
     request_timeout_secs: Option<f64>,
     max_retries: Option<u32>,
+    threads: Option<usize>,
     cors_allow_origins: Option<String>,
     log_level: Option<String>,
     log_file: Option<PathBuf>,
@@ -1004,6 +1009,8 @@ pub struct ApiserverConfig {
     pub refresh_interval: Duration,
     pub request_timeout: Duration,
     pub max_retries: u32,
+    /// HTTP serving threads (each a single-threaded runtime).
+    pub threads: usize,
     /// `None` = any origin.
     pub cors_allow_origins: Option<Vec<String>>,
     pub log_level: Option<String>,
@@ -1098,6 +1105,11 @@ impl ApiserverArgs {
         if max_retries > 16 {
             bail!("--max_retries must be at most 16");
         }
+        let threads = match self.threads.or(file.threads) {
+            Some(n) if n == 0 || n > 256 => bail!("--threads must be between 1 and 256"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
         let origins: Vec<String> = self
             .cors_allow_origins
             .or(file.cors_allow_origins)
@@ -1130,6 +1142,7 @@ impl ApiserverArgs {
             refresh_interval,
             request_timeout,
             max_retries,
+            threads,
             cors_allow_origins,
             log_level: self.common.log_level.or(file.log_level),
             log_file: resolve_log_file(
@@ -1183,6 +1196,18 @@ mod apiserver_tests {
                 .to_string()
                 .contains("--embedding_batch_size")
         );
+        assert!(c.threads >= 1, "defaults to the number of CPUs");
+        for (n, ok) in [(0, false), (1, true), (4, true), (257, false)] {
+            let r = ApiserverArgs {
+                threads: Some(n),
+                ..Default::default()
+            }
+            .resolve();
+            match r {
+                Ok(c) => assert!(ok && c.threads == n, "--threads {n}"),
+                Err(e) => assert!(!ok && e.to_string().contains("--threads"), "{e}"),
+            }
+        }
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Instance {
     pub addr: String,
     /// `http://host:port` (IPv6 hosts bracketed).
     pub base_url: String,
+    /// The worker routes, parsed once per refresh instead of once per request; `None` if
+    /// the registered host does not make a valid URL (requests to it fail and are retried).
+    pub endpoints: Option<Endpoints>,
     pub weight: f64,
     pub enabled: bool,
     pub healthy: bool,
@@ -60,6 +63,25 @@ impl Instance {
     /// Can the policy ever choose it?
     pub fn routable(&self) -> bool {
         self.healthy && self.enabled && self.weight > 0.0
+    }
+}
+
+/// A worker's DB-GPT routes as parsed URLs.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub generate: reqwest::Url,
+    pub generate_stream: reqwest::Url,
+    pub embeddings: reqwest::Url,
+}
+
+impl Endpoints {
+    pub fn new(base_url: &str) -> Option<Endpoints> {
+        let parse = |path: &str| reqwest::Url::parse(&format!("{base_url}{path}")).ok();
+        Some(Endpoints {
+            generate: parse("/api/worker/generate")?,
+            generate_stream: parse("/api/worker/generate_stream")?,
+            embeddings: parse("/api/worker/embeddings")?,
+        })
     }
 }
 
@@ -249,6 +271,7 @@ impl Discovery {
                 .entry(m.model_name.clone())
                 .or_default()
                 .push(Arc::new(Instance {
+                    endpoints: Endpoints::new(&base_url(&m.host, m.port)),
                     base_url: base_url(&m.host, m.port),
                     addr,
                     weight: if weight.is_finite() {

@@ -38,11 +38,18 @@ use crate::http::json_response;
 /// Largest request body accepted (embedding batches can be large).
 pub const MAX_BODY_BYTES: usize = 32 << 20;
 
-/// Shared state of the handlers.
+/// State of the handlers of one serving thread (each has its own worker connection pool).
 pub struct AppState {
     pub upstream: Upstream,
     pub api_keys: Vec<String>,
     pub embedding_batch_size: usize,
+    /// Shared by every serving thread.
+    pub stats: Arc<Stats>,
+}
+
+/// Request counters for the admin status, shared by every serving thread.
+#[derive(Default)]
+pub struct Stats {
     pub in_flight: AtomicU64,
     pub requests: AtomicU64,
 }
@@ -160,15 +167,15 @@ struct Busy(Shared);
 
 impl Busy {
     fn new(s: &Shared) -> Self {
-        s.in_flight.fetch_add(1, Ordering::Relaxed);
-        s.requests.fetch_add(1, Ordering::Relaxed);
+        s.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        s.stats.requests.fetch_add(1, Ordering::Relaxed);
         Busy(s.clone())
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -174,6 +174,21 @@ fn parse_frame(piece: &[u8]) -> Result<Frame, String> {
         })
 }
 
+/// One of the instance's pre-parsed worker URLs (a host that makes no valid URL is a
+/// failed attempt, so the request moves on to another instance).
+fn endpoint(
+    inst: &super::discovery::Instance,
+    pick: impl Fn(&super::discovery::Endpoints) -> &reqwest::Url,
+) -> Result<reqwest::Url, Attempt> {
+    match &inst.endpoints {
+        Some(e) => Ok(pick(e).clone()),
+        None => Err(Attempt::Retry(format!(
+            "its address {} does not make a valid URL",
+            inst.base_url
+        ))),
+    }
+}
+
 fn snippet(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(&b[..b.len().min(300)]);
     s.trim().to_string()
@@ -278,7 +293,7 @@ impl Upstream {
         self.with_retries(model, super::discovery::LLM, |guard| {
             let body = body.clone();
             async move {
-                let url = format!("{}/api/worker/generate_stream", guard.instance().base_url);
+                let url = endpoint(guard.instance(), |e| &e.generate_stream)?;
                 let req = self
                     .http
                     .post(url)
@@ -309,15 +324,10 @@ impl Upstream {
 
     /// POSTs a JSON `body` to a worker route and reads the whole answer, bounded by the
     /// request timeout (a timeout is final, a broken read may be retried elsewhere).
-    async fn post_and_read(
-        &self,
-        base_url: &str,
-        path: &str,
-        body: Bytes,
-    ) -> Result<Bytes, Attempt> {
+    async fn post_and_read(&self, url: reqwest::Url, body: Bytes) -> Result<Bytes, Attempt> {
         let req = self
             .http
-            .post(format!("{base_url}{path}"))
+            .post(url)
             .header("content-type", "application/json")
             .body(body);
         let resp = self.send(req).await?;
@@ -336,9 +346,8 @@ impl Upstream {
         self.with_retries(model, super::discovery::LLM, |guard| {
             let body = body.clone();
             async move {
-                let bytes = self
-                    .post_and_read(&guard.instance().base_url, "/api/worker/generate", body)
-                    .await?;
+                let url = endpoint(guard.instance(), |e| &e.generate)?;
+                let bytes = self.post_and_read(url, body).await?;
                 drop(guard);
                 parse_frame(&bytes).map_err(|e| Attempt::Fail(OpenAiError::bad_gateway(e)))
             }
@@ -361,9 +370,8 @@ impl Upstream {
         self.with_retries(model, super::discovery::TEXT2VEC, |guard| {
             let body = body.clone();
             async move {
-                let bytes = self
-                    .post_and_read(&guard.instance().base_url, "/api/worker/embeddings", body)
-                    .await?;
+                let url = endpoint(guard.instance(), |e| &e.embeddings)?;
+                let bytes = self.post_and_read(url, body).await?;
                 serde_json::from_slice::<Vec<Vec<f32>>>(&bytes).map_err(|_| {
                     Attempt::Fail(OpenAiError::bad_gateway(format!(
                         "the worker's embeddings answer is not a list of vectors: {}",

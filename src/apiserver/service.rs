@@ -5,18 +5,26 @@
 //! a warning: the view fills in when it comes up) → TCP bind → admin socket → ready. Stop
 //! (SIGTERM, SIGINT or admin `Stop`) stops accepting, lets in-flight requests finish
 //! (bounded), removes socket and pid file and exits 0.
+//!
+//! HTTP is served by `--threads` OS threads, each running a single-threaded tokio runtime
+//! with its own pool of worker connections. The accept loop (on the main runtime, with
+//! discovery and the admin socket) hands each new client connection to the next serving
+//! thread in turn, and the connection stays there: a request, its call to the worker and its
+//! stream relay never change threads. With a shared multi-threaded runtime every request
+//! crossed threads several times, and at low load those wake-ups cost more CPU than the
+//! proxying itself.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, Method};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::discovery::Discovery;
 use super::proxy::Upstream;
-use super::{AppState, router};
+use super::{AppState, Stats, router};
 use crate::admin::server::AdminHandler;
 use crate::config::ApiserverConfig;
 use crate::controller::client::ControllerClient;
@@ -71,11 +79,19 @@ impl AdminHandler for Admin {
                 ),
                 (
                     "in_flight".into(),
-                    self.state.in_flight.load(Ordering::Relaxed).to_string(),
+                    self.state
+                        .stats
+                        .in_flight
+                        .load(Ordering::Relaxed)
+                        .to_string(),
                 ),
                 (
                     "requests".into(),
-                    self.state.requests.load(Ordering::Relaxed).to_string(),
+                    self.state
+                        .stats
+                        .requests
+                        .load(Ordering::Relaxed)
+                        .to_string(),
                 ),
                 ("refresh".into(), refresh),
             ],
@@ -111,19 +127,23 @@ fn cors(origins: &Option<Vec<String>>) -> CorsLayer {
         .allow_headers(AllowHeaders::mirror_request())
 }
 
-/// Builds the shared state (used by the process and by in-process tests).
-pub fn build_state(cfg: &ApiserverConfig) -> anyhow::Result<Arc<AppState>> {
-    let client = ControllerClient::new(&cfg.controller_addr, CONTROLLER_TIMEOUT)?;
-    let http = crate::http::build_client(|b| {
+/// The pooled keep-alive client for calls to workers.
+fn worker_client() -> reqwest::Result<reqwest::Client> {
+    crate::http::build_client(|b| {
         b.connect_timeout(Duration::from_secs(3))
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .http1_only()
-    })?;
+    })
+}
+
+/// Builds the state (used by the process and by in-process tests).
+pub fn build_state(cfg: &ApiserverConfig) -> anyhow::Result<Arc<AppState>> {
+    let client = ControllerClient::new(&cfg.controller_addr, CONTROLLER_TIMEOUT)?;
     Ok(Arc::new(AppState {
         upstream: Upstream {
-            http,
+            http: worker_client()?,
             discovery: Arc::new(Discovery::new(client)),
             policy: cfg.routing_policy,
             max_retries: cfg.max_retries,
@@ -131,8 +151,24 @@ pub fn build_state(cfg: &ApiserverConfig) -> anyhow::Result<Arc<AppState>> {
         },
         api_keys: cfg.api_keys.clone(),
         embedding_batch_size: cfg.embedding_batch_size,
-        in_flight: AtomicU64::new(0),
-        requests: AtomicU64::new(0),
+        stats: Arc::new(Stats::default()),
+    }))
+}
+
+/// The state of one more serving thread: its own worker connection pool (connections are
+/// driven by the runtime that opened them), everything else shared with `base`.
+fn thread_state(base: &AppState) -> anyhow::Result<Arc<AppState>> {
+    Ok(Arc::new(AppState {
+        upstream: Upstream {
+            http: worker_client()?,
+            discovery: base.upstream.discovery.clone(),
+            policy: base.upstream.policy,
+            max_retries: base.upstream.max_retries,
+            timeout: base.upstream.timeout,
+        },
+        api_keys: base.api_keys.clone(),
+        embedding_batch_size: base.embedding_batch_size,
+        stats: base.stats.clone(),
     }))
 }
 
@@ -163,8 +199,7 @@ pub async fn run(cfg: ApiserverConfig, mut readiness: Readiness) -> anyhow::Resu
         admin,
         token.clone(),
     ));
-    let app = router(state.clone()).layer(cors(&cfg.cors_allow_origins));
-    let http = tokio::spawn(serve(listener, app, token.clone()));
+    let http = serve_on_threads(&cfg, &state, listener, token.clone())?;
 
     let status = format!(
         "apiserver serving on {}:{} (controller {}, policy {})",
@@ -188,21 +223,132 @@ pub async fn run(cfg: ApiserverConfig, mut readiness: Readiness) -> anyhow::Resu
     Ok(())
 }
 
-/// Like [`crate::http::serve`], with `TCP_NODELAY` on every accepted connection: SSE chunks
-/// are small writes, and Nagle's algorithm against the client's delayed ACK would hold each
-/// one back by up to 40 ms.
-async fn serve(
+/// Connections accepted by the main runtime, handed to one serving thread.
+struct Handoff {
+    rx: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for Handoff {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some(std) = self.rx.recv().await else {
+                // The accept loop is gone (stopping): wait for the graceful shutdown.
+                return std::future::pending().await;
+            };
+            // Registers the socket with this thread's reactor.
+            match tokio::net::TcpStream::from_std(std) {
+                Ok(tcp) => match tcp.peer_addr() {
+                    Ok(addr) => return (tcp, addr),
+                    Err(e) => debug!(error = %e, "connection closed before it was served"),
+                },
+                Err(e) => warn!(error = %e, "cannot register a client connection"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Starts `cfg.threads` serving threads and the accept loop that feeds them; the returned
+/// task ends when every thread has finished its graceful shutdown (see [`daemon::drain_http`]).
+fn serve_on_threads(
+    cfg: &ApiserverConfig,
+    state: &Arc<AppState>,
     listener: tokio::net::TcpListener,
-    router: axum::Router,
     shutdown: tokio_util::sync::CancellationToken,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let local = listener.local_addr()?;
+    let mut senders = Vec::with_capacity(cfg.threads);
+    let mut threads = Vec::with_capacity(cfg.threads);
+    for i in 0..cfg.threads {
+        let thread_state = if i == 0 {
+            state.clone()
+        } else {
+            thread_state(state)?
+        };
+        let app = router(thread_state).layer(cors(&cfg.cors_allow_origins));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        senders.push(tx);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let token = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("dbgpt-http-{i}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    axum::serve(Handoff { rx, local }, app)
+                        .with_graceful_shutdown(async move { token.cancelled().await })
+                        .await
+                })
+            })?;
+        threads.push(thread);
+    }
+    tokio::spawn(accept_loop(listener, senders, shutdown));
+    Ok(tokio::task::spawn_blocking(move || {
+        let mut result = Ok(());
+        for t in threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(std::io::Error::other("a serving thread panicked")),
+            }
+        }
+        result
+    }))
+}
+
+/// Accepts client connections and deals them out to the serving threads in turn, with
+/// `TCP_NODELAY` set: SSE chunks are small writes, and Nagle's algorithm against the
+/// client's delayed ACK would hold each one back by up to 40 ms.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut next = 0usize;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, _)) => {
+                let _ = tcp.set_nodelay(true);
+                match tcp.into_std() {
+                    Ok(std) => {
+                        // A closed channel means that thread has stopped: the connection
+                        // is dropped (closed), as any connection arriving while stopping.
+                        let _ = senders[next].send(std);
+                        next = (next + 1) % senders.len();
+                    }
+                    Err(e) => warn!(error = %e, "cannot hand over a client connection"),
+                }
+            }
+            // Per-connection failures (reset before accept…) are routine; running out of
+            // file descriptors is not: back off instead of spinning.
+            Err(e) => {
+                if !is_connection_error(&e) {
+                    warn!(error = %e, "accept failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 type Started = (

@@ -1301,7 +1301,13 @@ fn apiserver_routing_policies() {
     let idle = FakeWorker::llm(&u, "lo", quick.clone());
     // The first controller URL is dead: discovery fails over to the second at once.
     let dead_first = format!("http://127.0.0.1:{},{u}", free_port());
-    let rr_api = apiserver(&env, &dead_first, &["--routing_policy", "round_robin"]);
+    // Three serving threads, and a new connection per request below: consecutive requests
+    // are served by different threads, which share the policy's state.
+    let rr_api = apiserver(
+        &env,
+        &dead_first,
+        &["--routing_policy", "round_robin", "--threads", "3"],
+    );
     let lo_api = apiserver(&env, &u, &[]);
     let rnd_api = apiserver(&env, &u, &["--routing_policy", "random"]);
     rt().block_on(async {
@@ -1312,7 +1318,7 @@ fn apiserver_routing_policies() {
         // round_robin: strictly even over the three routable instances.
         for _ in 0..30 {
             let (s, _) = post_json(
-                &c,
+                &client(),
                 format!("{}/v1/chat/completions", rr_api.url()),
                 json!({"model": "rr", "messages": "x"}),
             )
