@@ -1108,7 +1108,7 @@ impl ApiserverArgs {
         let threads = match self.threads.or(file.threads) {
             Some(n) if n == 0 || n > 256 => bail!("--threads must be between 1 and 256"),
             Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => crate::http::default_threads(),
         };
         let origins: Vec<String> = self
             .cors_allow_origins

@@ -191,6 +191,133 @@ pub async fn serve(
         .await
 }
 
+/// Connections accepted by the main runtime, handed to one serving thread.
+struct Handoff {
+    rx: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for Handoff {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some(std) = self.rx.recv().await else {
+                // The accept loop is gone (stopping): wait for the graceful shutdown.
+                return std::future::pending().await;
+            };
+            // Registers the socket with this thread's reactor.
+            match tokio::net::TcpStream::from_std(std) {
+                Ok(tcp) => match tcp.peer_addr() {
+                    Ok(addr) => return (tcp, addr),
+                    Err(e) => tracing::debug!(error = %e, "connection closed before it was served"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot register a client connection"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Serves `listener` on one OS thread per router, each running a single-threaded tokio
+/// runtime. The accept loop runs on the calling runtime and deals new connections out to
+/// the threads in turn (with `TCP_NODELAY`); a connection then stays on its thread, so its
+/// requests never cross threads: on a shared multi-threaded runtime every request woke
+/// other threads several times, which at low load cost more CPU than the request itself.
+/// Tasks a handler spawns run on its thread. The returned task ends when every thread has
+/// finished its graceful shutdown (after `shutdown` is cancelled), for [`crate::daemon::drain_http`].
+pub fn serve_on_threads(
+    listener: tokio::net::TcpListener,
+    routers: Vec<Router>,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let local = listener.local_addr()?;
+    let mut senders = Vec::with_capacity(routers.len());
+    let mut threads = Vec::with_capacity(routers.len());
+    for (i, app) in routers.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        senders.push(tx);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let token = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("dbgpt-http-{i}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    axum::serve(Handoff { rx, local }, app)
+                        .with_graceful_shutdown(async move { token.cancelled().await })
+                        .await
+                })
+            })?;
+        threads.push(thread);
+    }
+    tokio::spawn(accept_loop(listener, senders, shutdown));
+    Ok(tokio::task::spawn_blocking(move || {
+        let mut result = Ok(());
+        for t in threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(std::io::Error::other("a serving thread panicked")),
+            }
+        }
+        result
+    }))
+}
+
+/// Accepts connections and deals them out to the serving threads in turn.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>>,
+    shutdown: CancellationToken,
+) {
+    let mut next = 0usize;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, _)) => {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+                match tcp.into_std() {
+                    Ok(std) => {
+                        // A closed channel means that thread has stopped: the connection
+                        // is dropped (closed), as any connection arriving while stopping.
+                        let _ = senders[next].send(std);
+                        next = (next + 1) % senders.len();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot hand over a client connection"),
+                }
+            }
+            // Per-connection failures (reset before accept…) are routine; running out of
+            // file descriptors is not: back off instead of spinning.
+            Err(e) => {
+                use std::io::ErrorKind::*;
+                if !matches!(
+                    e.kind(),
+                    ConnectionRefused | ConnectionAborted | ConnectionReset
+                ) {
+                    tracing::warn!(error = %e, "accept failed; retrying in 1 s");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The default number of serving threads: the CPUs this process may run on.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Installs the process-wide TLS crypto provider (ring) once; every reqwest client needs it
 /// before it is built (HTTPS upstreams such as OpenAI for the proxy backend).
 pub fn ensure_tls_provider() {

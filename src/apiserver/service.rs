@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderValue, Method};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::discovery::Discovery;
 use super::proxy::Upstream;
@@ -223,132 +223,23 @@ pub async fn run(cfg: ApiserverConfig, mut readiness: Readiness) -> anyhow::Resu
     Ok(())
 }
 
-/// Connections accepted by the main runtime, handed to one serving thread.
-struct Handoff {
-    rx: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
-    local: std::net::SocketAddr,
-}
-
-impl axum::serve::Listener for Handoff {
-    type Io = tokio::net::TcpStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Some(std) = self.rx.recv().await else {
-                // The accept loop is gone (stopping): wait for the graceful shutdown.
-                return std::future::pending().await;
-            };
-            // Registers the socket with this thread's reactor.
-            match tokio::net::TcpStream::from_std(std) {
-                Ok(tcp) => match tcp.peer_addr() {
-                    Ok(addr) => return (tcp, addr),
-                    Err(e) => debug!(error = %e, "connection closed before it was served"),
-                },
-                Err(e) => warn!(error = %e, "cannot register a client connection"),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
-/// Starts `cfg.threads` serving threads and the accept loop that feeds them; the returned
-/// task ends when every thread has finished its graceful shutdown (see [`daemon::drain_http`]).
+/// Starts the serving threads, each with its own state (worker connection pool) and router.
 fn serve_on_threads(
     cfg: &ApiserverConfig,
     state: &Arc<AppState>,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
-    let local = listener.local_addr()?;
-    let mut senders = Vec::with_capacity(cfg.threads);
-    let mut threads = Vec::with_capacity(cfg.threads);
+    let mut routers = Vec::with_capacity(cfg.threads);
     for i in 0..cfg.threads {
-        let thread_state = if i == 0 {
+        let s = if i == 0 {
             state.clone()
         } else {
             thread_state(state)?
         };
-        let app = router(thread_state).layer(cors(&cfg.cors_allow_origins));
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        senders.push(tx);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let token = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("dbgpt-http-{i}"))
-            .spawn(move || {
-                rt.block_on(async move {
-                    axum::serve(Handoff { rx, local }, app)
-                        .with_graceful_shutdown(async move { token.cancelled().await })
-                        .await
-                })
-            })?;
-        threads.push(thread);
+        routers.push(router(s).layer(cors(&cfg.cors_allow_origins)));
     }
-    tokio::spawn(accept_loop(listener, senders, shutdown));
-    Ok(tokio::task::spawn_blocking(move || {
-        let mut result = Ok(());
-        for t in threads {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e),
-                Err(_) => result = Err(std::io::Error::other("a serving thread panicked")),
-            }
-        }
-        result
-    }))
-}
-
-/// Accepts client connections and deals them out to the serving threads in turn, with
-/// `TCP_NODELAY` set: SSE chunks are small writes, and Nagle's algorithm against the
-/// client's delayed ACK would hold each one back by up to 40 ms.
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    senders: Vec<tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut next = 0usize;
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((tcp, _)) => {
-                let _ = tcp.set_nodelay(true);
-                match tcp.into_std() {
-                    Ok(std) => {
-                        // A closed channel means that thread has stopped: the connection
-                        // is dropped (closed), as any connection arriving while stopping.
-                        let _ = senders[next].send(std);
-                        next = (next + 1) % senders.len();
-                    }
-                    Err(e) => warn!(error = %e, "cannot hand over a client connection"),
-                }
-            }
-            // Per-connection failures (reset before accept…) are routine; running out of
-            // file descriptors is not: back off instead of spinning.
-            Err(e) => {
-                if !is_connection_error(&e) {
-                    warn!(error = %e, "accept failed; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-    }
-}
-
-fn is_connection_error(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionRefused | ConnectionAborted | ConnectionReset
-    )
+    Ok(crate::http::serve_on_threads(listener, routers, shutdown)?)
 }
 
 type Started = (
