@@ -145,8 +145,9 @@ fn controller_spans_for_register_and_deregister_none_for_heartbeats() {
         .0,
         200
     );
-    // Stopped right after the last request: its lines were still buffered (the writer
-    // waits 10 s or 10 lines), so they are only there if the stop flushed them.
+    // 10 lines so far (a full batch, written at once); the last request's 2 lines stay
+    // buffered (the writer waits 10 s or 10 lines) until the stop flushes them.
+    assert_eq!(http_get_status(c.port, "/api/controller/models"), Some(200));
     ctl_stop(&env, &mut c);
 
     let file = env.log_dir().join("dbgpt_model_controller_tracer.jsonl");
@@ -160,13 +161,15 @@ fn controller_spans_for_register_and_deregister_none_for_heartbeats() {
             "DB-GPT-ModelController",
             "DB-GPT-ModelController",
             "dbgpt.model.controller.deregister_instance",
+            "DB-GPT-ModelController",
         ],
         "one root per request except heartbeats and health checks: {sp:#?}"
     );
     for root in sp.iter().filter(|s| s.op == "DB-GPT-ModelController") {
         assert_eq!(root.metadata, json!({"path": "/api/controller/models"}));
     }
-    let (reg_root, reg, listing, dereg_root, dereg) = (&sp[0], &sp[1], &sp[2], &sp[3], &sp[4]);
+    let (reg_root, reg, listing, dereg_root, dereg, last) =
+        (&sp[0], &sp[1], &sp[2], &sp[3], &sp[4], &sp[5]);
     assert_eq!(reg_root.parent, None);
     assert_eq!(reg.parent.as_deref(), Some(reg_root.span_id.as_str()));
     assert_eq!(reg.trace_id, reg_root.trace_id);
@@ -183,6 +186,7 @@ fn controller_spans_for_register_and_deregister_none_for_heartbeats() {
     assert_eq!(dereg.parent.as_deref(), Some(dereg_root.span_id.as_str()));
     assert_eq!(dereg.metadata["model_name"], "m@llm");
     assert_eq!(dereg.metadata["port"], 9001);
+    assert_eq!(last.parent, None);
 
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
