@@ -2,11 +2,12 @@
 //! background tasks that keep health and persistence current.
 //!
 //! Routes (reference §2): `GET /api/health`, `POST/DELETE/GET /api/controller/models`,
-//! `POST /api/controller/heartbeat`. Every route but heartbeat and health writes a root
-//! span to DB-GPT's tracer file, with register/deregister child spans ([`crate::tracer`]). Responses are DB-GPT's bare JSON literals (`true`,
-//! lists of nine-key instances). The health sweep marks instances unhealthy after
-//! `heartbeat_timeout`, and a flusher persists heartbeat timestamps in batches; both run
-//! each tick in a fresh task so that an error or even a panic is logged and the loop
+//! `POST /api/controller/heartbeat`. Responses are DB-GPT's bare JSON literals (`true`,
+//! lists of nine-key instances). Every route but heartbeat and health writes a root span
+//! to DB-GPT's tracer file, with register/deregister child spans ([`crate::tracer`]); the
+//! heartbeat route has no middleware at all. The health sweep marks instances unhealthy
+//! after `heartbeat_timeout`, and a flusher persists heartbeat timestamps in batches; both
+//! run each tick in a fresh task so that an error or even a panic is logged and the loop
 //! carries on.
 
 pub mod client;
