@@ -145,8 +145,8 @@ fn controller_spans_for_register_and_deregister_none_for_heartbeats() {
         .0,
         200
     );
-    // 10 lines so far (a full batch, written at once); the last request's 2 lines stay
-    // buffered (the writer waits 10 s or 10 lines) until the stop flushes them.
+    // The last request's lines are still buffered (the writer waits 1 s or 256 lines):
+    // the stop must flush them.
     assert_eq!(http_get_status(c.port, "/api/controller/models"), Some(200));
     ctl_stop(&env, &mut c);
 
