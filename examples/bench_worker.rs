@@ -110,6 +110,7 @@ async fn main() {
     let port = listener.local_addr().unwrap().port();
     let app = router(WorkerState {
         manager: manager.clone(),
+        tracer: dbgpt_cluster::tracer::Tracer::disabled(),
     });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     dbgpt_cluster::http::ensure_tls_provider();

@@ -32,6 +32,13 @@ pub struct CommonServerArgs {
     /// Log file name (inside $DBGPT_LOG_DIR) or path, used with --daemon.
     #[arg(long = "log_file", visible_alias = "log-file")]
     pub log_file: Option<PathBuf>,
+    /// DB-GPT's span file (JSON lines, read by `dbgpt trace`): a name inside $DBGPT_LOG_DIR or a path [default: dbgpt_model_controller_tracer.jsonl, dbgpt_model_worker_manager_tracer.jsonl or dbgpt_model_apiserver_tracer.jsonl]; "" turns tracing off
+    #[arg(
+        long = "tracer_file",
+        visible_alias = "tracer-file",
+        value_name = "FILE"
+    )]
+    pub tracer_file: Option<String>,
     /// TOML configuration file; flags and environment variables override it.
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
@@ -191,6 +198,9 @@ struct ControllerFile {
     heartbeat_timeout_secs: Option<u64>,
     log_level: Option<String>,
     log_file: Option<PathBuf>,
+    tracer_file: Option<String>,
+    /// DB-GPT 0.7's `[service.model.<service>.trace]`.
+    trace: Option<TraceSection>,
 }
 
 /// Resolved controller configuration.
@@ -206,6 +216,7 @@ pub struct ControllerConfig {
     pub heartbeat_timeout: Duration,
     pub log_level: Option<String>,
     pub log_file: PathBuf,
+    pub tracer: TracerConfig,
     pub daemon: bool,
 }
 
@@ -239,6 +250,54 @@ pub fn resolve_log_file(opt: Option<PathBuf>, default_name: &str) -> PathBuf {
         Some(p) => crate::daemon::log_dir().join(p),
         None => crate::daemon::log_dir().join(default_name),
     }
+}
+
+/// DB-GPT 0.7's `[trace]` table: at the top level of a config file, or inside a service's
+/// section (`[service.model.controller.trace]`, which wins).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TraceSection {
+    file: Option<String>,
+    root_operation_name: Option<String>,
+}
+
+/// Where a service writes DB-GPT's span file, and under which root operation name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracerConfig {
+    /// `None`: tracing off.
+    pub file: Option<PathBuf>,
+    /// The root span's operation name [default: DB-GPT's name for the service].
+    pub root_operation_name: Option<String>,
+}
+
+/// Resolves the tracer options: `--tracer_file` > the section's `tracer_file` > the
+/// section's `[….trace] file` > the top-level `[trace] file` > `default_name`. A bare
+/// name goes into the log directory (next to the log file); an empty one turns tracing off.
+fn resolve_tracer(
+    config: Option<&Path>,
+    flag: Option<String>,
+    section_file: Option<String>,
+    section_trace: Option<TraceSection>,
+    default_name: &str,
+) -> anyhow::Result<TracerConfig> {
+    let top: TraceSection = match config {
+        Some(p) => load_section(p, "trace")?,
+        None => TraceSection::default(),
+    };
+    let inner = section_trace.unwrap_or_default();
+    let file = match flag.or(section_file).or(inner.file).or(top.file) {
+        Some(f) if f.trim().is_empty() => None,
+        Some(f) => Some(resolve_log_file(Some(PathBuf::from(f)), default_name)),
+        None => Some(resolve_log_file(None, default_name)),
+    };
+    let root_operation_name = inner
+        .root_operation_name
+        .or(top.root_operation_name)
+        .filter(|n| !n.trim().is_empty());
+    Ok(TracerConfig {
+        file,
+        root_operation_name,
+    })
 }
 
 impl ControllerArgs {
@@ -290,6 +349,13 @@ impl ControllerArgs {
                 self.common.log_file.or(file.log_file),
                 "dbgpt_model_controller.log",
             ),
+            tracer: resolve_tracer(
+                self.common.config.as_deref(),
+                self.common.tracer_file,
+                file.tracer_file,
+                file.trace,
+                crate::tracer::CONTROLLER_FILE,
+            )?,
             daemon: self.common.daemon,
         })
     }
@@ -608,6 +674,9 @@ struct WorkerFile {
     register: Option<bool>,
     log_level: Option<String>,
     log_file: Option<PathBuf>,
+    tracer_file: Option<String>,
+    /// DB-GPT 0.7's `[service.model.<service>.trace]`.
+    trace: Option<TraceSection>,
 }
 
 /// One `[[models.llms]]` / `[[models.embeddings]]` entry.
@@ -652,6 +721,7 @@ pub struct WorkerConfig {
     pub models: Vec<ModelSpec>,
     pub log_level: Option<String>,
     pub log_file: PathBuf,
+    pub tracer: TracerConfig,
     pub daemon: bool,
 }
 
@@ -808,6 +878,13 @@ impl WorkerArgs {
                 self.common.log_file.or(file.log_file),
                 &format!("dbgpt_model_worker_manager_{port}.log"),
             ),
+            tracer: resolve_tracer(
+                self.common.config.as_deref(),
+                self.common.tracer_file,
+                file.tracer_file,
+                file.trace,
+                crate::tracer::WORKER_FILE,
+            )?,
             daemon: self.common.daemon,
         })
     }
@@ -994,6 +1071,9 @@ struct ApiserverFile {
     cors_allow_origins: Option<String>,
     log_level: Option<String>,
     log_file: Option<PathBuf>,
+    tracer_file: Option<String>,
+    /// DB-GPT 0.7's `[service.model.<service>.trace]`.
+    trace: Option<TraceSection>,
 }
 
 /// Resolved apiserver configuration.
@@ -1015,6 +1095,7 @@ pub struct ApiserverConfig {
     pub cors_allow_origins: Option<Vec<String>>,
     pub log_level: Option<String>,
     pub log_file: PathBuf,
+    pub tracer: TracerConfig,
     pub daemon: bool,
 }
 
@@ -1149,6 +1230,13 @@ impl ApiserverArgs {
                 self.common.log_file.or(file.log_file),
                 "dbgpt_model_apiserver.log",
             ),
+            tracer: resolve_tracer(
+                self.common.config.as_deref(),
+                self.common.tracer_file,
+                file.tracer_file,
+                file.trace,
+                crate::tracer::APISERVER_FILE,
+            )?,
             daemon: self.common.daemon,
         })
     }
@@ -1208,6 +1296,74 @@ mod apiserver_tests {
                 Err(e) => assert!(!ok && e.to_string().contains("--threads"), "{e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tracer_config_tests {
+    use super::*;
+
+    #[test]
+    fn tracer_file_flag_sections_and_off() {
+        let log = crate::daemon::log_dir();
+        let c = ControllerArgs::default().resolve().unwrap();
+        assert_eq!(
+            c.tracer,
+            TracerConfig {
+                file: Some(log.join("dbgpt_model_controller_tracer.jsonl")),
+                root_operation_name: None
+            }
+        );
+        let w = WorkerArgs::default().resolve().unwrap();
+        assert_eq!(
+            w.tracer.file,
+            Some(log.join("dbgpt_model_worker_manager_tracer.jsonl"))
+        );
+        let a = ApiserverArgs::default().resolve().unwrap();
+        assert_eq!(
+            a.tracer.file,
+            Some(log.join("dbgpt_model_apiserver_tracer.jsonl"))
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let with = |flag: Option<&str>| ControllerArgs {
+            common: CommonServerArgs {
+                config: Some(f.clone()),
+                tracer_file: flag.map(str::to_string),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // DB-GPT 0.7: top-level [trace], overridden by the service's own trace table,
+        // overridden by the flat key, overridden by the flag.
+        std::fs::write(
+            &f,
+            "[trace]\nfile = \"/t/top.jsonl\"\nroot_operation_name = \"Top\"\n",
+        )
+        .unwrap();
+        let c = with(None).resolve().unwrap();
+        assert_eq!(c.tracer.file, Some(PathBuf::from("/t/top.jsonl")));
+        assert_eq!(c.tracer.root_operation_name.as_deref(), Some("Top"));
+        std::fs::write(
+            &f,
+            "[trace]\nfile = \"/t/top.jsonl\"\n\n[service.model.controller.trace]\nfile = \"inner.jsonl\"\nroot_operation_name = \"Inner\"\n",
+        )
+        .unwrap();
+        let c = with(None).resolve().unwrap();
+        assert_eq!(c.tracer.file, Some(log.join("inner.jsonl")));
+        assert_eq!(c.tracer.root_operation_name.as_deref(), Some("Inner"));
+        std::fs::write(&f, "[controller]\ntracer_file = \"\"\n").unwrap();
+        assert_eq!(with(None).resolve().unwrap().tracer.file, None);
+        assert_eq!(
+            with(Some("rel/x.jsonl")).resolve().unwrap().tracer.file,
+            Some(PathBuf::from("rel/x.jsonl"))
+        );
+        assert_eq!(with(Some("")).resolve().unwrap().tracer.file, None);
+        // Unknown [trace] keys are errors that name the key.
+        std::fs::write(&f, "[trace]\nexporter = \"telemetry\"\n").unwrap();
+        let e = format!("{:#}", with(None).resolve().unwrap_err());
+        assert!(e.contains("exporter"), "{e}");
     }
 }
 

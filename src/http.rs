@@ -131,7 +131,7 @@ pub fn with_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Ro
 }
 
 /// Paths that are neither traced nor logged (DB-GPT filters these too: they are hot).
-fn is_quiet(path: &str) -> bool {
+pub(crate) fn is_quiet(path: &str) -> bool {
     path == "/api/controller/heartbeat" || path == "/api/health"
 }
 

@@ -13,7 +13,8 @@
 //!   and the HTTP client other processes use to reach it.
 //! - [`admin`]: Unix-socket frames, server and client.
 //! - [`daemon`]: background mode, pid lock, readiness, systemd notify, signals.
-//! - [`config`]: flags, environment and TOML; [`telemetry`]: logging.
+//! - [`config`]: flags, environment and TOML; [`telemetry`]: logging; [`tracer`]: DB-GPT's
+//!   JSON-lines span file.
 //! - [`worker`]: model backends (llama.cpp, candle embeddings, OpenAI proxy) and the worker.
 //! - [`http`]: shared HTTP plumbing; [`cli`]: the `dbgpt` command line.
 
@@ -26,6 +27,7 @@ pub mod daemon;
 pub mod http;
 pub mod registry;
 pub mod telemetry;
+pub mod tracer;
 pub mod types;
 pub mod validate;
 pub mod worker;

@@ -44,9 +44,7 @@ impl Timestamp {
     /// once per 15-minute bucket (time-zone transitions fall on quarter hours), so a
     /// listing of many recent timestamps asks the time-zone database once or twice.
     pub fn write_local_iso(self, out: &mut Vec<u8>, offsets: &mut LocalOffsets) {
-        let utc = DateTime::<Utc>::from_timestamp_micros(self.0).unwrap_or_default();
-        let offset = offsets.get(self.0, &utc);
-        let local = utc.naive_utc() + chrono::TimeDelta::seconds(offset as i64);
+        let local = self.local_naive(offsets);
         let whole = self.0.rem_euclid(1_000_000) == 0;
         if !(0..=9999).contains(&local.year()) {
             // Outside what `%Y` prints as four plain digits: let chrono do it.
@@ -60,27 +58,40 @@ impl Timestamp {
         }
         // "YYYY-MM-DDTHH:MM:SS.ffffff" written by hand (chrono's strftime dominated a
         // listing).
-        fn put(buf: &mut [u8], v: u32) {
-            let mut v = v;
-            for b in buf.iter_mut().rev() {
-                *b = b'0' + (v % 10) as u8;
-                v /= 10;
-            }
-        }
         let mut buf = *b"0000-00-00T00:00:00.000000";
-        put(&mut buf[0..4], local.year() as u32);
-        put(&mut buf[5..7], local.month());
-        put(&mut buf[8..10], local.day());
-        put(&mut buf[11..13], local.hour());
-        put(&mut buf[14..16], local.minute());
-        put(&mut buf[17..19], local.second());
+        put_date_time(&mut buf, &local);
         let len = if whole {
             19
         } else {
-            put(&mut buf[20..26], local.nanosecond() % 1_000_000_000 / 1000);
+            put_digits(&mut buf[20..26], local.nanosecond() % 1_000_000_000 / 1000);
             26
         };
         out.extend_from_slice(&buf[..len]);
+    }
+
+    /// Local naive time with milliseconds, `YYYY-MM-DD HH:MM:SS.mmm`, appended to `out`:
+    /// Python's `strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]` (truncated, not rounded), the
+    /// format of DB-GPT's tracer file.
+    pub fn write_local_millis(self, out: &mut Vec<u8>, offsets: &mut LocalOffsets) {
+        let local = self.local_naive(offsets);
+        if !(0..=9999).contains(&local.year()) {
+            out.extend_from_slice(local.format("%Y-%m-%d %H:%M:%S%.3f").to_string().as_bytes());
+            return;
+        }
+        let mut buf = *b"0000-00-00 00:00:00.000";
+        put_date_time(&mut buf, &local);
+        put_digits(
+            &mut buf[20..23],
+            local.nanosecond() % 1_000_000_000 / 1_000_000,
+        );
+        out.extend_from_slice(&buf);
+    }
+
+    /// The local naive date-time of this instant.
+    fn local_naive(self, offsets: &mut LocalOffsets) -> chrono::NaiveDateTime {
+        let utc = DateTime::<Utc>::from_timestamp_micros(self.0).unwrap_or_default();
+        let offset = offsets.get(self.0, &utc);
+        utc.naive_utc() + chrono::TimeDelta::seconds(offset as i64)
     }
 
     /// Seconds elapsed from `self` to `now` (negative if `self` is in the future).
@@ -109,6 +120,24 @@ impl LocalOffsets {
         }
         self.offset
     }
+}
+
+/// Writes `v` as zero-padded decimal digits filling `buf`.
+fn put_digits(buf: &mut [u8], mut v: u32) {
+    for b in buf.iter_mut().rev() {
+        *b = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+}
+
+/// Fills `YYYY-MM-DD?HH:MM:SS` (the first 19 bytes of `buf`) from `t`.
+fn put_date_time(buf: &mut [u8], t: &chrono::NaiveDateTime) {
+    put_digits(&mut buf[0..4], t.year() as u32);
+    put_digits(&mut buf[5..7], t.month());
+    put_digits(&mut buf[8..10], t.day());
+    put_digits(&mut buf[11..13], t.hour());
+    put_digits(&mut buf[14..16], t.minute());
+    put_digits(&mut buf[17..19], t.second());
 }
 
 /// A model instance as DB-GPT's controller returns it: nine keys, in this order.
@@ -446,6 +475,36 @@ mod tests {
             let us = x.rem_euclid(4_102_444_800_000_000);
             assert_eq!(
                 Timestamp(us).to_local_iso(),
+                reference(Timestamp(us)),
+                "{us}"
+            );
+        }
+    }
+
+    #[test]
+    fn millis_like_python_strftime_truncated() {
+        let reference = |t: Timestamp| {
+            let local = DateTime::<Utc>::from_timestamp_micros(t.0)
+                .unwrap()
+                .with_timezone(&Local)
+                .naive_local();
+            // Python's `strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]`.
+            let s = local.format("%Y-%m-%d %H:%M:%S.%6f").to_string();
+            s[..s.len() - 3].to_string()
+        };
+        let mut offsets = LocalOffsets::default();
+        for us in [
+            0,
+            999,
+            1_795_315_241_139_447,
+            1_795_315_241_999_999,
+            1_795_315_241_000_000,
+            -1,
+        ] {
+            let mut out = Vec::new();
+            Timestamp(us).write_local_millis(&mut out, &mut offsets);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
                 reference(Timestamp(us)),
                 "{us}"
             );

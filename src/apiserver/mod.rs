@@ -8,7 +8,10 @@
 //! role first, one chunk with `finish_reason` per choice, an optional usage chunk, then
 //! `data: [DONE]`; a worker failure mid-stream ends the stream with an OpenAI error event.
 //! The stream is produced by a task that stops (dropping the worker connection) as soon as
-//! the client goes away. [`service`] wires the process.
+//! the client goes away. Requests under `/api` write a root span to DB-GPT's tracer file;
+//! each completion, embedding batch and relevance call writes DB-GPT's
+//! `dbgpt.model.apiserver.*` span and passes it to the worker in the
+//! `DB-GPT-Trace-Span-Id` header ([`crate::tracer`]). [`service`] wires the process.
 
 pub mod discovery;
 pub mod openai;
@@ -34,6 +37,7 @@ use tracing::debug;
 use self::openai::{CompletionRequest, OpenAiError, Usage};
 use self::proxy::{Frame, FrameStream, Upstream};
 use crate::http::json_response;
+use crate::tracer::{self, Meta, Tracer};
 
 /// Largest request body accepted (embedding batches can be large).
 pub const MAX_BODY_BYTES: usize = 32 << 20;
@@ -45,6 +49,8 @@ pub struct AppState {
     pub embedding_batch_size: usize,
     /// Shared by every serving thread.
     pub stats: Arc<Stats>,
+    /// DB-GPT's span file ([`Tracer::disabled`] when off), shared by every serving thread.
+    pub tracer: Tracer,
 }
 
 /// Request counters for the admin status, shared by every serving thread.
@@ -68,13 +74,21 @@ pub fn router(state: Shared) -> Router {
         .nest("/api/v1", v1.clone())
         .nest("/v1", v1)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
+    let app = Router::new()
         .route("/api/health", get(health))
         .merge(api)
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(crate::http::trace_requests))
-        .with_state(state)
+        .method_not_allowed_fallback(method_not_allowed);
+    // Request logging, plus root spans when tracing is on (one middleware either way).
+    let app = if state.tracer.is_enabled() {
+        app.layer(axum::middleware::from_fn_with_state(
+            state.tracer.clone(),
+            tracer::root_span,
+        ))
+    } else {
+        app.layer(axum::middleware::from_fn(crate::http::trace_requests))
+    };
+    app.with_state(state)
 }
 
 async fn not_found(req: Request) -> OpenAiError {
@@ -204,6 +218,47 @@ impl Kind {
             Kind::Text => "cmpl-",
         }
     }
+
+    /// DB-GPT's span name for the request.
+    fn span_name(self) -> &'static str {
+        match self {
+            Kind::Chat => "dbgpt.model.apiserver.create_chat_completion",
+            Kind::Text => "dbgpt.model.apiserver.create_completion",
+        }
+    }
+}
+
+/// A completion span's metadata: DB-GPT's keys without the prompt text (`messages`,
+/// `prompt`: large, and not for a log file) and without unset values.
+fn completion_meta(r: &CompletionRequest) -> Meta {
+    #[derive(serde::Serialize)]
+    struct M<'a> {
+        model: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        temperature: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        top_p: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_tokens: Option<i64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stop: Option<&'a Value>,
+    }
+    Meta::json(&M {
+        model: &r.model,
+        temperature: r.sampling.temperature,
+        top_p: r.sampling.top_p,
+        max_tokens: r.sampling.max_tokens,
+        stop: r.sampling.stop.as_ref(),
+    })
+}
+
+/// `{"model": …}`.
+fn model_meta(model: &str) -> Meta {
+    #[derive(serde::Serialize)]
+    struct M<'a> {
+        model: &'a str,
+    }
+    Meta::json(&M { model })
 }
 
 async fn chat(State(s): State<Shared>, req: Request) -> Response {
@@ -394,6 +449,11 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
     if let Err(e) = s.upstream.group(&r.model, discovery::LLM) {
         return e.into_response();
     }
+    // Ends when the answer is complete (for a stream: when the last chunk is sent).
+    let span = s
+        .tracer
+        .start_with(kind.span_name(), tracer::current(), || completion_meta(&r));
+    let trace = span.ctx();
     let env = Envelope {
         kind,
         id: openai::new_id(kind.id_prefix()),
@@ -418,9 +478,12 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
         }
     }
     if !r.stream {
-        let results =
-            futures::future::join_all(bodies.iter().map(|b| s.upstream.generate(&r.model, b)))
-                .await;
+        let results = futures::future::join_all(
+            bodies
+                .iter()
+                .map(|b| s.upstream.generate(&r.model, b, trace)),
+        )
+        .await;
         let mut out = Vec::with_capacity(choices.len());
         for (c, res) in choices.iter_mut().zip(results) {
             let f = match res {
@@ -453,8 +516,12 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
     }
     // Streaming: every choice's worker stream must deliver its first frame before we commit
     // to a 200, so failures up to there are retried or answered with a proper status.
-    let opened =
-        futures::future::join_all(bodies.iter().map(|b| s.upstream.open_stream(&r.model, b))).await;
+    let opened = futures::future::join_all(
+        bodies
+            .iter()
+            .map(|b| s.upstream.open_stream(&r.model, b, trace)),
+    )
+    .await;
     let mut streams = Vec::with_capacity(opened.len());
     for o in opened {
         match o {
@@ -470,6 +537,7 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         let _busy = busy;
+        let _span = span;
         tokio::select! {
             _ = pump(&env, choices, streams, &tx) => {}
             _ = tx.closed() => debug!("client went away; cancelling the worker stream"),
@@ -573,11 +641,21 @@ async fn embeddings(State(s): State<Shared>, req: Request) -> Response {
         return e.into_response();
     }
     let batches: Vec<&[String]> = r.input.chunks(s.embedding_batch_size).collect();
-    let results = futures::future::join_all(
-        batches
-            .iter()
-            .map(|b| s.upstream.embeddings(&r.model, b, None)),
-    )
+    // One span per worker call, as DB-GPT's `embeddings_generate`.
+    let parent = tracer::current();
+    let results = futures::future::join_all(batches.iter().map(|b| {
+        let span = s
+            .tracer
+            .start_with("dbgpt.model.apiserver.generate_embeddings", parent, || {
+                model_meta(&r.model)
+            });
+        let (s, model) = (&s, &r.model);
+        async move {
+            let res = s.upstream.embeddings(model, b, None, span.ctx()).await;
+            drop(span);
+            res
+        }
+    }))
     .await;
     let mut data = Vec::with_capacity(r.input.len());
     for (b, res) in batches.iter().zip(results) {
@@ -626,12 +704,29 @@ async fn relevance(State(s): State<Shared>, req: Request) -> Response {
     if let Err(e) = s.upstream.group(&r.model, discovery::TEXT2VEC) {
         return e.into_response();
     }
+    let span = s.tracer.start_with(
+        "dbgpt.model.apiserver.generate_relevance",
+        tracer::current(),
+        || {
+            #[derive(serde::Serialize)]
+            struct M<'a> {
+                model: &'a str,
+                query: &'a str,
+                worker_type: &'a str,
+            }
+            Meta::json(&M {
+                model: &r.model,
+                query: &r.query,
+                worker_type: discovery::TEXT2VEC,
+            })
+        },
+    );
     let scores = if r.documents.is_empty() {
         Vec::new()
     } else {
         match s
             .upstream
-            .embeddings(&r.model, &r.documents, Some(&r.query))
+            .embeddings(&r.model, &r.documents, Some(&r.query), span.ctx())
             .await
         {
             // A reranker answers one list of scores, one per document.

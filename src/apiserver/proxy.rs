@@ -22,6 +22,7 @@ use super::openai::{OpenAiError, Usage};
 use super::policy::{self, InFlight};
 use crate::config::RoutingPolicy;
 use crate::controller::client::describe;
+use crate::tracer::{SpanCtx, TRACE_HEADER};
 
 /// One frame of a worker's output (DB-GPT's ModelOutput, the fields we use).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -283,22 +284,38 @@ impl Upstream {
         Ok(resp)
     }
 
+    /// A POST of a JSON body to a worker, naming the caller's span `trace` in DB-GPT's
+    /// `DB-GPT-Trace-Span-Id` header so the worker continues the trace.
+    fn post(
+        &self,
+        url: reqwest::Url,
+        body: Bytes,
+        trace: Option<SpanCtx>,
+    ) -> reqwest::RequestBuilder {
+        let req = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body);
+        match trace {
+            Some(t) => req.header(TRACE_HEADER.clone(), t.header_value()),
+            None => req,
+        }
+    }
+
     /// Opens `generate_stream` and waits for the first frame (retrying other instances on
     /// failures before it).
     pub async fn open_stream(
         &self,
         model: &str,
         body: &Bytes,
+        trace: Option<SpanCtx>,
     ) -> Result<(Frame, FrameStream), OpenAiError> {
         self.with_retries(model, super::discovery::LLM, |guard| {
             let body = body.clone();
             async move {
                 let url = endpoint(guard.instance(), |e| &e.generate_stream)?;
-                let req = self
-                    .http
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .body(body);
+                let req = self.post(url, body, trace);
                 let resp = self.send(req).await?;
                 let mut fs = FrameStream {
                     body: resp.bytes_stream().boxed(),
@@ -324,12 +341,13 @@ impl Upstream {
 
     /// POSTs a JSON `body` to a worker route and reads the whole answer, bounded by the
     /// request timeout (a timeout is final, a broken read may be retried elsewhere).
-    async fn post_and_read(&self, url: reqwest::Url, body: Bytes) -> Result<Bytes, Attempt> {
-        let req = self
-            .http
-            .post(url)
-            .header("content-type", "application/json")
-            .body(body);
+    async fn post_and_read(
+        &self,
+        url: reqwest::Url,
+        body: Bytes,
+        trace: Option<SpanCtx>,
+    ) -> Result<Bytes, Attempt> {
+        let req = self.post(url, body, trace);
         let resp = self.send(req).await?;
         match tokio::time::timeout(self.timeout, resp.bytes()).await {
             Err(_) => Err(Attempt::Fail(OpenAiError::gateway_timeout(format!(
@@ -342,12 +360,17 @@ impl Upstream {
     }
 
     /// `generate` (non-stream): the final frame.
-    pub async fn generate(&self, model: &str, body: &Bytes) -> Result<Frame, OpenAiError> {
+    pub async fn generate(
+        &self,
+        model: &str,
+        body: &Bytes,
+        trace: Option<SpanCtx>,
+    ) -> Result<Frame, OpenAiError> {
         self.with_retries(model, super::discovery::LLM, |guard| {
             let body = body.clone();
             async move {
                 let url = endpoint(guard.instance(), |e| &e.generate)?;
-                let bytes = self.post_and_read(url, body).await?;
+                let bytes = self.post_and_read(url, body, trace).await?;
                 drop(guard);
                 parse_frame(&bytes).map_err(|e| Attempt::Fail(OpenAiError::bad_gateway(e)))
             }
@@ -361,6 +384,7 @@ impl Upstream {
         model: &str,
         input: &[String],
         query: Option<&str>,
+        trace: Option<SpanCtx>,
     ) -> Result<Vec<Vec<f32>>, OpenAiError> {
         let mut req = serde_json::json!({"model": model, "input": input});
         if let Some(q) = query {
@@ -371,7 +395,7 @@ impl Upstream {
             let body = body.clone();
             async move {
                 let url = endpoint(guard.instance(), |e| &e.embeddings)?;
-                let bytes = self.post_and_read(url, body).await?;
+                let bytes = self.post_and_read(url, body, trace).await?;
                 serde_json::from_slice::<Vec<Vec<f32>>>(&bytes).map_err(|_| {
                     Attempt::Fail(OpenAiError::bad_gateway(format!(
                         "the worker's embeddings answer is not a list of vectors: {}",

@@ -4,7 +4,7 @@
 //! Start-up order: pid lock → first instance-list fetch (a controller that is down is only
 //! a warning: the view fills in when it comes up) → TCP bind → admin socket → ready. Stop
 //! (SIGTERM, SIGINT or admin `Stop`) stops accepting, lets in-flight requests finish
-//! (bounded), removes socket and pid file and exits 0.
+//! (bounded), flushes the tracer file, removes socket and pid file and exits 0.
 //!
 //! HTTP is served by `--threads` OS threads, each running a single-threaded tokio runtime
 //! with its own pool of worker connections. The accept loop (on the main runtime, with
@@ -29,6 +29,7 @@ use crate::admin::server::AdminHandler;
 use crate::config::ApiserverConfig;
 use crate::controller::client::ControllerClient;
 use crate::daemon::{self, DaemonBase, Readiness};
+use crate::tracer::Tracer;
 
 /// How long in-flight requests (including streams) may take to finish on stop.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -139,7 +140,7 @@ fn worker_client() -> reqwest::Result<reqwest::Client> {
 }
 
 /// Builds the state (used by the process and by in-process tests).
-pub fn build_state(cfg: &ApiserverConfig) -> anyhow::Result<Arc<AppState>> {
+pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<AppState>> {
     let client = ControllerClient::new(&cfg.controller_addr, CONTROLLER_TIMEOUT)?;
     Ok(Arc::new(AppState {
         upstream: Upstream {
@@ -152,6 +153,7 @@ pub fn build_state(cfg: &ApiserverConfig) -> anyhow::Result<Arc<AppState>> {
         api_keys: cfg.api_keys.clone(),
         embedding_batch_size: cfg.embedding_batch_size,
         stats: Arc::new(Stats::default()),
+        tracer,
     }))
 }
 
@@ -169,13 +171,14 @@ fn thread_state(base: &AppState) -> anyhow::Result<Arc<AppState>> {
         api_keys: base.api_keys.clone(),
         embedding_batch_size: base.embedding_batch_size,
         stats: base.stats.clone(),
+        tracer: base.tracer.clone(),
     }))
 }
 
 /// Runs the apiserver until it is stopped.
 pub async fn run(cfg: ApiserverConfig, mut readiness: Readiness) -> anyhow::Result<()> {
     let started = daemon::report_startup(&mut readiness, start(&cfg).await);
-    let (base, state, listener, admin_sock) = started?;
+    let (base, state, listener, admin_sock, flusher) = started?;
     let base = Arc::new(base);
     let token = base.shutdown.clone();
     daemon::spawn_signal_handler(token.clone())?;
@@ -218,6 +221,7 @@ pub async fn run(cfg: ApiserverConfig, mut readiness: Readiness) -> anyhow::Resu
     daemon::drain_http(http, DRAIN_TIMEOUT).await;
     let _ = refresher.await;
     let _ = admin_task.await;
+    flusher.finish().await;
     info!("apiserver stopped");
     drop(base);
     Ok(())
@@ -247,15 +251,23 @@ type Started = (
     Arc<AppState>,
     tokio::net::TcpListener,
     crate::admin::server::AdminSocket,
+    crate::tracer::Flusher,
 );
 
 async fn start(cfg: &ApiserverConfig) -> anyhow::Result<Started> {
     let base = DaemonBase::acquire("apiserver", "apiserver", cfg.port)?;
-    let state = build_state(cfg)?;
+    let (tracer, flusher) = Tracer::open(
+        cfg.tracer.file.as_deref(),
+        cfg.tracer
+            .root_operation_name
+            .as_deref()
+            .unwrap_or(crate::tracer::APISERVER_ROOT),
+    );
+    let state = build_state(cfg, tracer)?;
     if !state.upstream.discovery.refresh().await {
         warn!("no controller answered at start-up; models appear once one does");
     }
     let listener = crate::http::bind(&cfg.host, cfg.port).await?;
     let admin = crate::admin::server::bind(&base.socket_path()).await?;
-    Ok((base, state, listener, admin))
+    Ok((base, state, listener, admin, flusher))
 }

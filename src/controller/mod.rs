@@ -3,9 +3,11 @@
 //!
 //! Routes (reference §2): `GET /api/health`, `POST/DELETE/GET /api/controller/models`,
 //! `POST /api/controller/heartbeat`. Responses are DB-GPT's bare JSON literals (`true`,
-//! lists of nine-key instances). The health sweep marks instances unhealthy after
-//! `heartbeat_timeout`, and a flusher persists heartbeat timestamps in batches; both run
-//! each tick in a fresh task so that an error or even a panic is logged and the loop
+//! lists of nine-key instances). Every route but heartbeat and health writes a root span
+//! to DB-GPT's tracer file, with register/deregister child spans ([`crate::tracer`]); the
+//! heartbeat route has no middleware at all. The health sweep marks instances unhealthy
+//! after `heartbeat_timeout`, and a flusher persists heartbeat timestamps in batches; both
+//! run each tick in a fresh task so that an error or even a panic is logged and the loop
 //! carries on.
 
 pub mod client;
@@ -25,6 +27,7 @@ use tracing::{error, info, warn};
 
 use crate::http::{ApiError, CappedBody, json_response, trace_requests, with_fallbacks};
 use crate::registry::{Registry, RegistryError};
+use crate::tracer::{self, Meta, Tracer};
 use crate::types::InstanceInput;
 use crate::validate::{Fields, parse_json_object, query_object};
 
@@ -35,18 +38,30 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct ControllerState {
     pub registry: Arc<dyn Registry>,
+    /// DB-GPT's span file ([`Tracer::disabled`] when off).
+    pub tracer: Tracer,
 }
+
+/// Span names of DB-GPT's controller.
+const REGISTER_SPAN: &str = "dbgpt.model.controller.register_instance";
+const DEREGISTER_SPAN: &str = "dbgpt.model.controller.deregister_instance";
 
 /// The controller's HTTP routes.
 pub fn router(state: ControllerState) -> Router {
     // Heartbeats and health checks are the hot, untraced routes (DB-GPT filters them from
-    // its logs too): they skip the tracing middleware entirely.
-    let traced = Router::new()
-        .route(
-            "/api/controller/models",
-            post(register).delete(deregister).get(list),
-        )
-        .route_layer(axum::middleware::from_fn(trace_requests));
+    // its logs and its tracer too): they skip both middlewares entirely.
+    let traced = Router::new().route(
+        "/api/controller/models",
+        post(register).delete(deregister).get(list),
+    );
+    let traced = if state.tracer.is_enabled() {
+        traced.route_layer(axum::middleware::from_fn_with_state(
+            state.tracer.clone(),
+            tracer::root_span,
+        ))
+    } else {
+        traced.route_layer(axum::middleware::from_fn(trace_requests))
+    };
     let hot = Router::new()
         .route("/api/health", get(health))
         .route("/api/controller/heartbeat", post(heartbeat));
@@ -74,6 +89,37 @@ async fn health() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
+/// A span's metadata for an instance: DB-GPT's `ModelInstance.to_dict()` without the
+/// values it drops (`None`s, the unserialisable `last_heartbeat`, the server-set `healthy`).
+fn instance_meta(i: &InstanceInput) -> Meta {
+    #[derive(serde::Serialize)]
+    struct M<'a> {
+        model_name: &'a str,
+        host: &'a str,
+        port: u16,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        weight: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        check_healthy: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        enabled: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        prompt_template: Option<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        remove_from_registry: bool,
+    }
+    Meta::json(&M {
+        model_name: &i.model_name,
+        host: &i.host,
+        port: i.port,
+        weight: i.weight,
+        check_healthy: i.check_healthy,
+        enabled: i.enabled,
+        prompt_template: i.prompt_template.as_deref(),
+        remove_from_registry: i.remove_from_registry,
+    })
+}
+
 fn body_instance(body: &[u8]) -> Result<InstanceInput, ApiError> {
     if let Some(input) = InstanceInput::from_body_strict(body) {
         return Ok(input);
@@ -88,6 +134,9 @@ async fn register(
 ) -> Result<Response, ApiError> {
     let input = body_instance(&body)?;
     let key = input.key();
+    let _span = s
+        .tracer
+        .start_with(REGISTER_SPAN, tracer::current(), || instance_meta(&input));
     s.registry.register(input).await.map_err(storage_error)?;
     info!(instance = %key, "registered");
     Ok(ok_true())
@@ -110,6 +159,9 @@ async fn deregister(
     let input = InstanceInput::from_json("query", &v)?;
     let key = input.key();
     let removed = input.remove_from_registry;
+    let _span = s
+        .tracer
+        .start_with(DEREGISTER_SPAN, tracer::current(), || instance_meta(&input));
     s.registry.deregister(input).await.map_err(storage_error)?;
     info!(instance = %key, removed, "deregistered");
     Ok(ok_true())

@@ -4,7 +4,7 @@
 //! Start-up order: pid lock → registry open → TCP bind → admin socket → ready. Any failure
 //! is reported to the `--daemon` parent / systemd with its reason. Stop (SIGTERM, SIGINT or
 //! admin `Stop`) takes one path: stop accepting, drain in-flight requests (bounded), flush
-//! heartbeat timestamps, remove socket and pid file, exit 0.
+//! heartbeat timestamps and the tracer file, remove socket and pid file, exit 0.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,8 +59,16 @@ pub async fn run(cfg: ControllerConfig, mut readiness: Readiness) -> anyhow::Res
         admin,
         token.clone(),
     ));
+    let (tracer, flusher) = crate::tracer::Tracer::open(
+        cfg.tracer.file.as_deref(),
+        cfg.tracer
+            .root_operation_name
+            .as_deref()
+            .unwrap_or(crate::tracer::CONTROLLER_ROOT),
+    );
     let app = router(ControllerState {
         registry: registry.clone(),
+        tracer,
     });
     let http = tokio::spawn(crate::http::serve(listener, app, token.clone()));
 
@@ -86,6 +94,7 @@ pub async fn run(cfg: ControllerConfig, mut readiness: Readiness) -> anyhow::Res
         error!(error = %e, "could not persist the last heartbeat timestamps");
     }
     drop(registry);
+    flusher.finish().await;
     info!("controller stopped");
     drop(base);
     Ok(())

@@ -6,7 +6,9 @@
 //! (`human`/`ai`/`system`) and OpenAI roles are accepted; an unknown role is an error frame,
 //! never a silently dropped message. Lifecycle routes (`apply`, `models/startup`,
 //! `models/shutdown`) answer JSON 4xx for conflicts and unknown models instead of DB-GPT's
-//! plain-text 500s.
+//! plain-text 500s. Every route but health writes a root span to DB-GPT's tracer file,
+//! continuing the caller's `DB-GPT-Trace-Span-Id`, and the model routes add DB-GPT's
+//! `WorkerManager.*` spans ([`crate::tracer`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use super::backends::{BackendError, ChatMessage, GenerateEvent, GenerateParams, 
 use super::manager::{ManagerError, WorkerManager};
 use super::spec::{Engine, ModelSpec, WorkerType};
 use crate::http::{ApiError, CappedBody, json_response, trace_requests, with_fallbacks};
+use crate::tracer::{self, SpanCtx, Tracer};
 use crate::types::{
     ModelMetadata, ModelOutput, PromptRequest, SupportedModel, WorkerApplyOutput,
     WorkerSupportedModel,
@@ -35,6 +38,14 @@ use crate::validate::{Fields, parse_json_object, query_object};
 #[derive(Clone)]
 pub struct WorkerState {
     pub manager: Arc<WorkerManager>,
+    /// DB-GPT's span file ([`Tracer::disabled`] when off).
+    pub tracer: Tracer,
+}
+
+/// The parent of a `WorkerManager.*` span: the body's `span_id` (DB-GPT's clients send
+/// it), else the request's root span.
+fn parent_span(v: &Value) -> Option<SpanCtx> {
+    SpanCtx::from_body(v).or_else(tracer::current)
 }
 
 /// The worker's routes.
@@ -57,9 +68,16 @@ pub fn router(state: WorkerState) -> Router {
         .route("/api/worker/models/supports", get(supports))
         .route("/api/worker/models/startup", post(startup))
         .route("/api/worker/models/shutdown", post(shutdown));
-    with_fallbacks(api)
-        .layer(axum::middleware::from_fn(trace_requests))
-        .with_state(state)
+    let app = with_fallbacks(api);
+    let app = if state.tracer.is_enabled() {
+        app.layer(axum::middleware::from_fn_with_state(
+            state.tracer.clone(),
+            tracer::root_span,
+        ))
+    } else {
+        app.layer(axum::middleware::from_fn(trace_requests))
+    };
+    app.with_state(state)
 }
 
 fn manager_error(e: ManagerError) -> ApiError {
@@ -118,25 +136,36 @@ fn frame(out: &ModelOutput) -> Bytes {
     Bytes::from(b)
 }
 
-/// The frames of one generation, as a stream of `ModelOutput`s.
+/// The frames of one generation, as a stream of `ModelOutput`s; the span `op` lasts as
+/// long as the stream.
 async fn generation(
     s: &WorkerState,
     body: &[u8],
+    op: &'static str,
 ) -> Result<futures::stream::BoxStream<'static, ModelOutput>, ApiError> {
     let v = parse_json_object(body, "PromptRequest")?;
     let req = PromptRequest::from_json(&v)?;
+    let span = s.tracer.start(op, parent_span(&v));
     let Some(model) = s.manager.get(&req.model, WorkerType::Llm) else {
         let msg = format!(
             "Cound not found worker instances for model name {} and worker type llm",
             req.model
         );
-        return Ok(futures::stream::once(async move { ModelOutput::error(&msg) }).boxed());
+        return Ok(futures::stream::once(async move {
+            drop(span);
+            ModelOutput::error(&msg)
+        })
+        .boxed());
     };
     let params = match to_params(&req) {
         Ok(p) => p,
         Err(e) => {
             let msg = e.to_string();
-            return Ok(futures::stream::once(async move { ModelOutput::error(&msg) }).boxed());
+            return Ok(futures::stream::once(async move {
+                drop(span);
+                ModelOutput::error(&msg)
+            })
+            .boxed());
         }
     };
     let Engine::Llm(backend) = model.engine.clone() else {
@@ -145,33 +174,36 @@ async fn generation(
     let slot = model.acquire().await;
     let events = backend.generate_stream(params);
     let frames = events
-        .scan((String::new(), false, slot), |(text, done, _slot), ev| {
-            if *done {
-                return futures::future::ready(None);
-            }
-            let out = match ev {
-                Ok(GenerateEvent::Delta { text: d }) => {
-                    text.push_str(&d);
-                    ModelOutput::text(text.clone())
+        .scan(
+            (String::new(), false, slot, span),
+            |(text, done, _slot, _span), ev| {
+                if *done {
+                    return futures::future::ready(None);
                 }
-                Ok(GenerateEvent::Finish {
-                    finish_reason,
-                    usage,
-                }) => {
-                    *done = true;
-                    ModelOutput {
-                        finish_reason: Some(finish_reason.as_str().to_string()),
-                        usage: usage.map(|u| serde_json::to_value(u).unwrap_or(Value::Null)),
-                        ..ModelOutput::text(text.clone())
+                let out = match ev {
+                    Ok(GenerateEvent::Delta { text: d }) => {
+                        text.push_str(&d);
+                        ModelOutput::text(text.clone())
                     }
-                }
-                Err(e) => {
-                    *done = true;
-                    ModelOutput::error(&e.to_string())
-                }
-            };
-            futures::future::ready(Some(out))
-        })
+                    Ok(GenerateEvent::Finish {
+                        finish_reason,
+                        usage,
+                    }) => {
+                        *done = true;
+                        ModelOutput {
+                            finish_reason: Some(finish_reason.as_str().to_string()),
+                            usage: usage.map(|u| serde_json::to_value(u).unwrap_or(Value::Null)),
+                            ..ModelOutput::text(text.clone())
+                        }
+                    }
+                    Err(e) => {
+                        *done = true;
+                        ModelOutput::error(&e.to_string())
+                    }
+                };
+                futures::future::ready(Some(out))
+            },
+        )
         .boxed();
     Ok(frames)
 }
@@ -180,7 +212,7 @@ async fn generate_stream(
     State(s): State<WorkerState>,
     CappedBody(body): CappedBody,
 ) -> Result<Response, ApiError> {
-    let frames = generation(&s, &body).await?;
+    let frames = generation(&s, &body, "WorkerManager.generate_stream").await?;
     let body = Body::from_stream(frames.map(|f| Ok::<_, Infallible>(frame(&f))));
     // DB-GPT sends no Content-Type on this stream.
     Ok((StatusCode::OK, body).into_response())
@@ -190,7 +222,7 @@ async fn generate(
     State(s): State<WorkerState>,
     CappedBody(body): CappedBody,
 ) -> Result<Response, ApiError> {
-    let mut frames = generation(&s, &body).await?;
+    let mut frames = generation(&s, &body, "WorkerManager.generate").await?;
     let mut last = None;
     while let Some(f) = frames.next().await {
         last = Some(f);
@@ -222,6 +254,7 @@ async fn embeddings(
         }
     };
     f.finish()?;
+    let _span = s.tracer.start("WorkerManager.embeddings", parent_span(&v));
     let Some(m) = s.manager.get(&model, WorkerType::Text2vec) else {
         return Err(not_running(&model, WorkerType::Text2vec));
     };
@@ -252,6 +285,7 @@ async fn count_token(
     let mut f = Fields::new("body", &v);
     let prompt = f.req_str("prompt");
     f.finish()?;
+    let _span = s.tracer.start("WorkerManager.count_token", parent_span(&v));
     let Some(m) = s.manager.get(&model, WorkerType::Llm) else {
         return Err(not_running(&model, WorkerType::Llm));
     };
@@ -266,7 +300,10 @@ async fn model_metadata(
     State(s): State<WorkerState>,
     CappedBody(body): CappedBody,
 ) -> Result<Response, ApiError> {
-    let (model, _) = model_field(&body, "ModelMetadataRequest")?;
+    let (model, v) = model_field(&body, "ModelMetadataRequest")?;
+    let _span = s
+        .tracer
+        .start("WorkerManager.get_model_metadata", parent_span(&v));
     let Some(m) = s.manager.get(&model, WorkerType::Llm) else {
         return Err(not_running(&model, WorkerType::Llm));
     };

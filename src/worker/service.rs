@@ -5,7 +5,7 @@
 //! model that fails to load fails the start with its reason (the `--daemon` parent and
 //! systemd see it). An unreachable controller does not: the worker serves and keeps
 //! retrying. Stop (SIGTERM, SIGINT, admin `Stop`): deregister every entry first, then stop
-//! accepting and drain in-flight requests (bounded), then exit 0.
+//! accepting and drain in-flight requests (bounded), flush the tracer file, then exit 0.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,8 +90,16 @@ pub async fn run(cfg: WorkerConfig, mut readiness: Readiness) -> anyhow::Result<
         }
     }
     let http_token = tokio_util::sync::CancellationToken::new();
+    let (tracer, flusher) = crate::tracer::Tracer::open(
+        cfg.tracer.file.as_deref(),
+        cfg.tracer
+            .root_operation_name
+            .as_deref()
+            .unwrap_or(crate::tracer::WORKER_ROOT),
+    );
     let app = router(WorkerState {
         manager: manager.clone(),
+        tracer,
     });
     let http = tokio::spawn(crate::http::serve(listener, app, http_token.clone()));
     let heartbeat = manager.registrar().cloned().map(|r| {
@@ -129,6 +137,7 @@ pub async fn run(cfg: WorkerConfig, mut readiness: Readiness) -> anyhow::Result<
         );
     }
     let _ = admin_task.await;
+    flusher.finish().await;
     info!("worker stopped");
     drop(base);
     Ok(())

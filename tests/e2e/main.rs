@@ -9,4 +9,5 @@ mod common;
 mod controller;
 mod sql;
 mod stack;
+mod tracer;
 mod worker;
