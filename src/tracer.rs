@@ -702,6 +702,10 @@ impl FileSink {
 // Current span and the root-span middleware
 // ---------------------------------------------------------------------------------------
 
+/// Marks a periodic poll (the apiserver's instance-list refresh): no root span, like
+/// heartbeats. Anything else (a `dbgpt model list`, DB-GPT's own clients) is traced.
+pub const POLL_HEADER: &str = "dbgpt-poll";
+
 tokio::task_local! {
     static CURRENT: SpanCtx;
 }
@@ -719,7 +723,10 @@ pub fn current() -> Option<SpanCtx> {
 /// `{"path": …}`.
 pub async fn root_span(State(tracer): State<Tracer>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if !path.starts_with("/api") || crate::http::is_quiet(path) {
+    if !path.starts_with("/api")
+        || crate::http::is_quiet(path)
+        || req.headers().contains_key(POLL_HEADER)
+    {
         return crate::http::trace_requests(req, next).await;
     }
     let parent = req

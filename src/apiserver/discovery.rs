@@ -211,7 +211,7 @@ impl Discovery {
     /// Fetches the instance list once and swaps the view; on failure keeps the old view.
     pub async fn refresh(&self) -> bool {
         self.refreshes.fetch_add(1, Ordering::Relaxed);
-        match self.client.list(None, false).await {
+        match self.client.poll_all().await {
             Ok(list) => {
                 self.install(list);
                 *self.last_ok.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());

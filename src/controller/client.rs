@@ -144,6 +144,18 @@ impl ControllerClient {
         .await
     }
 
+    /// `GET /api/controller/models` (every instance) for a periodic poll: marked with
+    /// [`crate::tracer::POLL_HEADER`] so that the controller does not write two tracer lines
+    /// per poll (an apiserver polls every 2 s: ~20 MB of spans a day that say nothing).
+    pub async fn poll_all(&self) -> Result<Vec<ModelInstance>, ClientError> {
+        self.call(|c, url| {
+            c.get(format!("{url}/api/controller/models"))
+                .query(&[("healthy_only", "false")])
+                .header(crate::tracer::POLL_HEADER, "1")
+        })
+        .await
+    }
+
     /// `POST /api/controller/models`.
     pub async fn register(&self, inst: &ModelInstance) -> Result<bool, ClientError> {
         self.call(|c, url| c.post(format!("{url}/api/controller/models")).json(inst))

@@ -123,6 +123,16 @@ fn controller_spans_for_register_and_deregister_none_for_heartbeats() {
             200
         );
         assert_eq!(http_get_status(c.port, "/api/health"), Some(200));
+        // The apiserver's periodic instance-list poll is marked and not traced either.
+        let (s, _, _) = raw_http(
+            c.port,
+            "GET",
+            "/api/controller/models?healthy_only=false",
+            &[("dbgpt-poll", "1")],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(s, 200);
     }
     // A caller's span continues: DB-GPT's header names the parent.
     let parent = "0123456789abcdef0123456789abcdef:00000000000000aa";
@@ -163,7 +173,7 @@ fn controller_spans_for_register_and_deregister_none_for_heartbeats() {
             "dbgpt.model.controller.deregister_instance",
             "DB-GPT-ModelController",
         ],
-        "one root per request except heartbeats and health checks: {sp:#?}"
+        "one root per request except heartbeats, health checks and polls: {sp:#?}"
     );
     for root in sp.iter().filter(|s| s.op == "DB-GPT-ModelController") {
         assert_eq!(root.metadata, json!({"path": "/api/controller/models"}));
