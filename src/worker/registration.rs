@@ -34,6 +34,10 @@ pub struct Registrar {
     port: u16,
     interval: Duration,
     entries: Mutex<IndexSet<String>>,
+    /// Held by a heartbeat round and by a deregistration: a heartbeat of the same entry
+    /// still in flight would otherwise reach the controller after the deregistration and
+    /// mark the entry healthy again.
+    wire: tokio::sync::Mutex<()>,
     wake: Notify,
 }
 
@@ -45,6 +49,7 @@ impl Registrar {
             port,
             interval,
             entries: Mutex::new(IndexSet::new()),
+            wire: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
         }
     }
@@ -101,6 +106,7 @@ impl Registrar {
 
     /// Removes an entry and deregisters it (marks it unhealthy, as DB-GPT does).
     pub async fn remove(&self, key: &str) {
+        let _wire = self.wire.lock().await;
         let had = self
             .entries
             .lock()
@@ -127,6 +133,7 @@ impl Registrar {
 
     /// Heartbeats every entry once; `Err` with the first error.
     async fn beat(&self) -> Result<usize, crate::controller::client::ClientError> {
+        let _wire = self.wire.lock().await;
         let entries = self.entries();
         for key in &entries {
             self.client.heartbeat(&self.instance(key)).await?;
