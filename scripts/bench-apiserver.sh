@@ -17,8 +17,10 @@ cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
 CONC=${CONC:-1,32,128}
 export CARGO_PROFILE_DEV_OPT_LEVEL=3
-cargo build -q --bin dbgpt --example fake_openai --example bench_apiserver
-TARGET=${CARGO_TARGET_DIR:-target}/debug
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/dbgpt-cluster/target}
+cargo build -q --example fake_openai --example bench_apiserver
+scripts/build-optimized.sh   # dbgpt as shipped (function order applied)
+TARGET=$CARGO_TARGET_DIR/debug
 BIN=$TARGET/dbgpt
 
 WORK=$(mktemp -d /tmp/dbgpt-bench.XXXXXX)

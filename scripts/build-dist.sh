@@ -33,18 +33,9 @@ dist=$CARGO_TARGET_DIR/dist
 mkdir -p "$dist"
 
 echo "== build dbgpt (dev profile, opt-level 3) and gen-docs"
-CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --locked --bin dbgpt --example gen-docs
+CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --locked --example gen-docs
+scripts/build-optimized.sh   # the binary, linked with packaging/symbol-order.txt
 
-# packaging/symbol-order.txt (scripts/gen-symbol-order.sh) puts the code the daemons run
-# together at the start of .text; names no longer in the binary (after dependency updates)
-# are skipped by the linker, which only costs memory. Say how current the list is.
-if [ -f packaging/symbol-order.txt ]; then
-    listed=$(grep -c . packaging/symbol-order.txt)
-    found=$(comm -12 <(nm --defined-only "$CARGO_TARGET_DIR/debug/dbgpt" | awk '{print $3}' | sort -u) \
-        <(sort -u packaging/symbol-order.txt) | wc -l)
-    echo "   symbol order: $found of $listed listed functions are in the binary" \
-        "(rerun scripts/gen-symbol-order.sh when this drops)"
-fi
 install -m 0755 "$CARGO_TARGET_DIR/debug/dbgpt" "$dist/dbgpt.tmp"
 strip "$dist/dbgpt.tmp"
 mv -f "$dist/dbgpt.tmp" "$dist/dbgpt"

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Regenerates packaging/symbol-order.txt: the functions the daemons actually run, which the
-# linker places first and together in .text (build.rs passes the file to lld with
-# --symbol-ordering-file). A daemon then maps a few contiguous megabytes of code instead of
+# linker places first and together in .text (scripts/build-optimized.sh, used by
+# build-dist.sh and the benchmarks, passes the file to lld's --symbol-ordering-file). A daemon then maps a few contiguous megabytes of code instead of
 # ~130 KB around each of hundreds of places scattered over the 17 MB of code that llama.cpp,
 # candle and sqlx bring in: the controller's idle RSS drops by ~3.5 MB.
 #
-# How: builds dbgpt exactly as scripts/build-dist.sh does (the symbol names must match that
-# build), runs a controller, a proxy worker, an apiserver and the client commands under
+# How: builds dbgpt at opt-level 3 as scripts/build-dist.sh does (the symbol names must match
+# that build), runs a controller, a proxy worker, an apiserver and the client commands under
 # valgrind's callgrind (which records every function executed) through a short scripted
 # session on loopback, and writes the union of the executed function names.
 #
 # When to run: after a dependency update (Cargo.lock) or a large change; names that no longer
 # exist are ignored by the linker, so a stale file only costs memory, never correctness.
-# `scripts/build-dist.sh` prints how many of the listed names the binary still has.
+# scripts/build-optimized.sh prints how many of the listed names the binary still has.
+# Names get LLVM's `.llvm.<hash>` suffix removed (it depends on the checkout's path);
+# build-optimized.sh maps them back to the binary's actual names.
 # Needs valgrind (apt install valgrind). Takes ~2 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,7 +99,7 @@ for path in files:
     for line in open(path, errors="replace"):
         m = re.match(r"c?fn=\(\d+\) (\S+)", line)
         if m:
-            name = m.group(1).split("'")[0]
+            name = re.sub(r"\.llvm\.\d+$", "", m.group(1).split("'")[0])
             if name not in seen and not name.startswith(("0x", "(")):
                 seen.add(name)
                 names.append(name)
