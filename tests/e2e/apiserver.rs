@@ -316,28 +316,6 @@ fn controller(env: &TestEnv) -> Daemon {
     ])
 }
 
-/// Starts an apiserver in front of `controller` and waits until it answers.
-fn apiserver(env: &TestEnv, controller: &str, extra: &[&str]) -> Daemon {
-    let port = free_port();
-    let p = port.to_string();
-    let mut args = vec![
-        "start",
-        "apiserver",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &p,
-        "--controller_addr",
-        controller,
-        "--refresh_interval_secs",
-        "0.5",
-    ];
-    args.extend_from_slice(extra);
-    let d = env.spawn(&args, port, "apiserver");
-    d.wait_healthy();
-    d
-}
-
 /// A reqwest client (after installing the TLS provider reqwest needs).
 fn client() -> reqwest::Client {
     dbgpt_cluster::http::ensure_tls_provider();

@@ -330,3 +330,26 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
+
+/// Starts an apiserver in front of `controller` (instance list refreshed every 0.5 s) with
+/// `extra` arguments and waits until it answers.
+pub fn apiserver(env: &TestEnv, controller: &str, extra: &[&str]) -> Daemon {
+    let port = free_port();
+    let p = port.to_string();
+    let mut args = vec![
+        "start",
+        "apiserver",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &p,
+        "--controller_addr",
+        controller,
+        "--refresh_interval_secs",
+        "0.5",
+    ];
+    args.extend_from_slice(extra);
+    let d = env.spawn(&args, port, "apiserver");
+    d.wait_healthy();
+    d
+}

@@ -8,31 +8,6 @@ use serde_json::{Value, json};
 use crate::common::*;
 use crate::worker::{gguf, minilm, worker};
 
-fn apiserver(env: &TestEnv, controller: &str) -> Daemon {
-    let port = free_port();
-    let ps = port.to_string();
-    let d = env.spawn(
-        &[
-            "start",
-            "apiserver",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &ps,
-            "--controller_addr",
-            controller,
-            "--api_keys",
-            "k1",
-            "--refresh_interval_secs",
-            "1",
-        ],
-        port,
-        "apiserver",
-    );
-    d.wait_healthy();
-    d
-}
-
 fn post(port: u16, path: &str, body: &Value) -> (u16, String) {
     let (s, _, b) = raw_http(
         port,
@@ -69,7 +44,7 @@ fn openai_requests_reach_the_real_models_through_the_apiserver() {
             &minilm(),
         ],
     );
-    let api = apiserver(&env, &c.url());
+    let api = apiserver(&env, &c.url(), &["--api_keys", "k1"]);
 
     // The model list shows both models once the apiserver's view has them.
     assert!(wait_until(Duration::from_secs(10), || {

@@ -267,30 +267,6 @@ fn tracer_file_option_names_the_file_or_turns_tracing_off() {
     assert_eq!(sp[0].op, "MyController");
 }
 
-/// Starts an apiserver in front of `controller` and waits until it answers.
-fn apiserver(env: &TestEnv, controller: &str) -> Daemon {
-    let port = free_port();
-    let p = port.to_string();
-    let d = env.spawn(
-        &[
-            "start",
-            "apiserver",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &p,
-            "--controller_addr",
-            controller,
-            "--refresh_interval_secs",
-            "0.5",
-        ],
-        port,
-        "apiserver",
-    );
-    d.wait_healthy();
-    d
-}
-
 fn post(port: u16, path: &str, body: &Value) -> (u16, Vec<u8>) {
     let (s, _, b) = raw_http(
         port,
@@ -323,7 +299,7 @@ fn one_trace_from_the_apiserver_into_the_worker() {
             "sk-test",
         ],
     );
-    let mut a = apiserver(&env, &c.url());
+    let mut a = apiserver(&env, &c.url(), &[]);
     assert!(
         wait_until(Duration::from_secs(15), || {
             raw_http(a.port, "GET", "/api/v1/models", &[], b"")
