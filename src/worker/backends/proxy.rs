@@ -307,6 +307,57 @@ impl Inner {
     }
 }
 
+/// The fields of a streamed `chat.completion.chunk` that matter, borrowed from the line.
+#[derive(serde::Deserialize)]
+struct FastChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<FastChoice<'a>>,
+    #[serde(default)]
+    usage: Option<FastUsage>,
+    /// Present and not null: an error object (handled by the general path).
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct FastChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<FastDelta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct FastDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct FastUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+}
+
+impl FastUsage {
+    /// As [`parse_usage`]: nothing without `prompt_tokens`.
+    fn usage(self) -> Option<Usage> {
+        let clamp = |n: u64| n.min(u64::from(u32::MAX)) as u32;
+        let mut u = Usage::new(
+            clamp(self.prompt_tokens?),
+            self.completion_tokens.map_or(0, clamp),
+        );
+        if let Some(total) = self.total_tokens {
+            u.total_tokens = clamp(total);
+        }
+        Some(u)
+    }
+}
+
 /// Incremental parser of an OpenAI chat-completion SSE stream.
 #[derive(Debug, Default)]
 pub(crate) struct SseChatParser {
@@ -325,14 +376,17 @@ impl SseChatParser {
             return out;
         }
         self.buf.extend_from_slice(bytes);
-        while let Some(nl) = self.buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=nl).collect();
-            self.line(&line, &mut out);
+        let buf = std::mem::take(&mut self.buf);
+        let mut start = 0;
+        while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
+            self.line(&buf[start..=start + nl], &mut out);
+            start += nl + 1;
             if self.done {
-                self.buf.clear();
-                break;
+                return out;
             }
         }
+        self.buf = buf;
+        self.buf.drain(..start);
         out
     }
 
@@ -379,6 +433,28 @@ impl SseChatParser {
                 finish_reason: self.finish_reason.unwrap_or(FinishReason::Stop),
                 usage: self.usage,
             }));
+            return;
+        }
+        // The common chunk, parsed without building a `Value`; anything unusual (an error
+        // object, other types) takes the general path below, which decides as before.
+        if let Ok(chunk) = serde_json::from_str::<FastChunk<'_>>(data)
+            && chunk.error.is_none()
+        {
+            if let Some(choice) = chunk.choices.first() {
+                if let Some(text) = choice.delta.as_ref().and_then(|d| d.content.as_deref())
+                    && !text.is_empty()
+                {
+                    out.push(Ok(GenerateEvent::Delta {
+                        text: text.to_string(),
+                    }));
+                }
+                if let Some(r) = choice.finish_reason.as_deref() {
+                    self.finish_reason = Some(FinishReason::from_upstream(r));
+                }
+            }
+            if let Some(u) = chunk.usage.and_then(FastUsage::usage) {
+                self.usage = Some(u);
+            }
             return;
         }
         let v: Value = match serde_json::from_str(data) {
@@ -1005,6 +1081,86 @@ mod tests {
                 Ok(GenerateEvent::Finish {
                     finish_reason: FinishReason::Stop,
                     usage: None
+                }),
+            ]
+        );
+    }
+
+    /// Every event of `lines` fed as one SSE stream (`data: ` prefixed, then `finish`).
+    fn events_of(lines: &[&str]) -> Vec<Result<GenerateEvent, BackendError>> {
+        let mut p = SseChatParser::default();
+        let mut events = Vec::new();
+        for l in lines {
+            events.extend(p.feed(format!("data: {l}\n\n").as_bytes()));
+        }
+        events.extend(p.finish());
+        events
+    }
+
+    #[test]
+    fn sse_chunks_typed_and_unusual() {
+        // Escapes, unicode, null content, usage: the typed path.
+        let e = events_of(&[
+            r#"{"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":null},"finish_reason":null}],"usage":null}"#,
+            r#"{"choices":[{"delta":{"content":"a\n\"b\" \u00e9"}}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"length"}]}"#,
+            "[DONE]",
+        ]);
+        assert_eq!(
+            e,
+            vec![
+                Ok(GenerateEvent::Delta {
+                    text: "a\n\"b\" é".into()
+                }),
+                Ok(GenerateEvent::Finish {
+                    finish_reason: FinishReason::Length,
+                    usage: Some(Usage::new(3, 2)),
+                }),
+            ]
+        );
+        // Usage without prompt_tokens is ignored; content that is not a string (the
+        // general path) is skipped; a stream without [DONE] ends at its finish_reason.
+        let e = events_of(&[
+            r#"{"choices":[{"delta":{"content":[{"type":"text","text":"x"}]}}],"usage":{"completion_tokens":1}}"#,
+            r#"{"choices":[{"delta":{"content":"ok"},"finish_reason":"stop"}]}"#,
+        ]);
+        assert_eq!(
+            e,
+            vec![
+                Ok(GenerateEvent::Delta { text: "ok".into() }),
+                Ok(GenerateEvent::Finish {
+                    finish_reason: FinishReason::Stop,
+                    usage: None,
+                }),
+            ]
+        );
+        // An error object ends the stream with its message and status.
+        let e = events_of(&[
+            r#"{"choices":[{"delta":{"content":"a"}}]}"#,
+            r#"{"error":{"message":"overloaded","code":503}}"#,
+        ]);
+        assert_eq!(
+            e,
+            vec![
+                Ok(GenerateEvent::Delta { text: "a".into() }),
+                Err(BackendError::Upstream {
+                    status: Some(503),
+                    message: "overloaded".into()
+                }),
+            ]
+        );
+        // A null error is no error.
+        assert_eq!(
+            events_of(&[
+                r#"{"error":null,"choices":[{"delta":{"content":"z"},"finish_reason":"stop"}]}"#,
+                "[DONE]"
+            ]),
+            vec![
+                Ok(GenerateEvent::Delta { text: "z".into() }),
+                Ok(GenerateEvent::Finish {
+                    finish_reason: FinishReason::Stop,
+                    usage: None,
                 }),
             ]
         );
