@@ -270,6 +270,17 @@ pub struct TracerConfig {
     pub root_operation_name: Option<String>,
 }
 
+impl TracerConfig {
+    /// Opens the span file (or a disabled tracer); `default_root` is DB-GPT's root span name
+    /// for the service, used unless the config names another.
+    pub fn open(&self, default_root: &str) -> (crate::tracer::Tracer, crate::tracer::Flusher) {
+        crate::tracer::Tracer::open(
+            self.file.as_deref(),
+            self.root_operation_name.as_deref().unwrap_or(default_root),
+        )
+    }
+}
+
 /// Resolves the tracer options: `--tracer_file` > the section's `tracer_file` > the
 /// section's `[….trace] file` > the top-level `[trace] file` > `default_name`. A bare
 /// name goes into the log directory (next to the log file); an empty one turns tracing off.

@@ -716,6 +716,27 @@ pub fn current() -> Option<SpanCtx> {
     CURRENT.try_with(|c| *c).ok()
 }
 
+/// Adds the request middleware to `router` (to its routes only with `routes_only`, as
+/// axum's `route_layer`): [`root_span`] when tracing is on, else plain request logging
+/// ([`crate::http::trace_requests`]). Every service's router uses this.
+pub fn with_request_middleware<S>(
+    router: axum::Router<S>,
+    tracer: &Tracer,
+    routes_only: bool,
+) -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    use crate::http::trace_requests;
+    use axum::middleware::{from_fn, from_fn_with_state};
+    match (tracer.is_enabled(), routes_only) {
+        (true, true) => router.route_layer(from_fn_with_state(tracer.clone(), root_span)),
+        (true, false) => router.layer(from_fn_with_state(tracer.clone(), root_span)),
+        (false, true) => router.route_layer(from_fn(trace_requests)),
+        (false, false) => router.layer(from_fn(trace_requests)),
+    }
+}
+
 /// Middleware used instead of [`crate::http::trace_requests`] when tracing is on (one
 /// layer, not two: each `from_fn` layer costs allocations on every request). It adds
 /// DB-GPT's `TraceIDMiddleware`: a root span per request under `/api`, except heartbeats

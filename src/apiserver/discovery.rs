@@ -267,12 +267,13 @@ impl Discovery {
                 state.suspect_until_ms.store(0, Ordering::Relaxed);
             }
             let weight = m.weight.unwrap_or(1.0);
+            let base = base_url(&m.host, m.port);
             groups
                 .entry(m.model_name.clone())
                 .or_default()
                 .push(Arc::new(Instance {
-                    endpoints: Endpoints::new(&base_url(&m.host, m.port)),
-                    base_url: base_url(&m.host, m.port),
+                    endpoints: Endpoints::new(&base),
+                    base_url: base,
                     addr,
                     weight: if weight.is_finite() {
                         weight.max(0.0)

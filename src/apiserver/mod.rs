@@ -43,6 +43,7 @@ use crate::tracer::{self, Meta, Tracer};
 pub const MAX_BODY_BYTES: usize = 32 << 20;
 
 /// State of the handlers of one serving thread (each has its own worker connection pool).
+#[derive(Clone)]
 pub struct AppState {
     pub upstream: Upstream,
     pub api_keys: Vec<String>,
@@ -80,14 +81,7 @@ pub fn router(state: Shared) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     // Request logging, plus root spans when tracing is on (one middleware either way).
-    let app = if state.tracer.is_enabled() {
-        app.layer(axum::middleware::from_fn_with_state(
-            state.tracer.clone(),
-            tracer::root_span,
-        ))
-    } else {
-        app.layer(axum::middleware::from_fn(crate::http::trace_requests))
-    };
+    let app = tracer::with_request_middleware(app, &state.tracer, false);
     app.with_state(state)
 }
 

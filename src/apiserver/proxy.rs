@@ -95,6 +95,7 @@ enum Attempt {
 }
 
 /// The worker-facing side of the apiserver.
+#[derive(Clone)]
 pub struct Upstream {
     pub http: reqwest::Client,
     pub discovery: Arc<Discovery>,

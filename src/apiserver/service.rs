@@ -160,19 +160,9 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
 /// The state of one more serving thread: its own worker connection pool (connections are
 /// driven by the runtime that opened them), everything else shared with `base`.
 fn thread_state(base: &AppState) -> anyhow::Result<Arc<AppState>> {
-    Ok(Arc::new(AppState {
-        upstream: Upstream {
-            http: worker_client()?,
-            discovery: base.upstream.discovery.clone(),
-            policy: base.upstream.policy,
-            max_retries: base.upstream.max_retries,
-            timeout: base.upstream.timeout,
-        },
-        api_keys: base.api_keys.clone(),
-        embedding_batch_size: base.embedding_batch_size,
-        stats: base.stats.clone(),
-        tracer: base.tracer.clone(),
-    }))
+    let mut state = base.clone();
+    state.upstream.http = worker_client()?;
+    Ok(Arc::new(state))
 }
 
 /// Runs the apiserver until it is stopped.
@@ -256,13 +246,7 @@ type Started = (
 
 async fn start(cfg: &ApiserverConfig) -> anyhow::Result<Started> {
     let base = DaemonBase::acquire("apiserver", "apiserver", cfg.port)?;
-    let (tracer, flusher) = Tracer::open(
-        cfg.tracer.file.as_deref(),
-        cfg.tracer
-            .root_operation_name
-            .as_deref()
-            .unwrap_or(crate::tracer::APISERVER_ROOT),
-    );
+    let (tracer, flusher) = cfg.tracer.open(crate::tracer::APISERVER_ROOT);
     let state = build_state(cfg, tracer)?;
     if !state.upstream.discovery.refresh().await {
         warn!("no controller answered at start-up; models appear once one does");

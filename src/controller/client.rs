@@ -134,24 +134,33 @@ impl ControllerClient {
         model_name: Option<&str>,
         healthy_only: bool,
     ) -> Result<Vec<ModelInstance>, ClientError> {
-        self.call(|c, url| {
-            let mut q: Vec<(&str, String)> = vec![("healthy_only", healthy_only.to_string())];
-            if let Some(m) = model_name {
-                q.push(("model_name", m.to_string()));
-            }
-            c.get(format!("{url}/api/controller/models")).query(&q)
-        })
-        .await
+        self.list_with(model_name, healthy_only, false).await
     }
 
     /// `GET /api/controller/models` (every instance) for a periodic poll: marked with
     /// [`crate::tracer::POLL_HEADER`] so that the controller does not write two tracer lines
     /// per poll (an apiserver polls every 2 s: ~20 MB of spans a day that say nothing).
     pub async fn poll_all(&self) -> Result<Vec<ModelInstance>, ClientError> {
+        self.list_with(None, false, true).await
+    }
+
+    async fn list_with(
+        &self,
+        model_name: Option<&str>,
+        healthy_only: bool,
+        poll: bool,
+    ) -> Result<Vec<ModelInstance>, ClientError> {
         self.call(|c, url| {
-            c.get(format!("{url}/api/controller/models"))
-                .query(&[("healthy_only", "false")])
-                .header(crate::tracer::POLL_HEADER, "1")
+            let mut q: Vec<(&str, String)> = vec![("healthy_only", healthy_only.to_string())];
+            if let Some(m) = model_name {
+                q.push(("model_name", m.to_string()));
+            }
+            let req = c.get(format!("{url}/api/controller/models")).query(&q);
+            if poll {
+                req.header(crate::tracer::POLL_HEADER, "1")
+            } else {
+                req
+            }
         })
         .await
     }

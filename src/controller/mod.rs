@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::http::{ApiError, CappedBody, json_response, trace_requests, with_fallbacks};
+use crate::http::{ApiError, CappedBody, json_response, with_fallbacks};
 use crate::registry::{Registry, RegistryError};
 use crate::tracer::{self, Meta, Tracer};
 use crate::types::InstanceInput;
@@ -54,14 +54,7 @@ pub fn router(state: ControllerState) -> Router {
         "/api/controller/models",
         post(register).delete(deregister).get(list),
     );
-    let traced = if state.tracer.is_enabled() {
-        traced.route_layer(axum::middleware::from_fn_with_state(
-            state.tracer.clone(),
-            tracer::root_span,
-        ))
-    } else {
-        traced.route_layer(axum::middleware::from_fn(trace_requests))
-    };
+    let traced = tracer::with_request_middleware(traced, &state.tracer, true);
     let hot = Router::new()
         .route("/api/health", get(health))
         .route("/api/controller/heartbeat", post(heartbeat));

@@ -59,13 +59,7 @@ pub async fn run(cfg: ControllerConfig, mut readiness: Readiness) -> anyhow::Res
         admin,
         token.clone(),
     ));
-    let (tracer, flusher) = crate::tracer::Tracer::open(
-        cfg.tracer.file.as_deref(),
-        cfg.tracer
-            .root_operation_name
-            .as_deref()
-            .unwrap_or(crate::tracer::CONTROLLER_ROOT),
-    );
+    let (tracer, flusher) = cfg.tracer.open(crate::tracer::CONTROLLER_ROOT);
     let app = router(ControllerState {
         registry: registry.clone(),
         tracer,

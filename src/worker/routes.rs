@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use super::backends::{BackendError, ChatMessage, GenerateEvent, GenerateParams, Role};
 use super::manager::{ManagerError, WorkerManager};
 use super::spec::{Engine, ModelSpec, WorkerType};
-use crate::http::{ApiError, CappedBody, json_response, trace_requests, with_fallbacks};
+use crate::http::{ApiError, CappedBody, json_response, with_fallbacks};
 use crate::tracer::{self, SpanCtx, Tracer};
 use crate::types::{
     ModelMetadata, ModelOutput, PromptRequest, SupportedModel, WorkerApplyOutput,
@@ -69,14 +69,7 @@ pub fn router(state: WorkerState) -> Router {
         .route("/api/worker/models/startup", post(startup))
         .route("/api/worker/models/shutdown", post(shutdown));
     let app = with_fallbacks(api);
-    let app = if state.tracer.is_enabled() {
-        app.layer(axum::middleware::from_fn_with_state(
-            state.tracer.clone(),
-            tracer::root_span,
-        ))
-    } else {
-        app.layer(axum::middleware::from_fn(trace_requests))
-    };
+    let app = tracer::with_request_middleware(app, &state.tracer, false);
     app.with_state(state)
 }
 

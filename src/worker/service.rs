@@ -90,13 +90,7 @@ pub async fn run(cfg: WorkerConfig, mut readiness: Readiness) -> anyhow::Result<
         }
     }
     let http_token = tokio_util::sync::CancellationToken::new();
-    let (tracer, flusher) = crate::tracer::Tracer::open(
-        cfg.tracer.file.as_deref(),
-        cfg.tracer
-            .root_operation_name
-            .as_deref()
-            .unwrap_or(crate::tracer::WORKER_ROOT),
-    );
+    let (tracer, flusher) = cfg.tracer.open(crate::tracer::WORKER_ROOT);
     let app = router(WorkerState {
         manager: manager.clone(),
         tracer,
