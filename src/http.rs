@@ -138,7 +138,8 @@ pub(crate) fn is_quiet(path: &str) -> bool {
 /// Middleware: one `tracing` span and one log line per request, except heartbeats and
 /// health checks.
 pub async fn trace_requests(req: Request, next: Next) -> Response {
-    if is_quiet(req.uri().path()) {
+    // Below INFO (e.g. `--log_level warn`) there is nothing to record: skip the span too.
+    if is_quiet(req.uri().path()) || !tracing::enabled!(tracing::Level::INFO) {
         return next.run(req).await;
     }
     let method = req.method().clone();

@@ -66,17 +66,21 @@ impl Instance {
     }
 }
 
-/// A worker's DB-GPT routes as parsed URLs.
+/// A worker's DB-GPT routes as parsed URIs (parsed once per refresh, not per request;
+/// cloning one only bumps reference counts).
 #[derive(Debug, Clone)]
 pub struct Endpoints {
-    pub generate: reqwest::Url,
-    pub generate_stream: reqwest::Url,
-    pub embeddings: reqwest::Url,
+    pub generate: http::Uri,
+    pub generate_stream: http::Uri,
+    pub embeddings: http::Uri,
 }
 
 impl Endpoints {
     pub fn new(base_url: &str) -> Option<Endpoints> {
-        let parse = |path: &str| reqwest::Url::parse(&format!("{base_url}{path}")).ok();
+        let parse = |path: &str| {
+            let uri = http::Uri::try_from(format!("{base_url}{path}")).ok()?;
+            (uri.scheme() == Some(&http::uri::Scheme::HTTP) && uri.host().is_some()).then_some(uri)
+        };
         Some(Endpoints {
             generate: parse("/api/worker/generate")?,
             generate_stream: parse("/api/worker/generate_stream")?,

@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
@@ -36,7 +36,7 @@ use tracing::debug;
 
 use self::openai::{CompletionRequest, OpenAiError, Usage};
 use self::proxy::{Frame, FrameStream, Upstream};
-use crate::http::json_response;
+use crate::http::{json_response, json_response_sized};
 use crate::tracer::{self, Meta, Tracer};
 
 /// Largest request body accepted (embedding batches can be large).
@@ -65,16 +65,17 @@ type Shared = Arc<AppState>;
 
 /// The apiserver's router (without CORS; see [`service`]).
 pub fn router(state: Shared) -> Router {
-    let v1 = Router::new()
-        .route("/models", get(models))
-        .route("/chat/completions", post(chat))
-        .route("/completions", post(completions))
-        .route("/embeddings", post(embeddings))
-        .route("/beta/relevance", post(relevance));
-    let api = Router::new()
-        .nest("/api/v1", v1.clone())
-        .nest("/v1", v1)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    // Every route under both prefixes, registered flat: a nested router would rewrite the
+    // path and route a second time on every request.
+    let mut api = Router::new();
+    for prefix in ["/api/v1", "/v1"] {
+        api = api
+            .route(&format!("{prefix}/models"), get(models))
+            .route(&format!("{prefix}/chat/completions"), post(chat))
+            .route(&format!("{prefix}/completions"), post(completions))
+            .route(&format!("{prefix}/embeddings"), post(embeddings))
+            .route(&format!("{prefix}/beta/relevance"), post(relevance));
+    }
     let app = Router::new()
         .route("/api/health", get(health))
         .merge(api)
@@ -119,41 +120,52 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Bearer-key check; open when no keys are configured. Keys are never logged.
-async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
-    if s.api_keys.is_empty() || req.method() == Method::OPTIONS {
-        return next.run(req).await;
+/// Proof that a request carried one of the API keys (or that none are configured): the
+/// first extractor of every `/v1` handler. An extractor rather than a middleware layer,
+/// which would box and clone on every request. Keys are never logged.
+struct Authorized;
+
+impl FromRequestParts<Shared> for Authorized {
+    type Rejection = OpenAiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &Shared) -> Result<Self, OpenAiError> {
+        check_key(&s.api_keys, &parts.headers).map(|()| Authorized)
     }
-    let given = req
-        .headers()
+}
+
+/// Bearer-key check; open when no keys are configured.
+fn check_key(keys: &[String], headers: &HeaderMap) -> Result<(), OpenAiError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::trim);
     let token = match given {
         None => {
-            return OpenAiError::unauthorized(
+            return Err(OpenAiError::unauthorized(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-            )
-            .into_response();
+            ));
         }
         Some(h) => match h.split_once(' ') {
             Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
             _ => {
-                return OpenAiError::unauthorized(
+                return Err(OpenAiError::unauthorized(
                     "Malformed Authorization header; expected 'Bearer <key>'.",
-                )
-                .into_response();
+                ));
             }
         },
     };
     let mut ok = false;
-    for k in &s.api_keys {
+    for k in keys {
         ok |= same(k.as_bytes(), token.as_bytes());
     }
-    if !ok {
-        return OpenAiError::unauthorized("Incorrect API key provided.").into_response();
+    if ok {
+        Ok(())
+    } else {
+        Err(OpenAiError::unauthorized("Incorrect API key provided."))
     }
-    next.run(req).await
 }
 
 /// Reads the body (413 beyond [`MAX_BODY_BYTES`]).
@@ -187,7 +199,7 @@ impl Drop for Busy {
     }
 }
 
-async fn models(State(s): State<Shared>) -> Response {
+async fn models(State(s): State<Shared>, _: Authorized) -> Response {
     let view = s.upstream.discovery.view();
     let mut names = view.models(discovery::LLM);
     names.extend(view.models(discovery::TEXT2VEC));
@@ -255,7 +267,7 @@ fn model_meta(model: &str) -> Meta {
     Meta::json(&M { model })
 }
 
-async fn chat(State(s): State<Shared>, req: Request) -> Response {
+async fn chat(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
     let _busy = Busy::new(&s);
     match read_body(req).await.and_then(|b| openai::parse_chat(&b)) {
         Ok(r) => run_completion(s.clone(), Kind::Chat, r, _busy).await,
@@ -263,7 +275,7 @@ async fn chat(State(s): State<Shared>, req: Request) -> Response {
     }
 }
 
-async fn completions(State(s): State<Shared>, req: Request) -> Response {
+async fn completions(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
     let _busy = Busy::new(&s);
     match read_body(req)
         .await
@@ -354,7 +366,41 @@ struct ChunkOut<'a> {
     choices: &'a [ChoiceOut<'a>],
     /// `Some(None)` renders `"usage": null` (include_usage streams), `None` omits it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Option<&'a Value>>,
+    usage: Option<Option<&'a Usage>>,
+}
+
+/// A whole (non-stream) chat or text completion.
+#[derive(serde::Serialize)]
+struct CompletionOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: Vec<ResultChoice>,
+    usage: Usage,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum ResultChoice {
+    Chat {
+        index: usize,
+        message: MessageOut,
+        logprobs: Option<()>,
+        finish_reason: String,
+    },
+    Text {
+        index: usize,
+        text: String,
+        logprobs: Option<()>,
+        finish_reason: String,
+    },
+}
+
+#[derive(serde::Serialize)]
+struct MessageOut {
+    role: &'static str,
+    content: String,
 }
 
 #[derive(serde::Serialize)]
@@ -410,7 +456,7 @@ impl Envelope {
         self.event(std::slice::from_ref(&choice), None)
     }
 
-    fn event(&self, choices: &[ChoiceOut], usage: Option<&Value>) -> Bytes {
+    fn event(&self, choices: &[ChoiceOut], usage: Option<&Usage>) -> Bytes {
         let c = ChunkOut {
             id: &self.id,
             object: match self.kind {
@@ -489,24 +535,37 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
                     .into_response();
             }
             let text = c.apply(&f);
-            let finish = c.finish_reason.clone().unwrap_or_else(|| "stop".into());
+            let finish_reason = c.finish_reason.clone().unwrap_or_else(|| "stop".into());
             out.push(match kind {
-                Kind::Chat => json!({"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}),
-                Kind::Text => json!({"index": c.index, "text": text, "logprobs": null, "finish_reason": finish}),
+                Kind::Chat => ResultChoice::Chat {
+                    index: c.index,
+                    message: MessageOut {
+                        role: "assistant",
+                        content: text,
+                    },
+                    logprobs: None,
+                    finish_reason,
+                },
+                Kind::Text => ResultChoice::Text {
+                    index: c.index,
+                    text,
+                    logprobs: None,
+                    finish_reason,
+                },
             });
         }
-        let usage = total_usage(&choices);
-        return json_response(
-            StatusCode::OK,
-            &json!({
-                "id": env.id,
-                "object": match kind { Kind::Chat => "chat.completion", Kind::Text => "text_completion" },
-                "created": env.created,
-                "model": env.model,
-                "choices": out,
-                "usage": usage.to_json(),
-            }),
-        );
+        let body = CompletionOut {
+            id: &env.id,
+            object: match kind {
+                Kind::Chat => "chat.completion",
+                Kind::Text => "text_completion",
+            },
+            created: env.created,
+            model: &env.model,
+            choices: out,
+            usage: total_usage(&choices),
+        };
+        return json_response_sized(StatusCode::OK, &body, 512);
     }
     // Streaming: every choice's worker stream must deliver its first frame before we commit
     // to a 200, so failures up to there are retried or answered with a proper status.
@@ -615,14 +674,14 @@ async fn pump(
     }
     if env.include_usage {
         let u = total_usage(&choices);
-        if !send(env.event(&[], Some(&u.to_json()))).await {
+        if !send(env.event(&[], Some(&u))).await {
             return;
         }
     }
     let _ = send(Bytes::from_static(b"data: [DONE]\n\n")).await;
 }
 
-async fn embeddings(State(s): State<Shared>, req: Request) -> Response {
+async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
     let _busy = Busy::new(&s);
     let r = match read_body(req)
         .await
@@ -686,7 +745,7 @@ async fn embeddings(State(s): State<Shared>, req: Request) -> Response {
     )
 }
 
-async fn relevance(State(s): State<Shared>, req: Request) -> Response {
+async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
     let _busy = Busy::new(&s);
     let r = match read_body(req)
         .await

@@ -156,12 +156,96 @@ fn wrong_type(field: &str, want: &str, got: &Value) -> OpenAiError {
     )
 }
 
+/// A request body's top-level fields by name.
+trait Fields {
+    fn field(&self, k: &str) -> Option<&Value>;
+}
+
+impl Fields for Map<String, Value> {
+    fn field(&self, k: &str) -> Option<&Value> {
+        self.get(k)
+    }
+}
+
+/// The top-level fields of a chat or text completion request that are read; any other key
+/// is skipped without being built. Every value is kept as sent (`null` as absent) so the
+/// validation below can say what was wrong with it. Reading this instead of a whole
+/// `Map` saves a hash-map build and a hashed lookup per field on every request.
+#[derive(Default, serde::Deserialize)]
+struct CompletionFields {
+    model: Option<Value>,
+    messages: Option<Value>,
+    prompt: Option<Value>,
+    n: Option<Value>,
+    stream: Option<Value>,
+    stream_options: Option<Value>,
+    tools: Option<Value>,
+    functions: Option<Value>,
+    tool_choice: Option<Value>,
+    function_call: Option<Value>,
+    logprobs: Option<Value>,
+    echo: Option<Value>,
+    temperature: Option<Value>,
+    top_p: Option<Value>,
+    top_k: Option<Value>,
+    max_tokens: Option<Value>,
+    max_completion_tokens: Option<Value>,
+    stop: Option<Value>,
+    seed: Option<Value>,
+    presence_penalty: Option<Value>,
+    frequency_penalty: Option<Value>,
+}
+
+impl Fields for CompletionFields {
+    fn field(&self, k: &str) -> Option<&Value> {
+        match k {
+            "model" => self.model.as_ref(),
+            "messages" => self.messages.as_ref(),
+            "prompt" => self.prompt.as_ref(),
+            "n" => self.n.as_ref(),
+            "stream" => self.stream.as_ref(),
+            "stream_options" => self.stream_options.as_ref(),
+            "tools" => self.tools.as_ref(),
+            "functions" => self.functions.as_ref(),
+            "tool_choice" => self.tool_choice.as_ref(),
+            "function_call" => self.function_call.as_ref(),
+            "logprobs" => self.logprobs.as_ref(),
+            "echo" => self.echo.as_ref(),
+            "temperature" => self.temperature.as_ref(),
+            "top_p" => self.top_p.as_ref(),
+            "top_k" => self.top_k.as_ref(),
+            "max_tokens" => self.max_tokens.as_ref(),
+            "max_completion_tokens" => self.max_completion_tokens.as_ref(),
+            "stop" => self.stop.as_ref(),
+            "seed" => self.seed.as_ref(),
+            "presence_penalty" => self.presence_penalty.as_ref(),
+            "frequency_penalty" => self.frequency_penalty.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// Reads a completion request body: a JSON object, or the same errors as [`parse_body`].
+fn parse_completion_fields(body: &[u8]) -> Result<CompletionFields, OpenAiError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        // Empty, not JSON, or JSON but not an object: parse_body says which.
+        parse_body(body)?;
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        OpenAiError::invalid(
+            "body",
+            "invalid_json",
+            format!("The request body is not valid JSON: {e}"),
+        )
+    })
+}
+
 /// Field accessors that treat `null` as absent.
-struct Obj<'a>(&'a Map<String, Value>);
+struct Obj<'a>(&'a dyn Fields);
 
 impl<'a> Obj<'a> {
     fn get(&self, k: &str) -> Option<&'a Value> {
-        self.0.get(k).filter(|v| !v.is_null())
+        self.0.field(k).filter(|v| !v.is_null())
     }
 
     fn model(&self) -> Result<String, OpenAiError> {
@@ -404,7 +488,7 @@ fn message_content(i: usize, v: Option<&Value>) -> Result<String, OpenAiError> {
 
 /// Validates `POST /v1/chat/completions`.
 pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
-    let m = parse_body(body)?;
+    let m = parse_completion_fields(body)?;
     let o = Obj(&m);
     let model = o.model()?;
     let messages = match o.get("messages") {
@@ -472,7 +556,7 @@ pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
 
 /// Validates `POST /v1/completions` (legacy text completions).
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
-    let m = parse_body(body)?;
+    let m = parse_completion_fields(body)?;
     let o = Obj(&m);
     let model = o.model()?;
     let prompts: Vec<String> = match o.get("prompt") {
@@ -764,20 +848,24 @@ pub fn model_card(id: &str, created: i64) -> Value {
     })
 }
 
-/// Token counts in OpenAI's shape.
+/// Token counts; serialised in OpenAI's shape (with `total_tokens`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
 }
 
-impl Usage {
-    pub fn to_json(self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        })
+impl serde::Serialize for Usage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Usage", 3)?;
+        st.serialize_field("prompt_tokens", &self.prompt_tokens)?;
+        st.serialize_field("completion_tokens", &self.completion_tokens)?;
+        st.serialize_field(
+            "total_tokens",
+            &(self.prompt_tokens + self.completion_tokens),
+        )?;
+        st.end()
     }
 }
 
@@ -817,6 +905,31 @@ mod tests {
         assert_eq!(w["max_new_tokens"], 5);
         assert_eq!(w["echo"], false);
         assert!(w.get("top_p").is_none());
+    }
+
+    #[test]
+    fn completion_body_shapes() {
+        // Not an object: the same messages as any other body.
+        let msg = |b: &[u8]| parse_chat(b).unwrap_err().message;
+        assert!(msg(b"  ").contains("empty"), "{}", msg(b"  "));
+        assert!(msg(b"[1]").contains("must be a JSON object"));
+        assert!(msg(b"\"x\"").contains("must be a JSON object"));
+        assert!(msg(b"{\"model\": }").contains("not valid JSON"));
+        assert!(msg(br#"{"model":"m","messages":"x"} trailing"#).contains("not valid JSON"));
+        // Unknown keys of any shape are skipped; null is absent.
+        let r = parse_chat(
+            br#"{"user":"u","metadata":{"a":[1,{"b":null}]},"model":"m","messages":"hi","temperature":null,"n":null,"stream":false}"#,
+        )
+        .unwrap();
+        assert_eq!(r.model, "m");
+        assert_eq!(r.sampling.temperature, None);
+        assert_eq!(r.n, 1);
+        // Values keep their validation, naming the field.
+        let e = parse_chat(br#"{"model":5,"messages":"hi"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("model"));
+        assert!(e.message.contains("a number"), "{}", e.message);
+        let e = parse_completion(br#"{"model":"m","prompt":"p","echo":"yes"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("echo"));
     }
 
     #[test]

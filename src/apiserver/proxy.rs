@@ -1,5 +1,7 @@
 //! Calls to worker managers: DB-GPT's `/api/worker/generate_stream`, `/generate` and
-//! `/embeddings`, over one pooled keep-alive reqwest client.
+//! `/embeddings`, over a pooled keep-alive HTTP/1.1 client (hyper-util's; one per serving
+//! thread). Workers are always plain HTTP, so the client is hyper's own rather than
+//! reqwest, whose redirect and URL handling cost more than the rest of a request.
 //!
 //! Each call picks an instance through the routing policy. If the instance cannot be reached,
 //! answers 5xx, or its stream fails before the first frame, the instance is marked suspect
@@ -15,14 +17,51 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::Value;
 
 use super::discovery::{Discovery, Lookup};
 use super::openai::{OpenAiError, Usage};
 use super::policy::{self, InFlight};
 use crate::config::RoutingPolicy;
-use crate::controller::client::describe;
 use crate::tracer::{SpanCtx, TRACE_HEADER};
+
+/// The HTTP client for worker calls.
+pub type WorkerHttp = Client<HttpConnector, Full<Bytes>>;
+
+/// A pooled keep-alive client for worker calls: 3 s to connect, `TCP_NODELAY`, idle
+/// connections kept 90 s (up to 256 per worker). Its connections are driven by tasks on
+/// the runtime that opened them, so each serving thread builds its own.
+pub fn worker_client() -> WorkerHttp {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(3)));
+    connector.set_nodelay(true);
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+/// A short reason for a failed worker call (connection refused, reset, …), with the
+/// causes that add something.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = match e.downcast_ref::<hyper_util::client::legacy::Error>() {
+        Some(le) if le.is_connect() => "connection failed".to_string(),
+        _ => e.to_string(),
+    };
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg = format!("{msg}: {text}");
+        }
+        src = s.source();
+    }
+    msg
+}
 
 /// One frame of a worker's output (DB-GPT's ModelOutput, the fields we use).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -47,7 +86,77 @@ struct RawFrame {
     #[serde(default)]
     finish_reason: Option<Value>,
     #[serde(default)]
-    usage: Option<Value>,
+    usage: LenientUsage,
+}
+
+/// A frame's `usage`: the token counts when it is an object (missing or non-integer counts
+/// are 0), nothing for any other value — read without building a map.
+#[derive(Default)]
+struct LenientUsage(Option<Usage>);
+
+impl<'de> serde::Deserialize<'de> for LenientUsage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = LenientUsage;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a usage object or any other value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<LenientUsage, A::Error> {
+                let mut u = Usage::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let slot = match key.as_ref() {
+                        "prompt_tokens" => &mut u.prompt_tokens,
+                        "completion_tokens" => &mut u.completion_tokens,
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = map.next_value::<Value>()?.as_u64().unwrap_or(0);
+                }
+                Ok(LenientUsage(Some(u)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<LenientUsage, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(LenientUsage(None))
+            }
+            fn visit_unit<E>(self) -> Result<LenientUsage, E> {
+                Ok(LenientUsage(None))
+            }
+            fn visit_none<E>(self) -> Result<LenientUsage, E> {
+                Ok(LenientUsage(None))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<LenientUsage, D::Error> {
+                d.deserialize_any(V)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<LenientUsage, E> {
+                Ok(LenientUsage(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<LenientUsage, E> {
+                Ok(LenientUsage(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<LenientUsage, E> {
+                Ok(LenientUsage(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<LenientUsage, E> {
+                Ok(LenientUsage(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<LenientUsage, E> {
+                Ok(LenientUsage(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl Frame {
@@ -57,13 +166,7 @@ impl Frame {
             (None, Some(Value::String(c))) => c,
             _ => String::new(),
         };
-        let usage = r.usage.as_ref().and_then(Value::as_object).map(|u| {
-            let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-            Usage {
-                prompt_tokens: n("prompt_tokens"),
-                completion_tokens: n("completion_tokens"),
-            }
-        });
+        let usage = r.usage.0;
         Frame {
             text,
             error_code: r.error_code.as_ref().and_then(Value::as_i64).unwrap_or(0),
@@ -97,7 +200,7 @@ enum Attempt {
 /// The worker-facing side of the apiserver.
 #[derive(Clone)]
 pub struct Upstream {
-    pub http: reqwest::Client,
+    pub http: WorkerHttp,
     pub discovery: Arc<Discovery>,
     pub policy: RoutingPolicy,
     pub max_retries: u32,
@@ -106,7 +209,7 @@ pub struct Upstream {
 
 /// A worker's stream of frames, read as bytes arrive.
 pub struct FrameStream {
-    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    body: BoxStream<'static, Result<Bytes, hyper::Error>>,
     buf: BytesMut,
     ended: bool,
     idle_timeout: Duration,
@@ -180,8 +283,8 @@ fn parse_frame(piece: &[u8]) -> Result<Frame, String> {
 /// failed attempt, so the request moves on to another instance).
 fn endpoint(
     inst: &super::discovery::Instance,
-    pick: impl Fn(&super::discovery::Endpoints) -> &reqwest::Url,
-) -> Result<reqwest::Url, Attempt> {
+    pick: impl Fn(&super::discovery::Endpoints) -> &http::Uri,
+) -> Result<http::Uri, Attempt> {
     match &inst.endpoints {
         Some(e) => Ok(pick(e).clone()),
         None => Err(Attempt::Retry(format!(
@@ -258,50 +361,77 @@ impl Upstream {
         }))
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, Attempt> {
-        let resp = match tokio::time::timeout(self.timeout, req.send()).await {
-            Err(_) => {
-                return Err(Attempt::Fail(OpenAiError::gateway_timeout(format!(
-                    "the worker did not answer within {:?}",
-                    self.timeout
-                ))));
-            }
-            Ok(Err(e)) => return Err(Attempt::Retry(describe(&e))),
-            Ok(Ok(r)) => r,
-        };
+    /// POSTs `req` and waits for the status line and headers, bounded by the request
+    /// timeout (a 5xx or an unreachable worker may be retried elsewhere; a timeout or
+    /// another non-2xx is final).
+    async fn send(
+        &self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, Attempt> {
+        match tokio::time::timeout(self.timeout, self.send_unbounded(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(self.no_answer()),
+        }
+    }
+
+    fn no_answer(&self) -> Attempt {
+        Attempt::Fail(OpenAiError::gateway_timeout(format!(
+            "the worker did not answer within {:?}",
+            self.timeout
+        )))
+    }
+
+    /// [`Upstream::send`] without the timeout (the caller bounds it).
+    async fn send_unbounded(
+        &self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, Attempt> {
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| Attempt::Retry(describe(&e)))?;
         let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        // The error body (bounded by the caller's timeout).
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         if status.is_server_error() {
-            let body = resp.bytes().await.unwrap_or_default();
             return Err(Attempt::Retry(format!("HTTP {status}: {}", snippet(&body))));
         }
-        if !status.is_success() {
-            let body = resp.bytes().await.unwrap_or_default();
-            return Err(Attempt::Fail(OpenAiError::bad_gateway(format!(
-                "the worker rejected the request (HTTP {}): {}",
-                status.as_u16(),
-                snippet(&body)
-            ))));
-        }
-        Ok(resp)
+        Err(Attempt::Fail(OpenAiError::bad_gateway(format!(
+            "the worker rejected the request (HTTP {}): {}",
+            status.as_u16(),
+            snippet(&body)
+        ))))
     }
 
     /// A POST of a JSON body to a worker, naming the caller's span `trace` in DB-GPT's
     /// `DB-GPT-Trace-Span-Id` header so the worker continues the trace.
     fn post(
         &self,
-        url: reqwest::Url,
+        uri: http::Uri,
         body: Bytes,
         trace: Option<SpanCtx>,
-    ) -> reqwest::RequestBuilder {
-        let req = self
-            .http
-            .post(url)
-            .header("content-type", "application/json")
-            .body(body);
-        match trace {
-            Some(t) => req.header(TRACE_HEADER.clone(), t.header_value()),
-            None => req,
+    ) -> http::Request<Full<Bytes>> {
+        let mut req = http::Request::new(Full::new(body));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        if let Some(t) = trace {
+            h.insert(TRACE_HEADER.clone(), t.header_value());
         }
+        req
     }
 
     /// Opens `generate_stream` and waits for the first frame (retrying other instances on
@@ -319,7 +449,7 @@ impl Upstream {
                 let req = self.post(url, body, trace);
                 let resp = self.send(req).await?;
                 let mut fs = FrameStream {
-                    body: resp.bytes_stream().boxed(),
+                    body: resp.into_body().into_data_stream().boxed(),
                     buf: BytesMut::new(),
                     ended: false,
                     idle_timeout: self.timeout,
@@ -340,23 +470,26 @@ impl Upstream {
         .await
     }
 
-    /// POSTs a JSON `body` to a worker route and reads the whole answer, bounded by the
-    /// request timeout (a timeout is final, a broken read may be retried elsewhere).
+    /// POSTs a JSON `body` to a worker route and reads the whole answer, the two together
+    /// bounded by the request timeout (one timer per call; a timeout is final, a broken
+    /// read may be retried elsewhere).
     async fn post_and_read(
         &self,
-        url: reqwest::Url,
+        url: http::Uri,
         body: Bytes,
         trace: Option<SpanCtx>,
     ) -> Result<Bytes, Attempt> {
         let req = self.post(url, body, trace);
-        let resp = self.send(req).await?;
-        match tokio::time::timeout(self.timeout, resp.bytes()).await {
-            Err(_) => Err(Attempt::Fail(OpenAiError::gateway_timeout(format!(
-                "the worker did not finish within {:?}",
-                self.timeout
-            )))),
-            Ok(Err(e)) => Err(Attempt::Retry(describe(&e))),
-            Ok(Ok(b)) => Ok(b),
+        let call = async {
+            let resp = self.send_unbounded(req).await?;
+            match resp.into_body().collect().await {
+                Err(e) => Err(Attempt::Retry(describe(&e))),
+                Ok(b) => Ok(b.to_bytes()),
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(self.no_answer()),
         }
     }
 
@@ -422,5 +555,35 @@ mod tests {
         assert_eq!(f.finish_reason.as_deref(), Some("length"));
         assert_eq!(f.usage.unwrap().completion_tokens, 2);
         assert!(parse_frame(b"not json").is_err());
+        // usage: counts from an object (extra keys skipped, odd counts 0), nothing otherwise.
+        let u = |usage: &str| {
+            parse_frame(format!(r#"{{"text":"x","usage":{usage}}}"#).as_bytes())
+                .unwrap()
+                .usage
+        };
+        let both = |p, c| {
+            Some(Usage {
+                prompt_tokens: p,
+                completion_tokens: c,
+            })
+        };
+        assert_eq!(
+            u(r#"{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"x":{"y":[1]}}"#),
+            both(3, 2)
+        );
+        assert_eq!(
+            u(r#"{"prompt_tokens":1.5,"completion_tokens":"2"}"#),
+            both(0, 0)
+        );
+        assert_eq!(u("{}"), both(0, 0));
+        for other in ["null", "\"n/a\"", "[1,2]", "7", "true"] {
+            assert_eq!(u(other), None, "{other}");
+        }
+        assert_eq!(parse_frame(br#"{"text":"x"}"#).unwrap().usage, None);
+        // The same through a Value (Frame::from_json).
+        let f =
+            Frame::from_json(&serde_json::json!({"text": "x", "usage": {"completion_tokens": 4}}))
+                .unwrap();
+        assert_eq!(f.usage, both(0, 4));
     }
 }

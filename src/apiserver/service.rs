@@ -128,23 +128,12 @@ fn cors(origins: &Option<Vec<String>>) -> CorsLayer {
         .allow_headers(AllowHeaders::mirror_request())
 }
 
-/// The pooled keep-alive client for calls to workers.
-fn worker_client() -> reqwest::Result<reqwest::Client> {
-    crate::http::build_client(|b| {
-        b.connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .http1_only()
-    })
-}
-
 /// Builds the state (used by the process and by in-process tests).
 pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<AppState>> {
     let client = ControllerClient::new(&cfg.controller_addr, CONTROLLER_TIMEOUT)?;
     Ok(Arc::new(AppState {
         upstream: Upstream {
-            http: worker_client()?,
+            http: super::proxy::worker_client(),
             discovery: Arc::new(Discovery::new(client)),
             policy: cfg.routing_policy,
             max_retries: cfg.max_retries,
@@ -161,7 +150,7 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
 /// driven by the runtime that opened them), everything else shared with `base`.
 fn thread_state(base: &AppState) -> anyhow::Result<Arc<AppState>> {
     let mut state = base.clone();
-    state.upstream.http = worker_client()?;
+    state.upstream.http = super::proxy::worker_client();
     Ok(Arc::new(state))
 }
 

@@ -34,10 +34,11 @@ pub struct Registrar {
     port: u16,
     interval: Duration,
     entries: Mutex<IndexSet<String>>,
-    /// Held by a heartbeat round and by a deregistration: a heartbeat of the same entry
-    /// still in flight would otherwise reach the controller after the deregistration and
-    /// mark the entry healthy again.
-    wire: tokio::sync::Mutex<()>,
+    /// Held by a registration, a heartbeat round and a deregistration: a registration or
+    /// heartbeat of the same entry still in flight would otherwise reach the controller
+    /// after the deregistration and mark the entry healthy again. Its value: set once every
+    /// entry has been deregistered for the stop, after which nothing is registered again.
+    wire: tokio::sync::Mutex<bool>,
     wake: Notify,
 }
 
@@ -49,7 +50,7 @@ impl Registrar {
             port,
             interval,
             entries: Mutex::new(IndexSet::new()),
-            wire: tokio::sync::Mutex::new(()),
+            wire: tokio::sync::Mutex::new(false),
             wake: Notify::new(),
         }
     }
@@ -89,6 +90,10 @@ impl Registrar {
 
     /// Adds an entry and registers it now (a failure is logged; the loop retries).
     pub async fn add(&self, key: &str) {
+        let stopped = self.wire.lock().await;
+        if *stopped {
+            return;
+        }
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -122,11 +127,19 @@ impl Registrar {
         }
     }
 
-    /// Deregisters every entry (graceful stop).
+    /// Deregisters every entry (graceful stop); a registration still to come is skipped.
     pub async fn remove_all(&self) {
         let all = self.entries();
         // Models first, the manager entry last.
         for key in all.iter().rev() {
+            self.remove(key).await;
+        }
+        let mut stopped = self.wire.lock().await;
+        *stopped = true;
+        // One that slipped in between the last removal and now.
+        let late = self.entries();
+        drop(stopped);
+        for key in late.iter().rev() {
             self.remove(key).await;
         }
     }

@@ -1,0 +1,156 @@
+//! The apiserver benchmark's baseline: the least an HTTP relay in front of a DB-GPT worker
+//! can do on the apiserver's stack, to show what the apiserver itself adds per request.
+//!
+//! It serves HTTP/1.1 with hyper on one single-threaded tokio runtime (as one apiserver
+//! serving thread does) and relays every request to one worker through hyper-util's pooled
+//! client (as the apiserver does): it reads the client's body, POSTs a fixed DB-GPT
+//! PromptRequest for `--model` to the worker's `/api/worker/generate` (or `generate_stream`
+//! when the body contains `"stream":true`) and answers with the worker's body as it comes,
+//! followed by `data: [DONE]` for streams. No routing, JSON parsing, validation, discovery,
+//! policy, OpenAI conversion, tracing or CORS — so it is not an OpenAI server, and its
+//! answers are the worker's frames.
+//!
+//! Usage: `bare_relay --port <port> --worker http://127.0.0.1:<worker port> --model <name>`
+//! (runs until killed).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use futures::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    port: u16,
+    /// The worker's base URL.
+    #[arg(long)]
+    worker: String,
+    /// The model name to ask the worker for.
+    #[arg(long)]
+    model: String,
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+struct Relay {
+    client: Client<HttpConnector, Full<Bytes>>,
+    generate: hyper::Uri,
+    generate_stream: hyper::Uri,
+    prompt: Bytes,
+}
+
+fn error(status: StatusCode, msg: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(msg))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle(relay: &Relay, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e.to_string())),
+    };
+    let stream = body.windows(13).any(|w| w == b"\"stream\":true");
+    let mut up = Request::new(Full::new(relay.prompt.clone()));
+    *up.method_mut() = hyper::Method::POST;
+    *up.uri_mut() = if stream {
+        relay.generate_stream.clone()
+    } else {
+        relay.generate.clone()
+    };
+    up.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let resp = match relay.client.request(up).await {
+        Ok(r) => r,
+        Err(e) => return Ok(error(StatusCode::BAD_GATEWAY, e.to_string())),
+    };
+    let (mut parts, body) = resp.into_parts();
+    let body: Body = if stream {
+        parts.headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        parts.headers.remove(hyper::header::CONTENT_LENGTH);
+        let done = futures::stream::once(async {
+            Ok::<_, hyper::Error>(Frame::data(Bytes::from_static(b"data: [DONE]\n\n")))
+        });
+        BodyExt::boxed(StreamBody::new(
+            body.into_data_stream()
+                .map(|r| r.map(Frame::data))
+                .chain(done),
+        ))
+    } else {
+        body.boxed()
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+fn main() -> std::io::Result<()> {
+    let args = Args::parse();
+    let uri = |path: &str| -> hyper::Uri {
+        format!("{}{path}", args.worker.trim_end_matches('/'))
+            .parse()
+            .unwrap_or_else(|e| {
+                eprintln!("bad --worker: {e}");
+                std::process::exit(2)
+            })
+    };
+    let prompt = serde_json::json!({
+        "model": args.model,
+        "messages": [{"role": "human", "content": "Say something.", "round_index": 0}],
+        "echo": false,
+        "max_new_tokens": 16,
+    });
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            let relay: &'static Relay = Box::leak(Box::new(Relay {
+                client: Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(256)
+                    .build(connector),
+                generate: uri("/api/worker/generate"),
+                generate_stream: uri("/api/worker/generate_stream"),
+                prompt: Bytes::from(serde_json::to_vec(&prompt).unwrap_or_default()),
+            }));
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
+            loop {
+                let (stream, _) = match listener.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("accept: {e}");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let _ = http1::Builder::new()
+                        .serve_connection(
+                            TokioIo::new(stream),
+                            service_fn(move |req| handle(relay, req)),
+                        )
+                        .await;
+                });
+            }
+        })
+}
