@@ -11,6 +11,11 @@
 # Topology:   bench ──► fake_openai /v1                       ("direct")
 #             bench ──► apiserver ──► fake_openai worker API   ("apiserver")
 #             bench ──► apiserver ──► dbgpt proxy worker ──► fake_openai /v1   ("apiserver+worker")
+#             bench ──► bare_relay ──► dbgpt proxy worker ──► fake_openai /v1  ("bare relay+worker")
+# bare_relay (examples/bare_relay.rs) is the baseline for the apiserver's own cost: the same
+# HTTP stack (hyper server on one single-threaded runtime, hyper-util pooled client) relaying
+# a fixed worker request, with none of the apiserver's work. The last lines print the
+# apiserver's CPU per request as a ratio of the bare relay's, per concurrency.
 # More targets can be passed in EXTRA_TARGETS ("--target 'label|url|pids|model'").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +23,7 @@ SECS=${SECS:-5}
 CONC=${CONC:-1,32,128}
 export CARGO_PROFILE_DEV_OPT_LEVEL=3
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/dbgpt-cluster/target}
-cargo build -q --example fake_openai --example bench_apiserver
+cargo build -q --example fake_openai --example bench_apiserver --example bare_relay
 scripts/build-optimized.sh   # dbgpt as shipped (function order applied)
 TARGET=$CARGO_TARGET_DIR/debug
 BIN=$TARGET/dbgpt
@@ -32,7 +37,7 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "timeout waiting for $1" >&2; exit 1; }
 
-CTL=$(port); FAKE=$(port); API=$(port); WRK=$(port)
+CTL=$(port); FAKE=$(port); API=$(port); WRK=$(port); RELAY=$(port)
 $BIN start controller --host 127.0.0.1 --port "$CTL" --registry_path "$WORK/reg.redb" >"$WORK/ctl.log" 2>&1 & PIDS+=($!)
 wait_http "http://127.0.0.1:$CTL/api/health"
 "$TARGET/examples/fake_openai" --port "$FAKE" --tokens 16 --register "http://127.0.0.1:$CTL" --model fake >"$WORK/fake.log" 2>&1 & FAKE_PID=$!; PIDS+=($FAKE_PID)
@@ -41,12 +46,21 @@ $BIN start worker --host 127.0.0.1 --port "$WRK" --controller_addr "http://127.0
   --log_level warn >"$WORK/worker.log" 2>&1 & WRK_PID=$!; PIDS+=($WRK_PID)
 $BIN start apiserver --host 127.0.0.1 --port "$API" --controller_addr "http://127.0.0.1:$CTL" --log_level warn >"$WORK/api.log" 2>&1 & API_PID=$!; PIDS+=($API_PID)
 wait_http "http://127.0.0.1:$API/api/health"
+"$TARGET/examples/bare_relay" --port "$RELAY" --worker "http://127.0.0.1:$WRK" --model viaworker >"$WORK/relay.log" 2>&1 & RELAY_PID=$!; PIDS+=($RELAY_PID)
 for _ in $(seq 100); do curl -s "http://127.0.0.1:$API/v1/models" | grep -q '"viaworker"' && curl -s "http://127.0.0.1:$API/v1/models" | grep -q '"fake"' && break; sleep 0.1; done
 
 echo "# $(nproc) cores, ${SECS}s per phase, 16-token replies; CPU µs/req from /proc/<pid>/stat (non-stream phase)"
-echo "# pids: fake=$FAKE_PID apiserver=$API_PID worker=$WRK_PID"
+echo "# pids: fake=$FAKE_PID apiserver=$API_PID worker=$WRK_PID bare_relay=$RELAY_PID"
 eval "$TARGET/examples/bench_apiserver" --model fake --secs "$SECS" --concurrency "$CONC" \
   --target "'direct|http://127.0.0.1:$FAKE/v1|$FAKE_PID'" \
   --target "'apiserver|http://127.0.0.1:$API/v1|$API_PID,$FAKE_PID'" \
   --target "'apiserver+worker|http://127.0.0.1:$API/v1|$API_PID,$WRK_PID,$FAKE_PID|viaworker'" \
-  "${EXTRA_TARGETS:-}"
+  --target "'bare relay+worker|http://127.0.0.1:$RELAY/v1|$RELAY_PID,$WRK_PID,$FAKE_PID|viaworker'" \
+  "${EXTRA_TARGETS:-}" | tee "$WORK/table.md"
+# The hop's own CPU (first pid of the row) in front of the same worker: apiserver vs bare relay.
+awk -F'|' -v api="$API_PID" -v relay="$RELAY_PID" '
+  function cpu(cell, pid,   m) { return match(cell, pid ": [0-9.]+") ? substr(cell, RSTART + length(pid) + 2, RLENGTH - length(pid) - 2) : "" }
+  $2 ~ /apiserver\+worker/ { a[$3 + 0] = cpu($11, api) }
+  $2 ~ /bare relay\+worker/ { r[$3 + 0] = cpu($11, relay) }
+  END { for (c in a) if (r[c] > 0) printf "# c=%d: apiserver %s µs/req, bare relay %s µs/req: %.2fx\n", c, a[c], r[c], a[c] / r[c] }
+' "$WORK/table.md" | sort -t= -k2 -n
