@@ -23,12 +23,13 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+#[path = "support/serve.rs"]
+mod serve;
 
 #[derive(Parser)]
 struct Args {
@@ -133,24 +134,6 @@ fn main() -> std::io::Result<()> {
                 generate_stream: uri("/api/worker/generate_stream"),
                 prompt: Bytes::from(serde_json::to_vec(&prompt).unwrap_or_default()),
             }));
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
-            loop {
-                let (stream, _) = match listener.accept().await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        eprintln!("accept: {e}");
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(async move {
-                    let _ = http1::Builder::new()
-                        .serve_connection(
-                            TokioIo::new(stream),
-                            service_fn(move |req| handle(relay, req)),
-                        )
-                        .await;
-                });
-            }
+            serve::serve_forever(args.port, move |req| handle(relay, req)).await
         })
 }

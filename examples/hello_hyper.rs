@@ -13,10 +13,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+
+#[path = "support/serve.rs"]
+mod serve;
 
 async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     // Read (and drop) the body, as the controller must.
@@ -38,22 +38,5 @@ fn main() -> std::io::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(async move {
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-            loop {
-                let (stream, _) = match listener.accept().await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        eprintln!("accept: {e}");
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(async move {
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service_fn(hello))
-                        .await;
-                });
-            }
-        })
+        .block_on(async move { serve::serve_forever(port, hello).await })
 }

@@ -48,19 +48,11 @@ pub fn worker_client() -> WorkerHttp {
 /// A short reason for a failed worker call (connection refused, reset, …), with the
 /// causes that add something.
 fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = match e.downcast_ref::<hyper_util::client::legacy::Error>() {
+    let msg = match e.downcast_ref::<hyper_util::client::legacy::Error>() {
         Some(le) if le.is_connect() => "connection failed".to_string(),
         _ => e.to_string(),
     };
-    let mut src = e.source();
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg = format!("{msg}: {text}");
-        }
-        src = s.source();
-    }
-    msg
+    crate::controller::client::with_causes(msg, e)
 }
 
 /// One frame of a worker's output (DB-GPT's ModelOutput, the fields we use).

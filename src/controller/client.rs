@@ -202,14 +202,18 @@ impl ControllerClient {
 
 /// A short reason for a reqwest error (connection refused, timeout, …).
 pub fn describe(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut msg = if e.is_timeout() {
+    let msg = if e.is_timeout() {
         "timed out".to_string()
     } else if e.is_connect() {
         "connection failed".to_string()
     } else {
         e.to_string()
     };
+    with_causes(msg, e)
+}
+
+/// `msg` followed by each cause in `e`'s source chain that it does not already say.
+pub fn with_causes(mut msg: String, e: &(dyn std::error::Error + 'static)) -> String {
     let mut src = e.source();
     while let Some(s) = src {
         let text = s.to_string();
