@@ -106,20 +106,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Files both packages must ship (each package adds its own below).
+shipped=(/usr/bin/dbgpt
+    /usr/lib/systemd/system/dbgpt-controller.service
+    /usr/lib/systemd/system/dbgpt-worker@.service
+    /usr/lib/systemd/system/dbgpt-apiserver.service
+    /usr/lib/sysusers.d/dbgpt.conf
+    /etc/dbgpt/controller.toml /etc/dbgpt/apiserver.toml /etc/dbgpt/worker-example.toml
+    /usr/share/man/man1/dbgpt.1.gz /usr/share/bash-completion/completions/dbgpt
+    /usr/share/fish/vendor_completions.d/dbgpt.fish)
+
 # ---------------------------------------------------------------- 5. .deb contents and lint
 step "deb contents"
 dpkg-deb -I "$deb"
 dpkg-deb -c "$deb" | awk '{print $6}' | sed 's#^\./#/#' | sort >"$tmp/deb-files"
-for f in /usr/bin/dbgpt \
-    /usr/lib/systemd/system/dbgpt-controller.service \
-    /usr/lib/systemd/system/dbgpt-worker@.service \
-    /usr/lib/systemd/system/dbgpt-apiserver.service \
-    /usr/lib/sysusers.d/dbgpt.conf \
-    /etc/dbgpt/controller.toml /etc/dbgpt/apiserver.toml /etc/dbgpt/worker-example.toml \
-    /usr/share/man/man1/dbgpt.1.gz /usr/share/man/man1/dbgpt-start-controller.1.gz \
-    /usr/share/bash-completion/completions/dbgpt \
+for f in "${shipped[@]}" /usr/share/man/man1/dbgpt-start-controller.1.gz \
     /usr/share/zsh/vendor-completions/_dbgpt \
-    /usr/share/fish/vendor_completions.d/dbgpt.fish \
     /usr/share/doc/dbgpt/copyright /usr/share/doc/dbgpt/changelog.Debian.gz; do
     grep -qxF "$f" "$tmp/deb-files" || fail "$f missing from $deb"
 done
@@ -233,14 +235,7 @@ grep -q "^Version *: $(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
     fail "rpm Version differs from Cargo.toml"
 grep -q '^License *: MIT$' "$tmp/rpm-info" || fail "rpm License"
 rpm -qlp "$rpmf" | sort >"$tmp/rpm-files"
-for f in /usr/bin/dbgpt \
-    /usr/lib/systemd/system/dbgpt-controller.service \
-    /usr/lib/systemd/system/dbgpt-worker@.service \
-    /usr/lib/systemd/system/dbgpt-apiserver.service \
-    /usr/lib/sysusers.d/dbgpt.conf \
-    /etc/dbgpt/controller.toml /etc/dbgpt/apiserver.toml /etc/dbgpt/worker-example.toml \
-    /usr/share/man/man1/dbgpt.1.gz /usr/share/bash-completion/completions/dbgpt \
-    /usr/share/zsh/site-functions/_dbgpt /usr/share/fish/vendor_completions.d/dbgpt.fish; do
+for f in "${shipped[@]}" /usr/share/zsh/site-functions/_dbgpt; do
     grep -qxF "$f" "$tmp/rpm-files" || fail "$f missing from $rpmf"
 done
 rpm -qpR "$rpmf" | grep -q '^ca-certificates' || fail "rpm does not require ca-certificates"

@@ -127,19 +127,13 @@ impl Registrar {
         }
     }
 
-    /// Deregisters every entry (graceful stop); a registration still to come is skipped.
+    /// Deregisters every entry (graceful stop). The stop is marked first, so a registration
+    /// still to come is skipped and one already done is among the entries removed here.
     pub async fn remove_all(&self) {
+        *self.wire.lock().await = true;
         let all = self.entries();
         // Models first, the manager entry last.
         for key in all.iter().rev() {
-            self.remove(key).await;
-        }
-        let mut stopped = self.wire.lock().await;
-        *stopped = true;
-        // One that slipped in between the last removal and now.
-        let late = self.entries();
-        drop(stopped);
-        for key in late.iter().rev() {
             self.remove(key).await;
         }
     }

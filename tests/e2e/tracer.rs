@@ -203,11 +203,10 @@ fn controller_spans_for_register_and_deregister_none_for_heartbeats() {
     assert_eq!(mode & 0o007, 0, "no access for others: {mode:o}");
 }
 
-#[test]
-fn tracer_file_option_names_the_file_or_turns_tracing_off() {
-    // A bare name goes into the log directory.
-    let env = TestEnv::new();
-    let mut c = env.controller(&["--tracer_file", "mine.jsonl"]);
+/// Starts a controller with `args`, registers one instance and stops it (`ctl stop`, which
+/// flushes the tracer file).
+fn register_one_and_stop(env: &TestEnv, args: &[&str]) {
+    let mut c = env.controller(args);
     assert_eq!(
         json_req(
             c.port,
@@ -218,7 +217,14 @@ fn tracer_file_option_names_the_file_or_turns_tracing_off() {
         .0,
         200
     );
-    ctl_stop(&env, &mut c);
+    ctl_stop(env, &mut c);
+}
+
+#[test]
+fn tracer_file_option_names_the_file_or_turns_tracing_off() {
+    // A bare name goes into the log directory.
+    let env = TestEnv::new();
+    register_one_and_stop(&env, &["--tracer_file", "mine.jsonl"]);
     assert_eq!(read_lines(&env.log_dir().join("mine.jsonl")).len(), 4);
     assert!(
         !env.log_dir()
@@ -228,18 +234,7 @@ fn tracer_file_option_names_the_file_or_turns_tracing_off() {
 
     // "" turns it off: no file at all.
     let env = TestEnv::new();
-    let mut c = env.controller(&["--tracer_file", ""]);
-    assert_eq!(
-        json_req(
-            c.port,
-            "POST",
-            "/api/controller/models",
-            Some(&instance("a@llm", 1))
-        )
-        .0,
-        200
-    );
-    ctl_stop(&env, &mut c);
+    register_one_and_stop(&env, &["--tracer_file", ""]);
     let jsonl: Vec<_> = std::fs::read_dir(env.log_dir())
         .unwrap()
         .filter_map(|e| e.ok())
