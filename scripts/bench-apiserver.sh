@@ -17,6 +17,14 @@
 # a fixed worker request, with none of the apiserver's work. The last lines print the
 # apiserver's CPU per request as a ratio of the bare relay's, per concurrency.
 # More targets can be passed in EXTRA_TARGETS ("--target 'label|url|pids|model'").
+#
+# Then, on a machine with at least two CPUs (BENCH_PIN=0 skips it), the hop's own CPU per
+# request again with the hop pinned to CPU 0 and the client, worker, fake and controller to
+# CPU 1 (as scripts/bench-controller.sh pins its server): unpinned, at c=1 the worker and
+# the fake run between the hop's two halves of every request on the same cores and evict
+# its caches, which is a property of this 2-core box rather than of the hop (in a cluster
+# the workers run on their own machines). PIN_ROUNDS (default 5) alternating rounds of
+# apiserver+worker and bare relay+worker at c=1 and c=32; the medians are printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
@@ -38,7 +46,7 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "timeout waiting for $1" >&2; exit 1; }
 
 CTL=$(port); FAKE=$(port); API=$(port); WRK=$(port); RELAY=$(port)
-$BIN start controller --host 127.0.0.1 --port "$CTL" --registry_path "$WORK/reg.redb" >"$WORK/ctl.log" 2>&1 & PIDS+=($!)
+$BIN start controller --host 127.0.0.1 --port "$CTL" --registry_path "$WORK/reg.redb" >"$WORK/ctl.log" 2>&1 & CTL_PID=$!; PIDS+=($CTL_PID)
 wait_http "http://127.0.0.1:$CTL/api/health"
 "$TARGET/examples/fake_openai" --port "$FAKE" --tokens 16 --register "http://127.0.0.1:$CTL" --model fake >"$WORK/fake.log" 2>&1 & FAKE_PID=$!; PIDS+=($FAKE_PID)
 $BIN start worker --host 127.0.0.1 --port "$WRK" --controller_addr "http://127.0.0.1:$CTL" --model_name viaworker \
@@ -64,3 +72,31 @@ awk -F'|' -v api="$API_PID" -v relay="$RELAY_PID" '
   $2 ~ /bare relay\+worker/ { r[$3 + 0] = cpu($11, relay) }
   END { for (c in a) if (r[c] > 0) printf "# c=%d: apiserver %s µs/req, bare relay %s µs/req: %.2fx\n", c, a[c], r[c], a[c] / r[c] }
 ' "$WORK/table.md" | sort -t= -k2 -n
+
+[ "${BENCH_PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null || exit 0
+PIN_ROUNDS=${PIN_ROUNDS:-5}
+for p in "$CTL_PID" "$FAKE_PID" "$WRK_PID"; do taskset -a -p -c 1 "$p" >/dev/null; done
+for p in "$API_PID" "$RELAY_PID"; do taskset -a -p -c 0 "$p" >/dev/null; done
+echo
+echo "# Pinned: hop on CPU 0; client, worker, fake and controller on CPU 1; $PIN_ROUNDS rounds of ${SECS}s phases"
+for _ in $(seq "$PIN_ROUNDS"); do
+  taskset -c 1 "$TARGET/examples/bench_apiserver" --secs "$SECS" --concurrency 1,32 \
+    --target "apiserver+worker|http://127.0.0.1:$API/v1|$API_PID|viaworker" \
+    --target "bare relay+worker|http://127.0.0.1:$RELAY/v1|$RELAY_PID|viaworker"
+done | awk -F'|' -v api="$API_PID" -v relay="$RELAY_PID" '
+  function cpu(cell, pid) { return match(cell, pid ": [0-9.]+") ? substr(cell, RSTART + length(pid) + 2, RLENGTH - length(pid) - 2) + 0 : -1 }
+  function median(list,   v, n, i, j, t) {
+    n = split(list, v, " ")
+    for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+    return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+  }
+  $2 ~ /apiserver\+worker/ { a[$3 + 0] = a[$3 + 0] " " cpu($11, api); q[$3 + 0] = q[$3 + 0] " " ($4 + 0) }
+  $2 ~ /bare relay\+worker/ { r[$3 + 0] = r[$3 + 0] " " cpu($11, relay) }
+  END {
+    print "| hop (pinned) | conc | CPU µs/req, median | each round | apiserver / relay | apiserver req/s, median |"
+    print "|---|---:|---:|---|---:|---:|"
+    for (c = 1; c <= 32; c += 31) {
+      printf "| apiserver+worker | %d | %s | %s | %.2fx | %s |\n", c, median(a[c]), a[c], median(a[c]) / median(r[c]), median(q[c])
+      printf "| bare relay+worker | %d | %s | %s | | |\n", c, median(r[c]), r[c]
+    }
+  }'

@@ -192,36 +192,55 @@ pub async fn serve(
         .await
 }
 
-/// Connections accepted by the main runtime, handed to one serving thread.
-struct Handoff {
-    rx: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
-    local: std::net::SocketAddr,
-}
-
-impl axum::serve::Listener for Handoff {
-    type Io = tokio::net::TcpStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Some(std) = self.rx.recv().await else {
+/// Serves the connections handed over on `rx` with hyper's HTTP/1.1 server, one task per
+/// connection, until `shutdown` is cancelled; then lets every connection finish its
+/// in-flight request (idle keep-alive connections close at once) and returns.
+///
+/// hyper directly rather than `axum::serve`: axum's loop goes through hyper-util's
+/// protocol-sniffing builder with upgrade support and two service adapters per request,
+/// none of which an HTTP/1.1 API server uses.
+async fn serve_handoff(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::TokioIo;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let http = hyper::server::conn::http1::Builder::new();
+    loop {
+        let std = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = rx.recv() => match s {
+                Some(s) => s,
                 // The accept loop is gone (stopping): wait for the graceful shutdown.
-                return std::future::pending().await;
-            };
-            // Registers the socket with this thread's reactor.
-            match tokio::net::TcpStream::from_std(std) {
-                Ok(tcp) => match tcp.peer_addr() {
-                    Ok(addr) => return (tcp, addr),
-                    Err(e) => tracing::debug!(error = %e, "connection closed before it was served"),
-                },
-                Err(e) => tracing::warn!(error = %e, "cannot register a client connection"),
+                None => {
+                    shutdown.cancelled().await;
+                    break;
+                }
+            },
+        };
+        // Registers the socket with this thread's reactor.
+        let tcp = match tokio::net::TcpStream::from_std(std) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register a client connection");
+                continue;
             }
-        }
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            tower::Service::call(&mut app.clone(), req)
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
     }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+    // Dropping the receiver closes connections still queued for this thread.
+    drop(rx);
+    graceful.shutdown().await;
 }
 
 /// Serves `listener` on one OS thread per router, each running a single-threaded tokio
@@ -236,7 +255,6 @@ pub fn serve_on_threads(
     routers: Vec<Router>,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
-    let local = listener.local_addr()?;
     let mut senders = Vec::with_capacity(routers.len());
     let mut threads = Vec::with_capacity(routers.len());
     for (i, app) in routers.into_iter().enumerate() {
@@ -249,11 +267,8 @@ pub fn serve_on_threads(
         let thread = std::thread::Builder::new()
             .name(format!("dbgpt-http-{i}"))
             .spawn(move || {
-                rt.block_on(async move {
-                    axum::serve(Handoff { rx, local }, app)
-                        .with_graceful_shutdown(async move { token.cancelled().await })
-                        .await
-                })
+                rt.block_on(serve_handoff(rx, app, token));
+                Ok::<(), std::io::Error>(())
             })?;
         threads.push(thread);
     }
