@@ -1066,6 +1066,32 @@ fn apiserver_auth_and_error_matrix() {
             "http://example.test"
         );
         assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+        // A cross-origin call gets the CORS headers; one without `Origin` (an SDK, curl) is
+        // not a CORS request and gets none, as from DB-GPT's Starlette middleware.
+        let models = |origin: Option<&'static str>| {
+            let mut rb = c.get(format!("{base}/v1/models")).bearer_auth("k1");
+            if let Some(o) = origin {
+                rb = rb.header("origin", o);
+            }
+            rb.send()
+        };
+        let r = models(Some("http://example.test")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["access-control-allow-origin"],
+            "http://example.test"
+        );
+        assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+        assert!(r.headers()["vary"].to_str().unwrap().contains("origin"));
+        let r = models(None).await.unwrap();
+        assert_eq!(r.status(), 200);
+        for h in [
+            "access-control-allow-origin",
+            "access-control-allow-credentials",
+            "vary",
+        ] {
+            assert!(!r.headers().contains_key(h), "{h} without an Origin header");
+        }
 
         // A worker failing mid-stream: the stream ends with an error event, not a silent cut.
         let r = c
