@@ -486,9 +486,10 @@ fn sse(v: &Value) -> Bytes {
 
 async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy) -> Response {
     // Validate the model before anything else (404/503 with the right message).
-    if let Err(e) = s.upstream.group(&r.model, discovery::LLM) {
-        return e.into_response();
-    }
+    let group = match s.upstream.group(&r.model, discovery::LLM) {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
     // Ends when the answer is complete (for a stream: when the last chunk is sent).
     let span = s
         .tracer
@@ -521,7 +522,7 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
         let results = futures::future::join_all(
             bodies
                 .iter()
-                .map(|b| s.upstream.generate(&r.model, b, trace)),
+                .map(|b| s.upstream.generate(&r.model, &group, b, trace)),
         )
         .await;
         let mut out = Vec::with_capacity(choices.len());
@@ -572,7 +573,7 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
     let opened = futures::future::join_all(
         bodies
             .iter()
-            .map(|b| s.upstream.open_stream(&r.model, b, trace)),
+            .map(|b| s.upstream.open_stream(&r.model, &group, b, trace)),
     )
     .await;
     let mut streams = Vec::with_capacity(opened.len());
@@ -690,9 +691,10 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    if let Err(e) = s.upstream.group(&r.model, discovery::TEXT2VEC) {
-        return e.into_response();
-    }
+    let group = match s.upstream.group(&r.model, discovery::TEXT2VEC) {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
     let batches: Vec<&[String]> = r.input.chunks(s.embedding_batch_size).collect();
     // One span per worker call, as DB-GPT's `embeddings_generate`.
     let parent = tracer::current();
@@ -702,9 +704,12 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
             .start_with("dbgpt.model.apiserver.generate_embeddings", parent, || {
                 model_meta(&r.model)
             });
-        let (s, model) = (&s, &r.model);
+        let (s, model, group) = (&s, &r.model, &group);
         async move {
-            let res = s.upstream.embeddings(model, b, None, span.ctx()).await;
+            let res = s
+                .upstream
+                .embeddings(model, group, b, None, span.ctx())
+                .await;
             drop(span);
             res
         }
@@ -754,9 +759,10 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    if let Err(e) = s.upstream.group(&r.model, discovery::TEXT2VEC) {
-        return e.into_response();
-    }
+    let group = match s.upstream.group(&r.model, discovery::TEXT2VEC) {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
     let span = s.tracer.start_with(
         "dbgpt.model.apiserver.generate_relevance",
         tracer::current(),
@@ -779,7 +785,7 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
     } else {
         match s
             .upstream
-            .embeddings(&r.model, &r.documents, Some(&r.query), span.ctx())
+            .embeddings(&r.model, &group, &r.documents, Some(&r.query), span.ctx())
             .await
         {
             // A reranker answers one list of scores, one per document.

@@ -22,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::Value;
 
-use super::discovery::{Discovery, Lookup};
+use super::discovery::{Discovery, Group, Lookup};
 use super::openai::{OpenAiError, Usage};
 use super::policy::{self, InFlight};
 use crate::config::RoutingPolicy;
@@ -293,11 +293,7 @@ fn snippet(b: &[u8]) -> String {
 
 impl Upstream {
     /// Resolves `name@worker_type` to its group or the right 404/503.
-    pub fn group(
-        &self,
-        model: &str,
-        worker_type: &str,
-    ) -> Result<Arc<super::discovery::Group>, OpenAiError> {
+    pub fn group(&self, model: &str, worker_type: &str) -> Result<Arc<Group>, OpenAiError> {
         let key = crate::types::worker_key(model, worker_type);
         match self.discovery.lookup(&key) {
             Lookup::Found(g) => Ok(g),
@@ -314,23 +310,23 @@ impl Upstream {
         }
     }
 
-    /// Runs `attempt` on instances chosen by the policy until one succeeds, a non-retryable
-    /// error occurs or the retry budget is spent.
+    /// Runs `attempt` on instances of `model`'s `group` (as resolved by [`Upstream::group`]
+    /// when the request was validated) chosen by the policy until one succeeds, a
+    /// non-retryable error occurs or the retry budget is spent.
     async fn with_retries<T, F, Fut>(
         &self,
         model: &str,
-        worker_type: &str,
+        group: &Group,
         attempt: F,
     ) -> Result<T, OpenAiError>
     where
         F: Fn(InFlight) -> Fut,
         Fut: std::future::Future<Output = Result<T, Attempt>>,
     {
-        let group = self.group(model, worker_type)?;
         let mut tried: Vec<String> = Vec::new();
         let mut last = String::new();
         for _ in 0..=self.max_retries {
-            let Some(inst) = policy::choose(self.policy, &self.discovery, &group, &tried) else {
+            let Some(inst) = policy::choose(self.policy, &self.discovery, group, &tried) else {
                 break;
             };
             tried.push(inst.addr.clone());
@@ -431,10 +427,11 @@ impl Upstream {
     pub async fn open_stream(
         &self,
         model: &str,
+        group: &Group,
         body: &Bytes,
         trace: Option<SpanCtx>,
     ) -> Result<(Frame, FrameStream), OpenAiError> {
-        self.with_retries(model, super::discovery::LLM, |guard| {
+        self.with_retries(model, group, |guard| {
             let body = body.clone();
             async move {
                 let url = endpoint(guard.instance(), |e| &e.generate_stream)?;
@@ -489,10 +486,11 @@ impl Upstream {
     pub async fn generate(
         &self,
         model: &str,
+        group: &Group,
         body: &Bytes,
         trace: Option<SpanCtx>,
     ) -> Result<Frame, OpenAiError> {
-        self.with_retries(model, super::discovery::LLM, |guard| {
+        self.with_retries(model, group, |guard| {
             let body = body.clone();
             async move {
                 let url = endpoint(guard.instance(), |e| &e.generate)?;
@@ -508,6 +506,7 @@ impl Upstream {
     pub async fn embeddings(
         &self,
         model: &str,
+        group: &Group,
         input: &[String],
         query: Option<&str>,
         trace: Option<SpanCtx>,
@@ -517,7 +516,7 @@ impl Upstream {
             req["query"] = Value::String(q.to_string());
         }
         let body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
-        self.with_retries(model, super::discovery::TEXT2VEC, |guard| {
+        self.with_retries(model, group, |guard| {
             let body = body.clone();
             async move {
                 let url = endpoint(guard.instance(), |e| &e.embeddings)?;
