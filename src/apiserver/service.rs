@@ -134,10 +134,10 @@ fn cors(origins: &Option<Vec<String>>) -> OriginCors {
 /// The CORS layer, applied only to requests with an `Origin` header. A request without one
 /// is not a CORS request (browsers send `Origin` on every cross-origin request and every
 /// preflight), and DB-GPT's Starlette `CORSMiddleware` passes it through untouched; so do
-/// we, which also spares SDK and curl calls the CORS layer's header work (~5% of the
+/// we, which also spares SDK and curl calls the CORS layer's header work (~3% of the
 /// apiserver's instructions per chat request).
 #[derive(Clone)]
-pub(crate) struct OriginCors(CorsLayer);
+struct OriginCors(CorsLayer);
 
 impl<S: Clone> tower::Layer<S> for OriginCors {
     type Service = OriginCorsService<S>;
@@ -151,7 +151,7 @@ impl<S: Clone> tower::Layer<S> for OriginCors {
 }
 
 #[derive(Clone)]
-pub(crate) struct OriginCorsService<S> {
+struct OriginCorsService<S> {
     cors: Cors<S>,
     plain: S,
 }
