@@ -298,3 +298,82 @@ async fn start(cfg: &ApiserverConfig) -> anyhow::Result<Started> {
     let admin = crate::admin::server::bind(&base.socket_path()).await?;
     Ok((base, state, listener, admin, flusher))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, Response, StatusCode, header};
+    use tower::{Layer, ServiceExt};
+
+    /// `cors(origins)` around a service that answers 204 to everything.
+    async fn call(
+        origins: Option<Vec<String>>,
+        method: Method,
+        headers: &[(&str, &str)],
+    ) -> Response<Body> {
+        let inner = tower::service_fn(|_req: axum::extract::Request| async {
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            Ok::<_, std::convert::Infallible>(r)
+        });
+        let mut req = Request::builder().method(method).uri("/v1/models");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        cors(&origins)
+            .layer(inner)
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn cors_only_for_requests_with_an_origin() {
+        let a = "http://a.test";
+        // No Origin: not a CORS request, answered untouched (allow-all or restricted).
+        for origins in [None, Some(vec![a.to_string()])] {
+            let r = call(origins, Method::GET, &[]).await;
+            assert_eq!(r.status(), StatusCode::NO_CONTENT);
+            assert!(r.headers().is_empty(), "{:?}", r.headers());
+        }
+        // Allow-all echoes any origin, with credentials.
+        let r = call(None, Method::GET, &[("origin", "http://b.test")]).await;
+        assert_eq!(
+            r.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "http://b.test"
+        );
+        assert_eq!(
+            r.headers()[header::ACCESS_CONTROL_ALLOW_CREDENTIALS],
+            "true"
+        );
+        // A restricted list echoes listed origins only.
+        let only_a = || Some(vec![a.to_string()]);
+        let r = call(only_a(), Method::GET, &[("origin", a)]).await;
+        assert_eq!(r.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], a);
+        let r = call(only_a(), Method::GET, &[("origin", "http://b.test")]).await;
+        assert!(
+            !r.headers()
+                .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        );
+        // A preflight is answered by the CORS layer itself, not passed on.
+        let preflight = [
+            ("origin", a),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "authorization"),
+        ];
+        let r = call(only_a(), Method::OPTIONS, &preflight).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], a);
+        assert!(
+            r.headers()[header::ACCESS_CONTROL_ALLOW_METHODS]
+                .to_str()
+                .unwrap()
+                .contains("POST")
+        );
+        assert_eq!(
+            r.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS],
+            "authorization"
+        );
+    }
+}
