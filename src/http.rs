@@ -266,20 +266,16 @@ pub fn serve_on_threads(
         let token = shutdown.clone();
         let thread = std::thread::Builder::new()
             .name(format!("dbgpt-http-{i}"))
-            .spawn(move || {
-                rt.block_on(serve_handoff(rx, app, token));
-                Ok::<(), std::io::Error>(())
-            })?;
+            .spawn(move || rt.block_on(serve_handoff(rx, app, token)))?;
         threads.push(thread);
     }
     tokio::spawn(accept_loop(listener, senders, shutdown));
     Ok(tokio::task::spawn_blocking(move || {
+        // Serving itself cannot fail; only a panic on a thread is reported.
         let mut result = Ok(());
         for t in threads {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e),
-                Err(_) => result = Err(std::io::Error::other("a serving thread panicked")),
+            if t.join().is_err() {
+                result = Err(std::io::Error::other("a serving thread panicked"));
             }
         }
         result
