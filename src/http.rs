@@ -138,16 +138,26 @@ pub(crate) fn is_quiet(path: &str) -> bool {
 /// Middleware: one `tracing` span and one log line per request, except heartbeats and
 /// health checks.
 pub async fn trace_requests(req: Request, next: Next) -> Response {
+    logged(req, |req| next.run(req)).await
+}
+
+/// [`trace_requests`] around any continuation `next` (for services that are not axum
+/// middleware).
+pub async fn logged<F, Fut>(req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     // Below INFO (e.g. `--log_level warn`) there is nothing to record: skip the span too.
     if is_quiet(req.uri().path()) || !tracing::enabled!(tracing::Level::INFO) {
-        return next.run(req).await;
+        return next(req).await;
     }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let span = info_span!("http_request", %method, %path);
     async move {
         let started = Instant::now();
-        let resp = next.run(req).await;
+        let resp = next(req).await;
         info!(
             status = resp.status().as_u16(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -199,11 +209,14 @@ pub async fn serve(
 /// hyper directly rather than `axum::serve`: axum's loop goes through hyper-util's
 /// protocol-sniffing builder with upgrade support and two service adapters per request,
 /// none of which an HTTP/1.1 API server uses.
-async fn serve_handoff(
+async fn serve_handoff<S>(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
-    app: Router,
+    app: S,
     shutdown: CancellationToken,
-) {
+) where
+    S: AppService,
+    S::Future: Send,
+{
     use hyper_util::rt::TokioIo;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let http = hyper::server::conn::http1::Builder::new();
@@ -229,7 +242,8 @@ async fn serve_handoff(
         };
         let app = app.clone();
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            tower::Service::call(&mut app.clone(), req)
+            // Routers and the layers around them are always ready.
+            tower::Service::call(&mut app.clone(), req.map(axum::body::Body::new))
         });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
         tokio::spawn(async move {
@@ -243,6 +257,23 @@ async fn serve_handoff(
     graceful.shutdown().await;
 }
 
+/// What [`serve_on_threads`] serves: a router, or layers around one.
+pub trait AppService:
+    tower::Service<Request, Response = Response, Error = std::convert::Infallible>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> AppService for S where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
 /// Serves `listener` on one OS thread per router, each running a single-threaded tokio
 /// runtime. The accept loop runs on the calling runtime and deals new connections out to
 /// the threads in turn (with `TCP_NODELAY`); a connection then stays on its thread, so its
@@ -250,11 +281,15 @@ async fn serve_handoff(
 /// other threads several times, which at low load cost more CPU than the request itself.
 /// Tasks a handler spawns run on its thread. The returned task ends when every thread has
 /// finished its graceful shutdown (after `shutdown` is cancelled), for [`crate::daemon::drain_http`].
-pub fn serve_on_threads(
+pub fn serve_on_threads<S>(
     listener: tokio::net::TcpListener,
-    routers: Vec<Router>,
+    routers: Vec<S>,
     shutdown: CancellationToken,
-) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>>
+where
+    S: AppService,
+    S::Future: Send,
+{
     let mut senders = Vec::with_capacity(routers.len());
     let mut threads = Vec::with_capacity(routers.len());
     for (i, app) in routers.into_iter().enumerate() {

@@ -743,12 +743,21 @@ where
 /// and health checks, continuing the trace named by [`TRACE_HEADER`]; metadata
 /// `{"path": …}`.
 pub async fn root_span(State(tracer): State<Tracer>, req: Request, next: Next) -> Response {
+    traced(&tracer, req, |req| next.run(req)).await
+}
+
+/// [`root_span`] around any continuation `next`.
+async fn traced<F, Fut>(tracer: &Tracer, req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let path = req.uri().path();
     if !path.starts_with("/api")
         || crate::http::is_quiet(path)
         || req.headers().contains_key(POLL_HEADER)
     {
-        return crate::http::trace_requests(req, next).await;
+        return crate::http::logged(req, next).await;
     }
     let parent = req
         .headers()
@@ -760,15 +769,78 @@ pub async fn root_span(State(tracer): State<Tracer>, req: Request, next: Next) -
     };
     let span = tracer.root(parent, meta);
     let resp = match span.ctx() {
-        Some(ctx) => {
-            CURRENT
-                .scope(ctx, crate::http::trace_requests(req, next))
-                .await
-        }
-        None => crate::http::trace_requests(req, next).await,
+        Some(ctx) => CURRENT.scope(ctx, crate::http::logged(req, next)).await,
+        None => crate::http::logged(req, next).await,
     };
     drop(span);
     resp
+}
+
+/// The request middleware of [`with_request_middleware`] as a tower layer around a whole
+/// service (a router) rather than around each route: `Router::layer` wraps every route
+/// in it and `from_fn` boxes and clones on each call, which the apiserver's hot path cannot
+/// afford. Root spans name the request path (the route is not known outside the router).
+#[derive(Clone)]
+pub struct RequestSpans(pub Tracer);
+
+impl<S> tower::Layer<S> for RequestSpans {
+    type Service = RequestSpansService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestSpansService {
+            tracer: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// See [`RequestSpans`].
+#[derive(Clone)]
+pub struct RequestSpansService<S> {
+    tracer: Tracer,
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for RequestSpansService<S>
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        // The clone that was polled ready serves this request (tower's contract).
+        let inner = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, inner);
+        let tracer = self.tracer.clone();
+        Box::pin(async move {
+            let next = move |req| async move {
+                match inner.call(req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                }
+            };
+            Ok(if tracer.is_enabled() {
+                traced(&tracer, req, next).await
+            } else {
+                crate::http::logged(req, next).await
+            })
+        })
+    }
 }
 
 #[cfg(test)]

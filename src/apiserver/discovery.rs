@@ -66,28 +66,31 @@ impl Instance {
     }
 }
 
-/// A worker's DB-GPT routes as parsed URIs (parsed once per refresh, not per request;
-/// cloning one only bumps reference counts).
+/// Where a worker's DB-GPT routes are: its address for the connection pool, parsed once
+/// per refresh instead of once per request (cloning it only bumps reference counts).
 #[derive(Debug, Clone)]
 pub struct Endpoints {
-    pub generate: http::Uri,
-    pub generate_stream: http::Uri,
-    pub embeddings: http::Uri,
+    pub target: super::pool::Target,
 }
 
 impl Endpoints {
+    /// The routes under `base_url` (`http://host:port`); `None` unless it is a plain
+    /// `http://` URL with a host.
     pub fn new(base_url: &str) -> Option<Endpoints> {
-        let parse = |path: &str| {
-            let uri = http::Uri::try_from(format!("{base_url}{path}")).ok()?;
-            (uri.scheme() == Some(&http::uri::Scheme::HTTP) && uri.host().is_some()).then_some(uri)
-        };
+        let uri = http::Uri::try_from(base_url).ok()?;
+        if uri.scheme() != Some(&http::uri::Scheme::HTTP) || uri.path() != "/" {
+            return None;
+        }
         Some(Endpoints {
-            generate: parse("/api/worker/generate")?,
-            generate_stream: parse("/api/worker/generate_stream")?,
-            embeddings: parse("/api/worker/embeddings")?,
+            target: super::pool::Target::new(&uri)?,
         })
     }
 }
+
+/// DB-GPT's worker routes.
+pub const GENERATE: &str = "/api/worker/generate";
+pub const GENERATE_STREAM: &str = "/api/worker/generate_stream";
+pub const EMBEDDINGS: &str = "/api/worker/embeddings";
 
 /// Every instance of one `model@type`.
 #[derive(Debug, Default)]

@@ -16,6 +16,7 @@
 pub mod discovery;
 pub mod openai;
 pub mod policy;
+pub mod pool;
 pub mod proxy;
 pub mod service;
 
@@ -63,7 +64,8 @@ pub struct Stats {
 
 type Shared = Arc<AppState>;
 
-/// The apiserver's router (without CORS; see [`service`]).
+/// The apiserver's router (without CORS and the request middleware, which
+/// [`service`] puts around the whole router).
 pub fn router(state: Shared) -> Router {
     // Every route under both prefixes, registered flat: a nested router would rewrite the
     // path and route a second time on every request.
@@ -81,8 +83,6 @@ pub fn router(state: Shared) -> Router {
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
-    // Request logging, plus root spans when tracing is on (one middleware either way).
-    let app = tracer::with_request_middleware(app, &state.tracer, false);
     app.with_state(state)
 }
 

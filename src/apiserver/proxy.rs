@@ -1,6 +1,6 @@
 //! Calls to worker managers: DB-GPT's `/api/worker/generate_stream`, `/generate` and
-//! `/embeddings`, over a pooled keep-alive HTTP/1.1 client (hyper-util's; one per serving
-//! thread). Workers are always plain HTTP, so the client is hyper's own rather than
+//! `/embeddings`, over pooled keep-alive HTTP/1.1 connections ([`super::pool`], one pool per
+//! serving thread). Workers are always plain HTTP, so the client is hyper's own rather than
 //! reqwest, whose redirect and URL handling cost more than the rest of a request.
 //!
 //! Each call picks an instance through the routing policy. If the instance cannot be reached,
@@ -15,44 +15,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
-use futures::stream::BoxStream;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::Value;
 
-use super::discovery::{Discovery, Group, Lookup};
+use super::discovery::{self, Discovery, Group, Lookup};
 use super::openai::{OpenAiError, Usage};
 use super::policy::{self, InFlight};
+use super::pool::{self, Target};
 use crate::config::RoutingPolicy;
 use crate::tracer::{SpanCtx, TRACE_HEADER};
 
-/// The HTTP client for worker calls.
-pub type WorkerHttp = Client<HttpConnector, Full<Bytes>>;
+pub use super::pool::WorkerHttp;
 
 /// A pooled keep-alive client for worker calls: 3 s to connect, `TCP_NODELAY`, idle
 /// connections kept 90 s (up to 256 per worker). Its connections are driven by tasks on
 /// the runtime that opened them, so each serving thread builds its own.
 pub fn worker_client() -> WorkerHttp {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_secs(3)));
-    connector.set_nodelay(true);
-    Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(connector)
+    WorkerHttp::new(Duration::from_secs(3), Duration::from_secs(90), 256)
 }
 
 /// A short reason for a failed worker call (connection refused, reset, …), with the
 /// causes that add something.
 fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let msg = match e.downcast_ref::<hyper_util::client::legacy::Error>() {
-        Some(le) if le.is_connect() => "connection failed".to_string(),
-        _ => e.to_string(),
-    };
-    crate::controller::client::with_causes(msg, e)
+    crate::controller::client::with_causes(e.to_string(), e)
 }
 
 /// One frame of a worker's output (DB-GPT's ModelOutput, the fields we use).
@@ -201,7 +186,7 @@ pub struct Upstream {
 
 /// A worker's stream of frames, read as bytes arrive.
 pub struct FrameStream {
-    body: BoxStream<'static, Result<Bytes, hyper::Error>>,
+    body: pool::Body,
     buf: BytesMut,
     ended: bool,
     idle_timeout: Duration,
@@ -235,7 +220,7 @@ impl FrameStream {
                 let rest = self.buf.split();
                 return Some(parse_frame(&rest));
             }
-            match tokio::time::timeout(self.idle_timeout, self.body.next()).await {
+            match tokio::time::timeout(self.idle_timeout, self.body.frame()).await {
                 Err(_) => {
                     self.ended = true;
                     self.buf.clear();
@@ -245,7 +230,11 @@ impl FrameStream {
                     )));
                 }
                 Ok(None) => self.ended = true,
-                Ok(Some(Ok(b))) => self.buf.extend_from_slice(&b),
+                Ok(Some(Ok(f))) => {
+                    if let Some(b) = f.data_ref() {
+                        self.buf.extend_from_slice(b)
+                    }
+                }
                 Ok(Some(Err(e))) => {
                     self.ended = true;
                     self.buf.clear();
@@ -271,14 +260,11 @@ fn parse_frame(piece: &[u8]) -> Result<Frame, String> {
         })
 }
 
-/// One of the instance's pre-parsed worker URLs (a host that makes no valid URL is a
-/// failed attempt, so the request moves on to another instance).
-fn endpoint(
-    inst: &super::discovery::Instance,
-    pick: impl Fn(&super::discovery::Endpoints) -> &http::Uri,
-) -> Result<http::Uri, Attempt> {
+/// The instance's pre-parsed address (a host that makes no valid URL is a failed attempt,
+/// so the request moves on to another instance).
+fn endpoint(inst: &discovery::Instance) -> Result<&Target, Attempt> {
     match &inst.endpoints {
-        Some(e) => Ok(pick(e).clone()),
+        Some(e) => Ok(&e.target),
         None => Err(Attempt::Retry(format!(
             "its address {} does not make a valid URL",
             inst.base_url
@@ -354,9 +340,10 @@ impl Upstream {
     /// another non-2xx is final).
     async fn send(
         &self,
+        target: &Target,
         req: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<hyper::body::Incoming>, Attempt> {
-        match tokio::time::timeout(self.timeout, self.send_unbounded(req)).await {
+    ) -> Result<http::Response<pool::Body>, Attempt> {
+        match tokio::time::timeout(self.timeout, self.send_unbounded(target, req)).await {
             Ok(r) => r,
             Err(_) => Err(self.no_answer()),
         }
@@ -372,11 +359,12 @@ impl Upstream {
     /// [`Upstream::send`] without the timeout (the caller bounds it).
     async fn send_unbounded(
         &self,
+        target: &Target,
         req: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<hyper::body::Incoming>, Attempt> {
+    ) -> Result<http::Response<pool::Body>, Attempt> {
         let resp = self
             .http
-            .request(req)
+            .request(target, req)
             .await
             .map_err(|e| Attempt::Retry(describe(&e)))?;
         let status = resp.status();
@@ -404,14 +392,16 @@ impl Upstream {
     /// `DB-GPT-Trace-Span-Id` header so the worker continues the trace.
     fn post(
         &self,
-        uri: http::Uri,
+        target: &Target,
+        path: &'static str,
         body: Bytes,
         trace: Option<SpanCtx>,
     ) -> http::Request<Full<Bytes>> {
         let mut req = http::Request::new(Full::new(body));
         *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = uri;
+        *req.uri_mut() = http::Uri::from_static(path);
         let h = req.headers_mut();
+        h.insert(http::header::HOST, target.host_header().clone());
         h.insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
@@ -434,11 +424,11 @@ impl Upstream {
         self.with_retries(model, group, |guard| {
             let body = body.clone();
             async move {
-                let url = endpoint(guard.instance(), |e| &e.generate_stream)?;
-                let req = self.post(url, body, trace);
-                let resp = self.send(req).await?;
+                let target = endpoint(guard.instance())?;
+                let req = self.post(target, discovery::GENERATE_STREAM, body, trace);
+                let resp = self.send(target, req).await?;
                 let mut fs = FrameStream {
-                    body: resp.into_body().into_data_stream().boxed(),
+                    body: resp.into_body(),
                     buf: BytesMut::new(),
                     ended: false,
                     idle_timeout: self.timeout,
@@ -464,13 +454,14 @@ impl Upstream {
     /// read may be retried elsewhere).
     async fn post_and_read(
         &self,
-        url: http::Uri,
+        target: &Target,
+        path: &'static str,
         body: Bytes,
         trace: Option<SpanCtx>,
     ) -> Result<Bytes, Attempt> {
-        let req = self.post(url, body, trace);
+        let req = self.post(target, path, body, trace);
         let call = async {
-            let resp = self.send_unbounded(req).await?;
+            let resp = self.send_unbounded(target, req).await?;
             match resp.into_body().collect().await {
                 Err(e) => Err(Attempt::Retry(describe(&e))),
                 Ok(b) => Ok(b.to_bytes()),
@@ -493,8 +484,10 @@ impl Upstream {
         self.with_retries(model, group, |guard| {
             let body = body.clone();
             async move {
-                let url = endpoint(guard.instance(), |e| &e.generate)?;
-                let bytes = self.post_and_read(url, body, trace).await?;
+                let target = endpoint(guard.instance())?;
+                let bytes = self
+                    .post_and_read(target, discovery::GENERATE, body, trace)
+                    .await?;
                 drop(guard);
                 parse_frame(&bytes).map_err(|e| Attempt::Fail(OpenAiError::bad_gateway(e)))
             }
@@ -519,8 +512,10 @@ impl Upstream {
         self.with_retries(model, group, |guard| {
             let body = body.clone();
             async move {
-                let url = endpoint(guard.instance(), |e| &e.embeddings)?;
-                let bytes = self.post_and_read(url, body, trace).await?;
+                let target = endpoint(guard.instance())?;
+                let bytes = self
+                    .post_and_read(target, discovery::EMBEDDINGS, body, trace)
+                    .await?;
                 serde_json::from_slice::<Vec<Vec<f32>>>(&bytes).map_err(|_| {
                     Attempt::Fail(OpenAiError::bad_gateway(format!(
                         "the worker's embeddings answer is not a list of vectors: {}",

@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, Method};
+use tower::Layer;
 use tower_http::cors::{AllowHeaders, AllowOrigin, Cors, CorsLayer};
 use tracing::{info, warn};
 
@@ -29,7 +30,7 @@ use crate::admin::server::AdminHandler;
 use crate::config::ApiserverConfig;
 use crate::controller::client::ControllerClient;
 use crate::daemon::{self, DaemonBase, Readiness};
-use crate::tracer::Tracer;
+use crate::tracer::{RequestSpans, Tracer};
 
 /// How long in-flight requests (including streams) may take to finish on stop.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -274,7 +275,9 @@ fn serve_on_threads(
         } else {
             thread_state(state)?
         };
-        routers.push(router(s).layer(cors(&cfg.cors_allow_origins)));
+        // Request logging and root spans, then CORS, around the whole router.
+        let traced = RequestSpans(s.tracer.clone()).layer(router(s));
+        routers.push(cors(&cfg.cors_allow_origins).layer(traced));
     }
     Ok(crate::http::serve_on_threads(listener, routers, shutdown)?)
 }
