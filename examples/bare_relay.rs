@@ -2,8 +2,8 @@
 //! can do on the apiserver's stack, to show what the apiserver itself adds per request.
 //!
 //! It serves HTTP/1.1 with hyper on one single-threaded tokio runtime (as one apiserver
-//! serving thread does) and relays every request to one worker through hyper-util's pooled
-//! client (as the apiserver does): it reads the client's body, POSTs a fixed DB-GPT
+//! serving thread does) and relays every request to one worker through the apiserver's
+//! keep-alive pool (`dbgpt_cluster::apiserver::pool`): it reads the client's body, POSTs a fixed DB-GPT
 //! PromptRequest for `--model` to the worker's `/api/worker/generate` (or `generate_stream`
 //! when the body contains `"stream":true`) and answers with the worker's body as it comes,
 //! followed by `data: [DONE]` for streams. No routing, JSON parsing, validation, discovery,
@@ -18,15 +18,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
+use dbgpt_cluster::apiserver::pool::{Target, WorkerHttp};
 use futures::StreamExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 #[path = "support/serve.rs"]
 mod serve;
@@ -46,9 +44,8 @@ struct Args {
 type Body = BoxBody<Bytes, hyper::Error>;
 
 struct Relay {
-    client: Client<HttpConnector, Full<Bytes>>,
-    generate: hyper::Uri,
-    generate_stream: hyper::Uri,
+    client: WorkerHttp,
+    target: Target,
     prompt: Bytes,
 }
 
@@ -70,14 +67,15 @@ async fn handle(relay: &Relay, req: Request<Incoming>) -> Result<Response<Body>,
     let stream = body.windows(13).any(|w| w == b"\"stream\":true");
     let mut up = Request::new(Full::new(relay.prompt.clone()));
     *up.method_mut() = hyper::Method::POST;
-    *up.uri_mut() = if stream {
-        relay.generate_stream.clone()
+    *up.uri_mut() = hyper::Uri::from_static(if stream {
+        "/api/worker/generate_stream"
     } else {
-        relay.generate.clone()
-    };
-    up.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let resp = match relay.client.request(up).await {
+        "/api/worker/generate"
+    });
+    let h = up.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(hyper::header::HOST, relay.target.host_header().clone());
+    let resp = match relay.client.request(&relay.target, up).await {
         Ok(r) => r,
         Err(e) => return Ok(error(StatusCode::BAD_GATEWAY, e.to_string())),
     };
@@ -104,14 +102,16 @@ async fn handle(relay: &Relay, req: Request<Incoming>) -> Result<Response<Body>,
 
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let uri = |path: &str| -> hyper::Uri {
-        format!("{}{path}", args.worker.trim_end_matches('/'))
-            .parse()
-            .unwrap_or_else(|e| {
-                eprintln!("bad --worker: {e}");
-                std::process::exit(2)
-            })
-    };
+    let target = args
+        .worker
+        .parse::<hyper::Uri>()
+        .ok()
+        .as_ref()
+        .and_then(Target::new)
+        .unwrap_or_else(|| {
+            eprintln!("bad --worker: {} (want http://host:port)", args.worker);
+            std::process::exit(2)
+        });
     let prompt = serde_json::json!({
         "model": args.model,
         "messages": [{"role": "human", "content": "Say something.", "round_index": 0}],
@@ -122,16 +122,9 @@ fn main() -> std::io::Result<()> {
         .enable_all()
         .build()?
         .block_on(async move {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
             let relay: &'static Relay = Box::leak(Box::new(Relay {
-                client: Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .pool_max_idle_per_host(256)
-                    .build(connector),
-                generate: uri("/api/worker/generate"),
-                generate_stream: uri("/api/worker/generate_stream"),
+                client: WorkerHttp::new(Duration::from_secs(3), Duration::from_secs(90), 256),
+                target,
                 prompt: Bytes::from(serde_json::to_vec(&prompt).unwrap_or_default()),
             }));
             serve::serve_forever(args.port, move |req| handle(relay, req)).await

@@ -174,7 +174,7 @@ impl Fields for Map<String, Value> {
 #[derive(Default, serde::Deserialize)]
 struct CompletionFields {
     model: Option<Value>,
-    messages: Option<Value>,
+    messages: Option<MessagesField>,
     prompt: Option<Value>,
     n: Option<Value>,
     stream: Option<Value>,
@@ -200,7 +200,6 @@ impl Fields for CompletionFields {
     fn field(&self, k: &str) -> Option<&Value> {
         match k {
             "model" => self.model.as_ref(),
-            "messages" => self.messages.as_ref(),
             "prompt" => self.prompt.as_ref(),
             "n" => self.n.as_ref(),
             "stream" => self.stream.as_ref(),
@@ -222,6 +221,124 @@ impl Fields for CompletionFields {
             "frequency_penalty" => self.frequency_penalty.as_ref(),
             _ => None,
         }
+    }
+}
+
+/// Visitor methods that keep a value of any other shape as a JSON [`Value`] (wrapped by
+/// `$wrap`), for the error message that names what was sent.
+macro_rules! keep_other_values {
+    ($wrap:expr) => {
+        fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+            Ok($wrap(Value::Bool(v)))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok($wrap(Value::from(v)))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok($wrap(Value::from(v)))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Ok($wrap(Value::from(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok($wrap(Value::String(v.to_string())))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok($wrap(Value::String(v)))
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($wrap(Value::Null))
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok($wrap(Value::Null))
+        }
+    };
+}
+
+/// A chat request's `messages` as sent: a list, read message by message without building
+/// a JSON map for each, or any other value (a bare string is one user message; anything
+/// else is an error naming its type).
+enum MessagesField {
+    List(Vec<MessageField>),
+    Other(Value),
+}
+
+/// One element of `messages`: the two keys used (others are skipped), or a non-object.
+enum MessageField {
+    Fields {
+        role: Option<Value>,
+        content: Option<Value>,
+    },
+    Other(Value),
+}
+
+impl<'de> serde::Deserialize<'de> for MessagesField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MessagesField;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of messages")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<MessagesField, A::Error> {
+                let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(2));
+                while let Some(m) = seq.next_element::<MessageField>()? {
+                    list.push(m);
+                }
+                Ok(MessagesField::List(list))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<MessagesField, A::Error> {
+                use serde::de::value::MapAccessDeserializer;
+                serde::Deserialize::deserialize(MapAccessDeserializer::new(map))
+                    .map(MessagesField::Other)
+            }
+            keep_other_values!(MessagesField::Other);
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MessageField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MessageField;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<MessageField, A::Error> {
+                let (mut role, mut content) = (None, None);
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "role" => role = Some(map.next_value::<Value>()?),
+                        "content" => content = Some(map.next_value::<Value>()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(MessageField::Fields { role, content })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<MessageField, A::Error> {
+                use serde::de::value::SeqAccessDeserializer;
+                serde::Deserialize::deserialize(SeqAccessDeserializer::new(seq))
+                    .map(MessageField::Other)
+            }
+            keep_other_values!(MessageField::Other);
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -449,11 +566,11 @@ pub fn map_role(role: &str) -> Option<&'static str> {
     }
 }
 
-fn message_content(i: usize, v: Option<&Value>) -> Result<String, OpenAiError> {
-    let field = format!("messages[{i}].content");
+fn message_content(i: usize, v: Option<Value>) -> Result<String, OpenAiError> {
+    let field = || format!("messages[{i}].content");
     match v {
         None | Some(Value::Null) => Ok(String::new()),
-        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::String(s)) => Ok(s),
         Some(Value::Array(parts)) => {
             let mut out = String::new();
             for (j, p) in parts.iter().enumerate() {
@@ -464,7 +581,7 @@ fn message_content(i: usize, v: Option<&Value>) -> Result<String, OpenAiError> {
                     (Some("text"), Some(t)) => out.push_str(t),
                     (Some(other), _) if other != "text" => {
                         return Err(OpenAiError::invalid(
-                            &format!("{field}[{j}].type"),
+                            &format!("{}[{j}].type", field()),
                             "unsupported_parameter",
                             format!(
                                 "content parts of type '{other}' are not supported; only 'text'"
@@ -473,7 +590,7 @@ fn message_content(i: usize, v: Option<&Value>) -> Result<String, OpenAiError> {
                     }
                     _ => {
                         return Err(OpenAiError::invalid(
-                            &format!("{field}[{j}]"),
+                            &format!("{}[{j}]", field()),
                             "invalid_value",
                             "a content part must be {\"type\":\"text\",\"text\":<string>}",
                         ));
@@ -482,16 +599,21 @@ fn message_content(i: usize, v: Option<&Value>) -> Result<String, OpenAiError> {
             }
             Ok(out)
         }
-        Some(v) => Err(wrong_type(&field, "a string or a list of content parts", v)),
+        Some(v) => Err(wrong_type(
+            &field(),
+            "a string or a list of content parts",
+            &v,
+        )),
     }
 }
 
 /// Validates `POST /v1/chat/completions`.
 pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
-    let m = parse_completion_fields(body)?;
+    let mut m = parse_completion_fields(body)?;
+    let messages = m.messages.take();
     let o = Obj(&m);
     let model = o.model()?;
-    let messages = match o.get("messages") {
+    let messages = match messages {
         None => {
             return Err(OpenAiError::invalid(
                 "messages",
@@ -500,8 +622,8 @@ pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
             ));
         }
         // DB-GPT accepts a bare string as one user message.
-        Some(Value::String(s)) => vec![("human".to_string(), s.clone())],
-        Some(Value::Array(a)) => {
+        Some(MessagesField::Other(Value::String(s))) => vec![("human".to_string(), s)],
+        Some(MessagesField::List(a)) => {
             if a.is_empty() {
                 return Err(OpenAiError::invalid(
                     "messages",
@@ -510,11 +632,14 @@ pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
                 ));
             }
             let mut out = Vec::with_capacity(a.len());
-            for (i, msg) in a.iter().enumerate() {
-                let Value::Object(mo) = msg else {
-                    return Err(wrong_type(&format!("messages[{i}]"), "an object", msg));
+            for (i, msg) in a.into_iter().enumerate() {
+                let (role, content) = match msg {
+                    MessageField::Fields { role, content } => (role, content),
+                    MessageField::Other(v) => {
+                        return Err(wrong_type(&format!("messages[{i}]"), "an object", &v));
+                    }
                 };
-                let role = match mo.get("role") {
+                let role = match &role {
                     Some(Value::String(r)) => r.as_str(),
                     None | Some(Value::Null) => {
                         return Err(OpenAiError::invalid(
@@ -536,11 +661,13 @@ pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
                         ),
                     ));
                 };
-                out.push((mapped.to_string(), message_content(i, mo.get("content"))?));
+                out.push((mapped.to_string(), message_content(i, content)?));
             }
             out
         }
-        Some(v) => return Err(wrong_type("messages", "a list of messages", v)),
+        Some(MessagesField::Other(v)) => {
+            return Err(wrong_type("messages", "a list of messages", &v));
+        }
     };
     let (n, stream, include_usage) = common(&o)?;
     Ok(CompletionRequest {
@@ -972,6 +1099,88 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    #[test]
+    fn messages_of_every_shape() {
+        // Extra keys are skipped, null content is empty, duplicate keys: the last one wins.
+        let r = parse_chat(
+            br#"{"model":"m","messages":[{"name":"n","role":"user","content":"a","tool_calls":[{"x":[1,{"y":null}]}],"role":"assistant"},{"content":null,"role":"system"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.prompts[0],
+            vec![
+                ("ai".to_string(), "a".to_string()),
+                ("system".to_string(), String::new())
+            ]
+        );
+        // Wrong shapes name the field and the type that was sent.
+        let cases: &[(&[u8], &str, &str)] = &[
+            (
+                br#"{"model":"m","messages":{"role":"user"}}"#,
+                "messages",
+                "got an object",
+            ),
+            (br#"{"model":"m","messages":7}"#, "messages", "got a number"),
+            (
+                br#"{"model":"m","messages":true}"#,
+                "messages",
+                "got a boolean",
+            ),
+            (
+                br#"{"model":"m","messages":["hi"]}"#,
+                "messages[0]",
+                "got a string",
+            ),
+            (
+                br#"{"model":"m","messages":[[1]]}"#,
+                "messages[0]",
+                "got an array",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user"},null]}"#,
+                "messages[1]",
+                "got null",
+            ),
+            (
+                br#"{"model":"m","messages":[{"content":"x"}]}"#,
+                "messages[0].role",
+                "Missing",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":null}]}"#,
+                "messages[0].role",
+                "Missing",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":["user"]}]}"#,
+                "messages[0].role",
+                "got an array",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
+                "messages[0].content",
+                "got a number",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+                "messages[0].content[0].type",
+                "image_url",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text"}]}]}"#,
+                "messages[0].content[0]",
+                "content part",
+            ),
+        ];
+        for (body, field, says) in cases {
+            let e = parse_chat(body).unwrap_err();
+            let what = String::from_utf8_lossy(body);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{what}");
+            assert_eq!(e.param.as_deref(), Some(*field), "{what}");
+            assert!(e.message.contains(says), "{what}: {}", e.message);
         }
     }
 

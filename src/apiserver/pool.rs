@@ -234,7 +234,9 @@ impl WorkerHttp {
 }
 
 /// A worker's response body; the connection goes back to the pool when it has been read
-/// to the end (and is closed if the body is dropped before).
+/// to the end: at the end of the stream, or with the last bytes of a `content-length` body
+/// (a reader such as hyper's server stops there without asking for the end). A body dropped
+/// before that closes the connection.
 #[derive(Debug)]
 pub struct Body {
     inner: Incoming,
@@ -251,14 +253,16 @@ impl hyper::body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            None => {
-                if let Some((pool, key, tx)) = this.ret.take() {
-                    pool.put(key, tx);
-                }
+        let done = match &frame {
+            None => true,
+            Some(Err(_)) => {
+                this.ret = None;
+                false
             }
-            Some(Err(_)) => this.ret = None,
-            Some(Ok(_)) => {}
+            Some(Ok(_)) => this.inner.is_end_stream(),
+        };
+        if done && let Some((pool, key, tx)) = this.ret.take() {
+            pool.put(key, tx);
         }
         Poll::Ready(frame)
     }
@@ -352,6 +356,16 @@ mod tests {
         }
         assert_eq!(conns.load(SeqCst), 1);
         assert_eq!(pool.idle_count(), 1);
+        // A reader that stops at the end of the content-length (as hyper's server does)
+        // returns the connection too.
+        let mut body = pool.request(&t, get(&t)).await.unwrap().into_body();
+        while !hyper::body::Body::is_end_stream(&body) {
+            body.frame().await.unwrap().unwrap();
+        }
+        assert_eq!(pool.idle_count(), 1);
+        drop(body);
+        call(&pool, &t).await;
+        assert_eq!(conns.load(SeqCst), 1);
         // A body dropped unread closes its connection instead of pooling it.
         let resp = pool.request(&t, get(&t)).await.unwrap();
         drop(resp);
