@@ -803,10 +803,7 @@ pub struct RequestSpansService<S> {
 
 impl<S> tower::Service<Request> for RequestSpansService<S>
 where
-    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: crate::http::AppService,
     S::Future: Send,
 {
     type Response = Response;

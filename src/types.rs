@@ -18,6 +18,10 @@ pub const KEY_SEPARATOR: char = '@';
 pub const WORKER_MANAGER_NAME: &str = "WorkerManager";
 /// Pseudo worker type of worker-manager registry entries.
 pub const WORKER_MANAGER_TYPE: &str = "service";
+/// A worker manager's model routes (DB-GPT's `/api/worker/...`).
+pub const WORKER_GENERATE: &str = "/api/worker/generate";
+pub const WORKER_GENERATE_STREAM: &str = "/api/worker/generate_stream";
+pub const WORKER_EMBEDDINGS: &str = "/api/worker/embeddings";
 
 /// Microseconds since the Unix epoch (UTC). Rendered on the wire as DB-GPT does: the
 /// controller's *local* naive time, `datetime.isoformat()` style.

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::pool::Target;
 use crate::controller::client::ControllerClient;
 use crate::types::{ModelInstance, split_worker_key};
 
@@ -50,9 +51,10 @@ pub struct Instance {
     pub addr: String,
     /// `http://host:port` (IPv6 hosts bracketed).
     pub base_url: String,
-    /// The worker routes, parsed once per refresh instead of once per request; `None` if
-    /// the registered host does not make a valid URL (requests to it fail and are retried).
-    pub endpoints: Option<Endpoints>,
+    /// The worker's address for the connection pool, parsed once per refresh instead of
+    /// once per request; `None` if the registered host does not make a valid URL (requests
+    /// to it fail and are retried).
+    pub target: Option<Target>,
     pub weight: f64,
     pub enabled: bool,
     pub healthy: bool,
@@ -66,31 +68,15 @@ impl Instance {
     }
 }
 
-/// Where a worker's DB-GPT routes are: its address for the connection pool, parsed once
-/// per refresh instead of once per request (cloning it only bumps reference counts).
-#[derive(Debug, Clone)]
-pub struct Endpoints {
-    pub target: super::pool::Target,
-}
-
-impl Endpoints {
-    /// The routes under `base_url` (`http://host:port`); `None` unless it is a plain
-    /// `http://` URL with a host.
-    pub fn new(base_url: &str) -> Option<Endpoints> {
-        let uri = http::Uri::try_from(base_url).ok()?;
-        if uri.scheme() != Some(&http::uri::Scheme::HTTP) || uri.path() != "/" {
-            return None;
-        }
-        Some(Endpoints {
-            target: super::pool::Target::new(&uri)?,
-        })
+/// The pool target of a worker at `base_url` (`http://host:port`); `None` unless it is a
+/// plain `http://` URL with a host.
+fn worker_target(base_url: &str) -> Option<Target> {
+    let uri = http::Uri::try_from(base_url).ok()?;
+    if uri.scheme() != Some(&http::uri::Scheme::HTTP) || uri.path() != "/" {
+        return None;
     }
+    Target::new(&uri)
 }
-
-/// DB-GPT's worker routes.
-pub const GENERATE: &str = "/api/worker/generate";
-pub const GENERATE_STREAM: &str = "/api/worker/generate_stream";
-pub const EMBEDDINGS: &str = "/api/worker/embeddings";
 
 /// Every instance of one `model@type`.
 #[derive(Debug, Default)]
@@ -279,7 +265,7 @@ impl Discovery {
                 .entry(m.model_name.clone())
                 .or_default()
                 .push(Arc::new(Instance {
-                    endpoints: Endpoints::new(&base),
+                    target: worker_target(&base),
                     base_url: base,
                     addr,
                     weight: if weight.is_finite() {

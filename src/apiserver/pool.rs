@@ -38,7 +38,8 @@ pub struct Target {
 }
 
 impl Target {
-    /// The target of an `http://` URL's authority (`None` when it has no host or port).
+    /// The target of an `http://` URL's authority (`None` when it has no host; the port
+    /// defaults to 80).
     pub fn new(uri: &http::Uri) -> Option<Target> {
         let host = uri.host()?;
         let port = uri.port_u16().unwrap_or(80);
@@ -74,6 +75,12 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    fn expired(&self, now: Instant, idle_timeout: Duration) -> bool {
+        now.duration_since(self.since) >= idle_timeout
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     idle: Mutex<HashMap<Arc<str>, VecDeque<Idle>>>,
@@ -93,10 +100,10 @@ impl Inner {
         let mut idle = self.lock();
         let list = idle.get_mut(key)?;
         let now = Instant::now();
-        while let Some(c) = list.front() {
-            if now.duration_since(c.since) < self.idle_timeout {
-                break;
-            }
+        while list
+            .front()
+            .is_some_and(|c| c.expired(now, self.idle_timeout))
+        {
             list.pop_front();
         }
         while let Some(c) = list.pop_back() {
@@ -126,7 +133,7 @@ impl Inner {
     fn sweep(&self) {
         let now = Instant::now();
         self.lock().retain(|_, list| {
-            list.retain(|c| now.duration_since(c.since) < self.idle_timeout && !c.tx.is_closed());
+            list.retain(|c| !c.expired(now, self.idle_timeout) && !c.tx.is_closed());
             !list.is_empty()
         });
     }
@@ -285,7 +292,7 @@ mod tests {
     fn get(t: &Target) -> http::Request<Full<Bytes>> {
         let mut req = http::Request::new(Full::new(Bytes::from_static(b"{}")));
         *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = http::Uri::from_static("/api/worker/generate");
+        *req.uri_mut() = http::Uri::from_static(crate::types::WORKER_GENERATE);
         req.headers_mut()
             .insert(http::header::HOST, t.host_header().clone());
         req

@@ -24,6 +24,7 @@ use super::policy::{self, InFlight};
 use super::pool::{self, Target};
 use crate::config::RoutingPolicy;
 use crate::tracer::{SpanCtx, TRACE_HEADER};
+use crate::types::{WORKER_EMBEDDINGS, WORKER_GENERATE, WORKER_GENERATE_STREAM};
 
 pub use super::pool::WorkerHttp;
 
@@ -263,8 +264,8 @@ fn parse_frame(piece: &[u8]) -> Result<Frame, String> {
 /// The instance's pre-parsed address (a host that makes no valid URL is a failed attempt,
 /// so the request moves on to another instance).
 fn endpoint(inst: &discovery::Instance) -> Result<&Target, Attempt> {
-    match &inst.endpoints {
-        Some(e) => Ok(&e.target),
+    match &inst.target {
+        Some(t) => Ok(t),
         None => Err(Attempt::Retry(format!(
             "its address {} does not make a valid URL",
             inst.base_url
@@ -425,7 +426,7 @@ impl Upstream {
             let body = body.clone();
             async move {
                 let target = endpoint(guard.instance())?;
-                let req = self.post(target, discovery::GENERATE_STREAM, body, trace);
+                let req = self.post(target, WORKER_GENERATE_STREAM, body, trace);
                 let resp = self.send(target, req).await?;
                 let mut fs = FrameStream {
                     body: resp.into_body(),
@@ -486,7 +487,7 @@ impl Upstream {
             async move {
                 let target = endpoint(guard.instance())?;
                 let bytes = self
-                    .post_and_read(target, discovery::GENERATE, body, trace)
+                    .post_and_read(target, WORKER_GENERATE, body, trace)
                     .await?;
                 drop(guard);
                 parse_frame(&bytes).map_err(|e| Attempt::Fail(OpenAiError::bad_gateway(e)))
@@ -514,7 +515,7 @@ impl Upstream {
             async move {
                 let target = endpoint(guard.instance())?;
                 let bytes = self
-                    .post_and_read(target, discovery::EMBEDDINGS, body, trace)
+                    .post_and_read(target, WORKER_EMBEDDINGS, body, trace)
                     .await?;
                 serde_json::from_slice::<Vec<Vec<f32>>>(&bytes).map_err(|_| {
                     Attempt::Fail(OpenAiError::bad_gateway(format!(

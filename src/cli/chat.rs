@@ -40,8 +40,10 @@ pub async fn run(client: &ControllerClient, a: ChatArgs) -> anyhow::Result<ExitC
         bail!("no healthy instance of {key} is registered with the controller");
     };
     let url = format!(
-        "http://{}:{}/api/worker/generate_stream",
-        inst.host, inst.port
+        "http://{}:{}{}",
+        inst.host,
+        inst.port,
+        crate::types::WORKER_GENERATE_STREAM
     );
     let http = super::model_ops::worker_http()?;
     println!(

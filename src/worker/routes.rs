@@ -29,7 +29,7 @@ use super::spec::{Engine, ModelSpec, WorkerType};
 use crate::http::{ApiError, CappedBody, json_response, with_fallbacks};
 use crate::tracer::{self, SpanCtx, Tracer};
 use crate::types::{
-    ModelMetadata, ModelOutput, PromptRequest, SupportedModel, WorkerApplyOutput,
+    self, ModelMetadata, ModelOutput, PromptRequest, SupportedModel, WorkerApplyOutput,
     WorkerSupportedModel,
 };
 use crate::validate::{Fields, parse_json_object, query_object};
@@ -55,9 +55,9 @@ pub fn router(state: WorkerState) -> Router {
             "/api/health",
             get(|| async { json_response(StatusCode::OK, &json!({"status": "ok"})) }),
         )
-        .route("/api/worker/generate_stream", post(generate_stream))
-        .route("/api/worker/generate", post(generate))
-        .route("/api/worker/embeddings", post(embeddings))
+        .route(types::WORKER_GENERATE_STREAM, post(generate_stream))
+        .route(types::WORKER_GENERATE, post(generate))
+        .route(types::WORKER_EMBEDDINGS, post(embeddings))
         .route("/api/worker/count_token", post(count_token))
         .route("/api/worker/model_metadata", post(model_metadata))
         .route("/api/worker/apply", post(apply))
