@@ -1,7 +1,8 @@
 //! The model-instance registry: what instances exist, where, and whether they are alive.
 //!
-//! [`Registry`] is the contract every store meets (the embedded redb file today, SQL
-//! databases for several controllers later) with DB-GPT's semantics (reference §4.1):
+//! [`Registry`] is the contract every store meets (the embedded redb file of one
+//! controller, [`RedbRegistry`], or DB-GPT's table in MySQL or PostgreSQL shared by several
+//! controllers, [`SqlRegistry`]) with DB-GPT's semantics (reference §4.1):
 //! register upserts and keeps `enabled`/`check_healthy`, deregister marks unhealthy (or
 //! removes, with 0.7's `remove_from_registry`), a heartbeat from an unknown instance
 //! registers it. Health is *derived*: an instance with `check_healthy` whose last heartbeat
@@ -24,6 +25,49 @@ use crate::types::{InstanceInput, InstanceKey, ModelInstance, Timestamp};
 
 pub use redb_store::RedbRegistry;
 pub use sql::SqlRegistry;
+
+/// The registry contract. Writes return only once they are durable.
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Upserts an instance and marks it healthy. Durable when it returns `Ok`.
+    async fn register(&self, input: InstanceInput) -> Result<(), RegistryError>;
+    /// Marks an instance unhealthy, or removes it when `input.remove_from_registry`.
+    /// Unknown instances are not an error. Durable when it returns `Ok`.
+    async fn deregister(&self, input: InstanceInput) -> Result<(), RegistryError>;
+    /// Refreshes `last_heartbeat` (registers unknown instances).
+    async fn heartbeat(&self, input: InstanceInput) -> Result<(), RegistryError>;
+    /// Instances of `model_name` (or all), optionally only the healthy ones.
+    async fn list(
+        &self,
+        model_name: Option<&str>,
+        healthy_only: bool,
+    ) -> Result<Vec<ModelInstance>, RegistryError>;
+    /// The same listing as [`Registry::list`], as DB-GPT's JSON array. Stores with an
+    /// in-memory view override this to write it without intermediate copies.
+    async fn list_json(
+        &self,
+        model_name: Option<&str>,
+        healthy_only: bool,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let list = self.list(model_name, healthy_only).await?;
+        serde_json::to_vec(&list).map_err(|e| RegistryError::Storage(e.to_string()))
+    }
+    /// Marks instances past their heartbeat deadline unhealthy; returns how many flipped.
+    async fn expire(&self) -> Result<usize, RegistryError>;
+    /// Persists buffered heartbeat timestamps.
+    async fn flush(&self) -> Result<(), RegistryError>;
+    /// Healthy/total counts from the current view.
+    fn counts(&self) -> Counts;
+    /// A human-readable description of the store (e.g. `redb:/var/lib/dbgpt/registry.redb`).
+    fn describe(&self) -> String;
+}
+
+/// Healthy and total instance counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub healthy: usize,
+    pub total: usize,
+}
 
 /// Errors of a registry store.
 #[derive(Debug, thiserror::Error)]
@@ -292,49 +336,6 @@ pub fn write_listing<'a>(
     }
     out.push(b']');
     out
-}
-
-/// Healthy and total instance counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Counts {
-    pub healthy: usize,
-    pub total: usize,
-}
-
-/// The registry contract. Writes return only once they are durable.
-#[async_trait]
-pub trait Registry: Send + Sync + 'static {
-    /// Upserts an instance and marks it healthy. Durable when it returns `Ok`.
-    async fn register(&self, input: InstanceInput) -> Result<(), RegistryError>;
-    /// Marks an instance unhealthy, or removes it when `input.remove_from_registry`.
-    /// Unknown instances are not an error. Durable when it returns `Ok`.
-    async fn deregister(&self, input: InstanceInput) -> Result<(), RegistryError>;
-    /// Refreshes `last_heartbeat` (registers unknown instances).
-    async fn heartbeat(&self, input: InstanceInput) -> Result<(), RegistryError>;
-    /// Instances of `model_name` (or all), optionally only the healthy ones.
-    async fn list(
-        &self,
-        model_name: Option<&str>,
-        healthy_only: bool,
-    ) -> Result<Vec<ModelInstance>, RegistryError>;
-    /// The same listing as [`Registry::list`], as DB-GPT's JSON array. Stores with an
-    /// in-memory view override this to write it without intermediate copies.
-    async fn list_json(
-        &self,
-        model_name: Option<&str>,
-        healthy_only: bool,
-    ) -> Result<Vec<u8>, RegistryError> {
-        let list = self.list(model_name, healthy_only).await?;
-        serde_json::to_vec(&list).map_err(|e| RegistryError::Storage(e.to_string()))
-    }
-    /// Marks instances past their heartbeat deadline unhealthy; returns how many flipped.
-    async fn expire(&self) -> Result<usize, RegistryError>;
-    /// Persists buffered heartbeat timestamps.
-    async fn flush(&self) -> Result<(), RegistryError>;
-    /// Healthy/total counts from the current view.
-    fn counts(&self) -> Counts;
-    /// A human-readable description of the store (e.g. `redb:/var/lib/dbgpt/registry.redb`).
-    fn describe(&self) -> String;
 }
 
 #[cfg(test)]
