@@ -104,7 +104,7 @@ impl SpanCtx {
         out.extend_from_slice(self.span.as_bytes());
     }
 
-    /// The value of [`TRACE_HEADER`] naming this span as the parent.
+    /// The value of [`TRACE_HEADER`](super::TRACE_HEADER) naming this span as the parent.
     pub fn header_value(&self) -> HeaderValue {
         let mut b = Vec::with_capacity(49);
         self.write(&mut b);
