@@ -23,11 +23,11 @@ use tower::Layer;
 use tower_http::cors::{AllowHeaders, AllowOrigin, Cors, CorsLayer};
 use tracing::{info, warn};
 
+use super::config::ApiserverConfig;
 use super::discovery::Discovery;
 use super::proxy::Upstream;
 use super::{AppState, Stats, router};
 use crate::admin::server::AdminHandler;
-use crate::config::ApiserverConfig;
 use crate::controller::client::ControllerClient;
 use crate::daemon::{self, DaemonBase, Readiness};
 use crate::tracer::{RequestSpans, Tracer};

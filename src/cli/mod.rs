@@ -14,8 +14,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ControllerArgs, WorkerArgs};
+use crate::apiserver::config::ApiserverArgs;
+use crate::controller::config::ControllerArgs;
 use crate::daemon::{self, Readiness};
+use crate::worker::config::WorkerArgs;
 
 /// DB-GPT model-serving cluster: controller, workers and OpenAI-compatible API server.
 #[derive(Debug, Parser)]
@@ -47,7 +49,7 @@ pub enum StartCommand {
     /// proxies) and registers them with the controller.
     Worker(Box<WorkerArgs>),
     /// The OpenAI-compatible API server in front of the workers the controller knows.
-    Apiserver(crate::config::ApiserverArgs),
+    Apiserver(ApiserverArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -143,7 +145,7 @@ fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn start_apiserver(args: crate::config::ApiserverArgs) -> anyhow::Result<ExitCode> {
+fn start_apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
     let readiness = if cfg.daemon {
         daemon::daemonize("ModelAPIServer", &cfg.log_file)?

@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::bail;
 use tracing::{error, info};
 
+use super::config::{ControllerConfig, RegistryType};
 use super::{ControllerState, router, spawn_background};
 use crate::admin::server::AdminHandler;
-use crate::config::{ControllerConfig, RegistryType};
 use crate::daemon::{self, DaemonBase, Readiness};
 use crate::registry::{RedbRegistry, Registry, SqlRegistry};
 

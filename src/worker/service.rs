@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use super::config::WorkerConfig;
 use super::manager::WorkerManager;
 use super::registration::{Registrar, advertised_host, manager_key};
 use super::routes::{WorkerState, router};
 use crate::admin::server::AdminHandler;
-use crate::config::WorkerConfig;
 use crate::controller::client::ControllerClient;
 use crate::daemon::{self, DaemonBase, Readiness};
 
