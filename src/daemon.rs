@@ -8,16 +8,25 @@
 //! `READY=1` (`Type=notify`), `STATUS=` lines and, when `WatchdogSec=` is set, `WATCHDOG=1`
 //! pings. Every daemon holds an exclusive `flock` on `<service>-<port>.pid` in its runtime
 //! directory for its whole life, so a second instance is refused at once.
+//!
+//! [`run`] is the one lifecycle of the three daemons: start-up (reported to the `--daemon`
+//! parent and systemd) → signals → admin socket → HTTP → `READY=1` → watchdog → wait for a
+//! stop (SIGTERM, SIGINT or admin `Stop`, which all cancel one token) → `STOPPING=1` → drain
+//! in-flight requests (bounded) → flush → remove socket and pid file. A service supplies only
+//! what differs, through the [`Daemon`] hooks.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use nix::fcntl::{Flock, FlockArg};
 use sd_notify::NotifyState;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -265,6 +274,16 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What a daemon reports over the admin socket besides the fields every daemon has.
+pub struct Health {
+    /// Healthy instances (controller, apiserver) or running models (worker).
+    pub healthy: u32,
+    /// All instances or configured models.
+    pub total: u32,
+    /// Service-specific `key=value` details.
+    pub details: Vec<(String, String)>,
+}
+
 /// Everything a daemon holds from start-up to exit: pid lock, runtime dir and start time.
 pub struct DaemonBase {
     pub service: &'static str,
@@ -305,13 +324,13 @@ impl DaemonBase {
             .join(crate::admin::socket_name(self.service, self.port))
     }
 
-    /// A status skeleton with the common fields filled in.
-    pub fn status(
-        &self,
-        healthy: u32,
-        total: u32,
-        details: Vec<(String, String)>,
-    ) -> crate::admin::Status {
+    /// The admin status: the common fields, and the service's own `health`.
+    pub fn status(&self, health: Health) -> crate::admin::Status {
+        let Health {
+            healthy,
+            total,
+            details,
+        } = health;
         crate::admin::Status {
             service: self.service.to_string(),
             port: self.port,
@@ -355,4 +374,112 @@ pub async fn drain_http(
             false
         }
     }
+}
+
+/// What a service's start-up produced: the pid lock, the bound HTTP port and admin socket,
+/// and the service's own state.
+pub(crate) struct Started<D> {
+    pub base: DaemonBase,
+    pub listener: TcpListener,
+    pub admin: crate::admin::server::AdminSocket,
+    pub daemon: D,
+}
+
+/// Binds the daemon's HTTP port on `host`, then its admin socket.
+pub(crate) async fn bind(
+    base: &DaemonBase,
+    host: &str,
+) -> anyhow::Result<(TcpListener, crate::admin::server::AdminSocket)> {
+    let listener = crate::http::bind(host, base.port).await?;
+    let admin = crate::admin::server::bind(&base.socket_path()).await?;
+    Ok((listener, admin))
+}
+
+/// Where the daemons differ; [`run`] does everything else, in the same order for all.
+pub(crate) trait Daemon {
+    /// How long in-flight requests may take to finish on stop.
+    const DRAIN_TIMEOUT: Duration;
+    /// Logged when a stop begins.
+    const STOPPING: &'static str = "stopping: draining in-flight requests";
+
+    /// The service's own status fields, computed on the admin socket's task.
+    fn health(&self) -> impl Fn() -> Health + Send + Sync + 'static;
+
+    /// Runs once signals are handled and the admin socket answers, before HTTP is served
+    /// (the worker loads its models here). An error fails the start with its reason.
+    async fn prepare(&mut self, _shutdown: &CancellationToken) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Starts serving HTTP on `listener` until `shutdown`; the task ends once drained.
+    fn serve(
+        &mut self,
+        listener: TcpListener,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<JoinHandle<std::io::Result<()>>>;
+
+    /// The status line logged and sent to systemd with `READY=1`.
+    fn ready_status(&self) -> String;
+
+    /// Runs when a stop begins, before draining (the worker deregisters here).
+    async fn stopping(&mut self) {}
+
+    /// Runs after draining (`drained` is false if in-flight requests were abandoned): waits
+    /// for background tasks and flushes what must outlive the process.
+    async fn finish(self, drained: bool);
+}
+
+/// Runs a daemon from start-up to exit. `start` takes the pid lock, binds the ports and
+/// builds the service; its failure, or the failure of [`Daemon::prepare`] or
+/// [`Daemon::serve`], is reported to the `--daemon` parent and systemd with the reason.
+pub(crate) async fn run<D: Daemon>(
+    mut readiness: Readiness,
+    start: impl Future<Output = anyhow::Result<Started<D>>>,
+) -> anyhow::Result<()> {
+    let Started {
+        base,
+        listener,
+        admin,
+        mut daemon,
+    } = report_startup(&mut readiness, start.await)?;
+    let base = Arc::new(base);
+    let token = base.shutdown.clone();
+    spawn_signal_handler(token.clone())?;
+
+    let health = daemon.health();
+    let b = base.clone();
+    let status = move || b.status(health());
+    let admin_task = tokio::spawn(crate::admin::server::serve(
+        admin,
+        Arc::new(status),
+        token.clone(),
+    ));
+    let serving = async {
+        daemon.prepare(&token).await?;
+        daemon.serve(listener, &token)
+    }
+    .await;
+    let http = match report_startup(&mut readiness, serving) {
+        Ok(http) => http,
+        Err(e) => {
+            token.cancel();
+            let _ = admin_task.await;
+            return Err(e);
+        }
+    };
+    let status = daemon.ready_status();
+    info!("{status}");
+    readiness.ready(&status);
+    spawn_watchdog(token.clone());
+
+    token.cancelled().await;
+    notify_stopping();
+    info!("{}", D::STOPPING);
+    daemon.stopping().await;
+    let drained = drain_http(http, D::DRAIN_TIMEOUT).await;
+    let _ = admin_task.await;
+    daemon.finish(drained).await;
+    info!("{} stopped", base.service);
+    drop(base);
+    Ok(())
 }
