@@ -274,6 +274,48 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The three daemons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Controller,
+    Worker,
+    Apiserver,
+}
+
+impl Service {
+    /// The name in socket and pid file names (`<name>-<port>.sock`) and in the admin
+    /// protocol's `Status.service`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Controller => "controller",
+            Service::Worker => "worker",
+            Service::Apiserver => "apiserver",
+        }
+    }
+
+    /// DB-GPT's name for the service, shown to users ("Started ModelController …").
+    pub fn label(self) -> &'static str {
+        match self {
+            Service::Controller => "ModelController",
+            Service::Worker => "ModelWorker",
+            Service::Apiserver => "ModelAPIServer",
+        }
+    }
+
+    /// The service a socket, pid file or status names, if it is one of ours.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Service::Controller, Service::Worker, Service::Apiserver]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a daemon reports over the admin socket besides the fields every daemon has.
 pub struct Health {
     /// Healthy instances (controller, apiserver) or running models (worker).
@@ -286,7 +328,7 @@ pub struct Health {
 
 /// Everything a daemon holds from start-up to exit: pid lock, runtime dir and start time.
 pub struct DaemonBase {
-    pub service: &'static str,
+    pub service: Service,
     pub port: u16,
     pub runtime_dir: PathBuf,
     pub started: std::time::Instant,
@@ -297,15 +339,15 @@ pub struct DaemonBase {
 
 impl DaemonBase {
     /// Creates the runtime directory and takes the pid lock.
-    pub fn acquire(service: &'static str, label: &str, port: u16) -> anyhow::Result<Self> {
+    pub fn acquire(service: Service, port: u16) -> anyhow::Result<Self> {
         if port == 0 {
             bail!("--port must be between 1 and 65535");
         }
         let runtime_dir = crate::admin::runtime_dir();
         ensure_private_dir(&runtime_dir)?;
         let pid = PidFile::acquire(
-            &runtime_dir.join(crate::admin::pid_name(service, port)),
-            &format!("{label} on port {port}"),
+            &runtime_dir.join(crate::admin::pid_name(service.as_str(), port)),
+            &format!("{service} on port {port}"),
         )?;
         Ok(DaemonBase {
             service,
@@ -321,7 +363,7 @@ impl DaemonBase {
     /// Path of this daemon's admin socket.
     pub fn socket_path(&self) -> PathBuf {
         self.runtime_dir
-            .join(crate::admin::socket_name(self.service, self.port))
+            .join(crate::admin::socket_name(self.service.as_str(), self.port))
     }
 
     /// The admin status: the common fields, and the service's own `health`.
@@ -332,7 +374,7 @@ impl DaemonBase {
             details,
         } = health;
         crate::admin::Status {
-            service: self.service.to_string(),
+            service: self.service.as_str().to_string(),
             port: self.port,
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -482,4 +524,20 @@ pub(crate) async fn run<D: Daemon>(
     info!("{} stopped", base.service);
     drop(base);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Service;
+
+    #[test]
+    fn service_names_round_trip() {
+        for s in [Service::Controller, Service::Worker, Service::Apiserver] {
+            assert_eq!(Service::from_name(s.as_str()), Some(s));
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        assert_eq!(Service::Apiserver.as_str(), "apiserver");
+        assert_eq!(Service::Worker.label(), "ModelWorker");
+        assert_eq!(Service::from_name("ModelController"), None);
+    }
 }

@@ -31,7 +31,7 @@ use super::discovery::Discovery;
 use super::proxy::Upstream;
 use super::{AppState, Stats, router};
 use crate::controller::client::ControllerClient;
-use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Started};
+use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
 use crate::tracer::{Flusher, RequestSpans, Tracer};
 
 /// Timeout of each controller call.
@@ -276,7 +276,7 @@ fn serve_on_threads(
 }
 
 async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
-    let base = DaemonBase::acquire("apiserver", "apiserver", cfg.port)?;
+    let base = DaemonBase::acquire(Service::Apiserver, cfg.port)?;
     let (tracer, flusher) = cfg.tracer.open(crate::tracer::APISERVER_ROOT);
     let state = build_state(&cfg, tracer)?;
     if !state.upstream.discovery.refresh().await {

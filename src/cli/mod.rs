@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 
 use crate::apiserver::config::ApiserverArgs;
 use crate::controller::config::ControllerArgs;
-use crate::daemon::{self, Readiness};
+use crate::daemon::{self, Readiness, Service};
 use crate::worker::config::WorkerArgs;
 
 /// DB-GPT model-serving cluster: controller, workers and OpenAI-compatible API server.
@@ -123,7 +123,7 @@ pub fn run(cli: Cli) -> ExitCode {
 fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
     let readiness = if cfg.daemon {
-        daemon::daemonize("ModelController", &cfg.log_file)?
+        daemon::daemonize(Service::Controller.label(), &cfg.log_file)?
     } else {
         Readiness::foreground()
     };
@@ -134,7 +134,7 @@ fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
 
 fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
-    let label = format!("ModelWorker-{}", cfg.port);
+    let label = format!("{}-{}", Service::Worker.label(), cfg.port);
     let readiness = if cfg.daemon {
         daemon::daemonize(&label, &cfg.log_file)?
     } else {
@@ -148,7 +148,7 @@ fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
 fn start_apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
     let readiness = if cfg.daemon {
-        daemon::daemonize("ModelAPIServer", &cfg.log_file)?
+        daemon::daemonize(Service::Apiserver.label(), &cfg.log_file)?
     } else {
         Readiness::foreground()
     };

@@ -17,7 +17,7 @@ use tracing::error;
 
 use super::config::{ControllerConfig, RegistryType};
 use super::{ControllerState, router, spawn_background};
-use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Started};
+use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
 use crate::registry::{RedbRegistry, Registry, SqlRegistry};
 use crate::tracer::{Flusher, Tracer};
 
@@ -88,7 +88,7 @@ pub async fn run(cfg: ControllerConfig, readiness: Readiness) -> anyhow::Result<
 }
 
 async fn start(cfg: ControllerConfig) -> anyhow::Result<Started<Controller>> {
-    let base = DaemonBase::acquire("controller", "controller", cfg.port)?;
+    let base = DaemonBase::acquire(Service::Controller, cfg.port)?;
     let registry: Arc<dyn Registry> = match cfg.registry_type {
         RegistryType::Embedded => {
             let path = cfg.registry_path.clone();

@@ -21,7 +21,7 @@ use super::manager::WorkerManager;
 use super::registration::{Registrar, advertised_host, manager_key};
 use super::routes::{WorkerState, router};
 use crate::controller::client::ControllerClient;
-use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Started};
+use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
 use crate::tracer::Flusher;
 
 /// The worker's part of the lifecycle.
@@ -144,7 +144,7 @@ pub async fn run(cfg: WorkerConfig, readiness: Readiness) -> anyhow::Result<()> 
 }
 
 async fn start(cfg: WorkerConfig) -> anyhow::Result<Started<Worker>> {
-    let base = DaemonBase::acquire("worker", "worker", cfg.port)?;
+    let base = DaemonBase::acquire(Service::Worker, cfg.port)?;
     let (listener, admin) = daemon::bind(&base, &cfg.host).await?;
     let registrar = match &cfg.controller_addr {
         Some(addr) => {
