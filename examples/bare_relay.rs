@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser;
 use dbgpt_cluster::apiserver::pool::{Target, WorkerHttp};
-use dbgpt_cluster::types::{WORKER_GENERATE, WORKER_GENERATE_STREAM};
+use dbgpt_cluster::wire::worker::{GENERATE_PATH, GENERATE_STREAM_PATH};
 use futures::StreamExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -69,9 +69,9 @@ async fn handle(relay: &Relay, req: Request<Incoming>) -> Result<Response<Body>,
     let mut up = Request::new(Full::new(relay.prompt.clone()));
     *up.method_mut() = hyper::Method::POST;
     *up.uri_mut() = hyper::Uri::from_static(if stream {
-        WORKER_GENERATE_STREAM
+        GENERATE_STREAM_PATH
     } else {
-        WORKER_GENERATE
+        GENERATE_PATH
     });
     let h = up.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -9,12 +9,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dbgpt_cluster::wire::worker::WorkerType;
 use dbgpt_cluster::worker::backends::{
     ChatMessage, GenerateEvent, GenerateParams, LlmBackend, Role,
 };
 use dbgpt_cluster::worker::manager::WorkerManager;
 use dbgpt_cluster::worker::routes::{WorkerState, router};
-use dbgpt_cluster::worker::spec::{Engine, ModelSpec, ModelType, WorkerType};
+use dbgpt_cluster::worker::spec::{Engine, ModelSpec, ModelType};
 use futures::StreamExt;
 use serde_json::json;
 

@@ -404,3 +404,35 @@ pub fn build_client(
         }
     }
 }
+
+/// `e` followed by each cause in its source chain that the text so far does not already say,
+/// joined by ": " (connection refused, reset, …).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    with_causes(e.to_string(), e)
+}
+
+/// A short reason for a failed reqwest call ("timed out", "connection failed", else the
+/// error) with its causes, as [`error_chain`] adds them.
+pub fn describe(e: &reqwest::Error) -> String {
+    let msg = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "connection failed".to_string()
+    } else {
+        e.to_string()
+    };
+    with_causes(msg, e)
+}
+
+fn with_causes(mut msg: String, e: &dyn std::error::Error) -> String {
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        src = s.source();
+    }
+    msg
+}

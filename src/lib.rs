@@ -7,7 +7,7 @@
 //! process lists.
 //!
 //! Module map:
-//! - [`types`]: wire types in DB-GPT's JSON shapes; [`validate`]: FastAPI-shaped input checks.
+//! - [`wire`]: the HTTP protocols (controller, worker) in DB-GPT's JSON shapes; [`validate`]: FastAPI-shaped input checks.
 //! - [`registry`]: the registry trait and the redb store.
 //! - [`controller`]: HTTP routes, background health/flush tasks, the controller process,
 //!   and the HTTP client other processes use to reach it.
@@ -28,6 +28,6 @@ pub mod http;
 pub mod registry;
 pub mod telemetry;
 pub mod tracer;
-pub mod types;
 pub mod validate;
+pub mod wire;
 pub mod worker;

@@ -20,16 +20,13 @@ use tracing::{debug, info, warn};
 
 use super::pool::Target;
 use crate::controller::client::ControllerClient;
-use crate::types::{ModelInstance, split_worker_key};
+use crate::wire::controller::{ModelInstance, split_worker_key};
+use crate::wire::worker::WorkerType;
 
 /// How long an instance that failed a call is avoided.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
 /// Minimum gap between two failure-triggered refreshes.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
-
-/// Worker types the apiserver routes to.
-pub const LLM: &str = "llm";
-pub const TEXT2VEC: &str = "text2vec";
 
 /// Mutable per-instance state that survives refreshes.
 #[derive(Debug, Default)]
@@ -94,14 +91,14 @@ pub struct View {
 
 impl View {
     /// Model names (without the type) of `worker_type` with at least one routable instance.
-    pub fn models(&self, worker_type: &str) -> Vec<String> {
+    pub fn models(&self, worker_type: WorkerType) -> Vec<String> {
         let mut v: Vec<String> = self
             .groups
             .iter()
             .filter(|(_, g)| g.instances.iter().any(|i| i.routable()))
             .filter_map(|(k, _)| {
                 let (name, ty) = split_worker_key(k)?;
-                (ty == worker_type).then(|| name.to_string())
+                (ty == worker_type.as_str()).then(|| name.to_string())
             })
             .collect();
         v.sort();
@@ -240,7 +237,7 @@ impl Discovery {
             let Some((_, ty)) = split_worker_key(&m.model_name) else {
                 continue;
             };
-            if ty != LLM && ty != TEXT2VEC {
+            if WorkerType::from_wire(ty).is_none() {
                 continue;
             }
             let addr = format!("{}:{}", m.host, m.port);
@@ -367,8 +364,8 @@ mod tests {
             inst("down@llm", 5, false),
         ]);
         let v = d.view();
-        assert_eq!(v.models(LLM), ["a"]);
-        assert_eq!(v.models(TEXT2VEC), ["e"]);
+        assert_eq!(v.models(WorkerType::Llm), ["a"]);
+        assert_eq!(v.models(WorkerType::Text2vec), ["e"]);
         assert!(matches!(d.lookup("down@llm"), Lookup::NoneRoutable));
         assert!(matches!(d.lookup("zz@llm"), Lookup::Unknown));
         let Lookup::Found(g) = d.lookup("a@llm") else {

@@ -36,10 +36,11 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use self::openai::{CompletionRequest, OpenAiError, Usage};
-use self::proxy::{Frame, FrameStream, Upstream};
+use self::openai::{CompletionRequest, OpenAiError};
+use self::proxy::{FrameStream, Upstream};
 use crate::http::{json_response, json_response_sized};
 use crate::tracer::{self, Meta, Tracer};
+use crate::wire::worker::{Frame, Usage, WorkerType};
 
 /// Largest request body accepted (embedding batches can be large).
 pub const MAX_BODY_BYTES: usize = 32 << 20;
@@ -202,8 +203,8 @@ impl Drop for Busy {
 
 async fn models(State(s): State<Shared>, _: Authorized) -> Response {
     let view = s.upstream.discovery.view();
-    let mut names = view.models(discovery::LLM);
-    names.extend(view.models(discovery::TEXT2VEC));
+    let mut names = view.models(WorkerType::Llm);
+    names.extend(view.models(WorkerType::Text2vec));
     names.sort();
     names.dedup();
     let now = openai::unix_now();
@@ -340,10 +341,12 @@ fn total_usage(choices: &[Choice]) -> Usage {
     let mut u = Usage::default();
     for c in choices {
         if let Some(cu) = c.usage {
-            if c.first_of_prompt {
-                u.prompt_tokens += cu.prompt_tokens;
-            }
-            u.completion_tokens += cu.completion_tokens;
+            let prompt = if c.first_of_prompt {
+                cu.prompt_tokens
+            } else {
+                0
+            };
+            u.add(prompt, cu.completion_tokens);
         }
     }
     u
@@ -487,7 +490,7 @@ fn sse(v: &Value) -> Bytes {
 
 async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy) -> Response {
     // Validate the model before anything else (404/503 with the right message).
-    let group = match s.upstream.group(&r.model, discovery::LLM) {
+    let group = match s.upstream.group(&r.model, WorkerType::Llm) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -692,7 +695,7 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let group = match s.upstream.group(&r.model, discovery::TEXT2VEC) {
+    let group = match s.upstream.group(&r.model, WorkerType::Text2vec) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -760,7 +763,7 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let group = match s.upstream.group(&r.model, discovery::TEXT2VEC) {
+    let group = match s.upstream.group(&r.model, WorkerType::Text2vec) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -772,12 +775,12 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
             struct M<'a> {
                 model: &'a str,
                 query: &'a str,
-                worker_type: &'a str,
+                worker_type: WorkerType,
             }
             Meta::json(&M {
                 model: &r.model,
                 query: &r.query,
-                worker_type: discovery::TEXT2VEC,
+                worker_type: WorkerType::Text2vec,
             })
         },
     );

@@ -8,9 +8,13 @@
 //! are mapped to DB-GPT's `system`/`human`/`ai`, which both DB-GPT's Python workers and ours
 //! understand.
 
+use std::borrow::Cow;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
+
+use crate::wire::worker::{PromptMessage, PromptRequest};
 
 /// An error answered in OpenAI's shape.
 #[derive(Debug, Clone)]
@@ -743,56 +747,25 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
     })
 }
 
-/// A DB-GPT message as sent to workers.
-#[derive(serde::Serialize)]
-struct WorkerMessage<'a> {
-    role: &'a str,
-    content: &'a str,
-    round_index: u32,
-}
-
-/// DB-GPT's PromptRequest, with only the options that were set.
-#[derive(serde::Serialize)]
-struct WorkerPrompt<'a> {
-    model: &'a str,
-    messages: Vec<WorkerMessage<'a>>,
-    echo: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_p: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_k: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_new_tokens: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stop: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seed: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    presence_penalty: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    frequency_penalty: Option<f64>,
-}
-
 /// The PromptRequest body a worker gets for one prompt. Only options that were set are sent,
 /// and `temperature: 0` is sent as 0 (DB-GPT's apiserver drops falsy values).
 pub fn worker_prompt(model: &str, messages: &[(String, String)], s: &Sampling) -> bytes::Bytes {
-    // DB-GPT 0.5.x workers take `stop` as a string only: send a one-element list as a string.
-    let stop = s.stop.as_ref().map(|v| match v {
-        Value::Array(a) if a.len() == 1 => &a[0],
-        v => v,
-    });
-    let p = WorkerPrompt {
-        model,
+    let stop = match &s.stop {
+        Some(Value::String(one)) => vec![Cow::Borrowed(one.as_str())],
+        Some(Value::Array(many)) => many
+            .iter()
+            .filter_map(Value::as_str)
+            .map(Cow::Borrowed)
+            .collect(),
+        _ => Vec::new(),
+    };
+    PromptRequest {
+        model: Cow::Borrowed(model),
         messages: messages
             .iter()
-            .map(|(r, c)| WorkerMessage {
-                role: r,
-                content: c,
-                round_index: 0,
-            })
+            .map(|(r, c)| PromptMessage::new(r, c))
             .collect(),
+        prompt: None,
         echo: false,
         temperature: s.temperature,
         top_p: s.top_p,
@@ -802,8 +775,8 @@ pub fn worker_prompt(model: &str, messages: &[(String, String)], s: &Sampling) -
         seed: s.seed,
         presence_penalty: s.presence_penalty,
         frequency_penalty: s.frequency_penalty,
-    };
-    bytes::Bytes::from(serde_json::to_vec(&p).unwrap_or_default())
+    }
+    .to_body()
 }
 
 /// A validated embeddings request.
@@ -973,27 +946,6 @@ pub fn model_card(id: &str, created: i64) -> Value {
             "is_blocking": false
         }]
     })
-}
-
-/// Token counts; serialised in OpenAI's shape (with `total_tokens`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-}
-
-impl serde::Serialize for Usage {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("Usage", 3)?;
-        st.serialize_field("prompt_tokens", &self.prompt_tokens)?;
-        st.serialize_field("completion_tokens", &self.completion_tokens)?;
-        st.serialize_field(
-            "total_tokens",
-            &(self.prompt_tokens + self.completion_tokens),
-        )?;
-        st.end()
-    }
 }
 
 /// A fresh response id with OpenAI's prefix (`chatcmpl-`, `cmpl-`).

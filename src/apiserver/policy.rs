@@ -158,7 +158,7 @@ impl Drop for InFlight {
 mod tests {
     use super::*;
     use crate::controller::client::ControllerClient;
-    use crate::types::ModelInstance;
+    use crate::wire::controller::ModelInstance;
     use std::time::Duration;
 
     fn disc(list: &[(u16, f64, bool)]) -> Discovery {

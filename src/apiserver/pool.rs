@@ -292,7 +292,7 @@ mod tests {
     fn get(t: &Target) -> http::Request<Full<Bytes>> {
         let mut req = http::Request::new(Full::new(Bytes::from_static(b"{}")));
         *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = http::Uri::from_static(crate::types::WORKER_GENERATE);
+        *req.uri_mut() = http::Uri::from_static(crate::wire::worker::GENERATE_PATH);
         req.headers_mut()
             .insert(http::header::HOST, t.host_header().clone());
         req

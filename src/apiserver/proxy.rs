@@ -19,11 +19,16 @@ use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
 use super::discovery::{self, Discovery, Group, Lookup};
-use super::openai::{OpenAiError, Usage};
+use super::openai::OpenAiError;
 use super::policy::{self, InFlight, RoutingPolicy};
 use super::pool::{self, Target};
+use crate::http::error_chain;
 use crate::tracer::{SpanCtx, TRACE_HEADER};
-use crate::types::{WORKER_EMBEDDINGS, WORKER_GENERATE, WORKER_GENERATE_STREAM};
+use crate::wire::controller::worker_key;
+use crate::wire::worker::{
+    EMBEDDINGS_PATH, Frame, GENERATE_PATH, GENERATE_STREAM_PATH, WorkerType, next_frame,
+    parse_frame,
+};
 
 pub use super::pool::WorkerHttp;
 
@@ -32,138 +37,6 @@ pub use super::pool::WorkerHttp;
 /// the runtime that opened them, so each serving thread builds its own.
 pub fn worker_client() -> WorkerHttp {
     WorkerHttp::new(Duration::from_secs(3), Duration::from_secs(90), 256)
-}
-
-/// A short reason for a failed worker call (connection refused, reset, …), with the
-/// causes that add something.
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    crate::controller::client::with_causes(e.to_string(), e)
-}
-
-/// One frame of a worker's output (DB-GPT's ModelOutput, the fields we use).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Frame {
-    /// Cumulative text so far (the error message when `error_code != 0`).
-    pub text: String,
-    pub error_code: i64,
-    pub finish_reason: Option<String>,
-    pub usage: Option<Usage>,
-}
-
-/// ModelOutput as it arrives; unknown keys (`model_context`, `metrics`, …) are skipped.
-#[derive(serde::Deserialize)]
-struct RawFrame {
-    #[serde(default)]
-    text: Option<String>,
-    /// DB-GPT 0.7+ calls `text` `content`.
-    #[serde(default)]
-    content: Option<Value>,
-    #[serde(default)]
-    error_code: Option<Value>,
-    #[serde(default)]
-    finish_reason: Option<Value>,
-    #[serde(default)]
-    usage: LenientUsage,
-}
-
-/// A frame's `usage`: the token counts when it is an object (missing or non-integer counts
-/// are 0), nothing for any other value — read without building a map.
-#[derive(Default)]
-struct LenientUsage(Option<Usage>);
-
-impl<'de> serde::Deserialize<'de> for LenientUsage {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = LenientUsage;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a usage object or any other value")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<LenientUsage, A::Error> {
-                let mut u = Usage::default();
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let slot = match key.as_ref() {
-                        "prompt_tokens" => &mut u.prompt_tokens,
-                        "completion_tokens" => &mut u.completion_tokens,
-                        _ => {
-                            map.next_value::<serde::de::IgnoredAny>()?;
-                            continue;
-                        }
-                    };
-                    *slot = map.next_value::<Value>()?.as_u64().unwrap_or(0);
-                }
-                Ok(LenientUsage(Some(u)))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<LenientUsage, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(LenientUsage(None))
-            }
-            fn visit_unit<E>(self) -> Result<LenientUsage, E> {
-                Ok(LenientUsage(None))
-            }
-            fn visit_none<E>(self) -> Result<LenientUsage, E> {
-                Ok(LenientUsage(None))
-            }
-            fn visit_some<D: serde::Deserializer<'de>>(
-                self,
-                d: D,
-            ) -> Result<LenientUsage, D::Error> {
-                d.deserialize_any(V)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<LenientUsage, E> {
-                Ok(LenientUsage(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<LenientUsage, E> {
-                Ok(LenientUsage(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<LenientUsage, E> {
-                Ok(LenientUsage(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<LenientUsage, E> {
-                Ok(LenientUsage(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<LenientUsage, E> {
-                Ok(LenientUsage(None))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl Frame {
-    fn from_raw(r: RawFrame) -> Frame {
-        let text = match (r.text, r.content) {
-            (Some(t), _) => t,
-            (None, Some(Value::String(c))) => c,
-            _ => String::new(),
-        };
-        let usage = r.usage.0;
-        Frame {
-            text,
-            error_code: r.error_code.as_ref().and_then(Value::as_i64).unwrap_or(0),
-            finish_reason: match r.finish_reason {
-                Some(Value::String(s)) if !s.is_empty() => Some(s),
-                _ => None,
-            },
-            usage,
-        }
-    }
-
-    /// Reads a ModelOutput.
-    pub fn from_json(v: &Value) -> Option<Frame> {
-        if !v.is_object() {
-            return None;
-        }
-        serde_json::from_value::<RawFrame>(v.clone())
-            .ok()
-            .map(Frame::from_raw)
-    }
 }
 
 /// Why an attempt failed.
@@ -195,15 +68,8 @@ pub struct FrameStream {
 
 impl FrameStream {
     fn take_frame(&mut self) -> Option<Result<Frame, String>> {
-        loop {
-            let pos = self.buf.iter().position(|&b| b == 0)?;
-            let piece = self.buf.split_to(pos + 1);
-            let piece = &piece[..pos];
-            if piece.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            return Some(parse_frame(piece));
-        }
+        let piece = next_frame(&mut self.buf)?;
+        Some(parse_frame(&piece).map_err(|e| e.to_string()))
     }
 
     /// The next frame; `None` at the end of the body.
@@ -218,7 +84,7 @@ impl FrameStream {
                     return None;
                 }
                 let rest = self.buf.split();
-                return Some(parse_frame(&rest));
+                return Some(parse_frame(&rest).map_err(|e| e.to_string()));
             }
             match tokio::time::timeout(self.idle_timeout, self.body.frame()).await {
                 Err(_) => {
@@ -240,24 +106,12 @@ impl FrameStream {
                     self.buf.clear();
                     return Some(Err(format!(
                         "the connection to the worker failed: {}",
-                        describe(&e)
+                        error_chain(&e)
                     )));
                 }
             }
         }
     }
-}
-
-fn parse_frame(piece: &[u8]) -> Result<Frame, String> {
-    serde_json::from_slice::<RawFrame>(piece)
-        .ok()
-        .map(Frame::from_raw)
-        .ok_or_else(|| {
-            format!(
-                "the worker sent a malformed frame: {}",
-                String::from_utf8_lossy(&piece[..piece.len().min(200)])
-            )
-        })
 }
 
 /// The instance's pre-parsed address (a host that makes no valid URL is a failed attempt,
@@ -279,8 +133,8 @@ fn snippet(b: &[u8]) -> String {
 
 impl Upstream {
     /// Resolves `name@worker_type` to its group or the right 404/503.
-    pub fn group(&self, model: &str, worker_type: &str) -> Result<Arc<Group>, OpenAiError> {
-        let key = crate::types::worker_key(model, worker_type);
+    pub fn group(&self, model: &str, worker_type: WorkerType) -> Result<Arc<Group>, OpenAiError> {
+        let key = worker_key(model, worker_type.as_str());
         match self.discovery.lookup(&key) {
             Lookup::Found(g) => Ok(g),
             Lookup::NoneRoutable => Err(OpenAiError::unavailable(format!(
@@ -366,7 +220,7 @@ impl Upstream {
             .http
             .request(target, req)
             .await
-            .map_err(|e| Attempt::Retry(describe(&e)))?;
+            .map_err(|e| Attempt::Retry(error_chain(&e)))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -425,7 +279,7 @@ impl Upstream {
             let body = body.clone();
             async move {
                 let target = endpoint(guard.instance())?;
-                let req = self.post(target, WORKER_GENERATE_STREAM, body, trace);
+                let req = self.post(target, GENERATE_STREAM_PATH, body, trace);
                 let resp = self.send(target, req).await?;
                 let mut fs = FrameStream {
                     body: resp.into_body(),
@@ -463,7 +317,7 @@ impl Upstream {
         let call = async {
             let resp = self.send_unbounded(target, req).await?;
             match resp.into_body().collect().await {
-                Err(e) => Err(Attempt::Retry(describe(&e))),
+                Err(e) => Err(Attempt::Retry(error_chain(&e))),
                 Ok(b) => Ok(b.to_bytes()),
             }
         };
@@ -486,10 +340,11 @@ impl Upstream {
             async move {
                 let target = endpoint(guard.instance())?;
                 let bytes = self
-                    .post_and_read(target, WORKER_GENERATE, body, trace)
+                    .post_and_read(target, GENERATE_PATH, body, trace)
                     .await?;
                 drop(guard);
-                parse_frame(&bytes).map_err(|e| Attempt::Fail(OpenAiError::bad_gateway(e)))
+                parse_frame(&bytes)
+                    .map_err(|e| Attempt::Fail(OpenAiError::bad_gateway(e.to_string())))
             }
         })
         .await
@@ -514,7 +369,7 @@ impl Upstream {
             async move {
                 let target = endpoint(guard.instance())?;
                 let bytes = self
-                    .post_and_read(target, WORKER_EMBEDDINGS, body, trace)
+                    .post_and_read(target, EMBEDDINGS_PATH, body, trace)
                     .await?;
                 serde_json::from_slice::<Vec<Vec<f32>>>(&bytes).map_err(|_| {
                     Attempt::Fail(OpenAiError::bad_gateway(format!(
@@ -525,51 +380,5 @@ impl Upstream {
             }
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_from_dbgpt_and_ours() {
-        let f = Frame::from_json(&serde_json::json!({"text": "Hi", "error_code": 0, "incremental": false, "model_context": null, "finish_reason": null, "usage": null})).unwrap();
-        assert_eq!(f.text, "Hi");
-        assert_eq!(f.finish_reason, None);
-        let f = Frame::from_json(&serde_json::json!({"text": "Hi!", "error_code": 0, "finish_reason": "length", "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})).unwrap();
-        assert_eq!(f.finish_reason.as_deref(), Some("length"));
-        assert_eq!(f.usage.unwrap().completion_tokens, 2);
-        assert!(parse_frame(b"not json").is_err());
-        // usage: counts from an object (extra keys skipped, odd counts 0), nothing otherwise.
-        let u = |usage: &str| {
-            parse_frame(format!(r#"{{"text":"x","usage":{usage}}}"#).as_bytes())
-                .unwrap()
-                .usage
-        };
-        let both = |p, c| {
-            Some(Usage {
-                prompt_tokens: p,
-                completion_tokens: c,
-            })
-        };
-        assert_eq!(
-            u(r#"{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"x":{"y":[1]}}"#),
-            both(3, 2)
-        );
-        assert_eq!(
-            u(r#"{"prompt_tokens":1.5,"completion_tokens":"2"}"#),
-            both(0, 0)
-        );
-        assert_eq!(u("{}"), both(0, 0));
-        for other in ["null", "\"n/a\"", "[1,2]", "7", "true"] {
-            assert_eq!(u(other), None, "{other}");
-        }
-        assert_eq!(parse_frame(br#"{"text":"x"}"#).unwrap().usage, None);
-        // The same through a Value (Frame::from_json).
-        let f =
-            Frame::from_json(&serde_json::json!({"text": "x", "usage": {"completion_tokens": 4}}))
-                .unwrap();
-        assert_eq!(f.usage, both(0, 4));
     }
 }

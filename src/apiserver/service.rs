@@ -65,8 +65,8 @@ impl Daemon for Apiserver {
                     }
                 }
             }
-            let mut models = view.models(super::discovery::LLM);
-            models.extend(view.models(super::discovery::TEXT2VEC));
+            let mut models = view.models(crate::wire::worker::WorkerType::Llm);
+            models.extend(view.models(crate::wire::worker::WorkerType::Text2vec));
             let (ok, err) = d.freshness();
             let refresh = match (ok, err) {
                 (_, Some(e)) => format!("failing ({e})"),

@@ -10,28 +10,20 @@ use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use bytes::BytesMut;
 use futures::StreamExt;
-use serde_json::{Value, json};
 
 use super::model::ChatArgs;
 use crate::controller::client::ControllerClient;
-use crate::types::{ModelOutput, worker_key};
-
-/// Splits a NUL-delimited frame stream; returns the complete frames and keeps the rest.
-pub fn split_frames(buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    while let Some(pos) = buf.iter().position(|&b| b == 0) {
-        let frame: Vec<u8> = buf.drain(..=pos).collect();
-        if frame.len() > 1 {
-            out.push(frame[..frame.len() - 1].to_vec());
-        }
-    }
-    out
-}
+use crate::wire::controller::worker_key;
+use crate::wire::worker::{
+    GENERATE_STREAM_PATH, ModelOutput, PromptMessage, PromptRequest, WorkerType, next_frame,
+};
+use crate::worker::client::worker_http;
 
 /// Runs the REPL.
 pub async fn run(client: &ControllerClient, a: ChatArgs) -> anyhow::Result<ExitCode> {
-    let key = worker_key(&a.model_name, "llm");
+    let key = worker_key(&a.model_name, WorkerType::Llm.as_str());
     let instances = client
         .list(Some(&key), true)
         .await
@@ -39,13 +31,8 @@ pub async fn run(client: &ControllerClient, a: ChatArgs) -> anyhow::Result<ExitC
     let Some(inst) = instances.first() else {
         bail!("no healthy instance of {key} is registered with the controller");
     };
-    let url = format!(
-        "http://{}:{}{}",
-        inst.host,
-        inst.port,
-        crate::types::WORKER_GENERATE_STREAM
-    );
-    let http = super::model_ops::worker_http()?;
+    let url = format!("http://{}:{}{GENERATE_STREAM_PATH}", inst.host, inst.port);
+    let http = worker_http()?;
     println!(
         "Chatbot started with model {}. Type 'exit' to leave the chat.",
         a.model_name
@@ -72,22 +59,23 @@ pub async fn run(client: &ControllerClient, a: ChatArgs) -> anyhow::Result<ExitC
             }
             _ => {}
         }
-        let mut messages: Vec<Value> = Vec::new();
+        let mut messages = Vec::with_capacity(history.len() + 2);
         if let Some(s) = &a.system {
-            messages.push(json!({"role": "system", "content": s}));
+            messages.push(PromptMessage::new("system", s));
         }
         for (role, content) in &history {
-            messages.push(json!({"role": role, "content": content}));
+            messages.push(PromptMessage::new(role, content));
         }
-        messages.push(json!({"role": "human", "content": input}));
-        let mut body =
-            json!({"model": a.model_name, "messages": messages, "prompt": "", "echo": false});
-        if let Some(t) = a.temperature {
-            body["temperature"] = json!(t);
-        }
-        if let Some(m) = a.max_new_tokens {
-            body["max_new_tokens"] = json!(m);
-        }
+        messages.push(PromptMessage::new("human", input));
+        let body = PromptRequest {
+            model: a.model_name.as_str().into(),
+            messages,
+            prompt: Some("".into()),
+            echo: false,
+            temperature: a.temperature,
+            max_new_tokens: a.max_new_tokens.map(i64::from),
+            ..PromptRequest::default()
+        };
         let resp = match http.post(&url).json(&body).send().await {
             Ok(r) => r,
             Err(e) => {
@@ -95,7 +83,7 @@ pub async fn run(client: &ControllerClient, a: ChatArgs) -> anyhow::Result<ExitC
                     "error: cannot reach the worker at {}:{}: {}",
                     inst.host,
                     inst.port,
-                    crate::controller::client::describe(&e)
+                    crate::http::describe(&e)
                 );
                 continue;
             }
@@ -111,7 +99,7 @@ pub async fn run(client: &ControllerClient, a: ChatArgs) -> anyhow::Result<ExitC
         print!("Bot: ");
         stdout.flush()?;
         let mut stream = resp.bytes_stream();
-        let mut buf = Vec::new();
+        let mut buf = BytesMut::new();
         let mut shown = String::new();
         let mut failed = false;
         while let Some(chunk) = stream.next().await {
@@ -121,7 +109,7 @@ pub async fn run(client: &ControllerClient, a: ChatArgs) -> anyhow::Result<ExitC
                 break;
             };
             buf.extend_from_slice(&chunk);
-            for f in split_frames(&mut buf) {
+            while let Some(f) = next_frame(&mut buf) {
                 let Ok(out) = serde_json::from_slice::<ModelOutput>(&f) else {
                     continue;
                 };
@@ -144,15 +132,4 @@ pub async fn run(client: &ControllerClient, a: ChatArgs) -> anyhow::Result<ExitC
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn frames_split_on_nul_keeping_partial_tail() {
-        let mut b = b"{\"a\":1}\0{\"a\":2}\0{\"a\"".to_vec();
-        let f = super::split_frames(&mut b);
-        assert_eq!(f, vec![b"{\"a\":1}".to_vec(), b"{\"a\":2}".to_vec()]);
-        assert_eq!(b, b"{\"a\"".to_vec());
-    }
 }

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 
 use crate::controller::client::ControllerClient;
 use crate::daemon::Service;
-use crate::types::{ModelInstance, split_worker_key, worker_key};
+use crate::wire::controller::{ModelInstance, split_worker_key, worker_key};
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {

@@ -5,55 +5,17 @@
 //! already running on this worker") and make the command exit 1.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 
 use super::model::{ModelStartArgs, ModelTarget};
 use crate::controller::client::ControllerClient;
-use crate::types::{ModelInstance, WorkerApplyOutput, worker_key};
-use crate::worker::registration::manager_key;
-
-/// HTTP client for worker calls (model loading can take a while).
-pub fn worker_http() -> anyhow::Result<reqwest::Client> {
-    Ok(crate::http::build_client(|b| {
-        b.connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(600))
-    })?)
-}
-
-/// POSTs JSON to a worker; returns the body, or an error with the worker's `detail`.
-pub async fn post_worker(
-    http: &reqwest::Client,
-    host: &str,
-    port: u16,
-    path: &str,
-    body: &Value,
-) -> anyhow::Result<Value> {
-    let url = format!("http://{host}:{port}{path}");
-    let resp = http.post(&url).json(body).send().await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the worker at {host}:{port}: {}",
-            crate::controller::client::describe(&e)
-        )
-    })?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
-    if !status.is_success() {
-        let detail = v.get("detail").map(|d| match d {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        });
-        bail!(
-            "worker {host}:{port} answered {}: {}",
-            status.as_u16(),
-            detail.unwrap_or(text)
-        );
-    }
-    Ok(v)
-}
+use crate::wire::controller::{ModelInstance, manager_key, worker_key};
+use crate::wire::worker::{
+    APPLY_PATH, MODELS_SHUTDOWN_PATH, MODELS_STARTUP_PATH, WorkerApplyOutput,
+};
+use crate::worker::client::{post_worker, worker_http};
 
 fn matches(i: &ModelInstance, host: &Option<String>, port: Option<u16>) -> bool {
     host.as_ref().is_none_or(|h| *h == i.host) && port.is_none_or(|p| p == i.port)
@@ -118,7 +80,7 @@ pub async fn start(client: &ControllerClient, a: ModelStartArgs) -> anyhow::Resu
         &http,
         &w.host,
         w.port,
-        "/api/worker/models/startup",
+        MODELS_STARTUP_PATH,
         &json!({"host": w.host, "port": w.port, "model": a.model_name, "worker_type": a.worker_type, "params": params}),
     )
     .await?;
@@ -177,7 +139,7 @@ pub async fn stop(client: &ControllerClient, t: ModelTarget) -> anyhow::Result<E
         .filter(|i| i.healthy != Some(false) || t.port.is_some())
     {
         let body = json!({"host": i.host, "port": i.port, "model": t.model_name, "worker_type": t.model_type, "params": {}});
-        match post_worker(&http, &i.host, i.port, "/api/worker/models/shutdown", &body).await {
+        match post_worker(&http, &i.host, i.port, MODELS_SHUTDOWN_PATH, &body).await {
             Ok(_) => println!("Stopped {key} on {}:{}", i.host, i.port),
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -199,7 +161,7 @@ pub async fn restart(client: &ControllerClient, t: ModelTarget) -> anyhow::Resul
     let mut failed = false;
     for i in instances(client, &t).await? {
         let body = json!({"model": t.model_name, "apply_type": "restart", "worker_type": t.model_type, "params": {}});
-        match post_worker(&http, &i.host, i.port, "/api/worker/apply", &body).await {
+        match post_worker(&http, &i.host, i.port, APPLY_PATH, &body).await {
             Ok(v) => {
                 let out: WorkerApplyOutput =
                     serde_json::from_value(v).context("unexpected apply answer")?;

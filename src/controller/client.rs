@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::types::ModelInstance;
+use crate::http::describe;
+
+use crate::wire::controller::{HEARTBEAT_PATH, MODELS_PATH, ModelInstance};
 
 /// Errors calling the controller.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +157,7 @@ impl ControllerClient {
             if let Some(m) = model_name {
                 q.push(("model_name", m.to_string()));
             }
-            let req = c.get(format!("{url}/api/controller/models")).query(&q);
+            let req = c.get(format!("{url}{MODELS_PATH}")).query(&q);
             if poll {
                 req.header(crate::tracer::POLL_HEADER, "1")
             } else {
@@ -167,13 +169,13 @@ impl ControllerClient {
 
     /// `POST /api/controller/models`.
     pub async fn register(&self, inst: &ModelInstance) -> Result<bool, ClientError> {
-        self.call(|c, url| c.post(format!("{url}/api/controller/models")).json(inst))
+        self.call(|c, url| c.post(format!("{url}{MODELS_PATH}")).json(inst))
             .await
     }
 
     /// `POST /api/controller/heartbeat`.
     pub async fn heartbeat(&self, inst: &ModelInstance) -> Result<bool, ClientError> {
-        self.call(|c, url| c.post(format!("{url}/api/controller/heartbeat")).json(inst))
+        self.call(|c, url| c.post(format!("{url}{HEARTBEAT_PATH}")).json(inst))
             .await
     }
 
@@ -184,7 +186,7 @@ impl ControllerClient {
         remove: bool,
     ) -> Result<bool, ClientError> {
         self.call(|c, url| {
-            c.delete(format!("{url}/api/controller/models")).query(&[
+            c.delete(format!("{url}{MODELS_PATH}")).query(&[
                 ("model_name", inst.model_name.clone()),
                 ("host", inst.host.clone()),
                 ("port", inst.port.to_string()),
@@ -196,33 +198,9 @@ impl ControllerClient {
 
     /// `GET /api/health` on one URL.
     pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
-        self.call(|c, url| c.get(format!("{url}/api/health"))).await
+        self.call(|c, url| c.get(format!("{url}{}", crate::wire::HEALTH_PATH)))
+            .await
     }
-}
-
-/// A short reason for a reqwest error (connection refused, timeout, …).
-pub fn describe(e: &reqwest::Error) -> String {
-    let msg = if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
-        "connection failed".to_string()
-    } else {
-        e.to_string()
-    };
-    with_causes(msg, e)
-}
-
-/// `msg` followed by each cause in `e`'s source chain that it does not already say.
-pub fn with_causes(mut msg: String, e: &(dyn std::error::Error + 'static)) -> String {
-    let mut src = e.source();
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg = format!("{msg}: {text}");
-        }
-        src = s.source();
-    }
-    msg
 }
 
 #[cfg(test)]

@@ -29,8 +29,9 @@ use tracing::{error, info, warn};
 use crate::http::{ApiError, CappedBody, json_response, with_fallbacks};
 use crate::registry::{Registry, RegistryError};
 use crate::tracer::{self, Meta, Tracer};
-use crate::types::InstanceInput;
 use crate::validate::{Fields, parse_json_object, query_object};
+use crate::wire::HEALTH_PATH;
+use crate::wire::controller::{HEARTBEAT_PATH, InstanceInput, MODELS_PATH};
 
 /// How often buffered heartbeat timestamps are written to the registry.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
@@ -51,14 +52,11 @@ const DEREGISTER_SPAN: &str = "dbgpt.model.controller.deregister_instance";
 pub fn router(state: ControllerState) -> Router {
     // Heartbeats and health checks are the hot, untraced routes (DB-GPT filters them from
     // its logs and its tracer too): they skip both middlewares entirely.
-    let traced = Router::new().route(
-        "/api/controller/models",
-        post(register).delete(deregister).get(list),
-    );
+    let traced = Router::new().route(MODELS_PATH, post(register).delete(deregister).get(list));
     let traced = tracer::with_request_middleware(traced, &state.tracer, true);
     let hot = Router::new()
-        .route("/api/health", get(health))
-        .route("/api/controller/heartbeat", post(heartbeat));
+        .route(HEALTH_PATH, get(health))
+        .route(HEARTBEAT_PATH, post(heartbeat));
     with_fallbacks(traced.merge(hot)).with_state(state)
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{Counts, Registry};
-use crate::types::{InstanceInput, ModelInstance};
+use crate::wire::controller::{InstanceInput, ModelInstance};
 
 /// Opens the store under test; a second `open` after the first is dropped must see the
 /// same data (persistence).

@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use indexmap::IndexMap;
 
-use crate::types::{InstanceInput, InstanceKey, ModelInstance, Timestamp};
+use crate::wire::controller::{InstanceInput, InstanceKey, ModelInstance, Timestamp};
 
 pub use redb_store::RedbRegistry;
 pub use sql::SqlRegistry;
@@ -138,7 +138,7 @@ impl Instance {
         out: &mut Vec<u8>,
         now: Timestamp,
         timeout: Duration,
-        offsets: &mut crate::types::LocalOffsets,
+        offsets: &mut crate::wire::controller::LocalOffsets,
     ) {
         fn opt_bool(out: &mut Vec<u8>, b: Option<bool>) {
             out.extend_from_slice(match b {
@@ -321,7 +321,7 @@ pub fn write_listing<'a>(
     capacity: usize,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(capacity);
-    let mut offsets = crate::types::LocalOffsets::default();
+    let mut offsets = crate::wire::controller::LocalOffsets::default();
     out.push(b'[');
     let mut first = true;
     for i in instances {

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Instance;
-use crate::types::{InstanceKey, Timestamp};
+use crate::wire::controller::{InstanceKey, Timestamp};
 
 /// Current record format version.
 pub const RECORD_V1: u8 = 1;

@@ -18,7 +18,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tracing::{info, warn};
 
 use super::{Counts, Instance, MemState, Registry, RegistryError, record};
-use crate::types::{InstanceInput, InstanceKey, ModelInstance, Timestamp};
+use crate::wire::controller::{InstanceInput, InstanceKey, ModelInstance, Timestamp};
 
 /// `(model_name, host, port)` → versioned record bytes.
 const INSTANCES: TableDefinition<(&str, &str, u16), &[u8]> = TableDefinition::new("instances");

@@ -8,7 +8,7 @@ use axum::extract::MatchedPath;
 use serde::Serialize;
 
 use super::SpanCtx;
-use crate::types::{LocalOffsets, Timestamp};
+use crate::wire::controller::{LocalOffsets, Timestamp};
 
 /// A span's `metadata`, written identically on its start and end lines.
 pub enum Meta {

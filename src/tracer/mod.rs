@@ -24,7 +24,7 @@ use std::time::Duration;
 use axum::http::HeaderName;
 use tracing::{info, warn};
 
-use crate::types::{LocalOffsets, Timestamp};
+use crate::wire::controller::{LocalOffsets, Timestamp};
 
 mod format;
 mod ids;

@@ -106,7 +106,7 @@ impl WorkerManager {
 
     /// The running model `name@worker_type`.
     pub fn get(&self, name: &str, worker_type: WorkerType) -> Option<Arc<RunningModel>> {
-        let key = crate::types::worker_key(name, worker_type.as_str());
+        let key = crate::wire::controller::worker_key(name, worker_type.as_str());
         self.models
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -208,7 +208,7 @@ impl WorkerManager {
         name: &str,
         worker_type: WorkerType,
     ) -> Result<ModelSpec, ManagerError> {
-        let key = crate::types::worker_key(name, worker_type.as_str());
+        let key = crate::wire::controller::worker_key(name, worker_type.as_str());
         if !self
             .models
             .read()

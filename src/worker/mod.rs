@@ -5,8 +5,10 @@
 //! [`backends`] holds the inference engines (llama.cpp, candle embeddings, the
 //! OpenAI-compatible proxy); [`spec`] describes a model and loads it; [`manager`] owns the
 //! running models and their lifecycle; [`registration`] keeps the controller's registry in
-//! step; [`routes`] is the HTTP API; [`service`] wires the process together.
+//! step; [`routes`] is the HTTP API and [`client`] its client; [`config`] reads the worker's
+//! flags and file; [`service`] wires the process together.
 pub mod backends;
+pub mod client;
 pub mod config;
 pub mod manager;
 pub mod registration;

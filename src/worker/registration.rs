@@ -17,15 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::controller::client::ControllerClient;
-use crate::types::ModelInstance;
-
-/// Registry name of this worker manager.
-pub fn manager_key() -> String {
-    crate::types::worker_key(
-        crate::types::WORKER_MANAGER_NAME,
-        crate::types::WORKER_MANAGER_TYPE,
-    )
-}
+use crate::wire::controller::ModelInstance;
+/// Registry name of this worker manager (defined with the controller protocol).
+pub use crate::wire::controller::manager_key;
 
 /// Registers, heartbeats and deregisters this worker's entries.
 pub struct Registrar {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -25,14 +25,16 @@ use serde_json::{Value, json};
 
 use super::backends::{BackendError, ChatMessage, GenerateEvent, GenerateParams, Role};
 use super::manager::{ManagerError, WorkerManager};
-use super::spec::{Engine, ModelSpec, WorkerType};
+use super::spec::{Engine, ModelSpec};
 use crate::http::{ApiError, CappedBody, json_response, with_fallbacks};
 use crate::tracer::{self, SpanCtx, Tracer};
-use crate::types::{
-    self, ModelMetadata, ModelOutput, PromptRequest, SupportedModel, WorkerApplyOutput,
-    WorkerSupportedModel,
-};
 use crate::validate::{Fields, parse_json_object, query_object};
+use crate::wire::HEALTH_PATH;
+use crate::wire::controller::worker_key;
+use crate::wire::worker::{
+    self as wire, ModelMetadata, ModelOutput, PromptRequest, SupportedModel, WorkerApplyOutput,
+    WorkerSupportedModel, WorkerType, encode_frame,
+};
 
 /// Shared state of the worker's handlers.
 #[derive(Clone)]
@@ -52,22 +54,22 @@ fn parent_span(v: &Value) -> Option<SpanCtx> {
 pub fn router(state: WorkerState) -> Router {
     let api = Router::new()
         .route(
-            "/api/health",
+            HEALTH_PATH,
             get(|| async { json_response(StatusCode::OK, &json!({"status": "ok"})) }),
         )
-        .route(types::WORKER_GENERATE_STREAM, post(generate_stream))
-        .route(types::WORKER_GENERATE, post(generate))
-        .route(types::WORKER_EMBEDDINGS, post(embeddings))
-        .route("/api/worker/count_token", post(count_token))
-        .route("/api/worker/model_metadata", post(model_metadata))
-        .route("/api/worker/apply", post(apply))
+        .route(wire::GENERATE_STREAM_PATH, post(generate_stream))
+        .route(wire::GENERATE_PATH, post(generate))
+        .route(wire::EMBEDDINGS_PATH, post(embeddings))
+        .route(wire::COUNT_TOKEN_PATH, post(count_token))
+        .route(wire::MODEL_METADATA_PATH, post(model_metadata))
+        .route(wire::APPLY_PATH, post(apply))
         .route(
-            "/api/worker/parameter/descriptions",
+            wire::PARAMETER_DESCRIPTIONS_PATH,
             get(parameter_descriptions),
         )
-        .route("/api/worker/models/supports", get(supports))
-        .route("/api/worker/models/startup", post(startup))
-        .route("/api/worker/models/shutdown", post(shutdown));
+        .route(wire::MODELS_SUPPORTS_PATH, get(supports))
+        .route(wire::MODELS_STARTUP_PATH, post(startup))
+        .route(wire::MODELS_SHUTDOWN_PATH, post(shutdown));
     let app = with_fallbacks(api);
     let app = tracer::with_request_middleware(app, &state.tracer, false);
     app.with_state(state)
@@ -96,7 +98,7 @@ fn not_running(name: &str, wt: WorkerType) -> ApiError {
         StatusCode::NOT_FOUND,
         format!(
             "model {} is not running on this worker",
-            crate::types::worker_key(name, wt.as_str())
+            worker_key(name, wt.as_str())
         ),
     )
 }
@@ -104,11 +106,11 @@ fn not_running(name: &str, wt: WorkerType) -> ApiError {
 /// Maps a validated request onto backend parameters (roles included).
 pub fn to_params(req: &PromptRequest) -> Result<GenerateParams, BackendError> {
     let mut messages = Vec::with_capacity(req.messages.len());
-    for (role, content) in &req.messages {
-        if role == "view" {
+    for m in &req.messages {
+        if m.role == "view" {
             continue; // DB-GPT's display-only role is never sent to a model.
         }
-        messages.push(ChatMessage::new(Role::parse(role)?, content.clone()));
+        messages.push(ChatMessage::new(Role::parse(&m.role)?, m.content.clone()));
     }
     Ok(GenerateParams {
         messages,
@@ -116,17 +118,11 @@ pub fn to_params(req: &PromptRequest) -> Result<GenerateParams, BackendError> {
         top_p: req.top_p.map(|t| t as f32),
         top_k: req.top_k.map(|k| k as i32),
         max_new_tokens: req.max_new_tokens.map(|m| m as u32),
-        stop: req.stop.clone(),
+        stop: req.stop.iter().map(|s| s.to_string()).collect(),
         seed: req.seed.map(|s| s as u64),
         presence_penalty: req.presence_penalty.map(|p| p as f32),
         frequency_penalty: req.frequency_penalty.map(|p| p as f32),
     })
-}
-
-fn frame(out: &ModelOutput) -> Bytes {
-    let mut b = serde_json::to_vec(out).expect("ModelOutput serialises");
-    b.push(0);
-    Bytes::from(b)
 }
 
 /// The frames of one generation, as a stream of `ModelOutput`s; the span `op` lasts as
@@ -185,7 +181,7 @@ async fn generation(
                         *done = true;
                         ModelOutput {
                             finish_reason: Some(finish_reason.as_str().to_string()),
-                            usage: usage.map(|u| serde_json::to_value(u).unwrap_or(Value::Null)),
+                            usage,
                             ..ModelOutput::text(text.clone())
                         }
                     }
@@ -206,7 +202,7 @@ async fn generate_stream(
     CappedBody(body): CappedBody,
 ) -> Result<Response, ApiError> {
     let frames = generation(&s, &body, "WorkerManager.generate_stream").await?;
-    let body = Body::from_stream(frames.map(|f| Ok::<_, Infallible>(frame(&f))));
+    let body = Body::from_stream(frames.map(|f| Ok::<_, Infallible>(encode_frame(&f))));
     // DB-GPT sends no Content-Type on this stream.
     Ok((StatusCode::OK, body).into_response())
 }
@@ -359,7 +355,7 @@ async fn apply(
     f.finish()?;
     let params = v.get("params").cloned().unwrap_or(Value::Null);
     let started = Instant::now();
-    let key = crate::types::worker_key(&model, wt.as_str());
+    let key = worker_key(&model, wt.as_str());
     let m = &s.manager;
     let message = match apply_type.as_str() {
         "start" => {

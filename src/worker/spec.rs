@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use serde_json::Value;
 use tracing::info;
 
@@ -19,30 +18,8 @@ use super::backends::{
     proxy::{OpenAiProxyBackend, OpenAiProxyConfig},
 };
 
-/// DB-GPT worker types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum WorkerType {
-    Llm,
-    Text2vec,
-}
-
-impl WorkerType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkerType::Llm => "llm",
-            WorkerType::Text2vec => "text2vec",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "llm" => Some(WorkerType::Llm),
-            "text2vec" | "embedding" | "embeddings" => Some(WorkerType::Text2vec),
-            _ => None,
-        }
-    }
-}
+/// The worker types, defined with the worker protocol (config and specs name them here too).
+pub use crate::wire::worker::WorkerType;
 
 /// Inference engines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +104,7 @@ pub enum Engine {
 impl ModelSpec {
     /// `name@type`, the registry key.
     pub fn key(&self) -> String {
-        crate::types::worker_key(&self.name, self.worker_type.as_str())
+        crate::wire::controller::worker_key(&self.name, self.worker_type.as_str())
     }
 
     /// Checks the combination of fields.
@@ -322,14 +299,14 @@ impl ModelSpec {
 
     /// The parameters that would recreate this spec (API key masked), as DB-GPT's
     /// `ParameterDescription`s.
-    pub fn describe_params(&self) -> Vec<crate::types::ParameterDescription> {
+    pub fn describe_params(&self) -> Vec<crate::wire::worker::ParameterDescription> {
         let class = match self.model_type {
             ModelType::Proxy => "dbgpt.model.parameter.ProxyModelParameters",
             ModelType::LlamaCpp => "dbgpt.model.parameter.LlamaCppModelParameters",
             ModelType::Bert => "dbgpt.model.parameter.EmbeddingModelParameters",
         };
         let p = |name: &str, ty: &str, desc: &str, value: Option<Value>, tag: &str| {
-            crate::types::ParameterDescription {
+            crate::wire::worker::ParameterDescription {
                 required: false,
                 param_class: class.into(),
                 param_name: name.into(),

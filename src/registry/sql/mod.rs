@@ -30,7 +30,7 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Row, SqlStr};
 use tracing::{info, warn};
 
 use super::{Counts, Instance, MemState, Registry, RegistryError};
-use crate::types::{InstanceInput, InstanceKey, ModelInstance, Timestamp};
+use crate::wire::controller::{InstanceInput, InstanceKey, ModelInstance, Timestamp};
 
 /// DB-GPT's table name.
 pub const TABLE: &str = "dbgpt_cluster_registry_instance";

@@ -158,27 +158,8 @@ pub struct GenerateParams {
     pub frequency_penalty: Option<f32>,
 }
 
-/// Token accounting for one generation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Tokens in the (templated) prompt.
-    pub prompt_tokens: u32,
-    /// Tokens generated.
-    pub completion_tokens: u32,
-    /// `prompt_tokens + completion_tokens`.
-    pub total_tokens: u32,
-}
-
-impl Usage {
-    /// Build a usage record, computing the total.
-    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
-        Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens.saturating_add(completion_tokens),
-        }
-    }
-}
+/// Token accounting for one generation (the worker protocol's type, reported as is).
+pub use crate::wire::worker::Usage;
 
 /// Why a generation ended. Serialises as OpenAI's strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

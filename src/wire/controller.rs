@@ -1,7 +1,11 @@
-//! Wire types shared by every service, in DB-GPT 0.5.10's JSON shapes.
+//! The controller protocol (DB-GPT 0.5.10's `/api/controller/*`), used by the controller,
+//! its client (workers, the apiserver, the CLI) and the registry stores.
 //!
-//! Everything that crosses HTTP between the controller, workers, the apiserver and DB-GPT's
-//! own Python clients is defined here, once: field names, key order, defaults and the
+//! It owns what a registry entry looks like on the wire ([`ModelInstance`], nine keys in
+//! DB-GPT's order), what a register, heartbeat or deregister request carries after validation
+//! ([`InstanceInput`]), the registry identity ([`InstanceKey`]), worker keys (`name@type`,
+//! [`worker_key`], [`manager_key`]), the timestamp format ([`Timestamp`], Python's
+//! `isoformat()` of local time) and the route paths. Field names, key order, defaults and the
 //! timestamp format are part of the contract (see `shared/reference/dbgpt-cluster.md` §3).
 //! Parsing from untrusted JSON goes through [`crate::validate`] so errors come out
 //! FastAPI-shaped; serialisation uses serde with fields in wire order.
@@ -18,10 +22,11 @@ pub const KEY_SEPARATOR: char = '@';
 pub const WORKER_MANAGER_NAME: &str = "WorkerManager";
 /// Pseudo worker type of worker-manager registry entries.
 pub const WORKER_MANAGER_TYPE: &str = "service";
-/// A worker manager's model routes (DB-GPT's `/api/worker/...`).
-pub const WORKER_GENERATE: &str = "/api/worker/generate";
-pub const WORKER_GENERATE_STREAM: &str = "/api/worker/generate_stream";
-pub const WORKER_EMBEDDINGS: &str = "/api/worker/embeddings";
+
+/// `POST` registers an instance, `DELETE` deregisters it, `GET` lists instances.
+pub const MODELS_PATH: &str = "/api/controller/models";
+/// `POST` renews an instance's heartbeat.
+pub const HEARTBEAT_PATH: &str = "/api/controller/heartbeat";
 
 /// Microseconds since the Unix epoch (UTC). Rendered on the wire as DB-GPT does: the
 /// controller's *local* naive time, `datetime.isoformat()` style.
@@ -350,6 +355,11 @@ pub fn worker_key(name: &str, worker_type: &str) -> String {
     key
 }
 
+/// Registry name of a worker manager process: `WorkerManager@service`.
+pub fn manager_key() -> String {
+    worker_key(WORKER_MANAGER_NAME, WORKER_MANAGER_TYPE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,215 +539,6 @@ mod tests {
             worker_key("WorkerManager", "service"),
             "WorkerManager@service"
         );
+        assert_eq!(manager_key(), "WorkerManager@service");
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Worker wire types (reference §3.2–§3.5, §6).
-// ---------------------------------------------------------------------------------------
-
-/// One generation frame (DB-GPT 0.5/0.6 `ModelOutput`): `text` is the *cumulative* text.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelOutput {
-    pub text: String,
-    pub error_code: i32,
-    #[serde(default)]
-    pub incremental: bool,
-    #[serde(default)]
-    pub model_context: Option<Value>,
-    #[serde(default)]
-    pub finish_reason: Option<String>,
-    #[serde(default)]
-    pub usage: Option<Value>,
-    #[serde(default)]
-    pub metrics: Option<Value>,
-}
-
-impl ModelOutput {
-    pub fn text(text: String) -> Self {
-        ModelOutput {
-            text,
-            error_code: 0,
-            incremental: false,
-            model_context: None,
-            finish_reason: None,
-            usage: None,
-            metrics: None,
-        }
-    }
-
-    /// DB-GPT's generation error frame.
-    pub fn error(message: &str) -> Self {
-        ModelOutput {
-            error_code: 1,
-            ..ModelOutput::text(format!(
-                "**LLMServer Generate Error, Please CheckErrorInfo.**: {message}"
-            ))
-        }
-    }
-}
-
-/// A validated `PromptRequest` (roles still as sent; the worker maps them).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct PromptRequest {
-    pub model: String,
-    pub messages: Vec<(String, String)>,
-    pub prompt: Option<String>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<i64>,
-    pub max_new_tokens: Option<i64>,
-    pub stop: Vec<String>,
-    pub seed: Option<i64>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub echo: bool,
-}
-
-impl PromptRequest {
-    /// Validates DB-GPT's PromptRequest body. `messages` may be omitted when `prompt` is
-    /// given (the prompt becomes one user message); unknown keys are ignored.
-    pub fn from_json(v: &Value) -> Result<Self, ValidationErrors> {
-        let mut f = Fields::new("body", v);
-        let model = f.req_str("model");
-        let mut messages = Vec::new();
-        match f.raw("messages") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(items)) => {
-                for (i, m) in items.iter().enumerate() {
-                    let role = m.get("role").and_then(Value::as_str);
-                    let content = match m.get("content") {
-                        Some(Value::String(s)) => Some(s.clone()),
-                        // OpenAI-style content parts: keep the text parts.
-                        Some(Value::Array(parts)) => Some(
-                            parts
-                                .iter()
-                                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                                .collect::<Vec<_>>()
-                                .join(""),
-                        ),
-                        Some(Value::Null) | None => None,
-                        _ => None,
-                    };
-                    match (role, content) {
-                        (Some(r), Some(c)) => messages.push((r.to_string(), c)),
-                        _ => f.invalid(
-                            "model_attributes_type",
-                            "messages",
-                            &format!(
-                                "messages[{i}] must be an object with string 'role' and 'content'"
-                            ),
-                        ),
-                    }
-                }
-            }
-            Some(Value::String(s)) => messages.push(("human".into(), s.clone())),
-            Some(_) => f.invalid("list_type", "messages", "Input should be a valid list"),
-        }
-        let prompt = f.opt_str("prompt");
-        let temperature = f.opt_float("temperature");
-        let top_p = f.opt_float("top_p");
-        let top_k = f.opt_int("top_k", -1, 1_000_000);
-        let max_new_tokens = f.opt_int("max_new_tokens", 1, 1_000_000);
-        let seed = f.opt_int("seed", i64::MIN, i64::MAX);
-        let presence_penalty = f.opt_float("presence_penalty");
-        let frequency_penalty = f.opt_float("frequency_penalty");
-        let echo = f.bool_or("echo", true);
-        let stop = match f.raw("stop") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::String(s)) if s.is_empty() => Vec::new(),
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
-                .iter()
-                .filter_map(|s| s.as_str().filter(|s| !s.is_empty()).map(str::to_string))
-                .collect(),
-            Some(_) => {
-                f.invalid(
-                    "string_type",
-                    "stop",
-                    "Input should be a string or a list of strings",
-                );
-                Vec::new()
-            }
-        };
-        if messages.is_empty()
-            && let Some(p) = prompt.clone().filter(|p| !p.is_empty())
-        {
-            messages.push(("human".into(), p));
-        }
-        if !f.has_errors() && messages.is_empty() {
-            f.invalid(
-                "missing",
-                "messages",
-                "Field required: give 'messages' or a non-empty 'prompt'",
-            );
-        }
-        f.finish()?;
-        Ok(PromptRequest {
-            model,
-            messages,
-            prompt,
-            temperature,
-            top_p,
-            top_k,
-            max_new_tokens,
-            stop,
-            seed,
-            presence_penalty,
-            frequency_penalty,
-            echo,
-        })
-    }
-}
-
-/// `WorkerApplyOutput`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkerApplyOutput {
-    pub message: String,
-    pub success: bool,
-    pub timecost: f64,
-}
-
-/// `ParameterDescription` (DB-GPT's `dbgpt/util/parameter_utils.py`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ParameterDescription {
-    pub required: bool,
-    pub param_class: String,
-    pub param_name: String,
-    pub param_type: String,
-    pub description: String,
-    pub default_value: Option<Value>,
-    pub valid_values: Option<Vec<Value>>,
-    pub ext_metadata: Value,
-}
-
-/// `SupportedModel`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SupportedModel {
-    pub model: String,
-    pub path: String,
-    pub worker_type: String,
-    pub path_exist: bool,
-    pub proxy: bool,
-    pub enabled: bool,
-    pub params: Option<Vec<ParameterDescription>>,
-}
-
-/// `WorkerSupportedModel`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkerSupportedModel {
-    pub host: String,
-    pub port: u16,
-    pub models: Vec<SupportedModel>,
-}
-
-/// `ModelMetadata`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelMetadata {
-    pub model: String,
-    pub context_length: usize,
-    pub chat_model: bool,
-    pub is_function_calling_model: bool,
-    pub metadata: Value,
-    pub ext_metadata: Value,
 }
