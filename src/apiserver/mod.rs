@@ -1,8 +1,10 @@
-//! The OpenAI-compatible API server: routes, auth, CORS and the OpenAI response shapes.
+//! The OpenAI-compatible API server: the router, API-key auth and thin handlers that tie
+//! OpenAI requests to worker calls (CORS and the request middleware are layered around the
+//! router in [`service`]).
 //!
 //! Routes (under both `/api/v1` and `/v1`): `GET models`, `POST chat/completions` (plain and
 //! SSE), `POST completions`, `POST embeddings`, `POST beta/relevance`; plus an open
-//! `GET /api/health`. Requests are validated ([`openai`]), routed to a worker instance from
+//! `GET /api/health`. Requests are validated and answered in OpenAI's shapes ([`openai`]), routed to a worker instance from
 //! the cached controller view ([`discovery`], [`policy`]) and relayed ([`proxy`]); worker
 //! frames carry cumulative text, which is turned into OpenAI deltas here. Streams send the
 //! role first, one chunk with `finish_reason` per choice, an optional usage chunk, then
@@ -36,14 +38,16 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use self::discovery::Group;
+use self::openai::response::{DONE, Envelope, Kind, sse};
 use self::openai::{CompletionRequest, OpenAiError};
-use self::proxy::{FrameStream, Upstream};
+use self::proxy::{FrameStream, Upstream, UpstreamError};
 use crate::http::{json_response, json_response_sized};
 use crate::tracer::{self, Meta, Tracer};
 use crate::wire::worker::{Frame, Usage, WorkerType};
 
 /// Largest request body accepted (embedding batches can be large).
-pub const MAX_BODY_BYTES: usize = 32 << 20;
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
 
 /// State of the handlers of one serving thread (each has its own worker connection pool).
 #[derive(Clone)]
@@ -170,16 +174,16 @@ fn check_key(keys: &[String], headers: &HeaderMap) -> Result<(), OpenAiError> {
     }
 }
 
-/// Reads the body (413 beyond [`MAX_BODY_BYTES`]).
+/// Reads the body (413 beyond [`MAX_REQUEST_BYTES`]).
 async fn read_body(req: Request) -> Result<Bytes, OpenAiError> {
-    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+    axum::body::to_bytes(req.into_body(), MAX_REQUEST_BYTES)
         .await
         .map_err(|_| {
             OpenAiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 "request_too_large",
-                format!("The request body is larger than {MAX_BODY_BYTES} bytes"),
+                format!("The request body is larger than {MAX_REQUEST_BYTES} bytes"),
             )
         })
 }
@@ -212,27 +216,11 @@ async fn models(State(s): State<Shared>, _: Authorized) -> Response {
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }
 
-/// Which OpenAI API a completion request came through.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Chat,
-    Text,
-}
-
-impl Kind {
-    fn id_prefix(self) -> &'static str {
-        match self {
-            Kind::Chat => "chatcmpl-",
-            Kind::Text => "cmpl-",
-        }
-    }
-
-    /// DB-GPT's span name for the request.
-    fn span_name(self) -> &'static str {
-        match self {
-            Kind::Chat => "dbgpt.model.apiserver.create_chat_completion",
-            Kind::Text => "dbgpt.model.apiserver.create_completion",
-        }
+/// DB-GPT's span name for a completion request.
+fn span_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Chat => "dbgpt.model.apiserver.create_chat_completion",
+        Kind::Text => "dbgpt.model.apiserver.create_completion",
     }
 }
 
@@ -352,142 +340,8 @@ fn total_usage(choices: &[Choice]) -> Usage {
     u
 }
 
-/// Chunk/response envelope fields shared by every message of one request.
-struct Envelope {
-    kind: Kind,
-    id: String,
-    created: i64,
-    model: String,
-    include_usage: bool,
-}
-
-#[derive(serde::Serialize)]
-struct ChunkOut<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: i64,
-    model: &'a str,
-    choices: &'a [ChoiceOut<'a>],
-    /// `Some(None)` renders `"usage": null` (include_usage streams), `None` omits it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Option<&'a Usage>>,
-}
-
-/// A whole (non-stream) chat or text completion.
-#[derive(serde::Serialize)]
-struct CompletionOut<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: i64,
-    model: &'a str,
-    choices: Vec<ResultChoice>,
-    usage: Usage,
-}
-
-#[derive(serde::Serialize)]
-#[serde(untagged)]
-enum ResultChoice {
-    Chat {
-        index: usize,
-        message: MessageOut,
-        logprobs: Option<()>,
-        finish_reason: String,
-    },
-    Text {
-        index: usize,
-        text: String,
-        logprobs: Option<()>,
-        finish_reason: String,
-    },
-}
-
-#[derive(serde::Serialize)]
-struct MessageOut {
-    role: &'static str,
-    content: String,
-}
-
-#[derive(serde::Serialize)]
-#[serde(untagged)]
-enum ChoiceOut<'a> {
-    Chat {
-        index: usize,
-        delta: DeltaOut<'a>,
-        logprobs: Option<()>,
-        finish_reason: Option<&'a str>,
-    },
-    Text {
-        index: usize,
-        text: &'a str,
-        logprobs: Option<()>,
-        finish_reason: Option<&'a str>,
-    },
-}
-
-#[derive(serde::Serialize)]
-struct DeltaOut<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    content: Option<&'a str>,
-}
-
-impl Envelope {
-    fn chunk(
-        &self,
-        index: usize,
-        content: Option<&str>,
-        role: bool,
-        finish: Option<&str>,
-    ) -> Bytes {
-        let choice = match self.kind {
-            Kind::Chat => ChoiceOut::Chat {
-                index,
-                delta: DeltaOut {
-                    role: role.then_some("assistant"),
-                    content,
-                },
-                logprobs: None,
-                finish_reason: finish,
-            },
-            Kind::Text => ChoiceOut::Text {
-                index,
-                text: content.unwrap_or(""),
-                logprobs: None,
-                finish_reason: finish,
-            },
-        };
-        self.event(std::slice::from_ref(&choice), None)
-    }
-
-    fn event(&self, choices: &[ChoiceOut], usage: Option<&Usage>) -> Bytes {
-        let c = ChunkOut {
-            id: &self.id,
-            object: match self.kind {
-                Kind::Chat => "chat.completion.chunk",
-                Kind::Text => "text_completion",
-            },
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage: self.include_usage.then_some(usage),
-        };
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(b"data: ");
-        let _ = serde_json::to_writer(&mut out, &c);
-        out.extend_from_slice(b"\n\n");
-        Bytes::from(out)
-    }
-}
-
-fn sse(v: &Value) -> Bytes {
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"data: ");
-    let _ = serde_json::to_writer(&mut out, v);
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
-}
-
+/// A chat or text completion: the worker body of each prompt (sent `n` times), then the
+/// whole answer or a stream.
 async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy) -> Response {
     // Validate the model before anything else (404/503 with the right message).
     let group = match s.upstream.group(&r.model, WorkerType::Llm) {
@@ -497,15 +351,8 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
     // Ends when the answer is complete (for a stream: when the last chunk is sent).
     let span = s
         .tracer
-        .start_with(kind.span_name(), tracer::current(), || completion_meta(&r));
-    let trace = span.ctx();
-    let env = Envelope {
-        kind,
-        id: openai::new_id(kind.id_prefix()),
-        created: openai::unix_now(),
-        model: r.model.clone(),
-        include_usage: r.include_usage,
-    };
+        .start_with(span_name(kind), tracer::current(), || completion_meta(&r));
+    let env = Envelope::new(kind, r.model.clone(), r.include_usage);
     let mut bodies = Vec::new();
     let mut choices = Vec::new();
     for (p, msgs) in r.prompts.iter().enumerate() {
@@ -522,80 +369,92 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
             });
         }
     }
-    if !r.stream {
-        let results = futures::future::join_all(
-            bodies
-                .iter()
-                .map(|b| s.upstream.generate(&r.model, &group, b, trace)),
-        )
-        .await;
-        let mut out = Vec::with_capacity(choices.len());
-        for (c, res) in choices.iter_mut().zip(results) {
-            let f = match res {
-                Ok(f) => f,
-                Err(e) => return e.into_response(),
-            };
-            if f.error_code != 0 {
-                return OpenAiError::bad_gateway(format!("the worker failed: {}", f.text))
-                    .into_response();
-            }
-            let text = c.apply(&f);
-            let finish_reason = c.finish_reason.clone().unwrap_or_else(|| "stop".into());
-            out.push(match kind {
-                Kind::Chat => ResultChoice::Chat {
-                    index: c.index,
-                    message: MessageOut {
-                        role: "assistant",
-                        content: text,
-                    },
-                    logprobs: None,
-                    finish_reason,
-                },
-                Kind::Text => ResultChoice::Text {
-                    index: c.index,
-                    text,
-                    logprobs: None,
-                    finish_reason,
-                },
-            });
-        }
-        let body = CompletionOut {
-            id: &env.id,
-            object: match kind {
-                Kind::Chat => "chat.completion",
-                Kind::Text => "text_completion",
-            },
-            created: env.created,
-            model: &env.model,
-            choices: out,
-            usage: total_usage(&choices),
-        };
-        return json_response_sized(StatusCode::OK, &body, 512);
+    let call = Call {
+        s: &s,
+        model: &r.model,
+        group: &group,
+        trace: span.ctx(),
+    };
+    if r.stream {
+        stream_completion(call, env, bodies, choices, (busy, span)).await
+    } else {
+        whole_completion(call, &env, &bodies, choices).await
     }
-    // Streaming: every choice's worker stream must deliver its first frame before we commit
-    // to a 200, so failures up to there are retried or answered with a proper status.
-    let opened = futures::future::join_all(
-        bodies
-            .iter()
-            .map(|b| s.upstream.open_stream(&r.model, &group, b, trace)),
-    )
+}
+
+/// What every worker call of one completion shares.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    s: &'a Shared,
+    model: &'a str,
+    group: &'a Group,
+    trace: Option<tracer::SpanCtx>,
+}
+
+/// The answer of a worker that reported a failure in its frame.
+fn worker_failed(f: &Frame) -> OpenAiError {
+    OpenAiError::bad_gateway(format!("the worker failed: {}", f.text))
+}
+
+/// A non-stream completion: every choice's `generate`, answered as one JSON body.
+async fn whole_completion(
+    call: Call<'_>,
+    env: &Envelope,
+    bodies: &[Bytes],
+    mut choices: Vec<Choice>,
+) -> Response {
+    let results = futures::future::join_all(bodies.iter().map(|b| {
+        call.s
+            .upstream
+            .generate(call.model, call.group, b, call.trace)
+    }))
+    .await;
+    let mut out = Vec::with_capacity(choices.len());
+    for (c, res) in choices.iter_mut().zip(results) {
+        let f = match res {
+            Ok(f) => f,
+            Err(e) => return e.into_response(),
+        };
+        if f.error_code != 0 {
+            return worker_failed(&f).into_response();
+        }
+        let text = c.apply(&f);
+        let finish_reason = c.finish_reason.clone().unwrap_or_else(|| "stop".into());
+        out.push(env.result_choice(c.index, text, finish_reason));
+    }
+    let body = env.completion(out, total_usage(&choices));
+    json_response_sized(StatusCode::OK, &body, 512)
+}
+
+/// A stream completion: every choice's worker stream must deliver its first frame before we
+/// commit to a 200, so failures up to there are retried or answered with a proper status;
+/// then a task relays the frames as SSE chunks, holding `guards` (the busy count and the
+/// span) until the stream ends.
+async fn stream_completion(
+    call: Call<'_>,
+    env: Envelope,
+    bodies: Vec<Bytes>,
+    choices: Vec<Choice>,
+    guards: (Busy, tracer::Span),
+) -> Response {
+    let opened = futures::future::join_all(bodies.iter().map(|b| {
+        call.s
+            .upstream
+            .open_stream(call.model, call.group, b, call.trace)
+    }))
     .await;
     let mut streams = Vec::with_capacity(opened.len());
     for o in opened {
         match o {
             // An error before any output is still an HTTP error, not a 200 stream.
-            Ok((f, _)) if f.error_code != 0 => {
-                return OpenAiError::bad_gateway(format!("the worker failed: {}", f.text))
-                    .into_response();
-            }
+            Ok((f, _)) if f.error_code != 0 => return worker_failed(&f).into_response(),
             Ok(v) => streams.push(v),
             Err(e) => return e.into_response(),
         }
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
-        let _busy = busy;
-        let _span = span;
+        let _guards = guards;
         tokio::select! {
             _ = pump(&env, choices, streams, &tx) => {}
             _ = tx.closed() => debug!("client went away; cancelling the worker stream"),
@@ -656,12 +515,11 @@ async fn pump(
                 }
             }
             Some(Ok(f)) => {
-                let e = OpenAiError::bad_gateway(format!("the worker failed: {}", f.text));
-                let _ = send(sse(&e.body())).await;
+                let _ = send(sse(&worker_failed(&f).body())).await;
                 return;
             }
-            Some(Err(msg)) => {
-                let e = OpenAiError::bad_gateway(format!("the worker stream broke: {msg}"));
+            Some(Err(e)) => {
+                let e = OpenAiError::from(UpstreamError::MidStream(Box::new(e)));
                 let _ = send(sse(&e.body())).await;
                 return;
             }
@@ -683,7 +541,7 @@ async fn pump(
             return;
         }
     }
-    let _ = send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    let _ = send(Bytes::from_static(DONE)).await;
 }
 
 async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Response {

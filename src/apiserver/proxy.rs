@@ -19,15 +19,14 @@ use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
 use super::discovery::{self, Discovery, Group, Lookup};
-use super::openai::OpenAiError;
 use super::policy::{self, InFlight, RoutingPolicy};
 use super::pool::{self, Target};
 use crate::http::error_chain;
 use crate::tracer::{SpanCtx, TRACE_HEADER};
 use crate::wire::controller::worker_key;
 use crate::wire::worker::{
-    EMBEDDINGS_PATH, Frame, GENERATE_PATH, GENERATE_STREAM_PATH, WorkerType, next_frame,
-    parse_frame,
+    EMBEDDINGS_PATH, Frame, GENERATE_PATH, GENERATE_STREAM_PATH, MalformedFrame, WorkerType,
+    next_frame, parse_frame,
 };
 
 pub use super::pool::WorkerHttp;
@@ -39,12 +38,60 @@ pub fn worker_client() -> WorkerHttp {
     WorkerHttp::new(Duration::from_secs(3), Duration::from_secs(90), 256)
 }
 
+/// Why a worker call failed. The apiserver answers each case in OpenAI's shape
+/// ([`super::openai::OpenAiError`]'s `From`); the relay itself knows no HTTP answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No instance of the model is registered (a discovery refresh was requested).
+    #[error("the model `{model}` does not exist")]
+    UnknownModel {
+        model: String,
+        /// The models of the same worker type that are available.
+        available: Vec<String>,
+    },
+    /// The model is registered, but no instance can take requests now.
+    #[error("no healthy instance of model `{model}` is available right now")]
+    NoneRoutable { model: String },
+    /// No instance could be tried.
+    #[error("no instance of model `{model}` could take the request")]
+    NoInstance { model: String },
+    /// Every instance tried failed in a way worth retrying, the retry budget is spent.
+    #[error("every worker tried for model `{model}` failed ({tried} tried); last: {last}")]
+    Exhausted {
+        model: String,
+        tried: usize,
+        last: String,
+    },
+    /// The worker did not answer (status line, or a whole answer) within the request timeout.
+    #[error("the worker did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The worker answered a non-5xx error status.
+    #[error("the worker rejected the request (HTTP {status}): {body}")]
+    Rejected { status: u16, body: String },
+    /// A stream was silent for the idle timeout.
+    #[error("the worker sent nothing for {0:?}")]
+    Idle(Duration),
+    /// The connection broke while reading the answer.
+    #[error("the connection to the worker failed: {0}")]
+    Broken(String),
+    /// A frame was not a ModelOutput.
+    #[error(transparent)]
+    Malformed(#[from] MalformedFrame),
+    /// An embeddings answer was not a list of vectors.
+    #[error("the worker's embeddings answer is not a list of vectors: {0}")]
+    NotVectors(String),
+    /// A stream failed after its first frame (the client already has a 200).
+    #[error("the worker stream broke: {0}")]
+    MidStream(Box<UpstreamError>),
+}
+
 /// Why an attempt failed.
 enum Attempt {
-    /// Try another instance (this one is marked suspect).
+    /// Try another instance (this one is marked suspect); the reason is for the log and the
+    /// final error.
     Retry(String),
     /// Give up with this error.
-    Fail(OpenAiError),
+    Fail(UpstreamError),
 }
 
 /// The worker-facing side of the apiserver.
@@ -67,13 +114,14 @@ pub struct FrameStream {
 }
 
 impl FrameStream {
-    fn take_frame(&mut self) -> Option<Result<Frame, String>> {
+    fn take_frame(&mut self) -> Option<Result<Frame, UpstreamError>> {
         let piece = next_frame(&mut self.buf)?;
-        Some(parse_frame(&piece).map_err(|e| e.to_string()))
+        Some(parse_frame(&piece).map_err(UpstreamError::from))
     }
 
-    /// The next frame; `None` at the end of the body.
-    pub async fn next(&mut self) -> Option<Result<Frame, String>> {
+    /// The next frame; `None` at the end of the body. The errors are
+    /// [`UpstreamError::Idle`], [`UpstreamError::Broken`] and [`UpstreamError::Malformed`].
+    pub async fn next(&mut self) -> Option<Result<Frame, UpstreamError>> {
         loop {
             if let Some(f) = self.take_frame() {
                 return Some(f);
@@ -84,16 +132,13 @@ impl FrameStream {
                     return None;
                 }
                 let rest = self.buf.split();
-                return Some(parse_frame(&rest).map_err(|e| e.to_string()));
+                return Some(parse_frame(&rest).map_err(UpstreamError::from));
             }
             match tokio::time::timeout(self.idle_timeout, self.body.frame()).await {
                 Err(_) => {
                     self.ended = true;
                     self.buf.clear();
-                    return Some(Err(format!(
-                        "the worker sent nothing for {:?}",
-                        self.idle_timeout
-                    )));
+                    return Some(Err(UpstreamError::Idle(self.idle_timeout)));
                 }
                 Ok(None) => self.ended = true,
                 Ok(Some(Ok(f))) => {
@@ -104,10 +149,7 @@ impl FrameStream {
                 Ok(Some(Err(e))) => {
                     self.ended = true;
                     self.buf.clear();
-                    return Some(Err(format!(
-                        "the connection to the worker failed: {}",
-                        error_chain(&e)
-                    )));
+                    return Some(Err(UpstreamError::Broken(error_chain(&e))));
                 }
             }
         }
@@ -133,19 +175,19 @@ fn snippet(b: &[u8]) -> String {
 
 impl Upstream {
     /// Resolves `name@worker_type` to its group or the right 404/503.
-    pub fn group(&self, model: &str, worker_type: WorkerType) -> Result<Arc<Group>, OpenAiError> {
+    pub fn group(&self, model: &str, worker_type: WorkerType) -> Result<Arc<Group>, UpstreamError> {
         let key = worker_key(model, worker_type.as_str());
         match self.discovery.lookup(&key) {
             Lookup::Found(g) => Ok(g),
-            Lookup::NoneRoutable => Err(OpenAiError::unavailable(format!(
-                "no healthy instance of model `{model}` is available right now"
-            ))),
+            Lookup::NoneRoutable => Err(UpstreamError::NoneRoutable {
+                model: model.to_string(),
+            }),
             Lookup::Unknown => {
                 self.discovery.request_refresh();
-                Err(OpenAiError::model_not_found(
-                    model,
-                    &self.discovery.view().models(worker_type),
-                ))
+                Err(UpstreamError::UnknownModel {
+                    model: model.to_string(),
+                    available: self.discovery.view().models(worker_type),
+                })
             }
         }
     }
@@ -158,7 +200,7 @@ impl Upstream {
         model: &str,
         group: &Group,
         attempt: F,
-    ) -> Result<T, OpenAiError>
+    ) -> Result<T, UpstreamError>
     where
         F: Fn(InFlight) -> Fut,
         Fut: std::future::Future<Output = Result<T, Attempt>>,
@@ -179,14 +221,16 @@ impl Upstream {
                 }
             }
         }
-        Err(OpenAiError::bad_gateway(if last.is_empty() {
-            format!("no instance of model `{model}` could take the request")
+        let model = model.to_string();
+        Err(if last.is_empty() {
+            UpstreamError::NoInstance { model }
         } else {
-            format!(
-                "every worker tried for model `{model}` failed ({} tried); last: {last}",
-                tried.len()
-            )
-        }))
+            UpstreamError::Exhausted {
+                model,
+                tried: tried.len(),
+                last,
+            }
+        })
     }
 
     /// POSTs `req` and waits for the status line and headers, bounded by the request
@@ -204,10 +248,7 @@ impl Upstream {
     }
 
     fn no_answer(&self) -> Attempt {
-        Attempt::Fail(OpenAiError::gateway_timeout(format!(
-            "the worker did not answer within {:?}",
-            self.timeout
-        )))
+        Attempt::Fail(UpstreamError::Timeout(self.timeout))
     }
 
     /// [`Upstream::send`] without the timeout (the caller bounds it).
@@ -235,11 +276,10 @@ impl Upstream {
         if status.is_server_error() {
             return Err(Attempt::Retry(format!("HTTP {status}: {}", snippet(&body))));
         }
-        Err(Attempt::Fail(OpenAiError::bad_gateway(format!(
-            "the worker rejected the request (HTTP {}): {}",
-            status.as_u16(),
-            snippet(&body)
-        ))))
+        Err(Attempt::Fail(UpstreamError::Rejected {
+            status: status.as_u16(),
+            body: snippet(&body),
+        }))
     }
 
     /// A POST of a JSON body to a worker, naming the caller's span `trace` in DB-GPT's
@@ -274,7 +314,7 @@ impl Upstream {
         group: &Group,
         body: &Bytes,
         trace: Option<SpanCtx>,
-    ) -> Result<(Frame, FrameStream), OpenAiError> {
+    ) -> Result<(Frame, FrameStream), UpstreamError> {
         self.with_retries(model, group, |guard| {
             let body = body.clone();
             async move {
@@ -290,10 +330,9 @@ impl Upstream {
                 };
                 match fs.next().await {
                     Some(Ok(f)) => Ok((f, fs)),
-                    Some(Err(e)) if e.starts_with("the worker sent nothing") => {
-                        Err(Attempt::Fail(OpenAiError::gateway_timeout(e)))
-                    }
-                    Some(Err(e)) => Err(Attempt::Retry(e)),
+                    // A silent worker is slow, not broken: not retried.
+                    Some(Err(e @ UpstreamError::Idle(_))) => Err(Attempt::Fail(e)),
+                    Some(Err(e)) => Err(Attempt::Retry(e.to_string())),
                     None => Err(Attempt::Retry(
                         "the worker closed the stream without output".into(),
                     )),
@@ -334,7 +373,7 @@ impl Upstream {
         group: &Group,
         body: &Bytes,
         trace: Option<SpanCtx>,
-    ) -> Result<Frame, OpenAiError> {
+    ) -> Result<Frame, UpstreamError> {
         self.with_retries(model, group, |guard| {
             let body = body.clone();
             async move {
@@ -343,8 +382,7 @@ impl Upstream {
                     .post_and_read(target, GENERATE_PATH, body, trace)
                     .await?;
                 drop(guard);
-                parse_frame(&bytes)
-                    .map_err(|e| Attempt::Fail(OpenAiError::bad_gateway(e.to_string())))
+                parse_frame(&bytes).map_err(|e| Attempt::Fail(e.into()))
             }
         })
         .await
@@ -358,7 +396,7 @@ impl Upstream {
         input: &[String],
         query: Option<&str>,
         trace: Option<SpanCtx>,
-    ) -> Result<Vec<Vec<f32>>, OpenAiError> {
+    ) -> Result<Vec<Vec<f32>>, UpstreamError> {
         let mut req = serde_json::json!({"model": model, "input": input});
         if let Some(q) = query {
             req["query"] = Value::String(q.to_string());
@@ -371,12 +409,8 @@ impl Upstream {
                 let bytes = self
                     .post_and_read(target, EMBEDDINGS_PATH, body, trace)
                     .await?;
-                serde_json::from_slice::<Vec<Vec<f32>>>(&bytes).map_err(|_| {
-                    Attempt::Fail(OpenAiError::bad_gateway(format!(
-                        "the worker's embeddings answer is not a list of vectors: {}",
-                        snippet(&bytes)
-                    )))
-                })
+                serde_json::from_slice::<Vec<Vec<f32>>>(&bytes)
+                    .map_err(|_| Attempt::Fail(UpstreamError::NotVectors(snippet(&bytes))))
             }
         })
         .await

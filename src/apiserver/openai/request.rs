@@ -1,121 +1,19 @@
-//! OpenAI wire types of the apiserver: request validation, error bodies and response shapes.
+//! OpenAI requests as the apiserver accepts them: chat and text completions, embeddings and
+//! DB-GPT's relevance, validated into typed requests, and the worker's PromptRequest built
+//! from a completion.
 //!
 //! Requests are parsed from raw JSON by hand (not derived) so that every rejection names the
-//! offending field in OpenAI's error shape `{"error":{"message","type","param","code"}}`;
-//! unknown fields are ignored like OpenAI does. Where DB-GPT's apiserver deviates from
-//! OpenAI (no `object`/`created` in chunks, `temperature: 0` dropped, HTTP 400 for every
-//! error) we follow OpenAI. Conversion to the worker's PromptRequest also lives here: roles
-//! are mapped to DB-GPT's `system`/`human`/`ai`, which both DB-GPT's Python workers and ours
-//! understand.
+//! offending field in OpenAI's error shape; unknown fields are ignored like OpenAI does.
+//! Where DB-GPT's apiserver deviates from OpenAI (`temperature: 0` dropped, HTTP 400 for
+//! every error) we follow OpenAI. Roles are mapped to DB-GPT's `system`/`human`/`ai`, which
+//! both DB-GPT's Python workers and ours understand.
 
 use std::borrow::Cow;
 
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
+use super::OpenAiError;
 use crate::wire::worker::{PromptMessage, PromptRequest};
-
-/// An error answered in OpenAI's shape.
-#[derive(Debug, Clone)]
-pub struct OpenAiError {
-    pub status: StatusCode,
-    pub message: String,
-    pub kind: &'static str,
-    pub param: Option<String>,
-    pub code: Option<&'static str>,
-}
-
-impl OpenAiError {
-    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, msg: String) -> Self {
-        OpenAiError {
-            status,
-            message: msg,
-            kind,
-            param: None,
-            code: Some(code),
-        }
-    }
-
-    /// 400 naming the offending request field.
-    pub fn invalid(param: &str, code: &'static str, msg: impl Into<String>) -> Self {
-        OpenAiError {
-            status: StatusCode::BAD_REQUEST,
-            message: msg.into(),
-            kind: "invalid_request_error",
-            param: Some(param.to_string()),
-            code: Some(code),
-        }
-    }
-
-    pub fn unauthorized(msg: &str) -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "invalid_api_key",
-            msg.to_string(),
-        )
-    }
-
-    pub fn model_not_found(model: &str, available: &[String]) -> Self {
-        let list = if available.is_empty() {
-            "no models are available right now".to_string()
-        } else {
-            format!("available models: {}", available.join(", "))
-        };
-        let mut e = Self::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            format!("The model `{model}` does not exist; {list}"),
-        );
-        e.param = Some("model".into());
-        e
-    }
-
-    pub fn unavailable(msg: String) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "no_healthy_instance",
-            msg,
-        )
-    }
-
-    pub fn bad_gateway(msg: String) -> Self {
-        Self::new(
-            StatusCode::BAD_GATEWAY,
-            "server_error",
-            "upstream_error",
-            msg,
-        )
-    }
-
-    pub fn gateway_timeout(msg: String) -> Self {
-        Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "server_error",
-            "upstream_timeout",
-            msg,
-        )
-    }
-
-    /// The JSON body `{"error":{…}}`.
-    pub fn body(&self) -> Value {
-        json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        }})
-    }
-}
-
-impl IntoResponse for OpenAiError {
-    fn into_response(self) -> Response {
-        crate::http::json_response(self.status, &self.body())
-    }
-}
 
 /// Parses a request body as a JSON object.
 pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, OpenAiError> {
@@ -161,11 +59,11 @@ fn wrong_type(field: &str, want: &str, got: &Value) -> OpenAiError {
 }
 
 /// A request body's top-level fields by name.
-trait Fields {
+trait FieldSource {
     fn field(&self, k: &str) -> Option<&Value>;
 }
 
-impl Fields for Map<String, Value> {
+impl FieldSource for Map<String, Value> {
     fn field(&self, k: &str) -> Option<&Value> {
         self.get(k)
     }
@@ -200,7 +98,7 @@ struct CompletionFields {
     frequency_penalty: Option<Value>,
 }
 
-impl Fields for CompletionFields {
+impl FieldSource for CompletionFields {
     fn field(&self, k: &str) -> Option<&Value> {
         match k {
             "model" => self.model.as_ref(),
@@ -362,7 +260,7 @@ fn parse_completion_fields(body: &[u8]) -> Result<CompletionFields, OpenAiError>
 }
 
 /// Field accessors that treat `null` as absent.
-struct Obj<'a>(&'a dyn Fields);
+struct Obj<'a>(&'a dyn FieldSource);
 
 impl<'a> Obj<'a> {
     fn get(&self, k: &str) -> Option<&'a Value> {
@@ -898,71 +796,11 @@ pub fn parse_relevance(body: &[u8]) -> Result<RelevanceRequest, OpenAiError> {
     })
 }
 
-/// Standard base64 (RFC 4648, padded) of little-endian f32s: OpenAI's `encoding_format: base64`.
-pub fn base64_f32(v: &[f32]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for c in bytes.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(T[(n >> 18) as usize & 63] as char);
-        out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 {
-            T[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if c.len() > 2 {
-            T[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
-}
-
-/// An OpenAI model card (DB-GPT's shape, which adds `root`, `parent`, `permission`).
-pub fn model_card(id: &str, created: i64) -> Value {
-    json!({
-        "id": id,
-        "object": "model",
-        "created": created,
-        "owned_by": "DB-GPT",
-        "root": id,
-        "parent": null,
-        "permission": [{
-            "id": format!("modelperm-{}", uuid::Uuid::new_v4().simple()),
-            "object": "model_permission",
-            "created": created,
-            "allow_create_engine": false,
-            "allow_sampling": true,
-            "allow_logprobs": true,
-            "allow_search_indices": true,
-            "allow_view": true,
-            "allow_fine_tuning": false,
-            "organization": "*",
-            "group": null,
-            "is_blocking": false
-        }]
-    })
-}
-
-/// A fresh response id with OpenAI's prefix (`chatcmpl-`, `cmpl-`).
-pub fn new_id(prefix: &str) -> String {
-    // From the thread-local RNG: no getrandom system call per request.
-    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
-    format!("{prefix}{}", id.simple())
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    (crate::daemon::unix_ms() / 1000) as i64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apiserver::openai::response::base64_f32;
+    use axum::http::StatusCode;
 
     #[test]
     fn chat_roles_sampling_and_worker_body() {

@@ -1,0 +1,203 @@
+//! OpenAI's error answer: `{"error":{"message","type","param","code"}}` with its HTTP status,
+//! built by request validation, discovery misses and the relay's failures alike.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::apiserver::proxy::UpstreamError;
+
+/// An error answered in OpenAI's shape.
+#[derive(Debug, Clone)]
+pub struct OpenAiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl OpenAiError {
+    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, msg: String) -> Self {
+        OpenAiError {
+            status,
+            message: msg,
+            kind,
+            param: None,
+            code: Some(code),
+        }
+    }
+
+    /// 400 naming the offending request field.
+    pub fn invalid(param: &str, code: &'static str, msg: impl Into<String>) -> Self {
+        OpenAiError {
+            status: StatusCode::BAD_REQUEST,
+            message: msg.into(),
+            kind: "invalid_request_error",
+            param: Some(param.to_string()),
+            code: Some(code),
+        }
+    }
+
+    pub fn unauthorized(msg: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            msg.to_string(),
+        )
+    }
+
+    pub fn model_not_found(model: &str, available: &[String]) -> Self {
+        let list = if available.is_empty() {
+            "no models are available right now".to_string()
+        } else {
+            format!("available models: {}", available.join(", "))
+        };
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model `{model}` does not exist; {list}"),
+        );
+        e.param = Some("model".into());
+        e
+    }
+
+    pub fn unavailable(msg: String) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "no_healthy_instance",
+            msg,
+        )
+    }
+
+    pub fn bad_gateway(msg: String) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "upstream_error",
+            msg,
+        )
+    }
+
+    pub fn gateway_timeout(msg: String) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            "upstream_timeout",
+            msg,
+        )
+    }
+
+    /// The JSON body `{"error":{…}}`.
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+/// How the apiserver answers a failed worker call: an unknown model is OpenAI's 404, a model
+/// without a routable instance 503, a worker that stays silent (before any output) 504, and
+/// every other failure 502 with the relay's own account of it.
+impl From<UpstreamError> for OpenAiError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::UnknownModel { model, available } => {
+                OpenAiError::model_not_found(&model, &available)
+            }
+            UpstreamError::NoneRoutable { .. } => OpenAiError::unavailable(e.to_string()),
+            UpstreamError::Timeout(_) | UpstreamError::Idle(_) => {
+                OpenAiError::gateway_timeout(e.to_string())
+            }
+            UpstreamError::NoInstance { .. }
+            | UpstreamError::Exhausted { .. }
+            | UpstreamError::Rejected { .. }
+            | UpstreamError::Broken(_)
+            | UpstreamError::Malformed(_)
+            | UpstreamError::NotVectors(_)
+            | UpstreamError::MidStream(_) => OpenAiError::bad_gateway(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for UpstreamError {
+    fn into_response(self) -> Response {
+        OpenAiError::from(self).into_response()
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        crate::http::json_response(self.status, &self.body())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn upstream_errors_keep_their_status_and_message() {
+        let answer = |u: UpstreamError| {
+            let e = OpenAiError::from(u);
+            (e.status.as_u16(), e.code, e.message)
+        };
+        let (status, code, message) = answer(UpstreamError::UnknownModel {
+            model: "m".into(),
+            available: vec!["a".into(), "b".into()],
+        });
+        assert_eq!((status, code), (404, Some("model_not_found")));
+        assert!(message.ends_with("available models: a, b"), "{message}");
+        assert_eq!(
+            answer(UpstreamError::NoneRoutable { model: "m".into() }),
+            (
+                503,
+                Some("no_healthy_instance"),
+                "no healthy instance of model `m` is available right now".into()
+            )
+        );
+        // Silence before any output is a timeout; any failure after it is a broken stream.
+        let idle = || UpstreamError::Idle(Duration::from_secs(2));
+        assert_eq!(
+            answer(idle()),
+            (
+                504,
+                Some("upstream_timeout"),
+                "the worker sent nothing for 2s".into()
+            )
+        );
+        assert_eq!(
+            answer(UpstreamError::MidStream(Box::new(idle()))),
+            (
+                502,
+                Some("upstream_error"),
+                "the worker stream broke: the worker sent nothing for 2s".into()
+            )
+        );
+        assert_eq!(
+            answer(UpstreamError::Exhausted {
+                model: "m".into(),
+                tried: 2,
+                last: "worker h:1 failed: HTTP 500".into(),
+            }),
+            (
+                502,
+                Some("upstream_error"),
+                "every worker tried for model `m` failed (2 tried); last: worker h:1 failed: HTTP 500"
+                    .into()
+            )
+        );
+        assert_eq!(
+            answer(UpstreamError::Timeout(Duration::from_millis(1500))).0,
+            504
+        );
+    }
+}

@@ -1,0 +1,277 @@
+//! OpenAI response shapes the apiserver writes: completions whole and as SSE chunks (with
+//! the envelope every chunk of one request shares), model cards, base64 embeddings, ids and
+//! timestamps. Chunks are serialised from borrowed structs, never through a JSON `Value`.
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::wire::worker::Usage;
+
+/// Which OpenAI API a completion request came through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Text,
+}
+
+impl Kind {
+    /// OpenAI's id prefix (`chatcmpl-`, `cmpl-`).
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Chat => "chatcmpl-",
+            Kind::Text => "cmpl-",
+        }
+    }
+}
+
+/// Chunk/response envelope fields shared by every message of one request.
+pub struct Envelope {
+    pub kind: Kind,
+    pub id: String,
+    pub created: i64,
+    pub model: String,
+    pub include_usage: bool,
+}
+
+#[derive(serde::Serialize)]
+pub struct ChunkOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: &'a [ChoiceOut<'a>],
+    /// `Some(None)` renders `"usage": null` (include_usage streams), `None` omits it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<&'a Usage>>,
+}
+
+/// A whole (non-stream) chat or text completion.
+#[derive(serde::Serialize)]
+pub struct CompletionOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: Vec<ResultChoice>,
+    usage: Usage,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+pub enum ResultChoice {
+    Chat {
+        index: usize,
+        message: MessageOut,
+        logprobs: Option<()>,
+        finish_reason: String,
+    },
+    Text {
+        index: usize,
+        text: String,
+        logprobs: Option<()>,
+        finish_reason: String,
+    },
+}
+
+#[derive(serde::Serialize)]
+pub struct MessageOut {
+    role: &'static str,
+    content: String,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+pub enum ChoiceOut<'a> {
+    Chat {
+        index: usize,
+        delta: DeltaOut<'a>,
+        logprobs: Option<()>,
+        finish_reason: Option<&'a str>,
+    },
+    Text {
+        index: usize,
+        text: &'a str,
+        logprobs: Option<()>,
+        finish_reason: Option<&'a str>,
+    },
+}
+
+#[derive(serde::Serialize)]
+pub struct DeltaOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+impl Envelope {
+    /// The envelope of a new response (a fresh id, created now).
+    pub fn new(kind: Kind, model: String, include_usage: bool) -> Self {
+        Envelope {
+            kind,
+            id: new_id(kind.id_prefix()),
+            created: unix_now(),
+            model,
+            include_usage,
+        }
+    }
+
+    /// One choice of a whole completion: the assistant's message, or the text.
+    pub fn result_choice(&self, index: usize, text: String, finish_reason: String) -> ResultChoice {
+        match self.kind {
+            Kind::Chat => ResultChoice::Chat {
+                index,
+                message: MessageOut {
+                    role: "assistant",
+                    content: text,
+                },
+                logprobs: None,
+                finish_reason,
+            },
+            Kind::Text => ResultChoice::Text {
+                index,
+                text,
+                logprobs: None,
+                finish_reason,
+            },
+        }
+    }
+
+    /// A whole (non-stream) completion of `choices`.
+    pub fn completion(&self, choices: Vec<ResultChoice>, usage: Usage) -> CompletionOut<'_> {
+        CompletionOut {
+            id: &self.id,
+            object: match self.kind {
+                Kind::Chat => "chat.completion",
+                Kind::Text => "text_completion",
+            },
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        }
+    }
+
+    /// One stream chunk of one choice: a delta (chat) or text, the role on the first chat
+    /// chunk, the finish reason on the last.
+    pub fn chunk(
+        &self,
+        index: usize,
+        content: Option<&str>,
+        role: bool,
+        finish: Option<&str>,
+    ) -> Bytes {
+        let choice = match self.kind {
+            Kind::Chat => ChoiceOut::Chat {
+                index,
+                delta: DeltaOut {
+                    role: role.then_some("assistant"),
+                    content,
+                },
+                logprobs: None,
+                finish_reason: finish,
+            },
+            Kind::Text => ChoiceOut::Text {
+                index,
+                text: content.unwrap_or(""),
+                logprobs: None,
+                finish_reason: finish,
+            },
+        };
+        self.event(std::slice::from_ref(&choice), None)
+    }
+
+    /// An SSE event of `choices` (and the usage, when the client asked for it).
+    pub fn event(&self, choices: &[ChoiceOut], usage: Option<&Usage>) -> Bytes {
+        let c = ChunkOut {
+            id: &self.id,
+            object: match self.kind {
+                Kind::Chat => "chat.completion.chunk",
+                Kind::Text => "text_completion",
+            },
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage: self.include_usage.then_some(usage),
+        };
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"data: ");
+        let _ = serde_json::to_writer(&mut out, &c);
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+}
+
+/// An SSE event of any JSON value (an error, mid-stream).
+pub fn sse(v: &Value) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"data: ");
+    let _ = serde_json::to_writer(&mut out, v);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// The stream's last event.
+pub const DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// Standard base64 (RFC 4648, padded) of little-endian f32s: OpenAI's `encoding_format: base64`.
+pub fn base64_f32(v: &[f32]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+/// An OpenAI model card (DB-GPT's shape, which adds `root`, `parent`, `permission`).
+pub fn model_card(id: &str, created: i64) -> Value {
+    json!({
+        "id": id,
+        "object": "model",
+        "created": created,
+        "owned_by": "DB-GPT",
+        "root": id,
+        "parent": null,
+        "permission": [{
+            "id": format!("modelperm-{}", uuid::Uuid::new_v4().simple()),
+            "object": "model_permission",
+            "created": created,
+            "allow_create_engine": false,
+            "allow_sampling": true,
+            "allow_logprobs": true,
+            "allow_search_indices": true,
+            "allow_view": true,
+            "allow_fine_tuning": false,
+            "organization": "*",
+            "group": null,
+            "is_blocking": false
+        }]
+    })
+}
+
+/// A fresh response id with OpenAI's prefix (`chatcmpl-`, `cmpl-`).
+pub fn new_id(prefix: &str) -> String {
+    // From the thread-local RNG: no getrandom system call per request.
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    format!("{prefix}{}", id.simple())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    (crate::daemon::unix_ms() / 1000) as i64
+}
