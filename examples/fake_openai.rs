@@ -17,6 +17,7 @@ use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use clap::Parser;
+use dbgpt_cluster::wire::worker::{GENERATE_PATH, GENERATE_STREAM_PATH};
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug, Clone)]
@@ -124,8 +125,8 @@ fn main() -> anyhow::Result<()> {
         let n = args.tokens.max(1);
         let app = Router::new()
             .route("/v1/chat/completions", post(move |b: Bytes| openai_chat(n, b)))
-            .route("/api/worker/generate_stream", post(move || worker_stream(n)))
-            .route("/api/worker/generate", post(move || worker_generate(n)));
+            .route(GENERATE_STREAM_PATH, post(move || worker_stream(n)))
+            .route(GENERATE_PATH, post(move || worker_generate(n)));
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
         let port = listener.local_addr()?.port();
         let listener = {

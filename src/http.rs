@@ -132,7 +132,7 @@ pub fn with_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Ro
 
 /// Paths that are neither traced nor logged (DB-GPT filters these too: they are hot).
 pub(crate) fn is_quiet(path: &str) -> bool {
-    path == "/api/controller/heartbeat" || path == "/api/health"
+    path == crate::wire::controller::HEARTBEAT_PATH || path == crate::wire::HEALTH_PATH
 }
 
 /// Middleware: one `tracing` span and one log line per request, except heartbeats and

@@ -85,7 +85,7 @@ pub fn router(state: Shared) -> Router {
             .route(&format!("{prefix}/beta/relevance"), post(relevance));
     }
     let app = Router::new()
-        .route("/api/health", get(health))
+        .route(crate::wire::HEALTH_PATH, get(health))
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);

@@ -13,6 +13,7 @@ use clap::{Args, Subcommand};
 use crate::controller::client::ControllerClient;
 use crate::daemon::Service;
 use crate::wire::controller::{ModelInstance, split_worker_key, worker_key};
+use crate::wire::worker::WorkerType;
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
@@ -34,7 +35,7 @@ pub enum ModelCommand {
         #[arg(
             long = "model_type",
             visible_alias = "model-type",
-            default_value = "llm"
+            default_value = WorkerType::Llm.as_str()
         )]
         model_type: String,
         /// Print JSON instead of a table.
@@ -61,7 +62,7 @@ pub struct ModelTarget {
         long = "model_type",
         visible_alias = "model-type",
         alias = "worker_type",
-        default_value = "llm"
+        default_value = WorkerType::Llm.as_str()
     )]
     pub model_type: String,
     /// Only the worker on this host (with --port).
@@ -87,7 +88,7 @@ pub struct ModelStartArgs {
     #[arg(
         long = "worker_type",
         visible_alias = "worker-type",
-        default_value = "llm"
+        default_value = WorkerType::Llm.as_str()
     )]
     pub worker_type: String,
     /// Worker host [default: the first worker registered with the controller].

@@ -47,7 +47,7 @@ pub enum WorkerType {
 
 impl WorkerType {
     /// The wire spelling (`llm`, `text2vec`), as in worker keys.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             WorkerType::Llm => "llm",
             WorkerType::Text2vec => "text2vec",
