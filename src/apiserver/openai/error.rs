@@ -1,5 +1,6 @@
 //! OpenAI's error answer: `{"error":{"message","type","param","code"}}` with its HTTP status,
-//! built by request validation, discovery misses and the relay's failures alike.
+//! built by request validation, discovery misses and the relay's failures alike. Statuses are
+//! OpenAI's (DB-GPT's apiserver answers every error with HTTP 400).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -1,6 +1,7 @@
 //! OpenAI response shapes the apiserver writes: completions whole and as SSE chunks (with
 //! the envelope every chunk of one request shares), model cards, base64 embeddings, ids and
 //! timestamps. Chunks are serialised from borrowed structs, never through a JSON `Value`.
+//! Chunks carry `object` and `created` as OpenAI's do (DB-GPT's apiserver leaves them out).
 
 use bytes::Bytes;
 use serde_json::{Value, json};
