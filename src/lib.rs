@@ -7,7 +7,8 @@
 //! process lists.
 //!
 //! Module map:
-//! - [`wire`]: the HTTP protocols (controller, worker) in DB-GPT's JSON shapes; [`validate`]: FastAPI-shaped input checks.
+//! - [`wire`]: the HTTP protocols (controller, worker) in DB-GPT's JSON shapes, used by
+//!   every side that speaks them; [`validate`]: FastAPI-shaped input checks.
 //! - [`registry`]: the registry trait and the redb store.
 //! - [`controller`]: HTTP routes, background health/flush tasks, the controller process,
 //!   and the HTTP client other processes use to reach it.
