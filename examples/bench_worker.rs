@@ -82,6 +82,7 @@ async fn main() {
             context_length: Some(2048),
             n_threads: None,
             concurrency: Some(4),
+            proxy_timeouts: None,
         })
         .await
         .unwrap();
@@ -97,6 +98,7 @@ async fn main() {
             context_length: None,
             n_threads: None,
             concurrency: Some(4),
+            proxy_timeouts: None,
         })
         .await
         .unwrap();

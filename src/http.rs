@@ -154,7 +154,7 @@ where
     }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let span = info_span!("http_request", %method, %path);
+    let span = info_span!("http_request", %method, path = %crate::telemetry::Escaped(&path));
     async move {
         let started = Instant::now();
         let resp = next(req).await;

@@ -1,8 +1,42 @@
 //! Logging: one `tracing` subscriber per process, writing to stderr (the journal under
 //! systemd, the log file under `--daemon`). The level comes from `--log_level`,
 //! `DBGPT_LOG_LEVEL` or `RUST_LOG`, and accepts DB-GPT's Python level names too.
+//!
+//! The text formatter writes `%`-fields and messages as they are, so client input (model
+//! names, hosts, paths, upstream messages…) goes into a log line through [`Escaped`], which
+//! keeps a newline in a model name from starting a forged line.
+
+use std::fmt::{self, Write as _};
 
 use tracing_subscriber::EnvFilter;
+
+/// Client input in a log line: `Display`s the value with control characters escaped the
+/// way `str::escape_debug` does (`\n`, `\r`, `\t`, `\u{1b}`…, and the Unicode line and
+/// paragraph separators), everything else as is. Use it as `%Escaped(&value)`.
+pub struct Escaped<T>(pub T);
+
+impl<T: fmt::Display> fmt::Display for Escaped<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(EscapeControls(f), "{}", self.0)
+    }
+}
+
+/// Writes through to the formatter, escaping control characters on the way.
+struct EscapeControls<'a, 'b>(&'a mut fmt::Formatter<'b>);
+
+impl fmt::Write for EscapeControls<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut plain = 0;
+        for (i, c) in s.char_indices() {
+            if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+                self.0.write_str(&s[plain..i])?;
+                write!(self.0, "{}", c.escape_debug())?;
+                plain = i + c.len_utf8();
+            }
+        }
+        self.0.write_str(&s[plain..])
+    }
+}
 
 /// Maps DB-GPT/Python level names to tracing's.
 pub fn normalize_level(level: &str) -> String {
@@ -36,6 +70,22 @@ pub fn init(level: Option<&str>) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn escaped_keeps_client_input_on_one_line() {
+        use super::Escaped;
+        assert_eq!(
+            Escaped("a\nFORGED\r\tb\u{1b}[31m\u{85}\u{2028}é 模 \\n").to_string(),
+            r"a\nFORGED\r\tb\u{1b}[31m\u{85}\u{2028}é 模 \n"
+        );
+        assert_eq!(Escaped("qwen2.5-7b@llm").to_string(), "qwen2.5-7b@llm");
+        let key = crate::wire::controller::InstanceKey {
+            model_name: "m\n".into(),
+            host: "h".into(),
+            port: 1,
+        };
+        assert_eq!(Escaped(&key).to_string(), r"m\n(h:1)");
+    }
+
     #[test]
     fn python_level_names() {
         assert_eq!(super::normalize_level("WARNING"), "warn");

@@ -120,6 +120,22 @@ impl<'a> Fields<'a> {
         self.push("missing", name, "Field required", &whole);
     }
 
+    /// Records pydantic's `string_too_long` against field `name` when `value` has more than
+    /// `max` characters (characters, as pydantic's `max_length` and SQL `varchar(n)` count).
+    pub fn max_chars(&mut self, name: &str, value: &str, max: usize) {
+        if value.chars().nth(max).is_none() {
+            return;
+        }
+        let input = self.obj.get(name).cloned().unwrap_or(Value::Null);
+        self.errors.push(json!({
+            "type": "string_too_long",
+            "loc": [self.origin, name],
+            "msg": format!("String should have at most {max} characters"),
+            "input": input,
+            "ctx": { "max_length": max },
+        }));
+    }
+
     /// The raw value of a field, `None` when absent.
     pub fn raw(&self, name: &str) -> Option<&'a Value> {
         self.obj.get(name)

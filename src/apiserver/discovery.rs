@@ -184,7 +184,7 @@ impl Discovery {
     pub fn mark_suspect(&self, i: &Instance, reason: &str) {
         let until = self.now_ms() + SUSPECT_FOR.as_millis() as u64;
         i.state.suspect_until_ms.store(until, Ordering::Relaxed);
-        warn!(instance = %i.addr, %reason, "worker call failed; instance marked suspect");
+        warn!(instance = %crate::telemetry::Escaped(&i.addr), reason = %crate::telemetry::Escaped(reason), "worker call failed; instance marked suspect");
         self.request_refresh();
     }
 
@@ -219,7 +219,7 @@ impl Discovery {
                 let msg = e.to_string();
                 let mut le = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
                 if le.as_deref() != Some(msg.as_str()) {
-                    warn!(error = %msg, "cannot refresh instances; serving from the last view");
+                    warn!(error = %crate::telemetry::Escaped(&msg), "cannot refresh instances; serving from the last view");
                 }
                 *le = Some(msg);
                 false

@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 
 use crate::http::{ApiError, CappedBody, json_response, with_fallbacks};
 use crate::registry::{Registry, RegistryError};
+use crate::telemetry::Escaped;
 use crate::tracer::{self, Meta, Tracer};
 use crate::validate::{Fields, parse_json_object, query_object};
 use crate::wire::HEALTH_PATH;
@@ -61,7 +62,7 @@ pub fn router(state: ControllerState) -> Router {
 }
 
 fn storage_error(e: RegistryError) -> ApiError {
-    error!(error = %e, "registry write failed");
+    error!(error = %Escaped(&e), "registry write failed");
     ApiError::Unavailable(format!("registry unavailable: {e}"))
 }
 
@@ -130,7 +131,7 @@ async fn register(
         .tracer
         .start_with(REGISTER_SPAN, tracer::current(), || instance_meta(&input));
     s.registry.register(input).await.map_err(storage_error)?;
-    info!(instance = %key, "registered");
+    info!(instance = %Escaped(&key), "registered");
     Ok(ok_true())
 }
 
@@ -155,7 +156,7 @@ async fn deregister(
         .tracer
         .start_with(DEREGISTER_SPAN, tracer::current(), || instance_meta(&input));
     s.registry.deregister(input).await.map_err(storage_error)?;
-    info!(instance = %key, removed, "deregistered");
+    info!(instance = %Escaped(&key), removed, "deregistered");
     Ok(ok_true())
 }
 

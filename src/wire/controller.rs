@@ -28,6 +28,25 @@ pub const MODELS_PATH: &str = "/api/controller/models";
 /// `POST` renews an instance's heartbeat.
 pub const HEARTBEAT_PATH: &str = "/api/controller/heartbeat";
 
+/// Longest `model_name` accepted at registration, in characters: DB-GPT's own SQL column
+/// (`varchar(128)`), so every store keeps what it acknowledged, and small enough that a
+/// deregistration carrying the name, the host and the prompt template in its query string
+/// (DB-GPT's client sends the whole instance there) stays far below hyper's 64 KiB
+/// request-target limit even when every character is 4 bytes, percent-encoded.
+pub const MAX_MODEL_NAME_CHARS: usize = 128;
+/// Longest `host` accepted, in characters (DB-GPT's `varchar(128)` column).
+pub const MAX_HOST_CHARS: usize = 128;
+/// Longest `prompt_template` accepted, in characters (our SQL column's `varchar(512)`).
+pub const MAX_PROMPT_TEMPLATE_CHARS: usize = 512;
+
+/// Whether the fields that travel in a deregistration's query string are within bounds.
+fn within_bounds(model_name: &str, host: &str, prompt_template: Option<&str>) -> bool {
+    let fits = |s: &str, max: usize| s.chars().nth(max).is_none();
+    fits(model_name, MAX_MODEL_NAME_CHARS)
+        && fits(host, MAX_HOST_CHARS)
+        && prompt_template.is_none_or(|t| fits(t, MAX_PROMPT_TEMPLATE_CHARS))
+}
+
 /// Microseconds since the Unix epoch (UTC). Rendered on the wire as DB-GPT does: the
 /// controller's *local* naive time, `datetime.isoformat()` style.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -243,6 +262,17 @@ impl InstanceInput {
         } else {
             f.opt_bool("remove_from_registry").unwrap_or(false)
         };
+        // What registers (a body: register, heartbeat) is bounded, so that whatever is
+        // registered can be deregistered again (see [`MAX_MODEL_NAME_CHARS`]) and fits
+        // DB-GPT's SQL columns. A deregistration (query) is not: it may remove an entry
+        // registered before the bounds existed.
+        if origin == "body" {
+            f.max_chars("model_name", model_name.trim(), MAX_MODEL_NAME_CHARS);
+            f.max_chars("host", host.trim(), MAX_HOST_CHARS);
+            if let Some(t) = &prompt_template {
+                f.max_chars("prompt_template", t, MAX_PROMPT_TEMPLATE_CHARS);
+            }
+        }
         if !f.has_errors() {
             if model_name.trim().is_empty() {
                 f.invalid(
@@ -297,7 +327,11 @@ impl InstanceInput {
         }
         let s: Strict<'_> = serde_json::from_slice(body).ok()?;
         let (model_name, host) = (s.model_name.trim(), s.host.trim());
-        if model_name.is_empty() || host.is_empty() || s.weight.is_some_and(|w| !w.is_finite()) {
+        if model_name.is_empty()
+            || host.is_empty()
+            || s.weight.is_some_and(|w| !w.is_finite())
+            || !within_bounds(model_name, host, s.prompt_template.as_deref())
+        {
             return None;
         }
         Some(InstanceInput {
@@ -429,6 +463,55 @@ mod tests {
         }
         assert_eq!(fast, 4, "the well-formed bodies take the fast path");
         assert!(InstanceInput::from_body_strict(bodies[0].as_bytes()).is_some());
+    }
+
+    /// Names, hosts and templates are bounded at registration (FastAPI's 422 naming the
+    /// field), on the fast and the lenient path alike; the bound counts characters.
+    #[test]
+    fn registration_bounds_name_the_field() {
+        let at = |n: usize| "𝔸".repeat(n);
+        let body = |name: &str, host: &str, tpl: Option<&str>| {
+            json!({"model_name": name, "host": host, "port": 1, "prompt_template": tpl})
+        };
+        let ok = body(
+            &format!("{}@llm", at(MAX_MODEL_NAME_CHARS - 4)),
+            &at(MAX_HOST_CHARS),
+            Some(&at(MAX_PROMPT_TEMPLATE_CHARS)),
+        );
+        let bytes = serde_json::to_vec(&ok).unwrap();
+        let strict = InstanceInput::from_body_strict(&bytes).expect("at the limit: fast path");
+        assert_eq!(strict, InstanceInput::from_json("body", &ok).unwrap());
+        assert_eq!(strict.model_name.chars().count(), MAX_MODEL_NAME_CHARS);
+        let over = [
+            (
+                body(&at(MAX_MODEL_NAME_CHARS + 1), "h", None),
+                "model_name",
+                MAX_MODEL_NAME_CHARS,
+            ),
+            (
+                body("a@llm", &at(MAX_HOST_CHARS + 1), None),
+                "host",
+                MAX_HOST_CHARS,
+            ),
+            (
+                body("a@llm", "h", Some(&at(MAX_PROMPT_TEMPLATE_CHARS + 1))),
+                "prompt_template",
+                MAX_PROMPT_TEMPLATE_CHARS,
+            ),
+            (body(&"x".repeat(100_000), "h", None), "model_name", MAX_MODEL_NAME_CHARS),
+        ];
+        for (v, field, max) in over {
+            let bytes = serde_json::to_vec(&v).unwrap();
+            assert_eq!(InstanceInput::from_body_strict(&bytes), None, "{field}");
+            let e = InstanceInput::from_json("body", &v).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!(e.0[0]["type"], "string_too_long");
+            assert_eq!(e.0[0]["loc"], json!(["body", field]));
+            assert_eq!(e.0[0]["ctx"]["max_length"], max);
+        }
+        // A deregistration is not bounded: an entry from before the bounds can still go.
+        let q = json!({"model_name": at(MAX_MODEL_NAME_CHARS + 1), "host": "h", "port": "1"});
+        assert!(InstanceInput::from_json("query", &q).is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use anyhow::bail;
 use clap::Args;
 use serde::Deserialize;
 
+use super::backends::ProxyTimeouts;
 use super::spec::{ModelSpec, ModelType, WorkerType, default_model_type};
 use crate::config::{
     CommonServerArgs, TraceSection, TracerConfig, load_section, resolve_log_file, resolve_tracer,
@@ -76,6 +77,27 @@ pub struct WorkerArgs {
         visible_alias = "limit-model-concurrency"
     )]
     pub limit_model_concurrency: Option<usize>,
+    /// Proxy: seconds to connect to an upstream [default: 10]
+    #[arg(
+        long = "proxy_connect_timeout_secs",
+        visible_alias = "proxy-connect-timeout-secs",
+        env = "WORKER_PROXY_CONNECT_TIMEOUT_SECS"
+    )]
+    pub proxy_connect_timeout_secs: Option<f64>,
+    /// Proxy: seconds an upstream may take to start answering (response head and first chunk) [default: 120]
+    #[arg(
+        long = "proxy_first_byte_timeout_secs",
+        visible_alias = "proxy-first-byte-timeout-secs",
+        env = "WORKER_PROXY_FIRST_BYTE_TIMEOUT_SECS"
+    )]
+    pub proxy_first_byte_timeout_secs: Option<f64>,
+    /// Proxy: seconds an upstream's stream may stay silent between two chunks [default: 60]
+    #[arg(
+        long = "proxy_chunk_timeout_secs",
+        visible_alias = "proxy-chunk-timeout-secs",
+        env = "WORKER_PROXY_CHUNK_TIMEOUT_SECS"
+    )]
+    pub proxy_chunk_timeout_secs: Option<f64>,
     /// Do not register with a controller (serve the worker API only)
     #[arg(long = "no_register", visible_alias = "no-register")]
     pub no_register: bool,
@@ -93,6 +115,9 @@ struct WorkerFile {
     worker_register_host: Option<String>,
     heartbeat_interval: Option<u64>,
     limit_model_concurrency: Option<usize>,
+    proxy_connect_timeout_secs: Option<f64>,
+    proxy_first_byte_timeout_secs: Option<f64>,
+    proxy_chunk_timeout_secs: Option<f64>,
     register: Option<bool>,
     log_level: Option<String>,
     log_file: Option<PathBuf>,
@@ -119,6 +144,13 @@ struct ModelFile {
     context_length: Option<u32>,
     n_threads: Option<usize>,
     concurrency: Option<usize>,
+    /// Proxy: this model's own upstream timeouts (else the worker's).
+    #[serde(alias = "proxy_connect_timeout_secs")]
+    connect_timeout_secs: Option<f64>,
+    #[serde(alias = "proxy_first_byte_timeout_secs")]
+    first_byte_timeout_secs: Option<f64>,
+    #[serde(alias = "proxy_chunk_timeout_secs")]
+    chunk_timeout_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +172,8 @@ pub struct WorkerConfig {
     pub register_host: Option<String>,
     pub heartbeat_interval: Duration,
     pub concurrency: usize,
+    /// Upstream timeouts of proxy models without their own.
+    pub proxy_timeouts: ProxyTimeouts,
     pub models: Vec<ModelSpec>,
     pub log_level: Option<String>,
     pub log_file: PathBuf,
@@ -147,7 +181,51 @@ pub struct WorkerConfig {
     pub daemon: bool,
 }
 
-fn model_from_file(m: ModelFile, wt: WorkerType, file: &Path) -> anyhow::Result<ModelSpec> {
+/// A timeout in seconds: positive, finite, at most a day. `name` is the flag or key.
+fn timeout_secs(v: Option<f64>, default: Duration, name: &str) -> anyhow::Result<Duration> {
+    match v {
+        None => Ok(default),
+        Some(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(Duration::from_secs_f64(v)),
+        Some(_) => bail!("{name} must be a number of seconds between 0 and 86400"),
+    }
+}
+
+/// `base` with the timeouts given in seconds replaced; `names` are the three flags or keys.
+fn timeouts_over(
+    base: ProxyTimeouts,
+    [connect, first_byte, between_chunks]: [Option<f64>; 3],
+    names: [&str; 3],
+) -> anyhow::Result<ProxyTimeouts> {
+    Ok(ProxyTimeouts {
+        connect: timeout_secs(connect, base.connect, names[0])?,
+        first_byte: timeout_secs(first_byte, base.first_byte, names[1])?,
+        between_chunks: timeout_secs(between_chunks, base.between_chunks, names[2])?,
+    })
+}
+
+fn model_from_file(
+    m: ModelFile,
+    wt: WorkerType,
+    file: &Path,
+    worker_timeouts: ProxyTimeouts,
+) -> anyhow::Result<ModelSpec> {
+    let own = [
+        m.connect_timeout_secs,
+        m.first_byte_timeout_secs,
+        m.chunk_timeout_secs,
+    ];
+    let proxy_timeouts = if own.iter().all(Option::is_none) {
+        None
+    } else {
+        let names = [
+            "connect_timeout_secs",
+            "first_byte_timeout_secs",
+            "chunk_timeout_secs",
+        ];
+        Some(timeouts_over(worker_timeouts, own, names).map_err(|e| {
+            anyhow::anyhow!("{}: model {:?}: {e}", file.display(), m.name)
+        })?)
+    };
     let model_type = match &m.model_type {
         Some(t) => ModelType::parse(t, wt).ok_or_else(|| {
             anyhow::anyhow!(
@@ -182,6 +260,7 @@ fn model_from_file(m: ModelFile, wt: WorkerType, file: &Path) -> anyhow::Result<
         context_length: m.context_length,
         n_threads: m.n_threads,
         concurrency: m.concurrency,
+        proxy_timeouts,
     };
     spec.validate()
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -195,13 +274,29 @@ impl WorkerArgs {
             Some(p) => (load_section(p, "worker")?, load_section(p, "models")?),
             None => (WorkerFile::default(), ModelsFile::default()),
         };
+        let proxy_timeouts = timeouts_over(
+            ProxyTimeouts::default(),
+            [
+                self.proxy_connect_timeout_secs
+                    .or(file.proxy_connect_timeout_secs),
+                self.proxy_first_byte_timeout_secs
+                    .or(file.proxy_first_byte_timeout_secs),
+                self.proxy_chunk_timeout_secs
+                    .or(file.proxy_chunk_timeout_secs),
+            ],
+            [
+                "--proxy_connect_timeout_secs",
+                "--proxy_first_byte_timeout_secs",
+                "--proxy_chunk_timeout_secs",
+            ],
+        )?;
         let mut models = Vec::new();
         if let Some(p) = &self.common.config {
             for m in file_models.llms {
-                models.push(model_from_file(m, WorkerType::Llm, p)?);
+                models.push(model_from_file(m, WorkerType::Llm, p, proxy_timeouts)?);
             }
             for m in file_models.embeddings {
-                models.push(model_from_file(m, WorkerType::Text2vec, p)?);
+                models.push(model_from_file(m, WorkerType::Text2vec, p, proxy_timeouts)?);
             }
         }
         if let Some(name) = self.model_name.clone() {
@@ -241,6 +336,7 @@ impl WorkerArgs {
                 context_length: self.context_length,
                 n_threads: self.n_threads,
                 concurrency: None,
+                proxy_timeouts: None,
             };
             spec.validate().map_err(|e| {
                 anyhow::anyhow!(
@@ -294,6 +390,7 @@ impl WorkerArgs {
             register_host: self.worker_register_host.or(file.worker_register_host),
             heartbeat_interval: Duration::from_secs(interval),
             concurrency,
+            proxy_timeouts,
             models,
             log_level: self.common.log_level.or(file.log_level),
             log_file: resolve_log_file(

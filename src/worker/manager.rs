@@ -16,7 +16,10 @@ use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::info;
 
+use crate::telemetry::Escaped;
+
 use super::registration::Registrar;
+use super::backends::ProxyTimeouts;
 use super::spec::{Engine, ModelSpec, WorkerType};
 
 /// Default per-model concurrency (DB-GPT's `limit_model_concurrency`).
@@ -87,6 +90,8 @@ pub struct WorkerManager {
     starting: Mutex<HashSet<String>>,
     registrar: Option<Arc<Registrar>>,
     default_concurrency: usize,
+    /// Upstream timeouts of proxy models that have none of their own.
+    proxy_timeouts: ProxyTimeouts,
 }
 
 impl WorkerManager {
@@ -97,7 +102,14 @@ impl WorkerManager {
             starting: Mutex::new(HashSet::new()),
             registrar,
             default_concurrency: default_concurrency.max(1),
+            proxy_timeouts: ProxyTimeouts::default(),
         }
+    }
+
+    /// Sets the upstream timeouts of proxy models that have none of their own.
+    pub fn with_proxy_timeouts(mut self, timeouts: ProxyTimeouts) -> Self {
+        self.proxy_timeouts = timeouts;
+        self
     }
 
     pub fn registrar(&self) -> Option<&Arc<Registrar>> {
@@ -163,7 +175,7 @@ impl WorkerManager {
         {
             return Err(ManagerError::Starting(key));
         }
-        let loaded = spec.load().await;
+        let loaded = spec.load(self.proxy_timeouts).await;
         let result = match loaded {
             Ok(engine) => {
                 let model = Arc::new(RunningModel {
@@ -198,7 +210,7 @@ impl WorkerManager {
         if let Some(r) = &self.registrar {
             r.add(&key).await;
         }
-        info!(model = %key, "model started");
+        info!(model = %Escaped(&key), "model started");
         Ok(model)
     }
 
@@ -233,7 +245,7 @@ impl WorkerManager {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .push(model.spec.clone());
-        info!(model = %key, in_flight = model.in_flight(), "model stopped");
+        info!(model = %Escaped(&key), in_flight = model.in_flight(), "model stopped");
         Ok(model.spec.clone())
     }
 

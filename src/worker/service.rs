@@ -163,7 +163,9 @@ async fn start(cfg: WorkerConfig) -> anyhow::Result<Started<Worker>> {
             None
         }
     };
-    let manager = Arc::new(WorkerManager::new(registrar, cfg.concurrency));
+    let manager = Arc::new(
+        WorkerManager::new(registrar, cfg.concurrency).with_proxy_timeouts(cfg.proxy_timeouts),
+    );
     Ok(Started {
         base,
         listener,

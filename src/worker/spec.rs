@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tracing::info;
 
+use crate::telemetry::Escaped;
+
 use super::backends::{
     BackendError, EmbeddingBackend, LlmBackend,
-    proxy::{OpenAiProxyBackend, OpenAiProxyConfig},
+    proxy::{OpenAiProxyBackend, OpenAiProxyConfig, ProxyTimeouts},
 };
 
 /// The worker types, defined with the worker protocol (config and specs name them here too).
@@ -87,6 +89,8 @@ pub struct ModelSpec {
     pub n_threads: Option<usize>,
     /// Concurrent requests for this model (excess requests wait).
     pub concurrency: Option<usize>,
+    /// Proxy: this model's own upstream timeouts (`None`: the worker's).
+    pub proxy_timeouts: Option<ProxyTimeouts>,
 }
 
 /// Why a spec is invalid (the message names the field).
@@ -116,6 +120,14 @@ impl ModelSpec {
             return Err(SpecError(format!(
                 "invalid symbol '@' in model_name {:?}",
                 self.name
+            )));
+        }
+        let max = crate::wire::controller::MAX_MODEL_NAME_CHARS;
+        if self.key().chars().count() > max {
+            return Err(SpecError(format!(
+                "model_name is too long: the controller registers at most {max} characters, \
+                 the @{} suffix included",
+                self.worker_type.as_str()
             )));
         }
         match (self.worker_type, self.model_type) {
@@ -159,8 +171,8 @@ impl ModelSpec {
     }
 
     /// Loads the engine (blocking work runs off the async executor). Logs the file, its
-    /// size and the load time.
-    pub async fn load(&self) -> Result<Engine, BackendError> {
+    /// size and the load time. A proxy without timeouts of its own gets `proxy_timeouts`.
+    pub async fn load(&self, proxy_timeouts: ProxyTimeouts) -> Result<Engine, BackendError> {
         let started = Instant::now();
         let what = match &self.path {
             Some(p) => format!("{} ({})", p.display(), human_size(path_size(p))),
@@ -170,18 +182,18 @@ impl ModelSpec {
                 self.api_base.as_deref().unwrap_or("")
             ),
         };
-        info!(model = %self.key(), "loading {what}");
+        info!(model = %Escaped(self.key()), "loading {}", Escaped(&what));
         let spinner = loading_spinner(&format!("loading {} from {what}", self.key()));
-        let engine = self.load_inner().await;
+        let engine = self.load_inner(proxy_timeouts).await;
         if let Some(s) = spinner {
             s.finish_and_clear();
         }
         let engine = engine?;
-        info!(model = %self.key(), secs = started.elapsed().as_secs_f64(), "model loaded in {:.2} s", started.elapsed().as_secs_f64());
+        info!(model = %Escaped(self.key()), secs = started.elapsed().as_secs_f64(), "model loaded in {:.2} s", started.elapsed().as_secs_f64());
         Ok(engine)
     }
 
-    async fn load_inner(&self) -> Result<Engine, BackendError> {
+    async fn load_inner(&self, proxy_timeouts: ProxyTimeouts) -> Result<Engine, BackendError> {
         match self.model_type {
             ModelType::Proxy => {
                 let mut cfg = OpenAiProxyConfig::new(
@@ -196,6 +208,7 @@ impl ModelSpec {
                 if let Some(c) = self.context_length {
                     cfg.context_length = c as usize;
                 }
+                cfg.timeouts = self.proxy_timeouts.unwrap_or(proxy_timeouts);
                 let backend = Arc::new(OpenAiProxyBackend::new(cfg)?);
                 Ok(match self.worker_type {
                     WorkerType::Llm => Engine::Llm(backend),
@@ -292,6 +305,7 @@ impl ModelSpec {
             concurrency: num("limit_model_concurrency")?
                 .or(num("concurrency")?)
                 .map(|v| v as usize),
+            proxy_timeouts: None,
         };
         spec.validate()?;
         Ok(spec)

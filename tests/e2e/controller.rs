@@ -658,3 +658,104 @@ fn second_controller_on_the_same_file_fails_naming_it() {
         "{err}"
     );
 }
+
+/// Issue 18 item 8: names, hosts and templates are bounded at registration (422 naming the
+/// field, on register and heartbeat), and an instance at every limit at once, with 4-byte
+/// characters, is removed by a DELETE that carries the whole instance in its query string
+/// as DB-GPT's client does.
+#[test]
+fn bounded_names_register_and_can_always_be_deleted() {
+    let env = TestEnv::new();
+    let c = env.controller(&[]);
+    let p = c.port;
+    let wide = |n: usize| "𝔸".repeat(n);
+    let name = format!("{}@llm", wide(124));
+    let host = wide(128);
+    let template = wide(512);
+    let mut inst = instance(&name, 9);
+    inst["host"] = json!(host);
+    inst["prompt_template"] = json!(template);
+    let (s, v) = json_req(p, "POST", "/api/controller/models", Some(&inst));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(list(p, "")[0]["model_name"], json!(name));
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("model_name", &name)
+        .append_pair("host", &host)
+        .append_pair("port", "9")
+        .append_pair("weight", "1.0")
+        .append_pair("check_healthy", "true")
+        .append_pair("healthy", "false")
+        .append_pair("enabled", "true")
+        .append_pair("prompt_template", &template)
+        .append_pair("last_heartbeat", "")
+        .append_pair("remove_from_registry", "true")
+        .finish();
+    let (s, v) = json_req(
+        p,
+        "DELETE",
+        &format!("/api/controller/models?{query}"),
+        None,
+    );
+    assert_eq!((s, v), (200, json!(true)));
+    assert!(list(p, "").is_empty(), "the entry at the limits is gone");
+
+    // One character over any limit, or the issue's 100,000-character name: refused.
+    let over: [(&str, &str, Value); 5] = [
+        ("/api/controller/models", "model_name", json!(wide(129))),
+        ("/api/controller/heartbeat", "model_name", json!(wide(129))),
+        ("/api/controller/models", "model_name", json!("x".repeat(100_000))),
+        ("/api/controller/models", "host", json!(wide(129))),
+        ("/api/controller/heartbeat", "prompt_template", json!(wide(513))),
+    ];
+    for (path, field, value) in over {
+        let mut body = instance("a@llm", 9);
+        body[field] = value;
+        let (s, v) = json_req(p, "POST", path, Some(&body));
+        assert_eq!(s, 422, "{path} {field}: {v}");
+        assert_eq!(v["detail"][0]["type"], "string_too_long", "{v}");
+        assert_eq!(v["detail"][0]["loc"], json!(["body", field]), "{v}");
+    }
+    assert!(list(p, "").is_empty(), "nothing over a limit was registered");
+}
+
+/// Issue 18 item 9: a control character in client input cannot forge a log line: the
+/// controller logs the name with its newline escaped.
+#[test]
+fn newlines_in_names_cannot_forge_log_lines() {
+    let env = TestEnv::new();
+    let c = env.controller(&[]);
+    let p = c.port;
+    let forged = "FORGED 2026-12-07T00:00:00Z  INFO registered instance=admin";
+    let name = format!("evil\n{forged}\r\n{forged}@llm");
+    let mut body = instance(&name, 9);
+    body["host"] = json!(format!("h\n{forged}"));
+    let (s, v) = json_req(p, "POST", "/api/controller/models", Some(&body));
+    assert_eq!(s, 200, "{v}");
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("model_name", &name)
+        .append_pair("host", &format!("h\n{forged}"))
+        .append_pair("port", "9")
+        .finish();
+    let (s, _) = json_req(
+        p,
+        "DELETE",
+        &format!("/api/controller/models?{query}"),
+        None,
+    );
+    assert_eq!(s, 200);
+    let logs = c.logs();
+    assert!(
+        logs.lines().any(|l| l.contains("registered")
+            && l.contains(r"evil\nFORGED")
+            && l.contains(r"\r\nFORGED")),
+        "the registration is logged on one line, escaped:\n{logs}"
+    );
+    assert!(
+        logs.lines().any(|l| l.contains("deregistered") && l.contains(r"h\nFORGED")),
+        "the deregistration is logged on one line, escaped:\n{logs}"
+    );
+    assert!(
+        !logs.lines().any(|l| l.starts_with("FORGED")),
+        "a forged line reached the log:\n{logs}"
+    );
+}

@@ -635,7 +635,7 @@ impl Inner {
             self.note(r)?.into_iter().collect();
         for (k, (input, _)) in chunk {
             if !existing.contains(&(k.model_name.clone(), k.host.clone(), k.port as i64)) {
-                info!(instance = %k, "heartbeat for an instance removed meanwhile: registering it again");
+                info!(instance = %crate::telemetry::Escaped(&k), "heartbeat for an instance removed meanwhile: registering it again");
                 self.write(input, WriteKind::Register).await?;
             }
         }

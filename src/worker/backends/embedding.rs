@@ -150,7 +150,7 @@ impl BertEmbeddingBackend {
 
         let dimension = bert_config.hidden_size;
         tracing::info!(
-            dir = %dir.display(),
+            dir = %crate::telemetry::Escaped(dir.display()),
             dimension,
             layers = bert_config.num_hidden_layers,
             max_length,

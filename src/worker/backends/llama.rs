@@ -173,10 +173,13 @@ impl LlamaCppBackend {
         let path = config.model_path.clone();
         check_gguf_file(&path)?;
         let runtime = llama_runtime()?;
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string());
+        // For log lines only: the path may come from a `models/startup` request.
+        let file_name = crate::telemetry::Escaped(
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string()),
+        )
+        .to_string();
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         tracing::info!(file = %file_name, size_bytes = size, "loading GGUF model");
 

@@ -30,7 +30,7 @@ pub mod proxy;
 pub use embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
 #[cfg(feature = "local-models")]
 pub use llama::{LlamaCppBackend, LlamaCppConfig};
-pub use proxy::{OpenAiProxyBackend, OpenAiProxyConfig};
+pub use proxy::{OpenAiProxyBackend, OpenAiProxyConfig, ProxyTimeouts};
 
 /// Who wrote a chat message.
 ///

@@ -9,6 +9,11 @@
 //! `stream_options.include_usage`). Upstream HTTP errors become
 //! [`BackendError::Upstream`] carrying the upstream status and its own error
 //! message. The API key is sent as a Bearer token and never logged.
+//!
+//! The upstream is never waited on without a bound ([`ProxyTimeouts`]): connecting, the
+//! first byte of an answer, and every silence between two chunks of a stream (or while a
+//! non-streamed body arrives). A timeout ends the stream with an error naming the upstream
+//! (its URL without credentials or query) and the timeout that fired.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +25,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::{Map, Value, json};
 
 use crate::http::error_chain;
+use crate::telemetry::Escaped;
 
 use super::{
     BackendError, EmbeddingBackend, FinishReason, GenerateEvent, GenerateParams, LlmBackend, Usage,
@@ -38,9 +44,8 @@ pub struct OpenAiProxyConfig {
     pub api_key: Option<String>,
     /// Model name sent upstream (`model` field).
     pub backend_model: String,
-    /// Connect timeout, and the longest silence tolerated while streaming a
-    /// chat response; also the total time limit of an embeddings call.
-    pub timeout: Duration,
+    /// How long the upstream may take to connect, to start answering, and to go silent.
+    pub timeouts: ProxyTimeouts,
     /// Context window reported by [`LlmBackend::context_length`] (the upstream
     /// does not say; DB-GPT reports 4096 for proxies).
     pub context_length: usize,
@@ -49,14 +54,45 @@ pub struct OpenAiProxyConfig {
     pub dimension: Option<usize>,
 }
 
+/// The bounds on waiting for an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyTimeouts {
+    /// Establishing the connection (TCP and TLS).
+    pub connect: Duration,
+    /// From sending a request to the first byte of the answer: the response head and,
+    /// for a stream, its first chunk (the upstream's queueing and prompt processing).
+    pub first_byte: Duration,
+    /// The longest silence between two chunks of a stream once it started; also the
+    /// bound on reading a non-streamed body (an embeddings answer, an error body).
+    pub between_chunks: Duration,
+}
+
+impl Default for ProxyTimeouts {
+    /// Connect 10 s, first byte 120 s, between chunks 60 s.
+    fn default() -> Self {
+        ProxyTimeouts {
+            connect: Duration::from_secs(10),
+            first_byte: Duration::from_secs(120),
+            between_chunks: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Which of the [`ProxyTimeouts`] fired.
+#[derive(Debug, Clone, Copy)]
+enum Waited {
+    FirstByte,
+    BetweenChunks,
+}
+
 impl OpenAiProxyConfig {
-    /// Defaults: key from env, 120 s timeout, context 4096.
+    /// Defaults: key from env, [`ProxyTimeouts::default`], context 4096.
     pub fn new(api_base: impl Into<String>, backend_model: impl Into<String>) -> Self {
         OpenAiProxyConfig {
             api_base: api_base.into(),
             api_key: None,
             backend_model: backend_model.into(),
-            timeout: Duration::from_secs(120),
+            timeouts: ProxyTimeouts::default(),
             context_length: 4096,
             dimension: None,
         }
@@ -70,7 +106,7 @@ impl std::fmt::Debug for OpenAiProxyConfig {
             .field("api_base", &self.api_base)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("backend_model", &self.backend_model)
-            .field("timeout", &self.timeout)
+            .field("timeouts", &self.timeouts)
             .field("context_length", &self.context_length)
             .field("dimension", &self.dimension)
             .finish()
@@ -86,9 +122,11 @@ pub struct OpenAiProxyBackend {
 struct Inner {
     client: reqwest::Client,
     api_base: String,
+    /// `api_base` without credentials or query: what errors and logs name.
+    shown_base: String,
     api_key: Option<String>,
     model: String,
-    timeout: Duration,
+    timeouts: ProxyTimeouts,
     context_length: usize,
     /// 0 = unknown.
     dimension: AtomicUsize,
@@ -97,7 +135,7 @@ struct Inner {
 impl std::fmt::Debug for OpenAiProxyBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenAiProxyBackend")
-            .field("api_base", &self.inner.api_base)
+            .field("api_base", &self.inner.shown_base)
             .field("model", &self.inner.model)
             .finish_non_exhaustive()
     }
@@ -140,6 +178,16 @@ pub(crate) fn upstream_error_message(status: reqwest::StatusCode, body: &str) ->
     s
 }
 
+/// `url` as errors and logs may show it: without user, password, query or fragment.
+fn shown_url(mut url: reqwest::Url) -> String {
+    // Only fails for URLs that cannot have credentials (no host), which have none to hide.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    url.as_str().trim_end_matches('/').to_string()
+}
+
 fn parse_usage(v: &Value) -> Option<Usage> {
     let get = |k: &str| {
         v.get(k)
@@ -171,22 +219,20 @@ impl OpenAiProxyBackend {
                 "api_base must be an http:// or https:// URL",
             ));
         }
-        let timeout = config.timeout;
-        let client =
-            crate::http::build_client(|b| b.connect_timeout(timeout).read_timeout(timeout))
-                .map_err(|e| {
-                    BackendError::load(
-                        &config.api_base,
-                        format!("HTTP client: {}", error_chain(&e)),
-                    )
-                })?;
+        let shown_base = shown_url(url);
+        // Only the connect timeout is the client's: the first-byte and between-chunk
+        // bounds differ, so each wait below carries its own.
+        let connect = config.timeouts.connect;
+        let client = crate::http::build_client(|b| b.connect_timeout(connect)).map_err(|e| {
+            BackendError::load(&shown_base, format!("HTTP client: {}", error_chain(&e)))
+        })?;
         let api_key = config
             .api_key
             .or_else(|| std::env::var("OPENAI_API_KEY").ok())
             .filter(|k| !k.is_empty());
         tracing::info!(
-            api_base = %base,
-            model = %config.backend_model,
+            api_base = %Escaped(&shown_base),
+            model = %Escaped(&config.backend_model),
             has_key = api_key.is_some(),
             "OpenAI-compatible proxy backend ready"
         );
@@ -194,9 +240,10 @@ impl OpenAiProxyBackend {
             inner: Arc::new(Inner {
                 client,
                 api_base: base,
+                shown_base,
                 api_key,
                 model: config.backend_model,
-                timeout: config.timeout,
+                timeouts: config.timeouts,
                 context_length: config.context_length,
                 dimension: AtomicUsize::new(config.dimension.unwrap_or(0)),
             }),
@@ -246,28 +293,69 @@ impl Inner {
         Value::Object(body)
     }
 
-    fn send_error(&self, e: &reqwest::Error) -> BackendError {
-        let message = if e.is_timeout() {
+    /// A failed send. reqwest's own text names the full URL, credentials included: it
+    /// is dropped in favour of [`Inner::shown_base`].
+    fn send_error(&self, e: reqwest::Error) -> BackendError {
+        let base = &self.shown_base;
+        let message = if e.is_connect() && e.is_timeout() {
             format!(
-                "upstream {} timed out after {:?}",
-                self.api_base, self.timeout
+                "cannot connect to upstream {base}: no connection within {:?} (connect timeout)",
+                self.timeouts.connect
             )
         } else if e.is_connect() {
-            format!(
-                "cannot connect to upstream {}: {}",
-                self.api_base,
-                error_chain(e)
-            )
+            let e = e.without_url();
+            format!("cannot connect to upstream {base}: {}", error_chain(&e))
         } else {
-            format!(
-                "request to upstream {} failed: {}",
-                self.api_base,
-                error_chain(e)
-            )
+            let e = e.without_url();
+            format!("request to upstream {base} failed: {}", error_chain(&e))
         };
         BackendError::Upstream {
             status: None,
             message,
+        }
+    }
+
+    /// The upstream said nothing for as long as `waited` allows.
+    fn timed_out(&self, waited: Waited) -> BackendError {
+        let base = &self.shown_base;
+        let message = match waited {
+            Waited::FirstByte => format!(
+                "upstream {base} did not start answering within {:?} (first-byte timeout)",
+                self.timeouts.first_byte
+            ),
+            Waited::BetweenChunks => format!(
+                "upstream {base} went silent for {:?} (between-chunk timeout)",
+                self.timeouts.between_chunks
+            ),
+        };
+        BackendError::Upstream {
+            status: None,
+            message,
+        }
+    }
+
+    /// Sends `rb`; the answer's head must arrive by `deadline` (the first-byte bound).
+    async fn send(
+        &self,
+        rb: reqwest::RequestBuilder,
+        deadline: tokio::time::Instant,
+    ) -> Result<reqwest::Response, BackendError> {
+        match tokio::time::timeout_at(deadline, rb.send()).await {
+            Ok(Ok(resp)) => self.check_status(resp).await,
+            Ok(Err(e)) => Err(self.send_error(e)),
+            Err(_) => Err(self.timed_out(Waited::FirstByte)),
+        }
+    }
+
+    /// Reads a whole non-streamed body, bounded by the between-chunk timeout.
+    async fn body_json(&self, resp: reqwest::Response, what: &str) -> Result<Value, BackendError> {
+        match tokio::time::timeout(self.timeouts.between_chunks, resp.json::<Value>()).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(BackendError::Upstream {
+                status: None,
+                message: format!("invalid {what}: {}", error_chain(&e.without_url())),
+            }),
+            Err(_) => Err(self.timed_out(Waited::BetweenChunks)),
         }
     }
 
@@ -279,9 +367,19 @@ impl Inner {
         if status.is_success() {
             return Ok(resp);
         }
-        let body = resp.text().await.unwrap_or_default();
+        // An error body that never finishes must not hold the request either.
+        let body = tokio::time::timeout(self.timeouts.between_chunks, resp.text())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
         let message = upstream_error_message(status, &body);
-        tracing::warn!(api_base = %self.api_base, status = status.as_u16(), %message, "upstream error");
+        tracing::warn!(
+            api_base = %Escaped(&self.shown_base),
+            status = status.as_u16(),
+            message = %Escaped(&message),
+            "upstream error"
+        );
         Err(BackendError::Upstream {
             status: Some(status.as_u16()),
             message,
@@ -526,17 +624,12 @@ impl LlmBackend for OpenAiProxyBackend {
                 ));
             }
             let body = inner.chat_body(&params);
-            let resp = match inner
+            let first_byte = tokio::time::Instant::now() + inner.timeouts.first_byte;
+            let request = inner
                 .post("chat/completions")
                 .header(reqwest::header::ACCEPT, "text/event-stream")
-                .json(&body)
-                .send()
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => return fail(inner.send_error(&e)),
-            };
-            let resp = match inner.check_status(resp).await {
+                .json(&body);
+            let resp = match inner.send(request, first_byte).await {
                 Ok(r) => r,
                 Err(e) => return fail(e),
             };
@@ -547,51 +640,57 @@ impl LlmBackend for OpenAiProxyBackend {
                 .is_some_and(|ct| ct.starts_with("application/json"));
             if is_json {
                 // The upstream ignored `stream: true` and sent one completion.
-                let events = match resp.json::<Value>().await {
+                let events = match inner.body_json(resp, "completion JSON").await {
                     Ok(v) => completion_events(&v),
-                    Err(e) => vec![Err(BackendError::Upstream {
-                        status: None,
-                        message: format!("invalid completion JSON: {}", error_chain(&e)),
-                    })],
+                    Err(e) => vec![Err(e)],
                 };
                 return stream::iter(events).boxed();
             }
             let bytes: BoxStream<'static, Result<Bytes, reqwest::Error>> =
                 resp.bytes_stream().boxed();
-            // State: (byte stream, parser, queued events, finished).
+            // State: (byte stream, parser, queued events, the first chunk's deadline
+            // until it arrived, backend).
             stream::unfold(
                 (
                     bytes,
                     SseChatParser::default(),
                     std::collections::VecDeque::new(),
+                    Some(first_byte),
                     inner,
                 ),
-                |(mut bytes, mut parser, mut queue, inner)| async move {
+                |(mut bytes, mut parser, mut queue, mut first, inner)| async move {
                     loop {
                         if let Some(ev) = queue.pop_front() {
-                            return Some((ev, (bytes, parser, queue, inner)));
+                            return Some((ev, (bytes, parser, queue, first, inner)));
                         }
                         if parser.done {
                             return None;
                         }
-                        match bytes.next().await {
-                            Some(Ok(chunk)) => queue.extend(parser.feed(&chunk)),
-                            Some(Err(e)) => {
+                        let (deadline, waited) = match first.take() {
+                            Some(d) => (d, Waited::FirstByte),
+                            None => (
+                                tokio::time::Instant::now() + inner.timeouts.between_chunks,
+                                Waited::BetweenChunks,
+                            ),
+                        };
+                        match tokio::time::timeout_at(deadline, bytes.next()).await {
+                            Ok(Some(Ok(chunk))) => queue.extend(parser.feed(&chunk)),
+                            Ok(Some(Err(e))) => {
                                 parser.done = true;
-                                let err = BackendError::Upstream {
+                                queue.push_back(Err(BackendError::Upstream {
                                     status: None,
-                                    message: if e.is_timeout() {
-                                        format!(
-                                            "upstream {} sent nothing for {:?}",
-                                            inner.api_base, inner.timeout
-                                        )
-                                    } else {
-                                        format!("reading upstream stream: {}", error_chain(&e))
-                                    },
-                                };
-                                queue.push_back(Err(err));
+                                    message: format!(
+                                        "reading the stream of upstream {}: {}",
+                                        inner.shown_base,
+                                        error_chain(&e.without_url())
+                                    ),
+                                }));
                             }
-                            None => queue.extend(parser.finish()),
+                            Ok(None) => queue.extend(parser.finish()),
+                            Err(_) => {
+                                parser.done = true;
+                                queue.push_back(Err(inner.timed_out(waited)));
+                            }
                         }
                     }
                 },
@@ -627,22 +726,15 @@ impl EmbeddingBackend for OpenAiProxyBackend {
             }
             let n = inputs.len();
             let body = json!({"model": inner.model, "input": inputs});
+            let first_byte = tokio::time::Instant::now() + inner.timeouts.first_byte;
             let resp = inner
-                .post("embeddings")
-                .timeout(inner.timeout)
-                .json(&body)
-                .send()
-                .await
-                .map_err(|e| inner.send_error(&e))?;
-            let resp = inner.check_status(resp).await?;
+                .send(inner.post("embeddings").json(&body), first_byte)
+                .await?;
             let bad = |m: String| BackendError::Upstream {
                 status: None,
                 message: m,
             };
-            let v: Value = resp
-                .json()
-                .await
-                .map_err(|e| bad(format!("invalid embeddings response: {}", error_chain(&e))))?;
+            let v = inner.body_json(resp, "embeddings response").await?;
             let data = v
                 .get("data")
                 .and_then(Value::as_array)

@@ -134,7 +134,12 @@ async fn upstream() -> (String, Shared) {
 fn backend(base: &str, model: &str) -> OpenAiProxyBackend {
     let mut cfg = OpenAiProxyConfig::new(base, model);
     cfg.api_key = Some("sk-test-secret".into());
-    cfg.timeout = Duration::from_secs(10);
+    let ten = Duration::from_secs(10);
+    cfg.timeouts = ProxyTimeouts {
+        connect: ten,
+        first_byte: ten,
+        between_chunks: ten,
+    };
     OpenAiProxyBackend::new(cfg).unwrap()
 }
 
@@ -478,4 +483,137 @@ fn config_debug_redacts_key_and_bad_base_is_rejected() {
     assert!(!format!("{c:?}").contains("sk-very-secret"));
     assert!(OpenAiProxyBackend::new(OpenAiProxyConfig::new("not a url", "m")).is_err());
     assert!(OpenAiProxyBackend::new(OpenAiProxyConfig::new("ftp://x/v1", "m")).is_err());
+}
+
+/// A test-double upstream on a raw socket: every connection's request is read and then
+/// answered with `reply` (possibly nothing), after which the connection stays open and
+/// silent. Returns the base URL, with credentials that must never be shown.
+async fn silent_upstream(reply: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock.write_all(reply).await;
+                // Hold the connection open and say nothing more.
+                while let Ok(n) = sock.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://user:hunter2@{addr}/v1?key=sk-query-secret")
+}
+
+fn one_second(base: &str) -> OpenAiProxyBackend {
+    let mut cfg = OpenAiProxyConfig::new(base, "m");
+    let one = Duration::from_secs(1);
+    cfg.timeouts = ProxyTimeouts {
+        connect: one,
+        first_byte: one,
+        between_chunks: one,
+    };
+    OpenAiProxyBackend::new(cfg).unwrap()
+}
+
+/// The single upstream error of `events` (after any deltas), its message checked to name
+/// the upstream without its credentials or query.
+fn timeout_message(events: &[Result<GenerateEvent, BackendError>], base: &str) -> String {
+    let Some(Err(BackendError::Upstream {
+        status: None,
+        message,
+    })) = events.last()
+    else {
+        panic!("expected an upstream error last: {events:?}");
+    };
+    let shown = base
+        .replace("user:hunter2@", "")
+        .replace("?key=sk-query-secret", "");
+    assert!(message.contains(&shown), "{message}");
+    assert!(!message.contains("hunter2") && !message.contains("sk-query-secret"), "{message}");
+    message.clone()
+}
+
+/// Issue 18 item 4: an upstream that accepts and never answers ends the stream with a
+/// first-byte timeout error (chat and embeddings alike); the backend keeps working.
+#[tokio::test]
+async fn upstream_that_never_answers_times_out_at_the_first_byte() {
+    let base = silent_upstream(b"").await;
+    let b = one_second(&base);
+    for _ in 0..2 {
+        let events = collect(&b, params()).await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        let m = timeout_message(&events, &base);
+        assert!(m.contains("first-byte timeout") && m.contains("1s"), "{m}");
+    }
+    let Err(BackendError::Upstream { message, .. }) = b.embed(vec!["x".into()]).await else {
+        panic!("embeddings from a silent upstream must fail");
+    };
+    assert!(message.contains("first-byte timeout"), "{message}");
+    // Headers sent, but no first chunk: still the first-byte bound.
+    let base = silent_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    )
+    .await;
+    let events = collect(&one_second(&base), params()).await;
+    let m = timeout_message(&events, &base);
+    assert!(m.contains("first-byte timeout"), "{m}");
+}
+
+/// Issue 18 item 4: an upstream that sends its head and one chunk, then goes silent,
+/// ends the stream after the delta with a between-chunk timeout error.
+#[tokio::test]
+async fn upstream_silent_mid_stream_times_out_between_chunks() {
+    let base = silent_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+          3b\r\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"par\"}}]}\n\n\r\n",
+    )
+    .await;
+    let events = collect(&one_second(&base), params()).await;
+    assert_eq!(
+        events.first(),
+        Some(&Ok(GenerateEvent::Delta { text: "par".into() })),
+        "{events:?}"
+    );
+    assert_eq!(events.len(), 2, "{events:?}");
+    let m = timeout_message(&events, &base);
+    assert!(m.contains("between-chunk timeout") && m.contains("1s"), "{m}");
+}
+
+/// A stream whose chunks each come within the between-chunk bound is not cut, however
+/// long it runs in total.
+#[tokio::test]
+async fn steady_stream_longer_than_the_bounds_is_not_cut() {
+    async fn slow(_: State<Shared>) -> Response {
+        let chunks = (0..4).map(|i| {
+            let last = i == 3;
+            let c = json!({"choices":[{"index":0,"delta":{"content":"x"},"finish_reason": if last { json!("stop") } else { Value::Null }}]});
+            format!("data: {c}\n\n{}", if last { "data: [DONE]\n\n" } else { "" })
+        });
+        let body = stream::iter(chunks).then(|c| async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Ok::<_, std::io::Error>(c)
+        });
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(body))
+            .unwrap()
+    }
+    let app = Router::new()
+        .route("/v1/chat/completions", post(slow))
+        .with_state(Shared::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let events = collect(&one_second(&format!("http://{addr}/v1")), params()).await;
+    assert_eq!(events.len(), 5, "{events:?}");
+    assert!(events.iter().all(Result::is_ok), "{events:?}");
 }
