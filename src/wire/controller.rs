@@ -470,9 +470,7 @@ mod tests {
     #[test]
     fn registration_bounds_name_the_field() {
         let at = |n: usize| "𝔸".repeat(n);
-        let body = |name: &str, host: &str, tpl: Option<&str>| {
-            json!({"model_name": name, "host": host, "port": 1, "prompt_template": tpl})
-        };
+        let body = |name: &str, host: &str, tpl: Option<&str>| json!({"model_name": name, "host": host, "port": 1, "prompt_template": tpl});
         let ok = body(
             &format!("{}@llm", at(MAX_MODEL_NAME_CHARS - 4)),
             &at(MAX_HOST_CHARS),
@@ -498,7 +496,11 @@ mod tests {
                 "prompt_template",
                 MAX_PROMPT_TEMPLATE_CHARS,
             ),
-            (body(&"x".repeat(100_000), "h", None), "model_name", MAX_MODEL_NAME_CHARS),
+            (
+                body(&"x".repeat(100_000), "h", None),
+                "model_name",
+                MAX_MODEL_NAME_CHARS,
+            ),
         ];
         for (v, field, max) in over {
             let bytes = serde_json::to_vec(&v).unwrap();

@@ -222,9 +222,10 @@ fn model_from_file(
             "first_byte_timeout_secs",
             "chunk_timeout_secs",
         ];
-        Some(timeouts_over(worker_timeouts, own, names).map_err(|e| {
-            anyhow::anyhow!("{}: model {:?}: {e}", file.display(), m.name)
-        })?)
+        Some(
+            timeouts_over(worker_timeouts, own, names)
+                .map_err(|e| anyhow::anyhow!("{}: model {:?}: {e}", file.display(), m.name))?,
+        )
     };
     let model_type = match &m.model_type {
         Some(t) => ModelType::parse(t, wt).ok_or_else(|| {
@@ -465,6 +466,55 @@ mod tests {
         };
         let c = a.resolve().unwrap();
         assert!(c.controller_addr.is_none());
+    }
+
+    /// Upstream timeouts: flags over the `[worker]` section over the defaults, and a
+    /// model's own keys over the worker's; bad values name the flag or key.
+    #[test]
+    fn proxy_timeouts_from_flags_file_and_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("w.toml");
+        std::fs::write(
+            &f,
+            "[worker]\nproxy_first_byte_timeout_secs = 30\nproxy_chunk_timeout_secs = 5\n\n[[models.llms]]\nname = \"slow\"\nmodel_type = \"proxy\"\napi_base = \"http://u/v1\"\nchunk_timeout_secs = 0.5\n\n[[models.llms]]\nname = \"plain\"\nmodel_type = \"proxy\"\napi_base = \"http://u/v1\"\n",
+        )
+        .unwrap();
+        let args = |connect: Option<f64>| WorkerArgs {
+            proxy_connect_timeout_secs: connect,
+            proxy_first_byte_timeout_secs: Some(2.0),
+            common: CommonServerArgs {
+                config: Some(f.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = args(None).resolve().unwrap();
+        let worker = ProxyTimeouts {
+            connect: Duration::from_secs(10),
+            first_byte: Duration::from_secs(2),
+            between_chunks: Duration::from_secs(5),
+        };
+        assert_eq!(c.proxy_timeouts, worker);
+        assert_eq!(
+            c.models[0].proxy_timeouts,
+            Some(ProxyTimeouts {
+                between_chunks: Duration::from_millis(500),
+                ..worker
+            })
+        );
+        assert_eq!(c.models[1].proxy_timeouts, None, "the worker's apply");
+        let e = args(Some(0.0)).resolve().unwrap_err().to_string();
+        assert!(e.contains("--proxy_connect_timeout_secs"), "{e}");
+        std::fs::write(
+            &f,
+            "[[models.llms]]\nname = \"m\"\nmodel_type = \"proxy\"\napi_base = \"http://u/v1\"\nfirst_byte_timeout_secs = -1\n",
+        )
+        .unwrap();
+        let e = args(None).resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("first_byte_timeout_secs") && e.contains("\"m\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@ use tracing::info;
 
 use crate::telemetry::Escaped;
 
-use super::registration::Registrar;
 use super::backends::ProxyTimeouts;
+use super::registration::Registrar;
 use super::spec::{Engine, ModelSpec, WorkerType};
 
 /// Default per-model concurrency (DB-GPT's `limit_model_concurrency`).

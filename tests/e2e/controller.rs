@@ -703,9 +703,17 @@ fn bounded_names_register_and_can_always_be_deleted() {
     let over: [(&str, &str, Value); 5] = [
         ("/api/controller/models", "model_name", json!(wide(129))),
         ("/api/controller/heartbeat", "model_name", json!(wide(129))),
-        ("/api/controller/models", "model_name", json!("x".repeat(100_000))),
+        (
+            "/api/controller/models",
+            "model_name",
+            json!("x".repeat(100_000)),
+        ),
         ("/api/controller/models", "host", json!(wide(129))),
-        ("/api/controller/heartbeat", "prompt_template", json!(wide(513))),
+        (
+            "/api/controller/heartbeat",
+            "prompt_template",
+            json!(wide(513)),
+        ),
     ];
     for (path, field, value) in over {
         let mut body = instance("a@llm", 9);
@@ -715,7 +723,10 @@ fn bounded_names_register_and_can_always_be_deleted() {
         assert_eq!(v["detail"][0]["type"], "string_too_long", "{v}");
         assert_eq!(v["detail"][0]["loc"], json!(["body", field]), "{v}");
     }
-    assert!(list(p, "").is_empty(), "nothing over a limit was registered");
+    assert!(
+        list(p, "").is_empty(),
+        "nothing over a limit was registered"
+    );
 }
 
 /// Issue 18 item 9: a control character in client input cannot forge a log line: the
@@ -725,7 +736,7 @@ fn newlines_in_names_cannot_forge_log_lines() {
     let env = TestEnv::new();
     let c = env.controller(&[]);
     let p = c.port;
-    let forged = "FORGED 2026-12-07T00:00:00Z  INFO registered instance=admin";
+    let forged = "FORGED  INFO registered instance=admin";
     let name = format!("evil\n{forged}\r\n{forged}@llm");
     let mut body = instance(&name, 9);
     body["host"] = json!(format!("h\n{forged}"));
@@ -751,7 +762,8 @@ fn newlines_in_names_cannot_forge_log_lines() {
         "the registration is logged on one line, escaped:\n{logs}"
     );
     assert!(
-        logs.lines().any(|l| l.contains("deregistered") && l.contains(r"h\nFORGED")),
+        logs.lines()
+            .any(|l| l.contains("deregistered") && l.contains(r"h\nFORGED")),
         "the deregistration is logged on one line, escaped:\n{logs}"
     );
     assert!(

@@ -704,3 +704,103 @@ fn proxy_worker_forwards_parameters_and_surfaces_errors() {
     }
     assert_eq!(up.max_concurrent.lock().unwrap().1, 1);
 }
+
+/// Issue 18 item 4: a proxy worker whose upstream accepts and never answers, or goes
+/// silent mid-stream, ends the stream with an error frame naming the upstream (without its
+/// credentials) and the timeout, stays healthy, and answers the next requests.
+#[test]
+fn proxy_worker_times_out_a_silent_upstream_and_keeps_serving() {
+    use axum::routing::post;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(|axum::Json(body): axum::Json<Value>| async move {
+            let chunk = |c: Value| format!("data: {c}\n\n");
+            let hello = chunk(json!({"choices": [{"index": 0, "delta": {"content": "Hello"}}]}));
+            match body["model"].as_str() {
+                Some("hang") => std::future::pending().await,
+                Some("stall") => {
+                    let first =
+                        futures::stream::once(async move { Ok::<_, std::io::Error>(hello) });
+                    let body = futures::StreamExt::chain(first, futures::stream::pending());
+                    (
+                        [("content-type", "text/event-stream")],
+                        axum::body::Body::from_stream(body),
+                    )
+                        .into_response()
+                }
+                _ => {
+                    let end = chunk(
+                        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+                    );
+                    (
+                        [("content-type", "text/event-stream")],
+                        format!("{hello}{end}data: [DONE]\n\n"),
+                    )
+                        .into_response()
+                }
+            }
+        }),
+    );
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let env = TestEnv::new();
+    let base = format!("http://user:hunter2@127.0.0.1:{port}/v1");
+    let cfg = env.path("w.toml");
+    let model = |name: &str| {
+        format!(
+            "[[models.llms]]\nname = \"{name}\"\nmodel_type = \"proxy\"\napi_base = \"{base}\"\nbackend = \"{name}\"\nconcurrency = 1\n\n"
+        )
+    };
+    std::fs::write(&cfg, [model("hang"), model("stall"), model("ok")].concat()).unwrap();
+    let w = worker(
+        &env,
+        "http://127.0.0.1:1",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--no_register",
+            "--proxy_first_byte_timeout_secs",
+            "1",
+            "--proxy_chunk_timeout_secs",
+            "1",
+        ],
+    );
+    let ask = |m: &str| {
+        stream(
+            w.port,
+            &json!({"model": m, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .0
+    };
+    let shown = format!("http://127.0.0.1:{port}/v1");
+    // Twice each: with concurrency 1, a request still holding its slot would block the next.
+    for _ in 0..2 {
+        for (m, timeout) in [
+            ("hang", "first-byte timeout"),
+            ("stall", "between-chunk timeout"),
+        ] {
+            let frames = ask(m);
+            let last = frames.last().unwrap();
+            assert_eq!(last["error_code"], 1, "{m}: {frames:?}");
+            let text = last["text"].as_str().unwrap();
+            assert!(text.contains(timeout) && text.contains("1s"), "{m}: {text}");
+            assert!(text.contains(&shown), "{m}: {text}");
+            assert!(!text.contains("hunter2"), "{m}: {text}");
+        }
+        assert_eq!(http_get_status(w.port, "/api/health"), Some(200));
+        let frames = ask("ok");
+        let last = frames.last().unwrap();
+        assert_eq!(
+            (last["error_code"].clone(), last["text"].clone()),
+            (json!(0), json!("Hello"))
+        );
+    }
+}

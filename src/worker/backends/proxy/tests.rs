@@ -538,7 +538,10 @@ fn timeout_message(events: &[Result<GenerateEvent, BackendError>], base: &str) -
         .replace("user:hunter2@", "")
         .replace("?key=sk-query-secret", "");
     assert!(message.contains(&shown), "{message}");
-    assert!(!message.contains("hunter2") && !message.contains("sk-query-secret"), "{message}");
+    assert!(
+        !message.contains("hunter2") && !message.contains("sk-query-secret"),
+        "{message}"
+    );
     message.clone()
 }
 
@@ -585,7 +588,10 @@ async fn upstream_silent_mid_stream_times_out_between_chunks() {
     );
     assert_eq!(events.len(), 2, "{events:?}");
     let m = timeout_message(&events, &base);
-    assert!(m.contains("between-chunk timeout") && m.contains("1s"), "{m}");
+    assert!(
+        m.contains("between-chunk timeout") && m.contains("1s"),
+        "{m}"
+    );
 }
 
 /// A stream whose chunks each come within the between-chunk bound is not cut, however
