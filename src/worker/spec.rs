@@ -179,7 +179,10 @@ impl ModelSpec {
             None => format!(
                 "{} via {}",
                 self.backend.as_deref().unwrap_or(&self.name),
-                self.api_base.as_deref().unwrap_or("")
+                self.api_base
+                    .as_deref()
+                    .map(super::backends::proxy::shown_api_base)
+                    .unwrap_or_default()
             ),
         };
         info!(model = %Escaped(self.key()), "loading {}", Escaped(&what));

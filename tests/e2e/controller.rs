@@ -452,6 +452,24 @@ fn bad_input_matrix_gets_4xx_and_the_controller_keeps_serving() {
         ("GET", "/api/controller", None, vec![], 404, None, None),
         ("POST", "/api/health", ct, b"{}".to_vec(), 405, None, None),
         ("POST", models, ct, vec![b' '; 2 << 20], 413, None, None),
+        (
+            "POST",
+            models,
+            ct,
+            j(json!({"model_name": "m".repeat(129), "host": "h", "port": 1})),
+            422,
+            Some("string_too_long"),
+            Some(json!(["body", "model_name"])),
+        ),
+        (
+            "POST",
+            hb,
+            ct,
+            j(json!({"model_name": "a@llm", "host": "h".repeat(129), "port": 1})),
+            422,
+            Some("string_too_long"),
+            Some(json!(["body", "host"])),
+        ),
     ];
     assert!(cases.len() >= 25);
     for (method, path, ctype, body, status, kind, loc) in cases {

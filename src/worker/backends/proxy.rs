@@ -103,7 +103,7 @@ impl OpenAiProxyConfig {
 impl std::fmt::Debug for OpenAiProxyConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenAiProxyConfig")
-            .field("api_base", &self.api_base)
+            .field("api_base", &shown_api_base(&self.api_base))
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("backend_model", &self.backend_model)
             .field("timeouts", &self.timeouts)
@@ -176,6 +176,11 @@ pub(crate) fn upstream_error_message(status: reqwest::StatusCode, body: &str) ->
         s.push('…');
     }
     s
+}
+
+/// An `api_base` as logs may show it (see [`shown_url`]); unparsable ones as they are.
+pub(crate) fn shown_api_base(api_base: &str) -> String {
+    reqwest::Url::parse(api_base.trim()).map_or_else(|_| api_base.to_string(), shown_url)
 }
 
 /// `url` as errors and logs may show it: without user, password, query or fragment.

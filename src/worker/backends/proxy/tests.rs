@@ -481,6 +481,9 @@ fn config_debug_redacts_key_and_bad_base_is_rejected() {
     let mut c = OpenAiProxyConfig::new("http://127.0.0.1:1/v1", "m");
     c.api_key = Some("sk-very-secret".into());
     assert!(!format!("{c:?}").contains("sk-very-secret"));
+    let c = OpenAiProxyConfig::new("http://user:pw-secret@127.0.0.1:1/v1?key=q-secret", "m");
+    assert!(!format!("{c:?}").contains("secret"), "{c:?}");
+    assert_eq!(shown_api_base(&c.api_base), "http://127.0.0.1:1/v1");
     assert!(OpenAiProxyBackend::new(OpenAiProxyConfig::new("not a url", "m")).is_err());
     assert!(OpenAiProxyBackend::new(OpenAiProxyConfig::new("ftp://x/v1", "m")).is_err());
 }
