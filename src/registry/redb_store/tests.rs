@@ -1,0 +1,338 @@
+use super::*;
+use crate::registry::conformance::input;
+
+#[tokio::test]
+async fn survives_reopen_and_keeps_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.redb");
+    {
+        let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
+        r.register(input("b@llm", 2)).await.unwrap();
+        r.register(input("a@llm", 1)).await.unwrap();
+        r.register(input("b@llm", 1)).await.unwrap();
+        r.deregister(input("a@llm", 1)).await.unwrap();
+    }
+    let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
+    let l = r.list(None, false).await.unwrap();
+    let got: Vec<_> = l
+        .iter()
+        .map(|i| (i.model_name.as_str(), i.port, i.healthy.unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [("b@llm", 2, true), ("b@llm", 1, true), ("a@llm", 1, false)]
+    );
+    assert_eq!(
+        r.counts(),
+        Counts {
+            healthy: 2,
+            total: 3
+        }
+    );
+}
+
+#[tokio::test]
+async fn second_open_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.redb");
+    let _a = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
+    let err = RedbRegistry::open(&path, Duration::from_secs(60))
+        .err()
+        .expect("second open must fail");
+    assert!(matches!(err, RegistryError::Locked { .. }));
+    assert!(err.to_string().contains("r.redb"), "{err}");
+}
+
+#[tokio::test]
+async fn removal_heartbeat_and_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.redb");
+    {
+        let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
+        // Heartbeat from an unknown instance registers it (durably).
+        r.heartbeat(input("x@llm", 9)).await.unwrap();
+        r.register(input("y@llm", 9)).await.unwrap();
+        let mut rm = input("y@llm", 9);
+        rm.remove_from_registry = true;
+        r.deregister(rm).await.unwrap();
+        // Removing an unknown instance is fine.
+        let mut rm = input("nope@llm", 1);
+        rm.remove_from_registry = true;
+        r.deregister(rm).await.unwrap();
+        let before = r.list(Some("x@llm"), false).await.unwrap()[0].clone();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        r.heartbeat(input("x@llm", 9)).await.unwrap();
+        r.flush().await.unwrap();
+        let after = r.list(Some("x@llm"), false).await.unwrap()[0].clone();
+        assert_ne!(before.last_heartbeat, after.last_heartbeat);
+    }
+    let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
+    let l = r.list(None, false).await.unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].model_name, "x@llm");
+}
+
+/// The direct JSON writer is byte-identical to serialising the wire structs, across
+/// every optional field and escaping case.
+#[tokio::test]
+async fn list_json_equals_serialised_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = RedbRegistry::open(&dir.path().join("r.redb"), Duration::from_secs(60)).unwrap();
+    let mut odd = input("quote\"back\\slash \u{e9}\u{4e2d}@llm", 65535);
+    odd.weight = None;
+    odd.check_healthy = None;
+    odd.enabled = Some(false);
+    odd.prompt_template = Some("tab\tnew\nline \u{1f600}".into());
+    r.register(odd).await.unwrap();
+    let mut w = input("w@text2vec", 0);
+    w.weight = Some(0.1 + 0.2);
+    w.check_healthy = Some(false);
+    r.register(w).await.unwrap();
+    r.register(input("a@llm", 1)).await.unwrap();
+    r.deregister(input("a@llm", 1)).await.unwrap();
+    for (name, healthy_only) in [
+        (None, false),
+        (None, true),
+        (Some("a@llm"), false),
+        (Some("zz"), false),
+    ] {
+        let direct = r.list_json(name, healthy_only).await.unwrap();
+        let via = serde_json::to_vec(&r.list(name, healthy_only).await.unwrap()).unwrap();
+        assert_eq!(
+            String::from_utf8(direct).unwrap(),
+            String::from_utf8(via).unwrap()
+        );
+    }
+}
+
+#[tokio::test]
+async fn expiry_flips_and_heartbeat_revives() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = RedbRegistry::open(&dir.path().join("r.redb"), Duration::from_millis(50)).unwrap();
+    r.register(input("a@llm", 1)).await.unwrap();
+    let mut unchecked = input("b@llm", 1);
+    unchecked.check_healthy = Some(false);
+    r.register(unchecked).await.unwrap();
+    assert_eq!(r.list(None, true).await.unwrap().len(), 2);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    // Reported unhealthy at once (derived), before any sweep.
+    let healthy = r.list(None, true).await.unwrap();
+    assert_eq!(healthy.len(), 1);
+    assert_eq!(healthy[0].model_name, "b@llm");
+    assert_eq!(r.expire().await.unwrap(), 1);
+    assert_eq!(r.expire().await.unwrap(), 0);
+    r.heartbeat(input("a@llm", 1)).await.unwrap();
+    assert_eq!(r.list(None, true).await.unwrap().len(), 2);
+}
+
+// ---- Committed fixtures (tests/data): the released file format must keep opening. ----
+
+fn data(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+/// A writable copy of a committed fixture (opening a registry writes to it).
+fn fixture_copy(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::copy(data(name), &path).unwrap();
+    path
+}
+
+const V010: &str = "v0.1.0_registry.redb";
+const V010_CORRUPT: &str = "v0.1.0_registry_corrupt.redb";
+
+fn key(model_name: &str, host: &str, port: u16) -> InstanceKey {
+    InstanceKey {
+        model_name: model_name.into(),
+        host: host.into(),
+        port,
+    }
+}
+
+/// Every record of the file written by the first release, as it must still load.
+fn v010_instances() -> Vec<Instance> {
+    let base = |k: InstanceKey, seq: u64, t: i64| Instance {
+        key: k,
+        seq,
+        weight: Some(1.0),
+        check_healthy: Some(true),
+        healthy: true,
+        enabled: Some(true),
+        prompt_template: None,
+        last_heartbeat: Some(Timestamp(t)),
+    };
+    vec![
+        // Re-registered with a new weight and template: `enabled`/`check_healthy` kept.
+        Instance {
+            weight: Some(2.0),
+            prompt_template: Some("vicuna_v1.1".into()),
+            ..base(key("smollm2@llm", "127.0.0.1", 8001), 0, 1796625604711681)
+        },
+        // Deregistered: kept, unhealthy.
+        Instance {
+            healthy: false,
+            ..base(key("smollm2@llm", "127.0.0.1", 8002), 1, 1796625604677110)
+        },
+        Instance {
+            weight: None,
+            check_healthy: Some(false),
+            ..base(
+                key("bge-small@text2vec", "10.0.0.5", 8003),
+                2,
+                1796625604680998,
+            )
+        },
+        Instance {
+            check_healthy: None,
+            enabled: Some(false),
+            prompt_template: Some("chatml".into()),
+            ..base(
+                key("gpt-proxy@llm", "worker.example", 9000),
+                3,
+                1796625604681659,
+            )
+        },
+        // seq 4 was `gone@llm`, removed with remove_from_registry.
+        Instance {
+            weight: Some(0.3),
+            prompt_template: Some("tab\tnew\nline".into()),
+            ..base(key("名字 \"q\"\\@llm", "::1", 65535), 5, 1796625604690973)
+        },
+        // First seen by a heartbeat; its second heartbeat's timestamp was flushed in a batch.
+        base(key("hb@llm", "127.0.0.1", 8005), 6, 1796625604707959),
+    ]
+}
+
+/// The registry file of the first release (table layout 1, record format 1, redb 4.5) opens
+/// with every record intact, in order, and takes writes. If this fails, a change broke the
+/// upgrade of every installed controller: add a migration instead of editing the fixture.
+#[tokio::test]
+async fn the_first_releases_registry_file_still_opens_with_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture_copy(dir.path(), V010);
+    let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
+    let got: Vec<Instance> = r.read_mem().iter().cloned().collect();
+    assert_eq!(got, v010_instances());
+    // The next registration gets the next sequence number and survives a reopen.
+    r.register(input("new@llm", 1)).await.unwrap();
+    drop(r);
+    let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
+    let mem = r.read_mem();
+    let new = mem.get(&key("new@llm", "127.0.0.1", 1)).unwrap();
+    assert_eq!(new.seq, 7);
+    assert_eq!(mem.len(), 7);
+}
+
+/// The same file through the raw reader the `dbgpt registry` commands use: every row
+/// decodes, and the layout version is the first one.
+#[test]
+fn the_first_releases_file_scans_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture_copy(dir.path(), V010);
+    let (db, scan) = file::open(&path, &file::create).unwrap();
+    assert!(scan.unreadable.is_empty(), "{:?}", scan.unreadable);
+    let mut got = scan.instances;
+    got.sort_by_key(|i| i.seq);
+    assert_eq!(got, v010_instances());
+    let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+    use redb::ReadableDatabase;
+    let read = db.begin_read().unwrap();
+    let version = read
+        .open_table(meta)
+        .unwrap()
+        .get("schema_version")
+        .unwrap();
+    assert_eq!(version.map(|v| v.value()), Some(1));
+}
+
+/// Overwrites `blocks` 512-byte blocks of `bytes` with pseudo-random bytes (xorshift64 from
+/// `seed`: the same damage on every machine).
+pub(crate) fn corrupt(bytes: &mut [u8], seed: u64, blocks: usize) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let count = bytes.len() / 512;
+    for _ in 0..blocks {
+        let b = (next() % count as u64) as usize;
+        for byte in &mut bytes[b * 512..(b + 1) * 512] {
+            *byte = next() as u8;
+        }
+    }
+}
+
+/// Seed and block count of the committed corrupted fixture.
+const CORRUPT_SEED: u64 = 1;
+const CORRUPT_BLOCKS: usize = 8;
+
+/// Writes the committed fixtures' derived file: run by hand after changing the recipe.
+#[test]
+#[ignore = "writes tests/data/v0.1.0_registry_corrupt.redb"]
+fn write_corrupt_fixture() {
+    let mut bytes = std::fs::read(data(V010)).unwrap();
+    corrupt(&mut bytes, CORRUPT_SEED, CORRUPT_BLOCKS);
+    std::fs::write(data(V010_CORRUPT), bytes).unwrap();
+}
+
+/// The committed corrupted fixture is exactly the recipe applied to the good one.
+#[test]
+fn the_corrupt_fixture_is_the_recipe_applied_to_the_release_file() {
+    let mut bytes = std::fs::read(data(V010)).unwrap();
+    corrupt(&mut bytes, CORRUPT_SEED, CORRUPT_BLOCKS);
+    assert!(bytes != std::fs::read(data(V010)).unwrap());
+    assert!(bytes == std::fs::read(data(V010_CORRUPT)).unwrap());
+}
+
+/// A damaged file is refused with an error that names it and says what to do, not a panic.
+#[test]
+fn a_corrupt_file_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture_copy(dir.path(), V010_CORRUPT);
+    let err = RedbRegistry::open(&path, Duration::from_secs(60))
+        .err()
+        .expect("a corrupt file must not open");
+    assert!(matches!(err, RegistryError::Corrupt { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("dbgpt registry check"), "{text}");
+    assert!(text.contains("move the file aside"), "{text}");
+}
+
+/// Random damage anywhere in a registry either leaves a file that opens (free pages hit)
+/// or is refused as corrupt: redb's integrity check on open finds it, never a panic.
+#[test]
+fn random_damage_opens_or_is_refused_as_corrupt() {
+    let good = std::fs::read(data(V010)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut opened, mut refused) = (0, 0);
+    for seed in 1..=40 {
+        let mut bytes = good.clone();
+        corrupt(&mut bytes, seed, 1 + (seed as usize % 6));
+        let path = dir.path().join(format!("r{seed}.redb"));
+        std::fs::write(&path, bytes).unwrap();
+        match file::open(&path, &file::create) {
+            Ok((_, scan)) => {
+                opened += 1;
+                // Whatever survived decodes to records of the release file.
+                for i in &scan.instances {
+                    assert!(v010_instances().contains(i), "seed {seed}: {i:?}");
+                }
+            }
+            Err(RegistryError::Corrupt { path: p, reason }) => {
+                refused += 1;
+                assert_eq!(p, path.display().to_string());
+                assert!(!reason.contains("panicked"), "seed {seed}: {reason}");
+            }
+            Err(e) => panic!("seed {seed}: unexpected {e:?}"),
+        }
+    }
+    assert!(
+        opened > 0 && refused > 0,
+        "{opened} opened, {refused} refused"
+    );
+}
