@@ -17,7 +17,7 @@
 
 pub(crate) mod file;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -1,3 +1,6 @@
+use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
 use super::*;
 use crate::registry::conformance::input;
 
@@ -127,7 +130,7 @@ async fn expiry_flips_and_heartbeat_revives() {
 
 // ---- Committed fixtures (tests/data): the released file format must keep opening. ----
 
-fn data(name: &str) -> std::path::PathBuf {
+pub(crate) fn data(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
         .join(name)
@@ -140,8 +143,8 @@ fn fixture_copy(dir: &Path, name: &str) -> std::path::PathBuf {
     path
 }
 
-const V010: &str = "v0.1.0_registry.redb";
-const V010_CORRUPT: &str = "v0.1.0_registry_corrupt.redb";
+pub(crate) const V010: &str = "v0.1.0_registry.redb";
+pub(crate) const V010_CORRUPT: &str = "v0.1.0_registry_corrupt.redb";
 
 fn key(model_name: &str, host: &str, port: u16) -> InstanceKey {
     InstanceKey {
@@ -335,4 +338,283 @@ fn random_damage_opens_or_is_refused_as_corrupt() {
         opened > 0 && refused > 0,
         "{opened} opened, {refused} refused"
     );
+}
+
+// ---- Rows that do not decode. ----
+
+/// Writes rows straight into a registry file, bypassing the record encoder.
+pub(crate) fn write_raw_rows(path: &Path, rows: &[((&str, &str, u16), Vec<u8>)]) {
+    let (db, _) = file::open(path, &file::create).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut t = txn.open_table(file::INSTANCES).unwrap();
+        for (k, v) in rows {
+            t.insert(*k, v.as_slice()).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
+pub(crate) fn encoded(name: &str, port: u16, seq: u64) -> Vec<u8> {
+    record::encode(&Instance::from_input(&input(name, port), seq, Timestamp(1)))
+}
+
+/// A value that does not decode, or that decodes to another instance than its key, is
+/// reported (with the file and the key) and not served; the good rows load.
+#[tokio::test]
+async fn unreadable_rows_are_reported_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.redb");
+    write_raw_rows(
+        &path,
+        &[
+            (("good@llm", "127.0.0.1", 1), encoded("good@llm", 1, 0)),
+            (("bad@llm", "127.0.0.1", 2), vec![1, 255, 255]),
+            (("newer@llm", "127.0.0.1", 3), vec![9, 0]),
+            (("moved@llm", "127.0.0.1", 4), encoded("other@llm", 5, 1)),
+        ],
+    );
+    let (_, scan) = file::open(&path, &file::create).unwrap();
+    let keys: Vec<&str> = scan.unreadable.iter().map(|u| u.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "bad@llm@127.0.0.1:2",
+            "moved@llm@127.0.0.1:4",
+            "newer@llm@127.0.0.1:3"
+        ]
+    );
+    assert!(
+        scan.unreadable[0].error.contains("corrupt record"),
+        "{:?}",
+        scan.unreadable
+    );
+    assert!(
+        scan.unreadable[1].error.contains("does not match"),
+        "{:?}",
+        scan.unreadable
+    );
+    assert!(
+        scan.unreadable[2].error.contains("newer"),
+        "{:?}",
+        scan.unreadable
+    );
+    let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
+    let names: Vec<String> = r
+        .list(None, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.model_name)
+        .collect();
+    assert_eq!(names, ["good@llm"]);
+}
+
+/// The resync after a storage error makes the file hold the in-memory view: rows of
+/// instances memory does not have are removed, unreadable rows are kept untouched.
+#[test]
+fn resync_writes_the_view_and_keeps_unreadable_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.redb");
+    write_raw_rows(
+        &path,
+        &[
+            (("stale@llm", "127.0.0.1", 1), encoded("stale@llm", 1, 0)),
+            (("bad@llm", "127.0.0.1", 2), vec![1, 255]),
+            (("kept@llm", "127.0.0.1", 3), encoded("kept@llm", 3, 1)),
+        ],
+    );
+    let kept = Instance {
+        weight: Some(5.0),
+        ..Instance::from_input(&input("kept@llm", 3), 1, Timestamp(2))
+    };
+    let added = Instance::from_input(&input("added@llm", 4), 2, Timestamp(3));
+    let view: Vec<(InstanceKey, Vec<u8>)> = [&kept, &added]
+        .iter()
+        .map(|i| (i.key.clone(), record::encode(i)))
+        .collect();
+    let (db, _) = file::open(&path, &file::create).unwrap();
+    file::resync(&db, &view).unwrap();
+    drop(db);
+    let (_, scan) = file::open(&path, &file::create).unwrap();
+    let mut got = scan.instances;
+    got.sort_by_key(|i| i.seq);
+    assert_eq!(got, [kept, added]);
+    assert_eq!(scan.unreadable.len(), 1);
+    assert_eq!(scan.unreadable[0].key, "bad@llm@127.0.0.1:2");
+}
+
+#[test]
+fn contain_turns_a_panic_into_its_message() {
+    let got = file::contain(|| -> u8 { panic!("page type byte {}", 7) });
+    let msg = got.unwrap_err();
+    assert!(msg.contains("page type byte 7"), "{msg}");
+    assert!(msg.contains("tests.rs"), "{msg}");
+    assert_eq!(file::contain(|| 5), Ok(5));
+}
+
+// ---- A full disk: fault injection through a redb storage backend. ----
+
+/// A file backend that answers ENOSPC to every write and growth while `full` is set.
+#[derive(Debug)]
+struct FillableDisk {
+    inner: redb::backends::FileBackend,
+    full: Arc<AtomicBool>,
+}
+
+fn enospc() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::ENOSPC)
+}
+
+impl redb::StorageBackend for FillableDisk {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if self.full.load(SeqCst) && len > self.inner.len()? {
+            return Err(enospc());
+        }
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if self.full.load(SeqCst) {
+            return Err(enospc());
+        }
+        self.inner.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.inner.close()
+    }
+    fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_range(s, e)
+    }
+    fn try_lock_shared_range(
+        &self,
+        s: Bound<u64>,
+        e: Bound<u64>,
+    ) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_shared_range(s, e)
+    }
+    fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.lock_range(s, e)
+    }
+    fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.lock_shared_range(s, e)
+    }
+    fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.inner.unlock_range(s, e)
+    }
+    fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.inner.query_lock_range(s, e)
+    }
+}
+
+fn open_on_fillable_disk(path: &Path, full: Arc<AtomicBool>) -> RedbRegistry {
+    let create = move |b: &redb::Builder, p: &Path| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(p)?;
+        b.create_with_backend(FillableDisk {
+            inner: redb::backends::FileBackend::new(f)?,
+            full: full.clone(),
+        })
+    };
+    RedbRegistry::open_with(path, Duration::from_secs(60), Arc::new(create)).unwrap()
+}
+
+/// After ENOSPC redb refuses every write until the database is reopened. The store reports
+/// itself failing, acknowledges nothing it could not write, and once space returns reopens
+/// by itself and writes back what memory holds (the heartbeat taken meanwhile included).
+#[tokio::test]
+async fn a_full_disk_fails_writes_until_space_returns_then_the_store_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.redb");
+    let full = Arc::new(AtomicBool::new(false));
+    let r = open_on_fillable_disk(&path, full.clone());
+    r.register(input("a@llm", 1)).await.unwrap();
+    r.register(input("b@llm", 1)).await.unwrap();
+    assert_eq!(r.storage_failure(), None);
+
+    full.store(true, SeqCst);
+    let err = r.register(input("c@llm", 1)).await.unwrap_err();
+    assert!(matches!(err, RegistryError::Storage(_)), "{err:?}");
+    let why = r.storage_failure().expect("failing while the disk is full");
+    assert!(r.describe().contains("failing"), "{}", r.describe());
+    // Heartbeats of known instances are memory-only and keep working.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    r.heartbeat(input("a@llm", 1)).await.unwrap();
+    let beat = r
+        .read_mem()
+        .get(&key("a@llm", "127.0.0.1", 1))
+        .unwrap()
+        .last_heartbeat;
+    assert!(r.deregister(input("b@llm", 1)).await.is_err());
+    // A flush tick tries to reopen: still full, still failing.
+    assert!(r.flush().await.is_err());
+    assert!(r.storage_failure().is_some(), "was: {why}");
+    // Nothing unacknowledged reached memory.
+    assert!(r.read_mem().get(&key("c@llm", "127.0.0.1", 1)).is_none());
+    assert!(
+        r.read_mem()
+            .get(&key("b@llm", "127.0.0.1", 1))
+            .unwrap()
+            .healthy
+    );
+
+    full.store(false, SeqCst);
+    r.flush().await.unwrap();
+    assert_eq!(r.storage_failure(), None);
+    r.register(input("c@llm", 1)).await.unwrap();
+    drop(r);
+
+    let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
+    let mem = r.read_mem();
+    let names: Vec<&str> = mem.iter().map(|i| i.key.model_name.as_str()).collect();
+    assert_eq!(names, ["a@llm", "b@llm", "c@llm"]);
+    assert_eq!(
+        mem.get(&key("a@llm", "127.0.0.1", 1))
+            .unwrap()
+            .last_heartbeat,
+        beat
+    );
+    assert!(mem.get(&key("b@llm", "127.0.0.1", 1)).unwrap().healthy);
+}
+
+/// Without a reopen nothing would recover: the next write also goes through one when the
+/// failure is noticed by a write rather than by the flush tick.
+#[tokio::test]
+async fn the_first_write_after_space_returns_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.redb");
+    let full = Arc::new(AtomicBool::new(false));
+    let r = open_on_fillable_disk(&path, full.clone());
+    r.register(input("a@llm", 1)).await.unwrap();
+    full.store(true, SeqCst);
+    assert!(r.register(input("b@llm", 1)).await.is_err());
+    assert!(r.register(input("b@llm", 1)).await.is_err());
+    full.store(false, SeqCst);
+    r.register(input("b@llm", 1)).await.unwrap();
+    assert_eq!(r.storage_failure(), None);
+    let mut rm = input("a@llm", 1);
+    rm.remove_from_registry = true;
+    r.deregister(rm).await.unwrap();
+    drop(r);
+    let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
+    let names: Vec<String> = r
+        .list(None, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.model_name)
+        .collect();
+    assert_eq!(names, ["b@llm"]);
 }
