@@ -160,16 +160,15 @@ impl RedbRegistry {
         let create = self.create.clone();
         let reopened = tokio::task::spawn_blocking(move || {
             drop(old);
-            let (db, _) = file::open(&path, &*create)?;
-            file::resync(&db, &view).map_err(|e| RegistryError::Storage(e.to_string()))?;
-            Ok::<_, RegistryError>(db)
+            let (db, _) = file::open(&path, &*create).map_err(|e| match e {
+                RegistryError::Open { reason, .. } => reason,
+                e => e.to_string(),
+            })?;
+            file::resync(&db, &view).map_err(|e| e.to_string())?;
+            Ok::<_, String>(db)
         })
         .await
-        .unwrap_or_else(|e| {
-            Err(RegistryError::Storage(format!(
-                "registry reopen task failed: {e}"
-            )))
-        });
+        .unwrap_or_else(|e| Err(format!("registry reopen task failed: {e}")));
         match reopened {
             Ok(db) => {
                 let db = Arc::new(db);
@@ -181,18 +180,20 @@ impl RedbRegistry {
             }
             Err(e) => {
                 self.dirty().extend(dirty);
-                let reason = format!("reopening after a storage error failed: {e}");
+                let reason = format!("reopening the file failed: {e}");
                 self.set_failing(&reason);
                 Err(RegistryError::Storage(reason))
             }
         }
     }
 
+    /// Records why writes fail (logged when the store starts failing, not on every retry).
     fn set_failing(&self, reason: &str) {
-        error!(path = %self.path.display(), error = reason,
-            "registry write failed; it is reopened before the next write and every {} s",
-            crate::controller::FLUSH_INTERVAL.as_secs());
-        *self.lock_failing() = Some(reason.to_string());
+        let was = self.lock_failing().replace(reason.to_string());
+        if was.is_none() {
+            error!(path = %self.path.display(), error = reason,
+                "registry write failed; the file is reopened before the next write and on every flush until that works");
+        }
     }
 
     fn failing(&self) -> Option<String> {

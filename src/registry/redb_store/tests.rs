@@ -343,7 +343,7 @@ fn random_damage_opens_or_is_refused_as_corrupt() {
 // ---- Rows that do not decode. ----
 
 /// Writes rows straight into a registry file, bypassing the record encoder.
-pub(crate) fn write_raw_rows(path: &Path, rows: &[((&str, &str, u16), Vec<u8>)]) {
+pub(crate) fn write_raw_rows(path: &Path, rows: &[(file::InstanceRow, Vec<u8>)]) {
     let (db, _) = file::open(path, &file::create).unwrap();
     let txn = db.begin_write().unwrap();
     {
