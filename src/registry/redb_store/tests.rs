@@ -156,15 +156,10 @@ fn key(model_name: &str, host: &str, port: u16) -> InstanceKey {
 
 /// Every record of the file written by the first release, as it must still load.
 fn v010_instances() -> Vec<Instance> {
+    // A registration with `input`'s defaults (weight 1, checked, enabled, no template).
     let base = |k: InstanceKey, seq: u64, t: i64| Instance {
         key: k,
-        seq,
-        weight: Some(1.0),
-        check_healthy: Some(true),
-        healthy: true,
-        enabled: Some(true),
-        prompt_template: None,
-        last_heartbeat: Some(Timestamp(t)),
+        ..Instance::from_input(&input("", 0), seq, Timestamp(t))
     };
     vec![
         // Re-registered with a new weight and template: `enabled`/`check_healthy` kept.
@@ -355,6 +350,11 @@ pub(crate) fn write_raw_rows(path: &Path, rows: &[(file::InstanceRow, Vec<u8>)])
     txn.commit().unwrap();
 }
 
+async fn model_names(r: &RedbRegistry) -> Vec<String> {
+    let all = r.list(None, false).await.unwrap();
+    all.into_iter().map(|i| i.model_name).collect()
+}
+
 pub(crate) fn encoded(name: &str, port: u16, seq: u64) -> Vec<u8> {
     record::encode(&Instance::from_input(&input(name, port), seq, Timestamp(1)))
 }
@@ -400,13 +400,7 @@ async fn unreadable_rows_are_reported_and_skipped() {
         scan.unreadable
     );
     let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
-    let names: Vec<String> = r
-        .list(None, false)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| i.model_name)
-        .collect();
+    let names = model_names(&r).await;
     assert_eq!(names, ["good@llm"]);
 }
 
@@ -609,12 +603,6 @@ async fn the_first_write_after_space_returns_reopens() {
     r.deregister(rm).await.unwrap();
     drop(r);
     let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
-    let names: Vec<String> = r
-        .list(None, false)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| i.model_name)
-        .collect();
+    let names = model_names(&r).await;
     assert_eq!(names, ["b@llm"]);
 }
