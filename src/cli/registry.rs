@@ -143,7 +143,8 @@ pub fn restore(backup: &Path, path: &Path) -> anyhow::Result<()> {
     let work = Scratch(scratch_path(dir, path, "restore"));
     let scan = clean(verified_copy(backup, &work.0)?, backup)?;
     let mut kept = String::new();
-    if path.exists() {
+    if let Ok(old) = std::fs::metadata(path) {
+        same_owner_and_mode(&work.0, &old)?;
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
         let aside = PathBuf::from(format!("{}.replaced-{stamp}", path.display()));
         std::fs::rename(path, &aside)
@@ -239,6 +240,25 @@ fn in_use(path: &Path) -> bool {
             file::contain(|| redb::ReadOnlyDatabase::open(path).map(drop)),
             Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen))
         )
+}
+
+/// Gives the restored file the owner and mode of the file it replaces (a restore run as
+/// root must leave a file the controller's own user can still write).
+fn same_owner_and_mode(path: &Path, like: &std::fs::Metadata) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mine = std::fs::metadata(path)?;
+    if (mine.uid(), mine.gid()) != (like.uid(), like.gid()) {
+        std::os::unix::fs::chown(path, Some(like.uid()), Some(like.gid())).with_context(|| {
+            format!(
+                "cannot give {} the owner of the file it replaces (uid {}, gid {}); run the restore as that user or as root",
+                path.display(),
+                like.uid(),
+                like.gid()
+            )
+        })?;
+    }
+    std::fs::set_permissions(path, like.permissions())
+        .with_context(|| format!("cannot set the mode of {}", path.display()))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

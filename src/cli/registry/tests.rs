@@ -101,6 +101,26 @@ async fn backup_while_the_controller_runs_then_restore_after_it_stopped() {
     assert_eq!(models(&kept[0]), ["a@llm", "b@llm", "c@llm"]);
 }
 
+/// A restore run as root keeps the replaced file's owner and mode, so the controller's own
+/// user can still write the registry.
+#[test]
+fn restore_keeps_the_owner_and_mode_of_the_replaced_file() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let path = copy_of(dir.path(), V010);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let me = std::fs::metadata(&path).unwrap();
+    // As root, hand the file to another user first (as under systemd's User=dbgpt).
+    let owner = if me.uid() == 0 { 65534 } else { me.uid() };
+    if owner != me.uid() {
+        std::os::unix::fs::chown(&path, Some(owner), Some(owner)).unwrap();
+    }
+    restore(&data(V010), &path).unwrap();
+    let now = std::fs::metadata(&path).unwrap();
+    assert_eq!(now.mode() & 0o7777, 0o640);
+    assert_eq!(now.uid(), owner);
+}
+
 #[test]
 fn restore_refuses_a_damaged_backup_and_keeps_the_file() {
     let dir = tempfile::tempdir().unwrap();
