@@ -212,11 +212,12 @@ fn row_key(inst: &Instance) -> Vec<u8> {
     <InstanceRow as Value>::as_bytes(&row(&inst.key))
 }
 
-/// A raw key shown for a report: `model@host:port` when it decodes, else its bytes.
+/// A raw key shown for a report: `model@host:port` when it decodes, else its bytes; control
+/// characters escaped (it goes into log lines).
 fn show_key(raw: &[u8]) -> String {
     let decoded = contain(|| {
         let (m, h, p) = <InstanceRow as Value>::from_bytes(raw);
-        format!("{m}@{h}:{p}")
+        format!("{m}@{h}:{p}").escape_debug().to_string()
     });
     decoded.unwrap_or_else(|_| format!("{:?}", String::from_utf8_lossy(raw)))
 }

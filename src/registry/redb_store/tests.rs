@@ -371,6 +371,7 @@ async fn unreadable_rows_are_reported_and_skipped() {
             (("good@llm", "127.0.0.1", 1), encoded("good@llm", 1, 0)),
             (("bad@llm", "127.0.0.1", 2), vec![1, 255, 255]),
             (("newer@llm", "127.0.0.1", 3), vec![9, 0]),
+            (("new\nline@llm", "127.0.0.1", 5), vec![]),
             (("moved@llm", "127.0.0.1", 4), encoded("other@llm", 5, 1)),
         ],
     );
@@ -381,9 +382,12 @@ async fn unreadable_rows_are_reported_and_skipped() {
         [
             "bad@llm@127.0.0.1:2",
             "moved@llm@127.0.0.1:4",
+            // Shown escaped: it goes into a log line.
+            "new\\nline@llm@127.0.0.1:5",
             "newer@llm@127.0.0.1:3"
         ]
     );
+    assert_eq!(scan.unreadable[2].error, "empty record");
     assert!(
         scan.unreadable[0].error.contains("corrupt record"),
         "{:?}",
@@ -395,7 +399,7 @@ async fn unreadable_rows_are_reported_and_skipped() {
         scan.unreadable
     );
     assert!(
-        scan.unreadable[2].error.contains("newer"),
+        scan.unreadable[3].error.contains("newer"),
         "{:?}",
         scan.unreadable
     );
