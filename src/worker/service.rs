@@ -94,6 +94,7 @@ pub async fn run(cfg: WorkerConfig, mut readiness: Readiness) -> anyhow::Result<
     let app = router(WorkerState {
         manager: manager.clone(),
         tracer,
+        bind: listener.local_addr()?,
     });
     let http = tokio::spawn(crate::http::serve(listener, app, http_token.clone()));
     let heartbeat = manager.registrar().cloned().map(|r| {

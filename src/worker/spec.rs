@@ -285,7 +285,10 @@ impl ModelSpec {
                     .to_string()
             })
         });
-        let model_type = match get("model_type").or_else(|| get("provider")) {
+        let model_type = match get("model_type")
+            .or_else(|| get("provider"))
+            .filter(|t| !is_dbgpt_default_llm_type(t, worker_type))
+        {
             Some(t) => ModelType::parse(&t, worker_type).ok_or_else(|| {
                 SpecError(format!(
                     "params.model_type {t:?} is not supported for worker_type {}",
@@ -415,6 +418,19 @@ pub fn mask(secret: &str) -> String {
     }
 }
 
+/// Whether `model_type` is DB-GPT's default for an LLM (`huggingface`, 0.7's `hf`), which
+/// DB-GPT's own CLI sends when the user names no engine: `dbgpt model start` builds its
+/// options from DB-GPT's parameter class named in our `param_class`, whose `model_type`
+/// defaults to it. No engine here runs Hugging Face LLMs, so for an LLM it means "not
+/// specified" and the engine follows from the other params ([`default_model_type`]), which
+/// for the `model_path` `models/supports` reported is the engine the model ran with.
+fn is_dbgpt_default_llm_type(model_type: &str, worker_type: WorkerType) -> bool {
+    worker_type == WorkerType::Llm
+        && ["huggingface", "hf"]
+            .iter()
+            .any(|d| model_type.eq_ignore_ascii_case(d))
+}
+
 /// Engine to use when only a path (or a proxy URL) is given.
 pub fn default_model_type(
     worker_type: WorkerType,
@@ -496,6 +512,50 @@ mod tests {
         assert_eq!(s.model_type, ModelType::LlamaCpp);
         let s = ModelSpec::from_params("e", WorkerType::Text2vec, &json!({"model_path": "/d"}))
             .unwrap();
+        assert_eq!(s.model_type, ModelType::Bert);
+    }
+
+    /// The `params` of DB-GPT 0.5.10's `dbgpt model start --model_name smollm2 --host H
+    /// --port P` against our worker: every field of DB-GPT's `LlamaCppModelParameters`
+    /// (named by our `param_class`) with its default, `model_type` included.
+    pub(crate) fn dbgpt_0_5_10_start_params(model_path: &str) -> Value {
+        json!({
+            "model_name": "smollm2", "model_path": model_path, "device": null,
+            "model_type": "huggingface", "prompt_template": null, "max_context_size": 4096,
+            "num_gpus": null, "max_gpu_memory": null, "cpu_offloading": false,
+            "load_8bit": false, "load_4bit": false, "quant_type": "nf4",
+            "use_double_quant": true, "compute_dtype": null, "trust_remote_code": true,
+            "verbose": false, "seed": -1, "n_threads": null, "n_batch": 512,
+            "n_gpu_layers": 1000000000, "n_gqa": null, "rms_norm_eps": 5e-06,
+            "cache_capacity": null, "prefer_cpu": false
+        })
+    }
+
+    #[test]
+    fn dbgpt_cli_default_model_type_means_not_specified() {
+        let s = ModelSpec::from_params(
+            "smollm2",
+            WorkerType::Llm,
+            &dbgpt_0_5_10_start_params("/m/smollm2.gguf"),
+        )
+        .unwrap();
+        assert_eq!(s.model_type, ModelType::LlamaCpp);
+        assert_eq!(s.path, Some(PathBuf::from("/m/smollm2.gguf")));
+        assert_eq!(s.context_length, Some(4096));
+        let s = ModelSpec::from_params(
+            "gpt",
+            WorkerType::Llm,
+            &json!({"model_type": "HuggingFace", "proxy_api_base": "http://u:1/v1"}),
+        )
+        .unwrap();
+        assert_eq!(s.model_type, ModelType::Proxy);
+        // For embeddings, hf is an engine of its own.
+        let s = ModelSpec::from_params(
+            "e",
+            WorkerType::Text2vec,
+            &json!({"model_type": "huggingface", "model_path": "/d", "proxy_api_base": "http://u:1/v1"}),
+        )
+        .unwrap();
         assert_eq!(s.model_type, ModelType::Bert);
     }
 
