@@ -515,28 +515,14 @@ mod tests {
         assert_eq!(s.model_type, ModelType::Bert);
     }
 
-    /// The `params` of DB-GPT 0.5.10's `dbgpt model start --model_name smollm2 --host H
-    /// --port P` against our worker: every field of DB-GPT's `LlamaCppModelParameters`
-    /// (named by our `param_class`) with its default, `model_type` included.
-    pub(crate) fn dbgpt_0_5_10_start_params(model_path: &str) -> Value {
-        json!({
-            "model_name": "smollm2", "model_path": model_path, "device": null,
-            "model_type": "huggingface", "prompt_template": null, "max_context_size": 4096,
-            "num_gpus": null, "max_gpu_memory": null, "cpu_offloading": false,
-            "load_8bit": false, "load_4bit": false, "quant_type": "nf4",
-            "use_double_quant": true, "compute_dtype": null, "trust_remote_code": true,
-            "verbose": false, "seed": -1, "n_threads": null, "n_batch": 512,
-            "n_gpu_layers": 1000000000, "n_gqa": null, "rms_norm_eps": 5e-06,
-            "cache_capacity": null, "prefer_cpu": false
-        })
-    }
-
     #[test]
     fn dbgpt_cli_default_model_type_means_not_specified() {
         let s = ModelSpec::from_params(
             "smollm2",
             WorkerType::Llm,
-            &dbgpt_0_5_10_start_params("/m/smollm2.gguf"),
+            // The fields of DB-GPT 0.5.10's CLI body that matter here (the whole body is
+            // in the e2e lifecycle test).
+            &json!({"model_name": "smollm2", "model_path": "/m/smollm2.gguf", "model_type": "huggingface", "max_context_size": 4096, "n_threads": null, "seed": -1}),
         )
         .unwrap();
         assert_eq!(s.model_type, ModelType::LlamaCpp);

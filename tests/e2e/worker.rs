@@ -413,12 +413,15 @@ fn lifecycle_through_apply_startup_and_the_cli() {
         "n_gpu_layers": 1000000000, "n_gqa": null, "rms_norm_eps": 5e-06,
         "cache_capacity": null, "prefer_cpu": false
     }});
-    let (s, v) = json_req(
-        w.port,
-        "POST",
-        "/api/worker/models/startup",
-        Some(&dbgpt_start),
-    );
+    let dbgpt_cli_start = || {
+        json_req(
+            w.port,
+            "POST",
+            "/api/worker/models/startup",
+            Some(&dbgpt_start),
+        )
+    };
+    let (s, v) = dbgpt_cli_start();
     assert_eq!(s, 200, "{v}");
     assert!(healthy(c.port, "smollm2@llm") && works(w.port));
     let (_, d) = json_req(
@@ -434,81 +437,35 @@ fn lifecycle_through_apply_startup_and_the_cli() {
         .find(|p| p["param_name"] == "model_type")
         .unwrap();
     assert_eq!(engine["default_value"], "llama.cpp", "{d}");
-    let (s, v) = json_req(
-        w.port,
-        "POST",
-        "/api/worker/models/startup",
-        Some(&dbgpt_start),
-    );
+    let (s, v) = dbgpt_cli_start();
     assert_eq!(s, 409, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("already running"));
     assert!(works(w.port));
 
     // The same through the CLI.
     let addr = c.url();
-    let out = env.run(&[
-        "model",
-        "--address",
-        &addr,
-        "restart",
-        "--model_name",
-        "smollm2",
-    ]);
+    let cli = |args: &[&str]| {
+        let mut all = vec!["model", "--address", &addr];
+        all.extend_from_slice(args);
+        env.run(&all)
+    };
+    let out = cli(&["restart", "--model_name", "smollm2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("Restarted smollm2@llm"));
-    let out = env.run(&[
-        "model",
-        "--address",
-        &addr,
-        "stop",
-        "--model_name",
-        "smollm2",
-    ]);
+    let out = cli(&["stop", "--model_name", "smollm2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(registered(c.port, "smollm2@llm").unwrap()["healthy"], false);
     // `model restart` of the stopped model starts it again.
-    let out = env.run(&[
-        "model",
-        "--address",
-        &addr,
-        "restart",
-        "--model_name",
-        "smollm2",
-    ]);
+    let out = cli(&["restart", "--model_name", "smollm2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("Restarted smollm2@llm"));
     assert!(healthy(c.port, "smollm2@llm") && works(w.port));
-    let out = env.run(&[
-        "model",
-        "--address",
-        &addr,
-        "stop",
-        "--model_name",
-        "smollm2",
-    ]);
+    let out = cli(&["stop", "--model_name", "smollm2"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = env.run(&[
-        "model",
-        "--address",
-        &addr,
-        "start",
-        "--model_name",
-        "smollm2",
-        "--model_path",
-        &gguf(),
-    ]);
+    let out = cli(&["start", "--model_name", "smollm2", "--model_path", &gguf()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(healthy(c.port, "smollm2@llm") && works(w.port));
-    let out = env.run(&[
-        "model",
-        "--address",
-        &addr,
-        "start",
-        "--model_name",
-        "smollm2",
-        "--model_path",
-        &gguf(),
-    ]);
+    let out = cli(&["start", "--model_name", "smollm2", "--model_path", &gguf()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
 
