@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
+use crate::http::HttpLimits;
 use crate::registry::sql::{DbType, Secret, SqlConfig};
 
 /// Options every server command shares.
@@ -42,6 +43,101 @@ pub struct CommonServerArgs {
     /// TOML configuration file; flags and environment variables override it.
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
+    // HTTP connection limits: see `HttpLimits` in src/http/limits.rs.
+    /// Seconds a client may take to send a request head, from its first byte [default: 10]
+    #[arg(
+        long = "http_header_timeout_secs",
+        visible_alias = "http-header-timeout-secs",
+        env = "DBGPT_HTTP_HEADER_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
+    pub http_header_timeout_secs: Option<u64>,
+    /// Seconds a keep-alive connection may stay idle between requests [default: 120]
+    #[arg(
+        long = "http_idle_timeout_secs",
+        visible_alias = "http-idle-timeout-secs",
+        env = "DBGPT_HTTP_IDLE_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
+    pub http_idle_timeout_secs: Option<u64>,
+    /// Seconds a client may take to send a request body, from the end of its head (408 beyond) [default: 30]
+    #[arg(
+        long = "http_body_timeout_secs",
+        visible_alias = "http-body-timeout-secs",
+        env = "DBGPT_HTTP_BODY_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
+    pub http_body_timeout_secs: Option<u64>,
+    /// Connections served at once; more wait in the listen backlog [default: 4096]
+    #[arg(
+        long = "http_max_connections",
+        visible_alias = "http-max-connections",
+        env = "DBGPT_HTTP_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
+    pub http_max_connections: Option<usize>,
+}
+
+/// The `http_*` keys of a config file section (every service's section has them).
+#[derive(Debug, Default, Clone, Copy)]
+struct HttpKeys {
+    header_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
+    body_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
+}
+
+/// The [`HttpKeys`] of a section struct (they all name them alike).
+macro_rules! http_keys {
+    ($file:expr) => {
+        HttpKeys {
+            header_timeout_secs: $file.http_header_timeout_secs,
+            idle_timeout_secs: $file.http_idle_timeout_secs,
+            body_timeout_secs: $file.http_body_timeout_secs,
+            max_connections: $file.http_max_connections,
+        }
+    };
+}
+
+impl CommonServerArgs {
+    /// The HTTP connection limits: flags and environment > the section's keys > defaults.
+    fn http_limits(&self, file: HttpKeys) -> anyhow::Result<HttpLimits> {
+        let secs = |flag: Option<u64>, key: Option<u64>, default: u64, name: &str| match flag
+            .or(key)
+            .unwrap_or(default)
+        {
+            0 => bail!("--{name} must be at least 1"),
+            n => Ok(Duration::from_secs(n)),
+        };
+        let max_connections = self
+            .http_max_connections
+            .or(file.max_connections)
+            .unwrap_or(HttpLimits::MAX_CONNECTIONS);
+        if max_connections == 0 {
+            bail!("--http_max_connections must be at least 1");
+        }
+        Ok(HttpLimits {
+            header_timeout: secs(
+                self.http_header_timeout_secs,
+                file.header_timeout_secs,
+                HttpLimits::HEADER_TIMEOUT_SECS,
+                "http_header_timeout_secs",
+            )?,
+            idle_timeout: secs(
+                self.http_idle_timeout_secs,
+                file.idle_timeout_secs,
+                HttpLimits::IDLE_TIMEOUT_SECS,
+                "http_idle_timeout_secs",
+            )?,
+            body_timeout: secs(
+                self.http_body_timeout_secs,
+                file.body_timeout_secs,
+                HttpLimits::BODY_TIMEOUT_SECS,
+                "http_body_timeout_secs",
+            )?,
+            max_connections,
+        })
+    }
 }
 
 /// Registry backends.
@@ -201,6 +297,10 @@ struct ControllerFile {
     tracer_file: Option<String>,
     /// DB-GPT 0.7's `[service.model.<service>.trace]`.
     trace: Option<TraceSection>,
+    http_header_timeout_secs: Option<u64>,
+    http_idle_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
+    http_max_connections: Option<usize>,
 }
 
 /// Resolved controller configuration.
@@ -218,6 +318,8 @@ pub struct ControllerConfig {
     pub log_file: PathBuf,
     pub tracer: TracerConfig,
     pub daemon: bool,
+    /// HTTP connection limits.
+    pub http: HttpLimits,
 }
 
 /// Reads `[section]` (or `[service.model.<section>]`) of a TOML file.
@@ -344,6 +446,7 @@ impl ControllerArgs {
             RegistryType::Embedded => None,
             RegistryType::Database => Some(sql_config(&self, &file)?),
         };
+        let http = self.common.http_limits(http_keys!(file))?;
         Ok(ControllerConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
@@ -368,6 +471,7 @@ impl ControllerArgs {
                 crate::tracer::CONTROLLER_FILE,
             )?,
             daemon: self.common.daemon,
+            http,
         })
     }
 }
@@ -688,6 +792,10 @@ struct WorkerFile {
     tracer_file: Option<String>,
     /// DB-GPT 0.7's `[service.model.<service>.trace]`.
     trace: Option<TraceSection>,
+    http_header_timeout_secs: Option<u64>,
+    http_idle_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
+    http_max_connections: Option<usize>,
 }
 
 /// One `[[models.llms]]` / `[[models.embeddings]]` entry.
@@ -734,6 +842,8 @@ pub struct WorkerConfig {
     pub log_file: PathBuf,
     pub tracer: TracerConfig,
     pub daemon: bool,
+    /// HTTP connection limits.
+    pub http: HttpLimits,
 }
 
 fn model_from_file(m: ModelFile, wt: WorkerType, file: &Path) -> anyhow::Result<ModelSpec> {
@@ -876,6 +986,7 @@ impl WorkerArgs {
         } else {
             None
         };
+        let http = self.common.http_limits(http_keys!(file))?;
         Ok(WorkerConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
@@ -897,6 +1008,7 @@ impl WorkerArgs {
                 crate::tracer::WORKER_FILE,
             )?,
             daemon: self.common.daemon,
+            http,
         })
     }
 }
@@ -1085,6 +1197,10 @@ struct ApiserverFile {
     tracer_file: Option<String>,
     /// DB-GPT 0.7's `[service.model.<service>.trace]`.
     trace: Option<TraceSection>,
+    http_header_timeout_secs: Option<u64>,
+    http_idle_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
+    http_max_connections: Option<usize>,
 }
 
 /// Resolved apiserver configuration.
@@ -1108,6 +1224,8 @@ pub struct ApiserverConfig {
     pub log_file: PathBuf,
     pub tracer: TracerConfig,
     pub daemon: bool,
+    /// HTTP connection limits.
+    pub http: HttpLimits,
 }
 
 impl std::fmt::Debug for ApiserverConfig {
@@ -1221,6 +1339,7 @@ impl ApiserverArgs {
             }
             Some(origins)
         };
+        let http = self.common.http_limits(http_keys!(file))?;
         Ok(ApiserverConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
@@ -1249,6 +1368,7 @@ impl ApiserverArgs {
                 crate::tracer::APISERVER_FILE,
             )?,
             daemon: self.common.daemon,
+            http,
         })
     }
 }

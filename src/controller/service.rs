@@ -64,7 +64,7 @@ pub async fn run(cfg: ControllerConfig, mut readiness: Readiness) -> anyhow::Res
         registry: registry.clone(),
         tracer,
     });
-    let http = tokio::spawn(crate::http::serve(listener, app, token.clone()));
+    let http = tokio::spawn(crate::http::serve(listener, app, cfg.http, token.clone()));
 
     let status = format!(
         "controller serving on {}:{} (registry {})",

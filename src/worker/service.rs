@@ -95,7 +95,12 @@ pub async fn run(cfg: WorkerConfig, mut readiness: Readiness) -> anyhow::Result<
         manager: manager.clone(),
         tracer,
     });
-    let http = tokio::spawn(crate::http::serve(listener, app, http_token.clone()));
+    let http = tokio::spawn(crate::http::serve(
+        listener,
+        app,
+        cfg.http,
+        http_token.clone(),
+    ));
     let heartbeat = manager.registrar().cloned().map(|r| {
         let r2 = r.clone();
         let t = token.clone();
