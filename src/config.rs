@@ -140,6 +140,75 @@ impl CommonServerArgs {
     }
 }
 
+#[cfg(test)]
+mod http_limits_tests {
+    use super::*;
+
+    #[test]
+    fn http_limits_flags_over_section_keys_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[controller]\nhttp_idle_timeout_secs = 7\nhttp_max_connections = 9\n\
+             [worker]\nhttp_body_timeout_secs = 3\n\
+             [apiserver]\nhttp_header_timeout_secs = 4\n",
+        )
+        .unwrap();
+        let common = |header| CommonServerArgs {
+            config: Some(f.clone()),
+            http_header_timeout_secs: header,
+            ..Default::default()
+        };
+        let secs = Duration::from_secs;
+        let c = ControllerArgs {
+            common: common(Some(2)),
+            ..Default::default()
+        };
+        let expected = HttpLimits {
+            header_timeout: secs(2),
+            idle_timeout: secs(7),
+            body_timeout: secs(30),
+            max_connections: 9,
+        };
+        assert_eq!(c.resolve().unwrap().http, expected);
+        let w = WorkerArgs {
+            common: common(None),
+            ..Default::default()
+        };
+        let expected = HttpLimits {
+            body_timeout: secs(3),
+            ..HttpLimits::default()
+        };
+        assert_eq!(w.resolve().unwrap().http, expected);
+        let a = ApiserverArgs {
+            common: common(None),
+            ..Default::default()
+        };
+        let expected = HttpLimits {
+            header_timeout: secs(4),
+            ..HttpLimits::default()
+        };
+        assert_eq!(a.resolve().unwrap().http, expected);
+        assert_eq!(
+            HttpLimits::default(),
+            HttpLimits {
+                header_timeout: secs(10),
+                idle_timeout: secs(120),
+                body_timeout: secs(30),
+                max_connections: 4096,
+            }
+        );
+        // Zero is refused, naming the flag.
+        let c = ControllerArgs {
+            common: common(Some(0)),
+            ..Default::default()
+        };
+        let e = c.resolve().unwrap_err().to_string();
+        assert!(e.contains("--http_header_timeout_secs"), "{e}");
+    }
+}
+
 /// Registry backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]

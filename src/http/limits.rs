@@ -124,35 +124,43 @@ impl ConnClock {
         InFlight(self.clone())
     }
 
-    /// When the connection's current phase runs out (`None` while a request is in flight).
-    fn deadline(&self) -> Option<Instant> {
+    /// When the connection's current phase runs out, and what running out means (`None`
+    /// while a request is in flight).
+    fn due(&self) -> Option<(Instant, &'static str)> {
         let p = self.phase();
         if p.in_flight > 0 {
             None
         } else if let Some(h) = p.head_since {
-            Some(h + self.limits.header_timeout)
+            Some((
+                h + self.limits.header_timeout,
+                "request head not received in time",
+            ))
         } else {
-            Some(p.idle_since + self.limits.idle_timeout)
+            Some((
+                p.idle_since + self.limits.idle_timeout,
+                "idle keep-alive connection timed out",
+            ))
         }
+    }
+
+    #[cfg(test)]
+    fn deadline(&self) -> Option<Instant> {
+        self.due().map(|(at, _)| at)
     }
 
     /// Returns once the connection has stayed in one phase longer than that phase allows.
     pub(super) async fn expired(&self) -> &'static str {
         loop {
             let changed = self.changed.notified();
-            match self.deadline() {
+            match self.due() {
                 None => changed.await,
-                Some(at) => {
+                Some((at, _)) => {
                     tokio::select! {
                         _ = changed => {}
                         _ = tokio::time::sleep_until(at) => {
-                            let p = self.phase();
-                            if p.in_flight == 0 {
-                                return if p.head_since.is_some() {
-                                    "request head not received in time"
-                                } else {
-                                    "idle keep-alive connection timed out"
-                                };
+                            // The phase may have changed meanwhile: only its own deadline counts.
+                            if let Some((at, why)) = self.due() && at <= Instant::now() {
+                                return why;
                             }
                         }
                     }
@@ -378,5 +386,76 @@ where
             why = clock.expired() => tracing::debug!(why, "closing a client connection"),
         }
         drop(permit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(header_ms: u64, idle_ms: u64) -> HttpLimits {
+        HttpLimits {
+            header_timeout: Duration::from_millis(header_ms),
+            idle_timeout: Duration::from_millis(idle_ms),
+            ..HttpLimits::default()
+        }
+    }
+
+    /// `clock`'s deadline lies `after` past a moment between `before` and now.
+    fn assert_deadline(clock: &ConnClock, before: Instant, after: Duration) {
+        let d = clock.deadline().expect("a deadline");
+        assert!(d >= before + after && d <= Instant::now() + after, "{d:?}");
+    }
+
+    #[test]
+    fn phases_move_the_deadline() {
+        let (header, idle) = (Duration::from_secs(2), Duration::from_secs(7));
+        let t0 = Instant::now();
+        let clock = ConnClock::new(limits(2000, 7000));
+        // Idle from the accept.
+        assert_deadline(&clock, t0, idle);
+        // The first byte of a head starts the header timeout; later bytes do not move it.
+        let t1 = Instant::now();
+        clock.on_read();
+        assert_deadline(&clock, t1, header);
+        let first = clock.deadline();
+        clock.on_read();
+        assert_eq!(clock.deadline(), first);
+        // No deadline while a request is in flight, whatever arrives meanwhile.
+        let req = clock.request();
+        clock.on_read();
+        assert_eq!(clock.deadline(), None);
+        // Idle again from the end of the response.
+        let t2 = Instant::now();
+        drop(req);
+        assert_deadline(&clock, t2, idle);
+    }
+
+    #[tokio::test]
+    async fn expiry_names_the_phase() {
+        let bound = Duration::from_secs(10);
+        let clock = ConnClock::new(limits(20, 30));
+        let expired = |c: Arc<ConnClock>| async move {
+            tokio::time::timeout(bound, c.expired()).await.unwrap()
+        };
+        assert_eq!(
+            expired(clock.clone()).await,
+            "idle keep-alive connection timed out"
+        );
+        clock.on_read();
+        assert_eq!(
+            expired(clock.clone()).await,
+            "request head not received in time"
+        );
+        // A request in flight does not expire; its end starts the idle timeout.
+        let req = clock.request();
+        let waiting = tokio::spawn(expired(clock.clone()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished());
+        drop(req);
+        assert_eq!(
+            waiting.await.unwrap(),
+            "idle keep-alive connection timed out"
+        );
     }
 }
