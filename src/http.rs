@@ -205,13 +205,7 @@ where
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     accept_loop(listener, limits, shutdown, |tcp, permit| {
-        tokio::spawn(limits::serve_connection(
-            tcp,
-            app.clone(),
-            limits,
-            &graceful,
-            permit,
-        ));
+        limits::spawn_connection(tcp, app.clone(), limits, &graceful, permit);
     })
     .await;
     graceful.shutdown().await;
@@ -258,13 +252,7 @@ async fn serve_handoff<S>(
                 continue;
             }
         };
-        tokio::spawn(limits::serve_connection(
-            tcp,
-            app.clone(),
-            limits,
-            &graceful,
-            permit,
-        ));
+        limits::spawn_connection(tcp, app.clone(), limits, &graceful, permit);
     }
     // Dropping the receiver closes connections still queued for this thread.
     drop(rx);

@@ -355,17 +355,17 @@ where
     })
 }
 
-/// Serves one accepted connection until it ends, times out (see [`ConnClock`]) or, once
-/// `graceful` shuts down, has finished its in-flight request. `permit` is its slot under
-/// `--http_max_connections`, given back when the connection closes.
-pub(super) fn serve_connection<S>(
+/// Serves one accepted connection on a task of the current runtime until it ends, times
+/// out (see [`ConnClock`]) or, once `graceful` shuts down, has finished its in-flight
+/// request. `permit` is its slot under `--http_max_connections`, given back when the
+/// connection closes.
+pub(super) fn spawn_connection<S>(
     tcp: tokio::net::TcpStream,
     app: S,
     limits: HttpLimits,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
     permit: OwnedSemaphorePermit,
-) -> impl Future<Output = ()> + Send + 'static
-where
+) where
     S: AppService,
     S::Future: Send,
 {
@@ -378,7 +378,7 @@ where
     });
     let conn =
         graceful.watch(hyper::server::conn::http1::Builder::new().serve_connection(io, service));
-    async move {
+    tokio::spawn(async move {
         tokio::select! {
             r = conn => if let Err(e) = r {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -386,7 +386,7 @@ where
             why = clock.expired() => tracing::debug!(why, "closing a client connection"),
         }
         drop(permit);
-    }
+    });
 }
 
 #[cfg(test)]

@@ -141,22 +141,8 @@ fn http_limits_controller_cuts_slow_idle_and_stalled_connections() {
 fn http_limits_apiserver_cuts_slow_idle_and_stalled_connections() {
     let env = TestEnv::new();
     let c = env.controller(&[]);
-    let port = free_port();
-    let p = port.to_string();
-    let url = c.url();
-    let mut args = vec![
-        "start",
-        "apiserver",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &p,
-        "--controller_addr",
-        &url,
-    ];
-    args.extend_from_slice(SHORT);
-    let a = env.spawn(&args, port, "apiserver");
-    a.wait_healthy();
+    let a = apiserver(&env, &c.url(), SHORT);
+    let port = a.port;
     assert_cuts(port, "/api/v1/chat/completions");
 }
 
