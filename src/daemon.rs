@@ -8,16 +8,25 @@
 //! `READY=1` (`Type=notify`), `STATUS=` lines and, when `WatchdogSec=` is set, `WATCHDOG=1`
 //! pings. Every daemon holds an exclusive `flock` on `<service>-<port>.pid` in its runtime
 //! directory for its whole life, so a second instance is refused at once.
+//!
+//! [`run`] is the one lifecycle of the three daemons: start-up (reported to the `--daemon`
+//! parent and systemd) → signals → admin socket → HTTP → `READY=1` → watchdog → wait for a
+//! stop (SIGTERM, SIGINT or admin `Stop`, which all cancel one token) → `STOPPING=1` → drain
+//! in-flight requests (bounded) → flush → remove socket and pid file. A service supplies only
+//! what differs, through the [`Daemon`] hooks.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use nix::fcntl::{Flock, FlockArg};
 use sd_notify::NotifyState;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -265,9 +274,61 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The three daemons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Controller,
+    Worker,
+    Apiserver,
+}
+
+impl Service {
+    /// The name in socket and pid file names (`<name>-<port>.sock`) and in the admin
+    /// protocol's `Status.service`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Controller => "controller",
+            Service::Worker => "worker",
+            Service::Apiserver => "apiserver",
+        }
+    }
+
+    /// DB-GPT's name for the service, shown to users ("Started ModelController …").
+    pub fn label(self) -> &'static str {
+        match self {
+            Service::Controller => "ModelController",
+            Service::Worker => "ModelWorker",
+            Service::Apiserver => "ModelAPIServer",
+        }
+    }
+
+    /// The service a socket, pid file or status names, if it is one of ours.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Service::Controller, Service::Worker, Service::Apiserver]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a daemon reports over the admin socket besides the fields every daemon has.
+pub struct Health {
+    /// Healthy instances (controller, apiserver) or running models (worker).
+    pub healthy: u32,
+    /// All instances or configured models.
+    pub total: u32,
+    /// Service-specific `key=value` details.
+    pub details: Vec<(String, String)>,
+}
+
 /// Everything a daemon holds from start-up to exit: pid lock, runtime dir and start time.
 pub struct DaemonBase {
-    pub service: &'static str,
+    pub service: Service,
     pub port: u16,
     pub runtime_dir: PathBuf,
     pub started: std::time::Instant,
@@ -278,15 +339,15 @@ pub struct DaemonBase {
 
 impl DaemonBase {
     /// Creates the runtime directory and takes the pid lock.
-    pub fn acquire(service: &'static str, label: &str, port: u16) -> anyhow::Result<Self> {
+    pub fn acquire(service: Service, port: u16) -> anyhow::Result<Self> {
         if port == 0 {
             bail!("--port must be between 1 and 65535");
         }
         let runtime_dir = crate::admin::runtime_dir();
         ensure_private_dir(&runtime_dir)?;
         let pid = PidFile::acquire(
-            &runtime_dir.join(crate::admin::pid_name(service, port)),
-            &format!("{label} on port {port}"),
+            &runtime_dir.join(crate::admin::pid_name(service.as_str(), port)),
+            &format!("{service} on port {port}"),
         )?;
         Ok(DaemonBase {
             service,
@@ -302,18 +363,18 @@ impl DaemonBase {
     /// Path of this daemon's admin socket.
     pub fn socket_path(&self) -> PathBuf {
         self.runtime_dir
-            .join(crate::admin::socket_name(self.service, self.port))
+            .join(crate::admin::socket_name(self.service.as_str(), self.port))
     }
 
-    /// A status skeleton with the common fields filled in.
-    pub fn status(
-        &self,
-        healthy: u32,
-        total: u32,
-        details: Vec<(String, String)>,
-    ) -> crate::admin::Status {
+    /// The admin status: the common fields, and the service's own `health`.
+    pub fn status(&self, health: Health) -> crate::admin::Status {
+        let Health {
+            healthy,
+            total,
+            details,
+        } = health;
         crate::admin::Status {
-            service: self.service.to_string(),
+            service: self.service.as_str().to_string(),
             port: self.port,
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -354,5 +415,129 @@ pub async fn drain_http(
             warn!("in-flight requests did not finish within {timeout:?}; closing");
             false
         }
+    }
+}
+
+/// What a service's start-up produced: the pid lock, the bound HTTP port and admin socket,
+/// and the service's own state.
+pub(crate) struct Started<D> {
+    pub base: DaemonBase,
+    pub listener: TcpListener,
+    pub admin: crate::admin::server::AdminSocket,
+    pub daemon: D,
+}
+
+/// Binds the daemon's HTTP port on `host`, then its admin socket.
+pub(crate) async fn bind(
+    base: &DaemonBase,
+    host: &str,
+) -> anyhow::Result<(TcpListener, crate::admin::server::AdminSocket)> {
+    let listener = crate::http::bind(host, base.port).await?;
+    let admin = crate::admin::server::bind(&base.socket_path()).await?;
+    Ok((listener, admin))
+}
+
+/// Where the daemons differ; [`run`] does everything else, in the same order for all.
+pub(crate) trait Daemon {
+    /// How long in-flight requests may take to finish on stop.
+    const DRAIN_TIMEOUT: Duration;
+    /// Logged when a stop begins.
+    const STOPPING: &'static str = "stopping: draining in-flight requests";
+
+    /// The service's own status fields, computed on the admin socket's task.
+    fn health(&self) -> impl Fn() -> Health + Send + Sync + 'static;
+
+    /// Runs once signals are handled and the admin socket answers, before HTTP is served
+    /// (the worker loads its models here). An error fails the start with its reason.
+    async fn prepare(&mut self, _shutdown: &CancellationToken) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Starts serving HTTP on `listener` until `shutdown`; the task ends once drained.
+    fn serve(
+        &mut self,
+        listener: TcpListener,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<JoinHandle<std::io::Result<()>>>;
+
+    /// The status line logged and sent to systemd with `READY=1`.
+    fn ready_status(&self) -> String;
+
+    /// Runs when a stop begins, before draining (the worker deregisters here).
+    async fn stopping(&mut self) {}
+
+    /// Runs after draining (`drained` is false if in-flight requests were abandoned): waits
+    /// for background tasks and flushes what must outlive the process.
+    async fn finish(self, drained: bool);
+}
+
+/// Runs a daemon from start-up to exit. `start` takes the pid lock, binds the ports and
+/// builds the service; its failure, or the failure of [`Daemon::prepare`] or
+/// [`Daemon::serve`], is reported to the `--daemon` parent and systemd with the reason.
+pub(crate) async fn run<D: Daemon>(
+    mut readiness: Readiness,
+    start: impl Future<Output = anyhow::Result<Started<D>>>,
+) -> anyhow::Result<()> {
+    let Started {
+        base,
+        listener,
+        admin,
+        mut daemon,
+    } = report_startup(&mut readiness, start.await)?;
+    let base = Arc::new(base);
+    let token = base.shutdown.clone();
+    spawn_signal_handler(token.clone())?;
+
+    let health = daemon.health();
+    let b = base.clone();
+    let status = move || b.status(health());
+    let admin_task = tokio::spawn(crate::admin::server::serve(
+        admin,
+        Arc::new(status),
+        token.clone(),
+    ));
+    let serving = async {
+        daemon.prepare(&token).await?;
+        daemon.serve(listener, &token)
+    }
+    .await;
+    let http = match report_startup(&mut readiness, serving) {
+        Ok(http) => http,
+        Err(e) => {
+            token.cancel();
+            let _ = admin_task.await;
+            return Err(e);
+        }
+    };
+    let status = daemon.ready_status();
+    info!("{status}");
+    readiness.ready(&status);
+    spawn_watchdog(token.clone());
+
+    token.cancelled().await;
+    notify_stopping();
+    info!("{}", D::STOPPING);
+    daemon.stopping().await;
+    let drained = drain_http(http, D::DRAIN_TIMEOUT).await;
+    let _ = admin_task.await;
+    daemon.finish(drained).await;
+    info!("{} stopped", base.service);
+    drop(base);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Service;
+
+    #[test]
+    fn service_names_round_trip() {
+        for s in [Service::Controller, Service::Worker, Service::Apiserver] {
+            assert_eq!(Service::from_name(s.as_str()), Some(s));
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        assert_eq!(Service::Apiserver.as_str(), "apiserver");
+        assert_eq!(Service::Worker.label(), "ModelWorker");
+        assert_eq!(Service::from_name("ModelController"), None);
     }
 }

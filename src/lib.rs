@@ -13,8 +13,8 @@
 //!   and the HTTP client other processes use to reach it.
 //! - [`admin`]: Unix-socket frames, server and client.
 //! - [`daemon`]: background mode, pid lock, readiness, systemd notify, signals.
-//! - [`config`]: flags, environment and TOML; [`telemetry`]: logging; [`tracer`]: DB-GPT's
-//!   JSON-lines span file.
+//! - [`config`]: what every daemon's flags and TOML share (each service has its own `config`
+//!   module); [`telemetry`]: logging; [`tracer`]: DB-GPT's JSON-lines span file.
 //! - [`worker`]: model backends (llama.cpp, candle embeddings, OpenAI proxy) and the worker.
 //! - [`http`]: shared HTTP plumbing; [`cli`]: the `dbgpt` command line.
 

@@ -27,12 +27,18 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// After `Hello`, how long a client may take to send each complete request frame.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What the admin server needs from the daemon it belongs to.
+/// What the admin server needs from the daemon it belongs to: its current status. (A `Stop`
+/// is answered by [`serve`] itself, by cancelling the daemon's shutdown token.) Any
+/// `Fn() -> Status` closure is a handler.
 pub trait AdminHandler: Send + Sync + 'static {
     /// Current status.
     fn status(&self) -> Status;
-    /// Begin a graceful stop (must return quickly).
-    fn stop(&self);
+}
+
+impl<F: Fn() -> Status + Send + Sync + 'static> AdminHandler for F {
+    fn status(&self) -> Status {
+        self()
+    }
 }
 
 /// A bound admin socket; removes its file when dropped.
@@ -80,7 +86,7 @@ pub async fn bind(path: &Path) -> anyhow::Result<AdminSocket> {
     })
 }
 
-/// Accepts connections until `shutdown`.
+/// Accepts connections until `shutdown` is cancelled; an admin `Stop` cancels it.
 pub async fn serve(sock: AdminSocket, handler: Arc<dyn AdminHandler>, shutdown: CancellationToken) {
     let me = nix::unistd::geteuid().as_raw();
     loop {
@@ -96,8 +102,9 @@ pub async fn serve(sock: AdminSocket, handler: Arc<dyn AdminHandler>, shutdown: 
             }
         };
         let handler = handler.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, handler, me).await {
+            if let Err(e) = connection(stream, handler, shutdown, me).await {
                 debug!(error = %e, "admin connection ended");
             }
         });
@@ -121,6 +128,7 @@ fn error(message: impl Into<String>) -> Response {
 async fn connection(
     stream: UnixStream,
     handler: Arc<dyn AdminHandler>,
+    shutdown: CancellationToken,
     me: u32,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
@@ -210,7 +218,7 @@ async fn connection(
                     "stop requested over the admin socket"
                 );
                 send(&mut framed, &Response::Stopping).await?;
-                handler.stop();
+                shutdown.cancel();
                 return Ok(());
             }
         }

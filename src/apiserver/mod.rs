@@ -13,6 +13,7 @@
 //! `dbgpt.model.apiserver.*` span and passes it to the worker in the
 //! `DB-GPT-Trace-Span-Id` header ([`crate::tracer`]). [`service`] wires the process.
 
+pub mod config;
 pub mod discovery;
 pub mod openai;
 pub mod policy;

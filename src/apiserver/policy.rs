@@ -10,10 +10,37 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use clap::ValueEnum;
 use rand::Rng;
+use serde::Deserialize;
 
 use super::discovery::{Discovery, Group, Instance};
-use crate::config::RoutingPolicy;
+
+/// Instance-selection policies of the apiserver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum RoutingPolicy {
+    /// Weighted random choice (DB-GPT's behaviour, plus weights).
+    Random,
+    /// Smooth weighted round robin.
+    #[value(alias = "round-robin")]
+    RoundRobin,
+    /// Fewest requests in flight relative to weight (default).
+    #[default]
+    #[value(alias = "least-outstanding")]
+    LeastOutstanding,
+}
+
+impl RoutingPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingPolicy::Random => "random",
+            RoutingPolicy::RoundRobin => "round_robin",
+            RoutingPolicy::LeastOutstanding => "least_outstanding",
+        }
+    }
+}
 
 /// Weights are compared as integers with this scale (0.001 resolution).
 const SCALE: f64 = 1000.0;

@@ -20,9 +20,8 @@ use serde_json::Value;
 
 use super::discovery::{self, Discovery, Group, Lookup};
 use super::openai::{OpenAiError, Usage};
-use super::policy::{self, InFlight};
+use super::policy::{self, InFlight, RoutingPolicy};
 use super::pool::{self, Target};
-use crate::config::RoutingPolicy;
 use crate::tracer::{SpanCtx, TRACE_HEADER};
 use crate::types::{WORKER_EMBEDDINGS, WORKER_GENERATE, WORKER_GENERATE_STREAM};
 

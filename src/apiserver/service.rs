@@ -1,5 +1,5 @@
-//! The apiserver process: wires discovery, the worker client, HTTP routes with CORS, the
-//! admin socket and the graceful-stop sequence, exactly like the controller's.
+//! The apiserver process: wires discovery, the worker client and HTTP routes with CORS, and
+//! runs them through the daemons' common lifecycle ([`crate::daemon::run`]).
 //!
 //! Start-up order: pid lock → first instance-list fetch (a controller that is down is only
 //! a warning: the view fills in when it comes up) → TCP bind → admin socket → ready. Stop
@@ -19,89 +19,129 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, Method};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tower::Layer;
 use tower_http::cors::{AllowHeaders, AllowOrigin, Cors, CorsLayer};
 use tracing::{info, warn};
 
+use super::config::ApiserverConfig;
 use super::discovery::Discovery;
 use super::proxy::Upstream;
 use super::{AppState, Stats, router};
-use crate::admin::server::AdminHandler;
-use crate::config::ApiserverConfig;
 use crate::controller::client::ControllerClient;
-use crate::daemon::{self, DaemonBase, Readiness};
-use crate::tracer::{RequestSpans, Tracer};
+use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
+use crate::tracer::{Flusher, RequestSpans, Tracer};
 
-/// How long in-flight requests (including streams) may take to finish on stop.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout of each controller call.
 const CONTROLLER_TIMEOUT: Duration = Duration::from_secs(5);
 
-struct Admin {
-    base: Arc<DaemonBase>,
+/// The apiserver's part of the lifecycle.
+struct Apiserver {
+    cfg: ApiserverConfig,
     state: Arc<AppState>,
-    policy: &'static str,
+    refresher: Option<JoinHandle<()>>,
+    flusher: Flusher,
 }
 
-impl AdminHandler for Admin {
-    fn status(&self) -> crate::admin::Status {
-        let d = &self.state.upstream.discovery;
-        let view = d.view();
-        let mut healthy = 0;
-        let mut total = 0;
-        for g in view.groups.values() {
-            for i in &g.instances {
-                total += 1;
-                if i.routable() && !d.is_suspect(i) {
-                    healthy += 1;
+impl Daemon for Apiserver {
+    /// In-flight requests include streams.
+    const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn health(&self) -> impl Fn() -> Health + Send + Sync + 'static {
+        let state = self.state.clone();
+        let policy = self.cfg.routing_policy.as_str();
+        move || {
+            let d = &state.upstream.discovery;
+            let view = d.view();
+            let mut healthy = 0;
+            let mut total = 0;
+            for g in view.groups.values() {
+                for i in &g.instances {
+                    total += 1;
+                    if i.routable() && !d.is_suspect(i) {
+                        healthy += 1;
+                    }
                 }
             }
+            let mut models = view.models(super::discovery::LLM);
+            models.extend(view.models(super::discovery::TEXT2VEC));
+            let (ok, err) = d.freshness();
+            let refresh = match (ok, err) {
+                (_, Some(e)) => format!("failing ({e})"),
+                (Some(t), None) => format!("ok {:.1}s ago", t.as_secs_f64()),
+                (None, None) => "pending".into(),
+            };
+            Health {
+                healthy,
+                total,
+                details: vec![
+                    ("controller".into(), d.controllers()),
+                    ("policy".into(), policy.into()),
+                    (
+                        "models".into(),
+                        if models.is_empty() {
+                            "-".into()
+                        } else {
+                            models.join(",")
+                        },
+                    ),
+                    (
+                        "in_flight".into(),
+                        state.stats.in_flight.load(Ordering::Relaxed).to_string(),
+                    ),
+                    (
+                        "requests".into(),
+                        state.stats.requests.load(Ordering::Relaxed).to_string(),
+                    ),
+                    ("refresh".into(), refresh),
+                ],
+            }
         }
-        let mut models = view.models(super::discovery::LLM);
-        models.extend(view.models(super::discovery::TEXT2VEC));
-        let (ok, err) = d.freshness();
-        let refresh = match (ok, err) {
-            (_, Some(e)) => format!("failing ({e})"),
-            (Some(t), None) => format!("ok {:.1}s ago", t.as_secs_f64()),
-            (None, None) => "pending".into(),
-        };
-        self.base.status(
-            healthy,
-            total,
-            vec![
-                ("controller".into(), d.controllers()),
-                ("policy".into(), self.policy.into()),
-                (
-                    "models".into(),
-                    if models.is_empty() {
-                        "-".into()
-                    } else {
-                        models.join(",")
-                    },
-                ),
-                (
-                    "in_flight".into(),
-                    self.state
-                        .stats
-                        .in_flight
-                        .load(Ordering::Relaxed)
-                        .to_string(),
-                ),
-                (
-                    "requests".into(),
-                    self.state
-                        .stats
-                        .requests
-                        .load(Ordering::Relaxed)
-                        .to_string(),
-                ),
-                ("refresh".into(), refresh),
-            ],
+    }
+
+    async fn prepare(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        if self.cfg.api_keys.is_empty() {
+            warn!("no --api_keys given: the API server is open to anyone who can reach it");
+        } else {
+            info!(
+                keys = self.cfg.api_keys.len(),
+                "API key authentication enabled"
+            );
+        }
+        self.refresher = Some(
+            self.state
+                .upstream
+                .discovery
+                .spawn_loop(self.cfg.refresh_interval, shutdown.clone()),
+        );
+        Ok(())
+    }
+
+    fn serve(
+        &mut self,
+        listener: TcpListener,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+        serve_on_threads(&self.cfg, &self.state, listener, shutdown.clone())
+    }
+
+    fn ready_status(&self) -> String {
+        format!(
+            "apiserver serving on {}:{} (controller {}, policy {})",
+            self.cfg.host,
+            self.cfg.port,
+            self.state.upstream.discovery.controllers(),
+            self.cfg.routing_policy.as_str()
         )
     }
 
-    fn stop(&self) {
-        self.base.shutdown.cancel();
+    async fn finish(self, _drained: bool) {
+        if let Some(r) = self.refresher {
+            let _ = r.await;
+        }
+        self.flusher.finish().await;
     }
 }
 
@@ -210,64 +250,17 @@ fn thread_state(base: &AppState) -> anyhow::Result<Arc<AppState>> {
 }
 
 /// Runs the apiserver until it is stopped.
-pub async fn run(cfg: ApiserverConfig, mut readiness: Readiness) -> anyhow::Result<()> {
-    let started = daemon::report_startup(&mut readiness, start(&cfg).await);
-    let (base, state, listener, admin_sock, flusher) = started?;
-    let base = Arc::new(base);
-    let token = base.shutdown.clone();
-    daemon::spawn_signal_handler(token.clone())?;
-
-    if cfg.api_keys.is_empty() {
-        warn!("no --api_keys given: the API server is open to anyone who can reach it");
-    } else {
-        info!(keys = cfg.api_keys.len(), "API key authentication enabled");
-    }
-    let refresher = state
-        .upstream
-        .discovery
-        .spawn_loop(cfg.refresh_interval, token.clone());
-    let admin: Arc<dyn AdminHandler> = Arc::new(Admin {
-        base: base.clone(),
-        state: state.clone(),
-        policy: cfg.routing_policy.as_str(),
-    });
-    let admin_task = tokio::spawn(crate::admin::server::serve(
-        admin_sock,
-        admin,
-        token.clone(),
-    ));
-    let http = serve_on_threads(&cfg, &state, listener, token.clone())?;
-
-    let status = format!(
-        "apiserver serving on {}:{} (controller {}, policy {})",
-        cfg.host,
-        cfg.port,
-        state.upstream.discovery.controllers(),
-        cfg.routing_policy.as_str()
-    );
-    info!("{status}");
-    readiness.ready(&status);
-    daemon::spawn_watchdog(token.clone());
-
-    token.cancelled().await;
-    daemon::notify_stopping();
-    info!("stopping: draining in-flight requests");
-    daemon::drain_http(http, DRAIN_TIMEOUT).await;
-    let _ = refresher.await;
-    let _ = admin_task.await;
-    flusher.finish().await;
-    info!("apiserver stopped");
-    drop(base);
-    Ok(())
+pub async fn run(cfg: ApiserverConfig, readiness: Readiness) -> anyhow::Result<()> {
+    daemon::run(readiness, start(cfg)).await
 }
 
 /// Starts the serving threads, each with its own state (worker connection pool) and router.
 fn serve_on_threads(
     cfg: &ApiserverConfig,
     state: &Arc<AppState>,
-    listener: tokio::net::TcpListener,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
     let mut routers = Vec::with_capacity(cfg.threads);
     for i in 0..cfg.threads {
         let s = if i == 0 {
@@ -284,24 +277,25 @@ fn serve_on_threads(
     )?)
 }
 
-type Started = (
-    DaemonBase,
-    Arc<AppState>,
-    tokio::net::TcpListener,
-    crate::admin::server::AdminSocket,
-    crate::tracer::Flusher,
-);
-
-async fn start(cfg: &ApiserverConfig) -> anyhow::Result<Started> {
-    let base = DaemonBase::acquire("apiserver", "apiserver", cfg.port)?;
+async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
+    let base = DaemonBase::acquire(Service::Apiserver, cfg.port)?;
     let (tracer, flusher) = cfg.tracer.open(crate::tracer::APISERVER_ROOT);
-    let state = build_state(cfg, tracer)?;
+    let state = build_state(&cfg, tracer)?;
     if !state.upstream.discovery.refresh().await {
         warn!("no controller answered at start-up; models appear once one does");
     }
-    let listener = crate::http::bind(&cfg.host, cfg.port).await?;
-    let admin = crate::admin::server::bind(&base.socket_path()).await?;
-    Ok((base, state, listener, admin, flusher))
+    let (listener, admin) = daemon::bind(&base, &cfg.host).await?;
+    Ok(Started {
+        base,
+        listener,
+        admin,
+        daemon: Apiserver {
+            cfg,
+            state,
+            refresher: None,
+            flusher,
+        },
+    })
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 use super::{StopArgs, StopOpts, StopTarget};
 use crate::admin::client::{AdminError, connect_socket};
 use crate::admin::{self, AdminClient, FoundSocket, Status};
+use crate::daemon::Service;
 
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
@@ -70,22 +71,25 @@ fn looked_in() -> String {
 
 /// Runs `dbgpt stop <target>`.
 pub async fn stop_command(args: StopArgs) -> anyhow::Result<ExitCode> {
-    let (service, port, opts, label) = match args.target {
-        StopTarget::Controller(p) => (Some("controller"), p.port, p.opts, "ModelController"),
-        StopTarget::Worker(p) => (Some("worker"), p.port, p.opts, "ModelWorker"),
-        StopTarget::Apiserver(p) => (Some("apiserver"), p.port, p.opts, "ModelAPIServer"),
-        StopTarget::All(o) => (None, None, o, "dbgpt daemon"),
+    let (service, port, opts) = match args.target {
+        StopTarget::Controller(p) => (Some(Service::Controller), p.port, p.opts),
+        StopTarget::Worker(p) => (Some(Service::Worker), p.port, p.opts),
+        StopTarget::Apiserver(p) => (Some(Service::Apiserver), p.port, p.opts),
+        StopTarget::All(o) => (None, None, o),
     };
+    let label = service.map_or("dbgpt daemon", Service::label);
     let mut found: Vec<_> = admin::discover()
         .into_iter()
-        .filter(|s| service.is_none_or(|x| x == s.service) && port.is_none_or(|p| p == s.port))
+        .filter(|s| {
+            service.is_none_or(|x| x.as_str() == s.service) && port.is_none_or(|p| p == s.port)
+        })
         .collect();
     // Workers first (they deregister through the controller), the controller last.
-    found.sort_by_key(|s| match s.service.as_str() {
-        "worker" => 0,
-        "apiserver" => 1,
-        "controller" => 3,
-        _ => 2,
+    found.sort_by_key(|s| match Service::from_name(&s.service) {
+        Some(Service::Worker) => 0,
+        Some(Service::Apiserver) => 1,
+        Some(Service::Controller) => 3,
+        None => 2,
     });
     if found.is_empty() {
         let at = port.map(|p| format!(" on port {p}")).unwrap_or_default();

@@ -14,8 +14,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ControllerArgs, WorkerArgs};
-use crate::daemon::{self, Readiness};
+use crate::apiserver::config::ApiserverArgs;
+use crate::controller::config::ControllerArgs;
+use crate::daemon::{self, Readiness, Service};
+use crate::worker::config::WorkerArgs;
 
 /// DB-GPT model-serving cluster: controller, workers and OpenAI-compatible API server.
 #[derive(Debug, Parser)]
@@ -47,7 +49,7 @@ pub enum StartCommand {
     /// proxies) and registers them with the controller.
     Worker(Box<WorkerArgs>),
     /// The OpenAI-compatible API server in front of the workers the controller knows.
-    Apiserver(crate::config::ApiserverArgs),
+    Apiserver(ApiserverArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -121,7 +123,7 @@ pub fn run(cli: Cli) -> ExitCode {
 fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
     let readiness = if cfg.daemon {
-        daemon::daemonize("ModelController", &cfg.log_file)?
+        daemon::daemonize(Service::Controller.label(), &cfg.log_file)?
     } else {
         Readiness::foreground()
     };
@@ -132,7 +134,7 @@ fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
 
 fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
-    let label = format!("ModelWorker-{}", cfg.port);
+    let label = format!("{}-{}", Service::Worker.label(), cfg.port);
     let readiness = if cfg.daemon {
         daemon::daemonize(&label, &cfg.log_file)?
     } else {
@@ -143,10 +145,10 @@ fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn start_apiserver(args: crate::config::ApiserverArgs) -> anyhow::Result<ExitCode> {
+fn start_apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
     let readiness = if cfg.daemon {
-        daemon::daemonize("ModelAPIServer", &cfg.log_file)?
+        daemon::daemonize(Service::Apiserver.label(), &cfg.log_file)?
     } else {
         Readiness::foreground()
     };

@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::controller::client::ControllerClient;
+use crate::daemon::Service;
 use crate::types::{ModelInstance, split_worker_key, worker_key};
 
 #[derive(Debug, Args)]
@@ -132,7 +133,8 @@ pub fn controller_address(explicit: Option<String>) -> String {
     }
     // A controller running on this machine answers on its admin socket: use its port.
     if let Some(s) = crate::admin::discover().into_iter().find(|s| {
-        s.service == "controller" && std::os::unix::net::UnixStream::connect(&s.path).is_ok()
+        s.service == Service::Controller.as_str()
+            && std::os::unix::net::UnixStream::connect(&s.path).is_ok()
     }) {
         return format!("http://127.0.0.1:{}", s.port);
     }

@@ -11,6 +11,7 @@
 //! carries on.
 
 pub mod client;
+pub mod config;
 pub mod service;
 
 use std::sync::Arc;

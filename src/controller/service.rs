@@ -1,5 +1,5 @@
-//! The controller process: wires the registry, HTTP API, admin socket and background tasks
-//! together and runs the graceful-stop sequence.
+//! The controller process: the registry, HTTP API and background tasks, run through the
+//! daemons' common lifecycle ([`crate::daemon::run`]).
 //!
 //! Start-up order: pid lock → registry open → TCP bind → admin socket → ready. Any failure
 //! is reported to the `--daemon` parent / systemd with its reason. Stop (SIGTERM, SIGINT or
@@ -10,99 +10,86 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
-use tracing::{error, info};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::error;
 
+use super::config::{ControllerConfig, RegistryType};
 use super::{ControllerState, router, spawn_background};
-use crate::admin::server::AdminHandler;
-use crate::config::{ControllerConfig, RegistryType};
-use crate::daemon::{self, DaemonBase, Readiness};
+use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
 use crate::registry::{RedbRegistry, Registry, SqlRegistry};
+use crate::tracer::{Flusher, Tracer};
 
-/// How long in-flight HTTP requests may take to finish on stop.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-struct Admin {
-    base: Arc<DaemonBase>,
+/// The controller's part of the lifecycle.
+struct Controller {
+    cfg: ControllerConfig,
     registry: Arc<dyn Registry>,
+    background: Vec<JoinHandle<()>>,
+    tracer: Tracer,
+    flusher: Flusher,
 }
 
-impl AdminHandler for Admin {
-    fn status(&self) -> crate::admin::Status {
-        let c = self.registry.counts();
-        self.base.status(
-            c.healthy as u32,
-            c.total as u32,
-            vec![("registry".into(), self.registry.describe())],
+impl Daemon for Controller {
+    const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn health(&self) -> impl Fn() -> Health + Send + Sync + 'static {
+        let registry = self.registry.clone();
+        move || {
+            let c = registry.counts();
+            Health {
+                healthy: c.healthy as u32,
+                total: c.total as u32,
+                details: vec![("registry".into(), registry.describe())],
+            }
+        }
+    }
+
+    fn serve(
+        &mut self,
+        listener: TcpListener,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+        let app = router(ControllerState {
+            registry: self.registry.clone(),
+            tracer: self.tracer.clone(),
+        });
+        Ok(tokio::spawn(crate::http::serve(
+            listener,
+            app,
+            self.cfg.http,
+            shutdown.clone(),
+        )))
+    }
+
+    fn ready_status(&self) -> String {
+        format!(
+            "controller serving on {}:{} (registry {})",
+            self.cfg.host,
+            self.cfg.port,
+            self.registry.describe()
         )
     }
 
-    fn stop(&self) {
-        self.base.shutdown.cancel();
+    async fn finish(self, _drained: bool) {
+        for t in self.background {
+            let _ = t.await;
+        }
+        if let Err(e) = self.registry.flush().await {
+            error!(error = %e, "could not persist the last heartbeat timestamps");
+        }
+        drop(self.registry);
+        self.flusher.finish().await;
     }
 }
 
 /// Runs the controller until it is stopped.
-pub async fn run(cfg: ControllerConfig, mut readiness: Readiness) -> anyhow::Result<()> {
-    let started = daemon::report_startup(&mut readiness, start(&cfg).await);
-    let (base, registry, listener, admin_sock) = started?;
-    let base = Arc::new(base);
-    let token = base.shutdown.clone();
-    daemon::spawn_signal_handler(token.clone())?;
-
-    let bg = spawn_background(registry.clone(), cfg.heartbeat_interval, token.clone());
-    let admin: Arc<dyn AdminHandler> = Arc::new(Admin {
-        base: base.clone(),
-        registry: registry.clone(),
-    });
-    let admin_task = tokio::spawn(crate::admin::server::serve(
-        admin_sock,
-        admin,
-        token.clone(),
-    ));
-    let (tracer, flusher) = cfg.tracer.open(crate::tracer::CONTROLLER_ROOT);
-    let app = router(ControllerState {
-        registry: registry.clone(),
-        tracer,
-    });
-    let http = tokio::spawn(crate::http::serve(listener, app, cfg.http, token.clone()));
-
-    let status = format!(
-        "controller serving on {}:{} (registry {})",
-        cfg.host,
-        cfg.port,
-        registry.describe()
-    );
-    info!("{status}");
-    readiness.ready(&status);
-    daemon::spawn_watchdog(token.clone());
-
-    token.cancelled().await;
-    daemon::notify_stopping();
-    info!("stopping: draining in-flight requests");
-    daemon::drain_http(http, DRAIN_TIMEOUT).await;
-    for t in bg {
-        let _ = t.await;
-    }
-    let _ = admin_task.await;
-    if let Err(e) = registry.flush().await {
-        error!(error = %e, "could not persist the last heartbeat timestamps");
-    }
-    drop(registry);
-    flusher.finish().await;
-    info!("controller stopped");
-    drop(base);
-    Ok(())
+pub async fn run(cfg: ControllerConfig, readiness: Readiness) -> anyhow::Result<()> {
+    daemon::run(readiness, start(cfg)).await
 }
 
-type Started = (
-    DaemonBase,
-    Arc<dyn Registry>,
-    tokio::net::TcpListener,
-    crate::admin::server::AdminSocket,
-);
-
-async fn start(cfg: &ControllerConfig) -> anyhow::Result<Started> {
-    let base = DaemonBase::acquire("controller", "controller", cfg.port)?;
+async fn start(cfg: ControllerConfig) -> anyhow::Result<Started<Controller>> {
+    let base = DaemonBase::acquire(Service::Controller, cfg.port)?;
     let registry: Arc<dyn Registry> = match cfg.registry_type {
         RegistryType::Embedded => {
             let path = cfg.registry_path.clone();
@@ -118,7 +105,23 @@ async fn start(cfg: &ControllerConfig) -> anyhow::Result<Started> {
             Arc::new(SqlRegistry::open(db, cfg.heartbeat_timeout).await?)
         }
     };
-    let listener = crate::http::bind(&cfg.host, cfg.port).await?;
-    let admin = crate::admin::server::bind(&base.socket_path()).await?;
-    Ok((base, registry, listener, admin))
+    let (listener, admin) = daemon::bind(&base, &cfg.host).await?;
+    let background = spawn_background(
+        registry.clone(),
+        cfg.heartbeat_interval,
+        base.shutdown.clone(),
+    );
+    let (tracer, flusher) = cfg.tracer.open(crate::tracer::CONTROLLER_ROOT);
+    Ok(Started {
+        base,
+        listener,
+        admin,
+        daemon: Controller {
+            cfg,
+            registry,
+            background,
+            tracer,
+            flusher,
+        },
+    })
 }

@@ -7,6 +7,7 @@
 //! running models and their lifecycle; [`registration`] keeps the controller's registry in
 //! step; [`routes`] is the HTTP API; [`service`] wires the process together.
 pub mod backends;
+pub mod config;
 pub mod manager;
 pub mod registration;
 pub mod routes;

@@ -1,4 +1,5 @@
-//! The worker process: HTTP API, admin socket, model loading and registration.
+//! The worker process: model loading, HTTP API and registration, run through the daemons'
+//! common lifecycle ([`crate::daemon::run`]).
 //!
 //! Start-up: pid lock → TCP bind → admin socket → load every configured model (each
 //! registers once loaded) → accept HTTP → register `WorkerManager@service` → ready. A configured
@@ -10,149 +11,142 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::config::WorkerConfig;
 use super::manager::WorkerManager;
 use super::registration::{Registrar, advertised_host, manager_key};
 use super::routes::{WorkerState, router};
-use crate::admin::server::AdminHandler;
-use crate::config::WorkerConfig;
 use crate::controller::client::ControllerClient;
-use crate::daemon::{self, DaemonBase, Readiness};
+use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
+use crate::tracer::Flusher;
 
-/// How long in-flight generations may run on after a stop.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-struct Admin {
-    base: Arc<DaemonBase>,
+/// The worker's part of the lifecycle.
+struct Worker {
+    cfg: WorkerConfig,
     manager: Arc<WorkerManager>,
+    /// Stops HTTP; separate from the shutdown token, so that requests are still answered
+    /// until every entry is deregistered.
+    http_shutdown: CancellationToken,
+    heartbeat: Option<JoinHandle<()>>,
+    flusher: Option<Flusher>,
 }
 
-impl AdminHandler for Admin {
-    fn status(&self) -> crate::admin::Status {
-        let running = self.manager.running();
-        let known = self.manager.known_specs().len();
-        let mut details = vec![
-            (
-                "models".to_string(),
-                running
-                    .iter()
-                    .map(|m| m.spec.key())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-            (
-                "in_flight".to_string(),
-                self.manager.in_flight().to_string(),
-            ),
-        ];
-        if let Some(r) = self.manager.registrar() {
-            details.push(("controller".to_string(), r.controllers()));
-            let (h, p) = r.address();
-            details.push(("advertised".to_string(), format!("{h}:{p}")));
+impl Daemon for Worker {
+    const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+    const STOPPING: &'static str = "stopping: deregistering, then draining in-flight requests";
+
+    fn health(&self) -> impl Fn() -> Health + Send + Sync + 'static {
+        let manager = self.manager.clone();
+        move || {
+            let running = manager.running();
+            let known = manager.known_specs().len();
+            let mut details = vec![
+                (
+                    "models".to_string(),
+                    running
+                        .iter()
+                        .map(|m| m.spec.key())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                ("in_flight".to_string(), manager.in_flight().to_string()),
+            ];
+            if let Some(r) = manager.registrar() {
+                details.push(("controller".to_string(), r.controllers()));
+                let (h, p) = r.address();
+                details.push(("advertised".to_string(), format!("{h}:{p}")));
+            }
+            Health {
+                healthy: running.len() as u32,
+                total: known as u32,
+                details,
+            }
         }
-        self.base
-            .status(running.len() as u32, known as u32, details)
     }
 
-    fn stop(&self) {
-        self.base.shutdown.cancel();
+    /// Loads the configured models (each registers itself once loaded) before accepting
+    /// connections: the port is already bound, so early clients wait in the backlog
+    /// instead of getting "model not found".
+    async fn prepare(&mut self, _shutdown: &CancellationToken) -> anyhow::Result<()> {
+        for spec in self.cfg.models.clone() {
+            if let Err(e) = self.manager.start(spec).await {
+                anyhow::bail!(e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn serve(
+        &mut self,
+        listener: TcpListener,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+        let (tracer, flusher) = self.cfg.tracer.open(crate::tracer::WORKER_ROOT);
+        self.flusher = Some(flusher);
+        let app = router(WorkerState {
+            manager: self.manager.clone(),
+            tracer,
+        });
+        let http = tokio::spawn(crate::http::serve(
+            listener,
+            app,
+            self.cfg.http,
+            self.http_shutdown.clone(),
+        ));
+        self.heartbeat = self.manager.registrar().cloned().map(|r| {
+            let r2 = r.clone();
+            tokio::spawn(async move {
+                r2.add(&manager_key()).await;
+            });
+            r.spawn_loop(shutdown.clone())
+        });
+        Ok(http)
+    }
+
+    fn ready_status(&self) -> String {
+        format!(
+            "worker serving {} model(s) on {}:{}",
+            self.manager.running().len(),
+            self.cfg.host,
+            self.cfg.port
+        )
+    }
+
+    async fn stopping(&mut self) {
+        if let Some(r) = self.manager.registrar() {
+            r.remove_all().await;
+        }
+        if let Some(h) = self.heartbeat.take() {
+            let _ = h.await;
+        }
+        self.http_shutdown.cancel();
+    }
+
+    async fn finish(self, drained: bool) {
+        if !drained {
+            warn!(
+                in_flight = self.manager.in_flight(),
+                "abandoned in-flight requests"
+            );
+        }
+        if let Some(f) = self.flusher {
+            f.finish().await;
+        }
     }
 }
 
 /// Runs the worker until it is stopped.
-pub async fn run(cfg: WorkerConfig, mut readiness: Readiness) -> anyhow::Result<()> {
-    let started = daemon::report_startup(&mut readiness, start(&cfg).await);
-    let (base, listener, admin_sock, manager) = started?;
-    let base = Arc::new(base);
-    let token = base.shutdown.clone();
-    daemon::spawn_signal_handler(token.clone())?;
-
-    let admin: Arc<dyn AdminHandler> = Arc::new(Admin {
-        base: base.clone(),
-        manager: manager.clone(),
-    });
-    let admin_task = tokio::spawn(crate::admin::server::serve(
-        admin_sock,
-        admin,
-        token.clone(),
-    ));
-    // Load the configured models (each registers itself once loaded) before accepting
-    // connections: the port is already bound, so early clients wait in the backlog
-    // instead of getting "model not found".
-    for spec in cfg.models.clone() {
-        if let Err(e) = manager.start(spec).await {
-            let reason = e.to_string();
-            readiness.failed(&reason);
-            token.cancel();
-            let _ = admin_task.await;
-            anyhow::bail!(reason);
-        }
-    }
-    let http_token = tokio_util::sync::CancellationToken::new();
-    let (tracer, flusher) = cfg.tracer.open(crate::tracer::WORKER_ROOT);
-    let app = router(WorkerState {
-        manager: manager.clone(),
-        tracer,
-    });
-    let http = tokio::spawn(crate::http::serve(
-        listener,
-        app,
-        cfg.http,
-        http_token.clone(),
-    ));
-    let heartbeat = manager.registrar().cloned().map(|r| {
-        let r2 = r.clone();
-        let t = token.clone();
-        tokio::spawn(async move {
-            r2.add(&manager_key()).await;
-        });
-        r.spawn_loop(t)
-    });
-    let status = format!(
-        "worker serving {} model(s) on {}:{}",
-        manager.running().len(),
-        cfg.host,
-        cfg.port
-    );
-    info!("{status}");
-    readiness.ready(&status);
-    daemon::spawn_watchdog(token.clone());
-
-    token.cancelled().await;
-    daemon::notify_stopping();
-    info!("stopping: deregistering, then draining in-flight requests");
-    if let Some(r) = manager.registrar() {
-        r.remove_all().await;
-    }
-    if let Some(h) = heartbeat {
-        let _ = h.await;
-    }
-    http_token.cancel();
-    if !daemon::drain_http(http, DRAIN_TIMEOUT).await {
-        warn!(
-            in_flight = manager.in_flight(),
-            "abandoned in-flight requests"
-        );
-    }
-    let _ = admin_task.await;
-    flusher.finish().await;
-    info!("worker stopped");
-    drop(base);
-    Ok(())
+pub async fn run(cfg: WorkerConfig, readiness: Readiness) -> anyhow::Result<()> {
+    daemon::run(readiness, start(cfg)).await
 }
 
-type Started = (
-    DaemonBase,
-    tokio::net::TcpListener,
-    crate::admin::server::AdminSocket,
-    Arc<WorkerManager>,
-);
-
-async fn start(cfg: &WorkerConfig) -> anyhow::Result<Started> {
-    let base = DaemonBase::acquire("worker", "worker", cfg.port)?;
-    let listener = crate::http::bind(&cfg.host, cfg.port).await?;
-    let admin = crate::admin::server::bind(&base.socket_path()).await?;
+async fn start(cfg: WorkerConfig) -> anyhow::Result<Started<Worker>> {
+    let base = DaemonBase::acquire(Service::Worker, cfg.port)?;
+    let (listener, admin) = daemon::bind(&base, &cfg.host).await?;
     let registrar = match &cfg.controller_addr {
         Some(addr) => {
             let client = ControllerClient::new(addr, Duration::from_secs(10))?;
@@ -171,5 +165,16 @@ async fn start(cfg: &WorkerConfig) -> anyhow::Result<Started> {
         }
     };
     let manager = Arc::new(WorkerManager::new(registrar, cfg.concurrency));
-    Ok((base, listener, admin, manager))
+    Ok(Started {
+        base,
+        listener,
+        admin,
+        daemon: Worker {
+            cfg,
+            manager,
+            http_shutdown: CancellationToken::new(),
+            heartbeat: None,
+            flusher: None,
+        },
+    })
 }

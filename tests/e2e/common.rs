@@ -256,7 +256,9 @@ pub fn raw_http(
 ) -> Option<RawResponse> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    // A liveness bound, not a performance check: generous, because a request may load a
+    // model or wait behind a build on a loaded 2-core machine.
+    s.set_read_timeout(Some(Duration::from_secs(90))).ok()?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
     let has_len = headers
         .iter()

@@ -1,0 +1,366 @@
+//! The apiserver's configuration: `dbgpt start apiserver` flags, the `[apiserver]` section of
+//! a config file (or DB-GPT 0.7's `[service.model.api]`), and the resolved [`ApiserverConfig`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Deserialize;
+
+use super::policy::RoutingPolicy;
+use crate::config::{
+    CommonServerArgs, TraceSection, TracerConfig, load_section, resolve_log_file, resolve_tracer,
+};
+
+/// `dbgpt start apiserver` options.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ApiserverArgs {
+    /// Address to bind [default: 0.0.0.0]
+    #[arg(long, env = "APISERVER_HOST")]
+    pub host: Option<String>,
+    /// HTTP port [default: 8100]
+    #[arg(long, env = "APISERVER_PORT")]
+    pub port: Option<u16>,
+    /// Controller URL(s), comma separated, for failover [default: $CONTROLLER_ADDRESS or http://127.0.0.1:8000]
+    #[arg(
+        long = "controller_addr",
+        visible_alias = "controller-addr",
+        env = "APISERVER_CONTROLLER_ADDR"
+    )]
+    pub controller_addr: Option<String>,
+    /// API keys clients must send as `Authorization: Bearer <key>`, comma separated [default: none, the server is open]
+    #[arg(
+        long = "api_keys",
+        visible_alias = "api-keys",
+        env = "APISERVER_API_KEYS",
+        hide_env_values = true
+    )]
+    pub api_keys: Option<String>,
+    /// Embedding inputs per worker call [default: 4]
+    #[arg(
+        long = "embedding_batch_size",
+        visible_alias = "embedding-batch-size",
+        env = "APISERVER_EMBEDDING_BATCH_SIZE"
+    )]
+    pub embedding_batch_size: Option<usize>,
+    /// How a worker instance is chosen for each request [default: least_outstanding]
+    #[arg(
+        long = "routing_policy",
+        visible_alias = "routing-policy",
+        env = "APISERVER_ROUTING_POLICY",
+        value_enum
+    )]
+    pub routing_policy: Option<RoutingPolicy>,
+    /// Seconds between refreshes of the instance list from the controller [default: 2]
+    #[arg(
+        long = "refresh_interval_secs",
+        visible_alias = "refresh-interval-secs",
+        env = "APISERVER_REFRESH_INTERVAL_SECS"
+    )]
+    pub refresh_interval_secs: Option<f64>,
+    /// Seconds to wait for a worker's first byte (stream) or whole answer [default: 600]
+    #[arg(
+        long = "request_timeout_secs",
+        visible_alias = "request-timeout-secs",
+        env = "APISERVER_REQUEST_TIMEOUT_SECS"
+    )]
+    pub request_timeout_secs: Option<f64>,
+    /// Extra attempts on other instances when a worker fails before its first byte [default: 2]
+    #[arg(
+        long = "max_retries",
+        visible_alias = "max-retries",
+        env = "APISERVER_MAX_RETRIES"
+    )]
+    pub max_retries: Option<u32>,
+    /// HTTP serving threads; each owns its client connections and its pooled worker
+    /// connections [default: the number of CPUs]
+    #[arg(long = "threads", env = "APISERVER_THREADS")]
+    pub threads: Option<usize>,
+    /// CORS origins allowed, comma separated; `*` allows any [default: *]
+    #[arg(
+        long = "cors_allow_origins",
+        visible_alias = "cors-allow-origins",
+        env = "APISERVER_CORS_ALLOW_ORIGINS"
+    )]
+    pub cors_allow_origins: Option<String>,
+    #[command(flatten)]
+    pub common: CommonServerArgs,
+}
+
+/// The `[apiserver]` (or `[service.model.api]`) section of a config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiserverFile {
+    host: Option<String>,
+    port: Option<u16>,
+    controller_addr: Option<String>,
+    api_keys: Option<String>,
+    embedding_batch_size: Option<usize>,
+    routing_policy: Option<RoutingPolicy>,
+    refresh_interval_secs: Option<f64>,
+    request_timeout_secs: Option<f64>,
+    max_retries: Option<u32>,
+    threads: Option<usize>,
+    cors_allow_origins: Option<String>,
+    log_level: Option<String>,
+    log_file: Option<PathBuf>,
+    tracer_file: Option<String>,
+    /// DB-GPT 0.7's `[service.model.<service>.trace]`.
+    trace: Option<TraceSection>,
+    http_header_timeout_secs: Option<u64>,
+    http_idle_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
+    http_max_connections: Option<usize>,
+}
+
+/// Resolved apiserver configuration.
+#[derive(Clone)]
+pub struct ApiserverConfig {
+    pub host: String,
+    pub port: u16,
+    pub controller_addr: String,
+    /// Accepted API keys; empty = open server.
+    pub api_keys: Vec<String>,
+    pub embedding_batch_size: usize,
+    pub routing_policy: RoutingPolicy,
+    pub refresh_interval: Duration,
+    pub request_timeout: Duration,
+    pub max_retries: u32,
+    /// HTTP serving threads (each a single-threaded runtime).
+    pub threads: usize,
+    /// `None` = any origin.
+    pub cors_allow_origins: Option<Vec<String>>,
+    pub log_level: Option<String>,
+    pub log_file: PathBuf,
+    pub tracer: TracerConfig,
+    pub daemon: bool,
+    /// HTTP connection limits.
+    pub http: crate::http::HttpLimits,
+}
+
+impl std::fmt::Debug for ApiserverConfig {
+    /// Never prints the keys themselves.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiserverConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("controller_addr", &self.controller_addr)
+            .field("api_keys", &format_args!("<{} keys>", self.api_keys.len()))
+            .field("embedding_batch_size", &self.embedding_batch_size)
+            .field("routing_policy", &self.routing_policy)
+            .finish_non_exhaustive()
+    }
+}
+
+fn positive_secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
+    if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
+        bail!("--{flag} must be a number of seconds between 0 and 86400");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl ApiserverArgs {
+    /// Applies environment fallbacks, file values and defaults, and checks ranges.
+    pub fn resolve(self) -> anyhow::Result<ApiserverConfig> {
+        let section = |p: &Path| -> anyhow::Result<ApiserverFile> {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?;
+            let root: toml::Table = toml::from_str(&text)
+                .with_context(|| format!("config file {} is not valid TOML", p.display()))?;
+            if root.contains_key("apiserver") {
+                load_section(p, "apiserver")
+            } else {
+                load_section(p, "api")
+            }
+        };
+        let file = match &self.common.config {
+            Some(p) => section(p)?,
+            None => ApiserverFile::default(),
+        };
+        let port = self.port.or(file.port).unwrap_or(8100);
+        if port == 0 {
+            bail!("--port must be between 1 and 65535");
+        }
+        let controller_addr = self
+            .controller_addr
+            .or_else(|| {
+                std::env::var("CONTROLLER_ADDRESS")
+                    .ok()
+                    .filter(|s| !s.trim().is_empty())
+            })
+            .or(file.controller_addr)
+            .unwrap_or_else(|| "http://127.0.0.1:8000".into());
+        if crate::controller::client::parse_urls(&controller_addr).is_empty() {
+            bail!("--controller_addr must name at least one controller URL");
+        }
+        let api_keys: Vec<String> = self
+            .api_keys
+            .or(file.api_keys)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_string)
+            .collect();
+        let embedding_batch_size = self
+            .embedding_batch_size
+            .or(file.embedding_batch_size)
+            .unwrap_or(4);
+        if embedding_batch_size == 0 {
+            bail!("--embedding_batch_size must be at least 1");
+        }
+        let refresh_interval = positive_secs(
+            self.refresh_interval_secs
+                .or(file.refresh_interval_secs)
+                .unwrap_or(2.0),
+            "refresh_interval_secs",
+        )?;
+        let request_timeout = positive_secs(
+            self.request_timeout_secs
+                .or(file.request_timeout_secs)
+                .unwrap_or(600.0),
+            "request_timeout_secs",
+        )?;
+        let max_retries = self.max_retries.or(file.max_retries).unwrap_or(2);
+        if max_retries > 16 {
+            bail!("--max_retries must be at most 16");
+        }
+        let threads = match self.threads.or(file.threads) {
+            Some(n) if n == 0 || n > 256 => bail!("--threads must be between 1 and 256"),
+            Some(n) => n,
+            None => crate::http::default_threads(),
+        };
+        let origins: Vec<String> = self
+            .cors_allow_origins
+            .or(file.cors_allow_origins)
+            .unwrap_or_else(|| "*".into())
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .map(str::to_string)
+            .collect();
+        let cors_allow_origins = if origins.is_empty() || origins.iter().any(|o| o == "*") {
+            None
+        } else {
+            for o in &origins {
+                if axum::http::HeaderValue::from_str(o).is_err() {
+                    bail!("--cors_allow_origins: {o:?} is not a valid origin");
+                }
+            }
+            Some(origins)
+        };
+        let http = self.common.http_limits(crate::config::http_keys!(file))?;
+        Ok(ApiserverConfig {
+            host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
+            port,
+            controller_addr,
+            api_keys,
+            embedding_batch_size,
+            routing_policy: self
+                .routing_policy
+                .or(file.routing_policy)
+                .unwrap_or_default(),
+            refresh_interval,
+            request_timeout,
+            max_retries,
+            threads,
+            cors_allow_origins,
+            log_level: self.common.log_level.or(file.log_level),
+            log_file: resolve_log_file(
+                self.common.log_file.or(file.log_file),
+                "dbgpt_model_apiserver.log",
+            ),
+            tracer: resolve_tracer(
+                self.common.config.as_deref(),
+                self.common.tracer_file,
+                file.tracer_file,
+                file.trace,
+                crate::tracer::APISERVER_FILE,
+            )?,
+            daemon: self.common.daemon,
+            http,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apiserver_defaults_file_and_keys() {
+        let c = ApiserverArgs::default().resolve().unwrap();
+        assert_eq!(c.port, 8100);
+        assert_eq!(c.embedding_batch_size, 4);
+        assert_eq!(c.routing_policy, RoutingPolicy::LeastOutstanding);
+        assert!(c.api_keys.is_empty());
+        assert!(c.cors_allow_origins.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.toml");
+        std::fs::write(
+            &f,
+            "[service.model.api]\nport = 9100\nrouting_policy = \"round_robin\"\napi_keys = \"a, b\"\n",
+        )
+        .unwrap();
+        let c = ApiserverArgs {
+            common: CommonServerArgs {
+                config: Some(f.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.port, 9100);
+        assert_eq!(c.routing_policy, RoutingPolicy::RoundRobin);
+        assert_eq!(c.api_keys, ["a", "b"]);
+        assert!(!format!("{c:?}").contains("\"a\""));
+        let bad = ApiserverArgs {
+            embedding_batch_size: Some(0),
+            ..Default::default()
+        };
+        assert!(
+            bad.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("--embedding_batch_size")
+        );
+        assert!(c.threads >= 1, "defaults to the number of CPUs");
+        for (n, ok) in [(0, false), (1, true), (4, true), (257, false)] {
+            let r = ApiserverArgs {
+                threads: Some(n),
+                ..Default::default()
+            }
+            .resolve();
+            match r {
+                Ok(c) => assert!(ok && c.threads == n, "--threads {n}"),
+                Err(e) => assert!(!ok && e.to_string().contains("--threads"), "{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tracer_file_default() {
+        let a = ApiserverArgs::default().resolve().unwrap();
+        assert_eq!(
+            a.tracer.file,
+            Some(crate::daemon::log_dir().join("dbgpt_model_apiserver_tracer.jsonl"))
+        );
+    }
+
+    /// The config file the packages install parses with this build.
+    #[test]
+    fn shipped_config_resolves() {
+        let etc = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/etc");
+        ApiserverArgs {
+            common: CommonServerArgs {
+                config: Some(etc.join("apiserver.toml")),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+    }
+}
