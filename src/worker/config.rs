@@ -99,6 +99,10 @@ struct WorkerFile {
     tracer_file: Option<String>,
     /// DB-GPT 0.7's `[service.model.<service>.trace]`.
     trace: Option<TraceSection>,
+    http_header_timeout_secs: Option<u64>,
+    http_idle_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
+    http_max_connections: Option<usize>,
 }
 
 /// One `[[models.llms]]` / `[[models.embeddings]]` entry.
@@ -145,6 +149,8 @@ pub struct WorkerConfig {
     pub log_file: PathBuf,
     pub tracer: TracerConfig,
     pub daemon: bool,
+    /// HTTP connection limits.
+    pub http: crate::http::HttpLimits,
 }
 
 fn model_from_file(m: ModelFile, wt: WorkerType, file: &Path) -> anyhow::Result<ModelSpec> {
@@ -287,6 +293,7 @@ impl WorkerArgs {
         } else {
             None
         };
+        let http = self.common.http_limits(crate::config::http_keys!(file))?;
         Ok(WorkerConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
@@ -308,6 +315,7 @@ impl WorkerArgs {
                 crate::tracer::WORKER_FILE,
             )?,
             daemon: self.common.daemon,
+            http,
         })
     }
 }

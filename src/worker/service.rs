@@ -96,6 +96,7 @@ impl Daemon for Worker {
         let http = tokio::spawn(crate::http::serve(
             listener,
             app,
+            self.cfg.http,
             self.http_shutdown.clone(),
         ));
         self.heartbeat = self.manager.registrar().cloned().map(|r| {

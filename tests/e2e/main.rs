@@ -7,6 +7,7 @@ mod apiserver;
 mod cli;
 mod common;
 mod controller;
+mod http_limits;
 mod registry;
 mod sql;
 mod stack;
