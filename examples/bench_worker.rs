@@ -1,7 +1,8 @@
 //! Worker benchmark (not a test): decode and prefill tokens/s of the SmolLM2 GGUF at 1 and
-//! 4 concurrent streams, MiniLM embeddings/s at batch 1 and 32, and the worker's overhead
-//! per request against calling the engine directly — all measured in one run, printed as
-//! a markdown table.
+//! 4 concurrent streams, time to the first token of a long prompt, MiniLM embeddings/s at
+//! batch 1 and 32 and for one call of 100 texts (several sub-batches), and the worker's
+//! overhead per request against calling the engine directly — all measured in one run,
+//! printed as a markdown table.
 //!
 //! Run with `scripts/bench-worker.sh` (builds with our crate optimised). Every loop is
 //! bounded in count; the worker listens on 127.0.0.1 only.
@@ -114,6 +115,7 @@ async fn main() {
     let app = router(WorkerState {
         manager: manager.clone(),
         tracer: dbgpt_cluster::tracer::Tracer::disabled(),
+        bind: listener.local_addr().unwrap(),
     });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     dbgpt_cluster::http::ensure_tls_provider();
@@ -159,6 +161,14 @@ async fn main() {
         ));
     }
 
+    // Time to the first token of a long prompt (prefill of one request, alone).
+    let longest = "Summarise: ".to_string() + &"The cat sat on the mat. ".repeat(120);
+    let (first, _, prompt_tokens, _) = run_one(llm.clone(), params(&longest, 8)).await;
+    rows.push((
+        format!("time to first token, {prompt_tokens}-token prompt: ms"),
+        format!("{:.0}", first.as_secs_f64() * 1e3),
+    ));
+
     // Embeddings/s, batch 1 and 32.
     let text = "The quick brown fox jumps over the lazy dog".to_string();
     emb.embed(vec![text.clone()]).await.unwrap();
@@ -186,6 +196,17 @@ async fn main() {
             format!("{direct:.0} / {via:.0}"),
         ));
     }
+
+    // One call of 100 texts: sub-batches of 32, run one after another.
+    let texts: Vec<String> = (0..100)
+        .map(|i| format!("This is test sentence number {i}, about databases and SQL."))
+        .collect();
+    let t0 = Instant::now();
+    let n = emb.embed(texts).await.unwrap().len();
+    rows.push((
+        "embeddings, one call of 100 texts: texts/s".into(),
+        format!("{:.0}", n as f64 / t0.elapsed().as_secs_f64()),
+    ));
 
     // Worker overhead per request: the same 1-token generation and 1-text embedding,
     // engine called directly vs through the worker's HTTP API (median of 30).

@@ -4,6 +4,7 @@
 #
 #   scripts/bench-apiserver.sh                 # 5 s per phase, concurrency 1,32,128
 #   SECS=3 CONC=1,32 scripts/bench-apiserver.sh
+#   BENCH_BIN_DIR=/tmp/old scripts/bench-apiserver.sh   # binaries of another build, no build
 #
 # Build: our crate optimised (CARGO_PROFILE_DEV_OPT_LEVEL=3), dependencies reused from the
 # dev cache (they are already opt-level 3); never --release.
@@ -31,10 +32,15 @@ SECS=${SECS:-5}
 CONC=${CONC:-1,32,128}
 export CARGO_PROFILE_DEV_OPT_LEVEL=3
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/dbgpt-cluster/target}
-cargo build -q --example fake_openai --example bench_apiserver --example bare_relay
-scripts/build-optimized.sh   # dbgpt as shipped (function order applied)
-TARGET=$CARGO_TARGET_DIR/debug
-BIN=$TARGET/dbgpt
+if [ -n "${BENCH_BIN_DIR:-}" ]; then
+  # A/B against another build: a directory holding dbgpt, fake_openai, bench_apiserver and
+  # bare_relay (copied out of a target dir after the build below), nothing is built.
+  BIN=$BENCH_BIN_DIR/dbgpt EX=$BENCH_BIN_DIR
+else
+  cargo build -q --example fake_openai --example bench_apiserver --example bare_relay
+  scripts/build-optimized.sh   # dbgpt as shipped (function order applied)
+  BIN=$CARGO_TARGET_DIR/debug/dbgpt EX=$CARGO_TARGET_DIR/debug/examples
+fi
 
 WORK=$(mktemp -d /tmp/dbgpt-bench.XXXXXX)
 export DBGPT_RUNTIME_DIR=$WORK/run DBGPT_LOG_DIR=$WORK/log DBGPT_STATE_DIR=$WORK/state
@@ -48,18 +54,18 @@ wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return 0;
 CTL=$(port); FAKE=$(port); API=$(port); WRK=$(port); RELAY=$(port)
 $BIN start controller --host 127.0.0.1 --port "$CTL" --registry_path "$WORK/reg.redb" >"$WORK/ctl.log" 2>&1 & CTL_PID=$!; PIDS+=($CTL_PID)
 wait_http "http://127.0.0.1:$CTL/api/health"
-"$TARGET/examples/fake_openai" --port "$FAKE" --tokens 16 --register "http://127.0.0.1:$CTL" --model fake >"$WORK/fake.log" 2>&1 & FAKE_PID=$!; PIDS+=($FAKE_PID)
+"$EX/fake_openai" --port "$FAKE" --tokens 16 --register "http://127.0.0.1:$CTL" --model fake >"$WORK/fake.log" 2>&1 & FAKE_PID=$!; PIDS+=($FAKE_PID)
 $BIN start worker --host 127.0.0.1 --port "$WRK" --controller_addr "http://127.0.0.1:$CTL" --model_name viaworker \
   --model_type proxy --proxy_api_base "http://127.0.0.1:$FAKE/v1" --proxyllm_backend fake --limit_model_concurrency 512 \
   --log_level warn >"$WORK/worker.log" 2>&1 & WRK_PID=$!; PIDS+=($WRK_PID)
 $BIN start apiserver --host 127.0.0.1 --port "$API" --controller_addr "http://127.0.0.1:$CTL" --log_level warn >"$WORK/api.log" 2>&1 & API_PID=$!; PIDS+=($API_PID)
 wait_http "http://127.0.0.1:$API/api/health"
-"$TARGET/examples/bare_relay" --port "$RELAY" --worker "http://127.0.0.1:$WRK" --model viaworker >"$WORK/relay.log" 2>&1 & RELAY_PID=$!; PIDS+=($RELAY_PID)
+"$EX/bare_relay" --port "$RELAY" --worker "http://127.0.0.1:$WRK" --model viaworker >"$WORK/relay.log" 2>&1 & RELAY_PID=$!; PIDS+=($RELAY_PID)
 for _ in $(seq 100); do curl -s "http://127.0.0.1:$API/v1/models" | grep -q '"viaworker"' && curl -s "http://127.0.0.1:$API/v1/models" | grep -q '"fake"' && break; sleep 0.1; done
 
 echo "# $(nproc) cores, ${SECS}s per phase, 16-token replies; CPU µs/req from /proc/<pid>/stat (non-stream phase)"
 echo "# pids: fake=$FAKE_PID apiserver=$API_PID worker=$WRK_PID bare_relay=$RELAY_PID"
-eval "$TARGET/examples/bench_apiserver" --model fake --secs "$SECS" --concurrency "$CONC" \
+eval "$EX/bench_apiserver" --model fake --secs "$SECS" --concurrency "$CONC" \
   --target "'direct|http://127.0.0.1:$FAKE/v1|$FAKE_PID'" \
   --target "'apiserver|http://127.0.0.1:$API/v1|$API_PID,$FAKE_PID'" \
   --target "'apiserver+worker|http://127.0.0.1:$API/v1|$API_PID,$WRK_PID,$FAKE_PID|viaworker'" \
@@ -80,7 +86,7 @@ for p in "$API_PID" "$RELAY_PID"; do taskset -a -p -c 0 "$p" >/dev/null; done
 echo
 echo "# Pinned: hop on CPU 0; client, worker, fake and controller on CPU 1; $PIN_ROUNDS rounds of ${SECS}s phases"
 for _ in $(seq "$PIN_ROUNDS"); do
-  taskset -c 1 "$TARGET/examples/bench_apiserver" --secs "$SECS" --concurrency 1,32 \
+  taskset -c 1 "$EX/bench_apiserver" --secs "$SECS" --concurrency 1,32 \
     --target "apiserver+worker|http://127.0.0.1:$API/v1|$API_PID|viaworker" \
     --target "bare relay+worker|http://127.0.0.1:$RELAY/v1|$RELAY_PID|viaworker"
 done | awk -F'|' -v api="$API_PID" -v relay="$RELAY_PID" '

@@ -11,10 +11,13 @@
 //! unknown keys are errors that name the key, so typos do not pass silently.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
+
+use crate::http::HttpLimits;
 
 /// Options every server command shares.
 #[derive(Debug, Clone, Args, Default)]
@@ -42,6 +45,102 @@ pub struct CommonServerArgs {
     /// TOML configuration file; flags and environment variables override it.
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
+    // HTTP connection limits: see `HttpLimits` in src/http/limits.rs.
+    /// Seconds a client may take to send a request head, from its first byte [default: 10]
+    #[arg(
+        long = "http_header_timeout_secs",
+        visible_alias = "http-header-timeout-secs",
+        env = "DBGPT_HTTP_HEADER_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
+    pub http_header_timeout_secs: Option<u64>,
+    /// Seconds a keep-alive connection may stay idle between requests [default: 120]
+    #[arg(
+        long = "http_idle_timeout_secs",
+        visible_alias = "http-idle-timeout-secs",
+        env = "DBGPT_HTTP_IDLE_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
+    pub http_idle_timeout_secs: Option<u64>,
+    /// Seconds a client may take to send a request body, from the end of its head (408 beyond) [default: 30]
+    #[arg(
+        long = "http_body_timeout_secs",
+        visible_alias = "http-body-timeout-secs",
+        env = "DBGPT_HTTP_BODY_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
+    pub http_body_timeout_secs: Option<u64>,
+    /// Connections served at once; more wait in the listen backlog [default: 4096]
+    #[arg(
+        long = "http_max_connections",
+        visible_alias = "http-max-connections",
+        env = "DBGPT_HTTP_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
+    pub http_max_connections: Option<usize>,
+}
+
+/// The `http_*` keys of a config file section (every service's section has them).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct HttpKeys {
+    pub(crate) header_timeout_secs: Option<u64>,
+    pub(crate) idle_timeout_secs: Option<u64>,
+    pub(crate) body_timeout_secs: Option<u64>,
+    pub(crate) max_connections: Option<usize>,
+}
+
+/// The [`HttpKeys`] of a section struct (they all name them alike).
+macro_rules! http_keys {
+    ($file:expr) => {
+        $crate::config::HttpKeys {
+            header_timeout_secs: $file.http_header_timeout_secs,
+            idle_timeout_secs: $file.http_idle_timeout_secs,
+            body_timeout_secs: $file.http_body_timeout_secs,
+            max_connections: $file.http_max_connections,
+        }
+    };
+}
+pub(crate) use http_keys;
+
+impl CommonServerArgs {
+    /// The HTTP connection limits: flags and environment > the section's keys > defaults.
+    pub(crate) fn http_limits(&self, file: HttpKeys) -> anyhow::Result<HttpLimits> {
+        let secs = |flag: Option<u64>, key: Option<u64>, default: u64, name: &str| match flag
+            .or(key)
+            .unwrap_or(default)
+        {
+            0 => bail!("--{name} must be at least 1"),
+            n => Ok(Duration::from_secs(n)),
+        };
+        let max_connections = self
+            .http_max_connections
+            .or(file.max_connections)
+            .unwrap_or(HttpLimits::MAX_CONNECTIONS);
+        if max_connections == 0 {
+            bail!("--http_max_connections must be at least 1");
+        }
+        Ok(HttpLimits {
+            header_timeout: secs(
+                self.http_header_timeout_secs,
+                file.header_timeout_secs,
+                HttpLimits::HEADER_TIMEOUT_SECS,
+                "http_header_timeout_secs",
+            )?,
+            idle_timeout: secs(
+                self.http_idle_timeout_secs,
+                file.idle_timeout_secs,
+                HttpLimits::IDLE_TIMEOUT_SECS,
+                "http_idle_timeout_secs",
+            )?,
+            body_timeout: secs(
+                self.http_body_timeout_secs,
+                file.body_timeout_secs,
+                HttpLimits::BODY_TIMEOUT_SECS,
+                "http_body_timeout_secs",
+            )?,
+            max_connections,
+        })
+    }
 }
 
 /// Reads `[section]` (or `[service.model.<section>]`) of a TOML file.
@@ -133,4 +232,76 @@ pub(crate) fn resolve_tracer(
         file,
         root_operation_name,
     })
+}
+
+#[cfg(test)]
+mod http_limits_tests {
+    use super::*;
+    use crate::apiserver::config::ApiserverArgs;
+    use crate::controller::config::ControllerArgs;
+    use crate::worker::config::WorkerArgs;
+
+    #[test]
+    fn http_limits_flags_over_section_keys_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[controller]\nhttp_idle_timeout_secs = 7\nhttp_max_connections = 9\n\
+             [worker]\nhttp_body_timeout_secs = 3\n\
+             [apiserver]\nhttp_header_timeout_secs = 4\n",
+        )
+        .unwrap();
+        let common = |header| CommonServerArgs {
+            config: Some(f.clone()),
+            http_header_timeout_secs: header,
+            ..Default::default()
+        };
+        let secs = Duration::from_secs;
+        let c = ControllerArgs {
+            common: common(Some(2)),
+            ..Default::default()
+        };
+        let expected = HttpLimits {
+            header_timeout: secs(2),
+            idle_timeout: secs(7),
+            body_timeout: secs(30),
+            max_connections: 9,
+        };
+        assert_eq!(c.resolve().unwrap().http, expected);
+        let w = WorkerArgs {
+            common: common(None),
+            ..Default::default()
+        };
+        let expected = HttpLimits {
+            body_timeout: secs(3),
+            ..HttpLimits::default()
+        };
+        assert_eq!(w.resolve().unwrap().http, expected);
+        let a = ApiserverArgs {
+            common: common(None),
+            ..Default::default()
+        };
+        let expected = HttpLimits {
+            header_timeout: secs(4),
+            ..HttpLimits::default()
+        };
+        assert_eq!(a.resolve().unwrap().http, expected);
+        assert_eq!(
+            HttpLimits::default(),
+            HttpLimits {
+                header_timeout: secs(10),
+                idle_timeout: secs(120),
+                body_timeout: secs(30),
+                max_connections: 4096,
+            }
+        );
+        // Zero is refused, naming the flag.
+        let c = ControllerArgs {
+            common: common(Some(0)),
+            ..Default::default()
+        };
+        let e = c.resolve().unwrap_err().to_string();
+        assert!(e.contains("--http_header_timeout_secs"), "{e}");
+    }
 }

@@ -1,10 +1,14 @@
 //! HTTP plumbing shared by the services: FastAPI-shaped errors, capped body reading,
-//! JSON 404/405 fallbacks, request tracing, and serving with graceful shutdown.
+//! JSON 404/405 fallbacks, request tracing, and serving with graceful shutdown and
+//! per-connection limits ([`HttpLimits`]).
 //!
 //! DB-GPT's clients parse FastAPI's error bodies (`{"detail": …}`), so every service answers
 //! bad input the same way: 422 with pydantic-style entries, 413 for oversized bodies, JSON
 //! 404/405 — never a 500 or a dropped connection.
 
+mod limits;
+
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -13,12 +17,13 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::serve::ListenerExt;
 use serde::Serialize;
 use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
 
+pub use self::limits::{BodyTimeout, HttpLimits};
 use crate::validate::ValidationErrors;
 
 /// Largest request body any service accepts by default.
@@ -181,26 +186,34 @@ pub async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListen
     })
 }
 
-/// Serves `router` until `shutdown` is cancelled, then stops accepting and drains
-/// in-flight requests.
+/// Serves `app` on the calling runtime until `shutdown` is cancelled, then stops accepting
+/// and lets every connection finish its in-flight request (idle keep-alive connections
+/// close at once). Connections are limited as `limits` says (see [`limits`]).
 ///
 /// Accepted connections get `TCP_NODELAY` (axum 0.8 leaves Nagle on): every response is
 /// written in one go, and with Nagle a keep-alive client pays delayed-ACK stalls and the
 /// kernel extra work on each response.
-pub async fn serve(
+pub async fn serve<S>(
     listener: tokio::net::TcpListener,
-    router: Router,
+    app: S,
+    limits: HttpLimits,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+) -> std::io::Result<()>
+where
+    S: AppService,
+    S::Future: Send,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    accept_loop(listener, limits, shutdown, |tcp, permit| {
+        limits::spawn_connection(tcp, app.clone(), limits, &graceful, permit);
+    })
+    .await;
+    graceful.shutdown().await;
+    Ok(())
 }
+
+/// A connection handed to a serving thread, with its slot under `--http_max_connections`.
+type Handoff = (std::net::TcpStream, OwnedSemaphorePermit);
 
 /// Serves the connections handed over on `rx` with hyper's HTTP/1.1 server, one task per
 /// connection, until `shutdown` is cancelled; then lets every connection finish its
@@ -208,20 +221,19 @@ pub async fn serve(
 ///
 /// hyper directly rather than `axum::serve`: axum's loop goes through hyper-util's
 /// protocol-sniffing builder with upgrade support and two service adapters per request,
-/// none of which an HTTP/1.1 API server uses.
+/// none of which an HTTP/1.1 API server uses; nor can it limit connections.
 async fn serve_handoff<S>(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
     app: S,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) where
     S: AppService,
     S::Future: Send,
 {
-    use hyper_util::rt::TokioIo;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let http = hyper::server::conn::http1::Builder::new();
     loop {
-        let std = tokio::select! {
+        let (std, permit) = tokio::select! {
             _ = shutdown.cancelled() => break,
             s = rx.recv() => match s {
                 Some(s) => s,
@@ -240,24 +252,14 @@ async fn serve_handoff<S>(
                 continue;
             }
         };
-        let app = app.clone();
-        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            // Routers and the layers around them are always ready.
-            tower::Service::call(&mut app.clone(), req.map(axum::body::Body::new))
-        });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        limits::spawn_connection(tcp, app.clone(), limits, &graceful, permit);
     }
     // Dropping the receiver closes connections still queued for this thread.
     drop(rx);
     graceful.shutdown().await;
 }
 
-/// What [`serve_on_threads`] serves: a router, or layers around one.
+/// What [`serve`] and [`serve_on_threads`] serve: a router, or layers around one.
 pub trait AppService:
     tower::Service<Request, Response = Response, Error = std::convert::Infallible>
     + Clone
@@ -284,6 +286,7 @@ impl<S> AppService for S where
 pub fn serve_on_threads<S>(
     listener: tokio::net::TcpListener,
     routers: Vec<S>,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>>
 where
@@ -301,10 +304,26 @@ where
         let token = shutdown.clone();
         let thread = std::thread::Builder::new()
             .name(format!("dbgpt-http-{i}"))
-            .spawn(move || rt.block_on(serve_handoff(rx, app, token)))?;
+            .spawn(move || rt.block_on(serve_handoff(rx, app, limits, token)))?;
         threads.push(thread);
     }
-    tokio::spawn(accept_loop(listener, senders, shutdown));
+    let mut next = 0usize;
+    tokio::spawn(accept_loop(
+        listener,
+        limits,
+        shutdown,
+        move |tcp, permit| {
+            match tcp.into_std() {
+                Ok(std) => {
+                    // A closed channel means that thread has stopped: the connection is
+                    // dropped (closed), as any connection arriving while stopping.
+                    let _ = senders[next].send((std, permit));
+                    next = (next + 1) % senders.len();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot hand over a client connection"),
+            }
+        },
+    ));
     Ok(tokio::task::spawn_blocking(move || {
         // Serving itself cannot fail; only a panic on a thread is reported.
         let mut result = Ok(());
@@ -317,14 +336,42 @@ where
     }))
 }
 
-/// Accepts connections and deals them out to the serving threads in turn.
+/// Accepts connections (with `TCP_NODELAY`) and gives each to `dispatch` with its slot
+/// under `limits.max_connections`, until `shutdown`. While every slot is taken it stops
+/// accepting: new clients wait in the listen backlog (and are served as soon as a
+/// connection closes, which the timeouts bound) instead of being refused, and the daemon
+/// never runs out of file descriptors.
 async fn accept_loop(
     listener: tokio::net::TcpListener,
-    senders: Vec<tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>>,
+    limits: HttpLimits,
     shutdown: CancellationToken,
+    mut dispatch: impl FnMut(tokio::net::TcpStream, OwnedSemaphorePermit),
 ) {
-    let mut next = 0usize;
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // Warned about the current stretch at the limit (once, not per connection).
+    let mut warned = false;
     loop {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => {
+                warned = false;
+                p
+            }
+            Err(_) => {
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "connection limit reached: new connections wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => r,
@@ -334,15 +381,7 @@ async fn accept_loop(
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                 }
-                match tcp.into_std() {
-                    Ok(std) => {
-                        // A closed channel means that thread has stopped: the connection
-                        // is dropped (closed), as any connection arriving while stopping.
-                        let _ = senders[next].send(std);
-                        next = (next + 1) % senders.len();
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot hand over a client connection"),
-                }
+                dispatch(tcp, permit);
             }
             // Per-connection failures (reset before accept…) are routine; running out of
             // file descriptors is not: back off instead of spinning.

@@ -1,10 +1,12 @@
 //! Daemon side of the admin socket: bind safely, check peers, answer frames.
 //!
-//! Binding removes a *stale* socket (one nobody answers on) and refuses to start if a live
-//! daemon answers. The socket is chmod'ed 0600 before `listen`, so there is no window in
-//! which another user could connect. Each connection must say `Hello` first (within a
-//! timeout); peers whose uid is neither ours nor root are refused with an error frame;
-//! garbage, unknown or oversized frames get an error frame and the connection is closed.
+//! Binding removes a *stale* socket (one nobody listens on: the connection is refused) and
+//! refuses to start if a daemon answers, or might (a full backlog, a socket of another
+//! user). The socket is chmod'ed 0600 before `listen`, so there is no window in which
+//! another user could connect. Each connection must say `Hello` first (within a timeout),
+//! then send each request frame within another; peers whose uid is neither ours nor root
+//! are refused with an error frame; garbage, unknown or oversized frames get an error frame
+//! and the connection is closed.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,8 @@ use super::proto::{self, PROTOCOL_VERSION, Request, Response, Status};
 
 /// How long a client may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// After `Hello`, how long a client may take to send each complete request frame.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the admin server needs from the daemon it belongs to: its current status. (A `Stop`
 /// is answered by [`serve`] itself, by cancelling the daemon's shutdown token.) Any
@@ -52,17 +56,23 @@ impl Drop for AdminSocket {
 /// Binds the admin socket at `path` (mode 0600), cleaning up a stale one.
 pub async fn bind(path: &Path) -> anyhow::Result<AdminSocket> {
     if path.exists() {
-        match UnixStream::connect(path).await {
+        match super::client::connect_socket(path).await {
             Ok(_) => anyhow::bail!(
                 "another daemon is already answering on admin socket {}",
                 path.display()
             ),
-            Err(_) => {
+            // Only a socket nobody listens on is removed; one that is busy, not ours or
+            // cannot be examined might belong to a live daemon.
+            Err(e) if e.is_stale() => {
                 info!(path = %path.display(), "removing stale admin socket");
-                std::fs::remove_file(path).map_err(|e| {
-                    anyhow::anyhow!("cannot remove stale socket {}: {e}", path.display())
-                })?;
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        anyhow::bail!("cannot remove stale socket {}: {e}", path.display())
+                    }
+                    _ => {}
+                }
             }
+            Err(e) => anyhow::bail!("{e}; not removing it: another daemon may be using it"),
         }
     }
     let sock = UnixSocket::new_stream()?;
@@ -139,12 +149,16 @@ async fn connection(
     }
     let mut greeted = false;
     loop {
-        let next = if greeted {
-            framed.next().await
+        let (limit, waiting_for) = if greeted {
+            (FRAME_TIMEOUT, "a request")
         } else {
-            match tokio::time::timeout(HELLO_TIMEOUT, framed.next()).await {
-                Ok(n) => n,
-                Err(_) => return send(&mut framed, &error("timed out waiting for Hello")).await,
+            (HELLO_TIMEOUT, "Hello")
+        };
+        let next = match tokio::time::timeout(limit, framed.next()).await {
+            Ok(n) => n,
+            Err(_) => {
+                let why = format!("timed out waiting for {waiting_for} ({limit:?})");
+                return send(&mut framed, &error(why)).await;
             }
         };
         let frame = match next {

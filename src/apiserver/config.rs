@@ -108,6 +108,10 @@ struct ApiserverFile {
     tracer_file: Option<String>,
     /// DB-GPT 0.7's `[service.model.<service>.trace]`.
     trace: Option<TraceSection>,
+    http_header_timeout_secs: Option<u64>,
+    http_idle_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
+    http_max_connections: Option<usize>,
 }
 
 /// Resolved apiserver configuration.
@@ -131,6 +135,8 @@ pub struct ApiserverConfig {
     pub log_file: PathBuf,
     pub tracer: TracerConfig,
     pub daemon: bool,
+    /// HTTP connection limits.
+    pub http: crate::http::HttpLimits,
 }
 
 impl std::fmt::Debug for ApiserverConfig {
@@ -244,6 +250,7 @@ impl ApiserverArgs {
             }
             Some(origins)
         };
+        let http = self.common.http_limits(crate::config::http_keys!(file))?;
         Ok(ApiserverConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
@@ -272,6 +279,7 @@ impl ApiserverArgs {
                 crate::tracer::APISERVER_FILE,
             )?,
             daemon: self.common.daemon,
+            http,
         })
     }
 }

@@ -272,7 +272,9 @@ fn serve_on_threads(
         let traced = RequestSpans(s.tracer.clone()).layer(router(s));
         routers.push(cors(&cfg.cors_allow_origins).layer(traced));
     }
-    Ok(crate::http::serve_on_threads(listener, routers, shutdown)?)
+    Ok(crate::http::serve_on_threads(
+        listener, routers, cfg.http, shutdown,
+    )?)
 }
 
 async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {

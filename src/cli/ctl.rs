@@ -12,6 +12,7 @@ use clap::Subcommand;
 use serde_json::{Map, Value, json};
 
 use super::{StopArgs, StopOpts, StopTarget};
+use crate::admin::client::{AdminError, connect_socket};
 use crate::admin::{self, AdminClient, FoundSocket, Status};
 use crate::daemon::Service;
 
@@ -158,7 +159,7 @@ fn is_zombie(pid: u32) -> bool {
 async fn stop_one(s: &FoundSocket, timeout: Duration) -> anyhow::Result<Option<u32>> {
     let mut c = match AdminClient::connect(&s.path).await {
         Ok(c) => c,
-        Err(admin::client::AdminError::Connect { .. }) => return Ok(None),
+        Err(AdminError::Connect(e)) if e.is_stale() => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let pid = c.status().await?.pid;
@@ -166,7 +167,7 @@ async fn stop_one(s: &FoundSocket, timeout: Duration) -> anyhow::Result<Option<u
     drop(c);
     let deadline = Instant::now() + timeout;
     loop {
-        let socket_gone = tokio::net::UnixStream::connect(&s.path).await.is_err();
+        let socket_gone = matches!(connect_socket(&s.path).await, Err(e) if e.is_stale());
         if socket_gone && !pid_alive(pid) {
             return Ok(Some(pid));
         }
@@ -200,24 +201,64 @@ fn status_json(s: &Status) -> Value {
     })
 }
 
-async fn status(as_json: bool) -> anyhow::Result<ExitCode> {
-    let mut rows = Vec::new();
-    let mut stale = Vec::new();
-    for s in admin::discover() {
+/// What asking every socket found gave.
+#[derive(Debug, Default)]
+struct Survey {
+    /// Daemons that answered.
+    rows: Vec<Status>,
+    /// Sockets nobody listens on.
+    stale: Vec<(FoundSocket, String)>,
+    /// Daemons that are (or may be) running but did not answer: a full listen backlog, a
+    /// socket this user may not open, a timeout.
+    unanswered: Vec<(FoundSocket, String)>,
+}
+
+async fn survey(found: Vec<FoundSocket>) -> Survey {
+    let mut out = Survey::default();
+    for s in found {
         match AdminClient::connect(&s.path).await {
             Ok(mut c) => match c.status().await {
-                Ok(st) => rows.push(st),
-                Err(e) => stale.push((s, e.to_string())),
+                Ok(st) => out.rows.push(st),
+                Err(e) => out.unanswered.push((s, e.to_string())),
             },
-            Err(e) => stale.push((s, e.to_string())),
+            Err(AdminError::Connect(e)) if e.is_stale() => out.stale.push((s, e.to_string())),
+            Err(e) => out.unanswered.push((s, e.to_string())),
         }
     }
+    out
+}
+
+/// Prints the daemons that did not answer; true if there were any.
+fn report_unanswered(unanswered: &[(FoundSocket, String)]) -> bool {
+    for (s, why) in unanswered {
+        eprintln!(
+            "error: {} on port {} did not answer: {why}",
+            s.service, s.port
+        );
+    }
+    !unanswered.is_empty()
+}
+
+async fn status(as_json: bool) -> anyhow::Result<ExitCode> {
+    let Survey {
+        rows,
+        stale,
+        unanswered,
+    } = survey(admin::discover()).await;
+    // A daemon that may be running is never left out silently: named, and exit 1.
+    let code = |failed: bool| {
+        if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }
+    };
     if as_json {
         let out: Vec<Value> = rows.iter().map(status_json).collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code(report_unanswered(&unanswered)));
     }
-    if rows.is_empty() {
+    if rows.is_empty() && unanswered.is_empty() {
         println!("No dbgpt daemons running (looked in {}).", looked_in());
     } else {
         let header = [
@@ -257,7 +298,7 @@ async fn status(as_json: bool) -> anyhow::Result<ExitCode> {
             s.path.display()
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code(report_unanswered(&unanswered)))
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -287,6 +328,33 @@ fn print_columns(header: &[&str], rows: &[Vec<String>]) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn status_names_a_busy_daemon_instead_of_omitting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller-8000.sock");
+        let _full = crate::admin::client::FullBacklog::bind(&path);
+        let found = FoundSocket {
+            service: "controller".into(),
+            port: 8000,
+            path: path.clone(),
+        };
+        let s = survey(vec![found.clone()]).await;
+        assert!(s.rows.is_empty() && s.stale.is_empty(), "{s:?}");
+        assert_eq!(s.unanswered.len(), 1, "{s:?}");
+        assert_eq!(s.unanswered[0].0, found);
+        assert!(s.unanswered[0].1.contains("busy"), "{s:?}");
+        // Stopping it is an error naming the socket, not "stale socket (not running)".
+        let e = stop_one(&found, Duration::from_secs(1)).await.unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("busy") && e.contains(&*path.to_string_lossy()),
+            "{e}"
+        );
+        assert!(path.exists());
+    }
+
     #[test]
     fn durations() {
         assert_eq!(super::human_duration(5_000), "5s");

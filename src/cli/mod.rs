@@ -2,13 +2,14 @@
 //!
 //! `start` runs a server (forking first with `--daemon`, before any runtime exists);
 //! `stop` and `ctl` talk to local daemons over their admin sockets; `model` talks to a
-//! controller over HTTP. Errors print one line naming what failed and exit 1; clap's usage
-//! errors exit 2.
+//! controller over HTTP; `registry` checks, backs up and restores the controller's redb
+//! file. Errors print one line naming what failed and exit 1; clap's usage errors exit 2.
 
 pub mod chat;
 pub mod ctl;
 pub mod model;
 pub mod model_ops;
+pub mod registry;
 
 use std::process::ExitCode;
 
@@ -39,6 +40,9 @@ pub enum Command {
     Ctl(ctl::CtlCommand),
     /// Query and manage models through the controller.
     Model(model::ModelArgs),
+    /// Check, back up and restore the controller's registry file.
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,6 +114,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Stop(s) => client_runtime().and_then(|rt| rt.block_on(ctl::stop_command(s))),
         Command::Ctl(c) => client_runtime().and_then(|rt| rt.block_on(ctl::run(c))),
         Command::Model(m) => client_runtime().and_then(|rt| rt.block_on(model::run(m))),
+        Command::Registry(r) => registry::run(r),
     };
     match result {
         Ok(code) => code,

@@ -46,7 +46,7 @@ pub enum ModelCommand {
     Start(ModelStartArgs),
     /// Stop a model on the worker(s) serving it.
     Stop(ModelTarget),
-    /// Restart a model (stop + start of the same configuration) on every worker serving it.
+    /// Restart a model (stop + start of the same configuration) on every worker serving it; a stopped model starts again.
     Restart(ModelTarget),
     /// Chat with a model interactively; tokens stream as they are generated.
     Chat(ChatArgs),

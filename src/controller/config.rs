@@ -171,6 +171,10 @@ struct ControllerFile {
     tracer_file: Option<String>,
     /// DB-GPT 0.7's `[service.model.<service>.trace]`.
     trace: Option<TraceSection>,
+    http_header_timeout_secs: Option<u64>,
+    http_idle_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
+    http_max_connections: Option<usize>,
 }
 
 /// Resolved controller configuration.
@@ -188,6 +192,8 @@ pub struct ControllerConfig {
     pub log_file: PathBuf,
     pub tracer: TracerConfig,
     pub daemon: bool,
+    /// HTTP connection limits.
+    pub http: crate::http::HttpLimits,
 }
 
 impl ControllerArgs {
@@ -223,6 +229,7 @@ impl ControllerArgs {
             RegistryType::Embedded => None,
             RegistryType::Database => Some(sql_config(&self, &file)?),
         };
+        let http = self.common.http_limits(crate::config::http_keys!(file))?;
         Ok(ControllerConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
@@ -247,6 +254,7 @@ impl ControllerArgs {
                 crate::tracer::CONTROLLER_FILE,
             )?,
             daemon: self.common.daemon,
+            http,
         })
     }
 }

@@ -2,7 +2,8 @@
 //! background tasks that keep health and persistence current.
 //!
 //! Routes (reference §2): `GET /api/health`, `POST/DELETE/GET /api/controller/models`,
-//! `POST /api/controller/heartbeat`. Responses are DB-GPT's bare JSON literals (`true`,
+//! `POST /api/controller/heartbeat`, and our readiness probe `GET /api/ready` (503 while the
+//! registry cannot take writes; `/api/health` stays DB-GPT's liveness answer). Responses are DB-GPT's bare JSON literals (`true`,
 //! lists of nine-key instances). Every route but heartbeat and health writes a root span
 //! to DB-GPT's tracer file, with register/deregister child spans ([`crate::tracer`]); the
 //! heartbeat route has no middleware at all. The health sweep marks instances unhealthy
@@ -31,8 +32,8 @@ use crate::registry::{Registry, RegistryError};
 use crate::telemetry::Escaped;
 use crate::tracer::{self, Meta, Tracer};
 use crate::validate::{Fields, parse_json_object, query_object};
-use crate::wire::HEALTH_PATH;
 use crate::wire::controller::{HEARTBEAT_PATH, InstanceInput, MODELS_PATH};
+use crate::wire::{HEALTH_PATH, READY_PATH};
 
 /// How often buffered heartbeat timestamps are written to the registry.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
@@ -57,6 +58,7 @@ pub fn router(state: ControllerState) -> Router {
     let traced = tracer::with_request_middleware(traced, &state.tracer, true);
     let hot = Router::new()
         .route(HEALTH_PATH, get(health))
+        .route(READY_PATH, get(ready))
         .route(HEARTBEAT_PATH, post(heartbeat));
     with_fallbacks(traced.merge(hot)).with_state(state)
 }
@@ -80,6 +82,18 @@ fn ok_true() -> Response {
 
 async fn health() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+/// Readiness: 200 while the registry takes writes, else 503 with the reason (the registry
+/// recovers by itself, e.g. once a full disk has space again).
+async fn ready(State(s): State<ControllerState>) -> Response {
+    match s.registry.storage_failure() {
+        None => json_response(StatusCode::OK, &json!({"status": "ok", "registry": "ok"})),
+        Some(error) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "unavailable", "registry": "failing", "error": error}),
+        ),
+    }
 }
 
 /// A span's metadata for an instance: DB-GPT's `ModelInstance.to_dict()` without the

@@ -57,6 +57,7 @@ impl Daemon for Controller {
         Ok(tokio::spawn(crate::http::serve(
             listener,
             app,
+            self.cfg.http,
             shutdown.clone(),
         )))
     }

@@ -58,6 +58,10 @@ pub trait Registry: Send + Sync + 'static {
     async fn flush(&self) -> Result<(), RegistryError>;
     /// Healthy/total counts from the current view.
     fn counts(&self) -> Counts;
+    /// Why the store cannot take writes right now (readiness), `None` while it can.
+    fn storage_failure(&self) -> Option<String> {
+        None
+    }
     /// A human-readable description of the store (e.g. `redb:/var/lib/dbgpt/registry.redb`).
     fn describe(&self) -> String;
 }
@@ -80,6 +84,11 @@ pub enum RegistryError {
     /// The store could not be opened or read.
     #[error("cannot open registry {path}: {reason}")]
     Open { path: String, reason: String },
+    /// The registry file is damaged beyond what redb repairs on open.
+    #[error(
+        "registry file {path} is damaged ({reason}). Run `dbgpt registry check --registry_path {path}` for details; then restore a backup with `dbgpt registry restore`, or move the file aside to start with an empty registry (running workers register again with their next heartbeat)"
+    )]
+    Corrupt { path: String, reason: String },
     /// A write could not be made durable; nothing was acknowledged.
     #[error("registry storage error: {0}")]
     Storage(String),

@@ -7,6 +7,17 @@
 //! controller calls it every couple of seconds and on shutdown), so a crash loses at most
 //! one batch of timestamps, never an instance. Reads are served from [`MemState`].
 //! redb calls block, so they run on tokio's blocking pool, one writer at a time.
+//!
+//! The file is opened without trusting it ([`file`]). A failed write (a full disk, an I/O
+//! error) leaves redb refusing every later write until the database is reopened, so the
+//! store then reports itself failing ([`Registry::storage_failure`]) and, before the next
+//! write and on every flush tick, closes and reopens the file and writes the in-memory view
+//! back ([`file::resync`]): whatever was not committed is persisted, whatever a failed commit
+//! left behind is undone. Writes succeed again as soon as the disk does.
+
+pub(crate) mod file;
+#[cfg(test)]
+pub(crate) mod tests;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -14,104 +25,83 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tracing::{info, warn};
+use redb::Database;
+use tracing::{error, info, warn};
 
 use super::{Counts, Instance, MemState, Registry, RegistryError, record};
 use crate::wire::controller::{InstanceInput, InstanceKey, ModelInstance, Timestamp};
-
-/// `(model_name, host, port)` → versioned record bytes.
-const INSTANCES: TableDefinition<(&str, &str, u16), &[u8]> = TableDefinition::new("instances");
-/// Store-level metadata (`schema_version`).
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Version of the table layout (not of the record format, which is per record).
-const SCHEMA_VERSION: u64 = 1;
+use file::{CreateFn, INSTANCES, row};
 
 enum Op {
     Put(InstanceKey, Vec<u8>),
     Delete(InstanceKey),
 }
 
+/// Applies `ops` in one durable transaction.
+fn write_ops(db: &Database, ops: &[Op]) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut table = txn.open_table(INSTANCES)?;
+        for op in ops {
+            match op {
+                Op::Put(k, v) => {
+                    table.insert(row(k), v.as_slice())?;
+                }
+                Op::Delete(k) => {
+                    table.remove(row(k))?;
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
 /// The redb-backed registry.
 pub struct RedbRegistry {
-    db: Arc<Database>,
+    /// The open database; `None` after a storage error until a reopen succeeds.
+    db: Mutex<Option<Arc<Database>>>,
     path: PathBuf,
+    /// How the file is opened (again, after a storage error).
+    create: Arc<CreateFn>,
     mem: RwLock<MemState>,
     /// `seq` of instances whose heartbeat timestamp is not on disk yet.
     dirty: Mutex<HashSet<u64>>,
+    /// Why the last write failed, until a reopen has written the in-memory view back.
+    failing: Mutex<Option<String>>,
     writer: tokio::sync::Mutex<()>,
     timeout: Duration,
 }
 
 impl RedbRegistry {
     /// Opens (or creates) the registry file and loads every stored instance.
-    /// Fails at once if another process holds the file.
+    /// Fails at once if another process holds the file, and with
+    /// [`RegistryError::Corrupt`] if it is damaged beyond redb's repair.
     pub fn open(path: &Path, heartbeat_timeout: Duration) -> Result<Self, RegistryError> {
-        let shown = path.display().to_string();
-        let open_err = |reason: String| RegistryError::Open {
-            path: shown.clone(),
-            reason,
-        };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| open_err(format!("cannot create {}: {e}", parent.display())))?;
-        }
-        let db = match Database::create(path) {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(RegistryError::Locked { path: shown });
-            }
-            Err(e) => return Err(open_err(e.to_string())),
-        };
-        // Make sure both tables exist and the layout is one we understand.
-        let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-        {
-            let mut meta = txn.open_table(META).map_err(|e| open_err(e.to_string()))?;
-            let found = meta
-                .get("schema_version")
-                .map_err(|e| open_err(e.to_string()))?
-                .map(|v| v.value());
-            match found {
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION)
-                        .map_err(|e| open_err(e.to_string()))?;
-                }
-                Some(v) if v > SCHEMA_VERSION => {
-                    return Err(open_err(format!(
-                        "it was written by a newer dbgpt (registry schema {v}, this build knows {SCHEMA_VERSION})"
-                    )));
-                }
-                Some(_) => {}
-            }
-            txn.open_table(INSTANCES)
-                .map_err(|e| open_err(e.to_string()))?;
-        }
-        txn.commit().map_err(|e| open_err(e.to_string()))?;
+        Self::open_with(path, heartbeat_timeout, Arc::new(file::create))
+    }
 
-        let mut all = Vec::new();
-        let read = db.begin_read().map_err(|e| open_err(e.to_string()))?;
-        let table = read
-            .open_table(INSTANCES)
-            .map_err(|e| open_err(e.to_string()))?;
-        for row in table.iter().map_err(|e| open_err(e.to_string()))? {
-            let (k, v) = row.map_err(|e| open_err(e.to_string()))?;
-            match record::decode(v.value()) {
-                Ok(inst) => all.push(inst),
-                Err(e) => {
-                    let (m, h, p) = k.value();
-                    // Keep the bytes on disk (nothing is deleted); just do not serve it.
-                    warn!(model = m, host = h, port = p, error = %e, "skipping unreadable registry record");
-                }
-            }
+    /// [`RedbRegistry::open`] with the given way of opening the file.
+    pub(crate) fn open_with(
+        path: &Path,
+        heartbeat_timeout: Duration,
+        create: Arc<CreateFn>,
+    ) -> Result<Self, RegistryError> {
+        let (db, scan) = file::open(path, &*create)?;
+        let shown = path.display().to_string();
+        for bad in &scan.unreadable {
+            // Keep the bytes on disk (nothing is deleted); just do not serve them.
+            warn!(file = %shown, key = %bad.key, error = %bad.error,
+                "skipping unreadable registry record (`dbgpt registry check` lists them)");
         }
-        drop(table);
-        drop(read);
-        info!(path = %shown, instances = all.len(), "registry opened");
+        info!(path = %shown, instances = scan.instances.len(), "registry opened");
         Ok(RedbRegistry {
-            db: Arc::new(db),
+            db: Mutex::new(Some(Arc::new(db))),
             path: path.to_path_buf(),
-            mem: RwLock::new(MemState::from_instances(all)),
+            create,
+            mem: RwLock::new(MemState::from_instances(scan.instances)),
             dirty: Mutex::new(HashSet::new()),
+            failing: Mutex::new(None),
             writer: tokio::sync::Mutex::new(()),
             timeout: heartbeat_timeout,
         })
@@ -122,36 +112,100 @@ impl RedbRegistry {
         &self.path
     }
 
-    /// Commits a batch of operations durably (one transaction, one fsync).
+    /// Commits a batch of operations durably (one transaction, one fsync). The caller holds
+    /// the writer lock. A failure marks the store failing, so the next write reopens it.
     async fn commit(&self, ops: Vec<Op>) -> Result<(), RegistryError> {
         if ops.is_empty() {
             return Ok(());
         }
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
-            let txn = db.begin_write()?;
-            {
-                let mut table = txn.open_table(INSTANCES)?;
-                for op in &ops {
-                    match op {
-                        Op::Put(k, v) => {
-                            table.insert(
-                                (k.model_name.as_str(), k.host.as_str(), k.port),
-                                v.as_slice(),
-                            )?;
-                        }
-                        Op::Delete(k) => {
-                            table.remove((k.model_name.as_str(), k.host.as_str(), k.port))?;
-                        }
-                    }
-                }
-            }
-            txn.commit()?;
-            Ok(())
+        let db = self.usable_db().await?;
+        let written = tokio::task::spawn_blocking(move || {
+            file::contain(|| write_ops(&db, &ops))
+                .unwrap_or_else(|panic| Err(redb::Error::Corrupted(panic)))
+        })
+        .await;
+        let reason = match written {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("registry writer task failed: {e}"),
+        };
+        self.set_failing(&reason);
+        Err(RegistryError::Storage(reason))
+    }
+
+    /// The database to write to: the open one, or (after a storage error) a reopened one
+    /// that holds the in-memory view again. The caller holds the writer lock.
+    async fn usable_db(&self) -> Result<Arc<Database>, RegistryError> {
+        if self.failing().is_none()
+            && let Some(db) = self.lock_db().clone()
+        {
+            return Ok(db);
+        }
+        self.reopen().await
+    }
+
+    /// Closes the database, opens the file again and writes the whole in-memory view back
+    /// (redb refuses every write after an I/O error until it is reopened). The caller holds
+    /// the writer lock.
+    async fn reopen(&self) -> Result<Arc<Database>, RegistryError> {
+        let old = self.lock_db().take();
+        // Taken before the snapshot: a heartbeat arriving meanwhile stays dirty.
+        let dirty = std::mem::take(&mut *self.dirty());
+        let view: Vec<(InstanceKey, Vec<u8>)> = self
+            .read_mem()
+            .iter()
+            .map(|i| (i.key.clone(), record::encode(i)))
+            .collect();
+        let path = self.path.clone();
+        let create = self.create.clone();
+        let reopened = tokio::task::spawn_blocking(move || {
+            drop(old);
+            let (db, _) = file::open(&path, &*create).map_err(|e| match e {
+                RegistryError::Open { reason, .. } => reason,
+                e => e.to_string(),
+            })?;
+            file::resync(&db, &view).map_err(|e| e.to_string())?;
+            Ok::<_, String>(db)
         })
         .await
-        .map_err(|e| RegistryError::Storage(format!("registry writer task failed: {e}")))?
-        .map_err(|e| RegistryError::Storage(e.to_string()))
+        .unwrap_or_else(|e| Err(format!("registry reopen task failed: {e}")));
+        match reopened {
+            Ok(db) => {
+                let db = Arc::new(db);
+                *self.lock_db() = Some(db.clone());
+                let was = self.lock_failing().take();
+                info!(path = %self.path.display(), previous_error = was.as_deref().unwrap_or(""),
+                    "registry reopened: the in-memory view is on disk again");
+                Ok(db)
+            }
+            Err(e) => {
+                self.dirty().extend(dirty);
+                let reason = format!("reopening the file failed: {e}");
+                self.set_failing(&reason);
+                Err(RegistryError::Storage(reason))
+            }
+        }
+    }
+
+    /// Records why writes fail (logged when the store starts failing, not on every retry).
+    fn set_failing(&self, reason: &str) {
+        let was = self.lock_failing().replace(reason.to_string());
+        if was.is_none() {
+            error!(path = %self.path.display(), error = reason,
+                "registry write failed; the file is reopened before the next write and on every flush until that works");
+        }
+    }
+
+    fn failing(&self) -> Option<String> {
+        self.lock_failing().clone()
+    }
+
+    fn lock_failing(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_db(&self) -> std::sync::MutexGuard<'_, Option<Arc<Database>>> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn read_mem(&self) -> std::sync::RwLockReadGuard<'_, MemState> {
@@ -311,6 +365,10 @@ impl Registry for RedbRegistry {
 
     async fn flush(&self) -> Result<(), RegistryError> {
         let _w = self.writer.lock().await;
+        if self.failing().is_some() {
+            // The reopen writes every instance, buffered timestamps included.
+            return self.reopen().await.map(drop);
+        }
         let seqs: HashSet<u64> = std::mem::take(&mut *self.dirty());
         if seqs.is_empty() {
             return Ok(());
@@ -342,137 +400,14 @@ impl Registry for RedbRegistry {
         c
     }
 
+    fn storage_failure(&self) -> Option<String> {
+        self.failing()
+    }
+
     fn describe(&self) -> String {
-        format!("redb:{}", self.path.display())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::registry::conformance::input;
-
-    #[tokio::test]
-    async fn survives_reopen_and_keeps_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.redb");
-        {
-            let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
-            r.register(input("b@llm", 2)).await.unwrap();
-            r.register(input("a@llm", 1)).await.unwrap();
-            r.register(input("b@llm", 1)).await.unwrap();
-            r.deregister(input("a@llm", 1)).await.unwrap();
+        match self.failing() {
+            None => format!("redb:{}", self.path.display()),
+            Some(why) => format!("redb:{} (failing: {why})", self.path.display()),
         }
-        let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
-        let l = r.list(None, false).await.unwrap();
-        let got: Vec<_> = l
-            .iter()
-            .map(|i| (i.model_name.as_str(), i.port, i.healthy.unwrap()))
-            .collect();
-        assert_eq!(
-            got,
-            [("b@llm", 2, true), ("b@llm", 1, true), ("a@llm", 1, false)]
-        );
-        assert_eq!(
-            r.counts(),
-            Counts {
-                healthy: 2,
-                total: 3
-            }
-        );
-    }
-
-    #[tokio::test]
-    async fn second_open_is_refused_naming_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.redb");
-        let _a = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
-        let err = RedbRegistry::open(&path, Duration::from_secs(60))
-            .err()
-            .expect("second open must fail");
-        assert!(matches!(err, RegistryError::Locked { .. }));
-        assert!(err.to_string().contains("r.redb"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn removal_heartbeat_and_flush() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.redb");
-        {
-            let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
-            // Heartbeat from an unknown instance registers it (durably).
-            r.heartbeat(input("x@llm", 9)).await.unwrap();
-            r.register(input("y@llm", 9)).await.unwrap();
-            let mut rm = input("y@llm", 9);
-            rm.remove_from_registry = true;
-            r.deregister(rm).await.unwrap();
-            // Removing an unknown instance is fine.
-            let mut rm = input("nope@llm", 1);
-            rm.remove_from_registry = true;
-            r.deregister(rm).await.unwrap();
-            let before = r.list(Some("x@llm"), false).await.unwrap()[0].clone();
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            r.heartbeat(input("x@llm", 9)).await.unwrap();
-            r.flush().await.unwrap();
-            let after = r.list(Some("x@llm"), false).await.unwrap()[0].clone();
-            assert_ne!(before.last_heartbeat, after.last_heartbeat);
-        }
-        let r = RedbRegistry::open(&path, Duration::from_secs(60)).unwrap();
-        let l = r.list(None, false).await.unwrap();
-        assert_eq!(l.len(), 1);
-        assert_eq!(l[0].model_name, "x@llm");
-    }
-
-    /// The direct JSON writer is byte-identical to serialising the wire structs, across
-    /// every optional field and escaping case.
-    #[tokio::test]
-    async fn list_json_equals_serialised_list() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = RedbRegistry::open(&dir.path().join("r.redb"), Duration::from_secs(60)).unwrap();
-        let mut odd = input("quote\"back\\slash \u{e9}\u{4e2d}@llm", 65535);
-        odd.weight = None;
-        odd.check_healthy = None;
-        odd.enabled = Some(false);
-        odd.prompt_template = Some("tab\tnew\nline \u{1f600}".into());
-        r.register(odd).await.unwrap();
-        let mut w = input("w@text2vec", 0);
-        w.weight = Some(0.1 + 0.2);
-        w.check_healthy = Some(false);
-        r.register(w).await.unwrap();
-        r.register(input("a@llm", 1)).await.unwrap();
-        r.deregister(input("a@llm", 1)).await.unwrap();
-        for (name, healthy_only) in [
-            (None, false),
-            (None, true),
-            (Some("a@llm"), false),
-            (Some("zz"), false),
-        ] {
-            let direct = r.list_json(name, healthy_only).await.unwrap();
-            let via = serde_json::to_vec(&r.list(name, healthy_only).await.unwrap()).unwrap();
-            assert_eq!(
-                String::from_utf8(direct).unwrap(),
-                String::from_utf8(via).unwrap()
-            );
-        }
-    }
-
-    #[tokio::test]
-    async fn expiry_flips_and_heartbeat_revives() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = RedbRegistry::open(&dir.path().join("r.redb"), Duration::from_millis(50)).unwrap();
-        r.register(input("a@llm", 1)).await.unwrap();
-        let mut unchecked = input("b@llm", 1);
-        unchecked.check_healthy = Some(false);
-        r.register(unchecked).await.unwrap();
-        assert_eq!(r.list(None, true).await.unwrap().len(), 2);
-        tokio::time::sleep(Duration::from_millis(80)).await;
-        // Reported unhealthy at once (derived), before any sweep.
-        let healthy = r.list(None, true).await.unwrap();
-        assert_eq!(healthy.len(), 1);
-        assert_eq!(healthy[0].model_name, "b@llm");
-        assert_eq!(r.expire().await.unwrap(), 1);
-        assert_eq!(r.expire().await.unwrap(), 0);
-        r.heartbeat(input("a@llm", 1)).await.unwrap();
-        assert_eq!(r.list(None, true).await.unwrap().len(), 2);
     }
 }

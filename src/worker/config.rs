@@ -124,6 +124,10 @@ struct WorkerFile {
     tracer_file: Option<String>,
     /// DB-GPT 0.7's `[service.model.<service>.trace]`.
     trace: Option<TraceSection>,
+    http_header_timeout_secs: Option<u64>,
+    http_idle_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
+    http_max_connections: Option<usize>,
 }
 
 /// One `[[models.llms]]` / `[[models.embeddings]]` entry.
@@ -179,6 +183,8 @@ pub struct WorkerConfig {
     pub log_file: PathBuf,
     pub tracer: TracerConfig,
     pub daemon: bool,
+    /// HTTP connection limits.
+    pub http: crate::http::HttpLimits,
 }
 
 /// A timeout in seconds: positive, finite, at most a day. `name` is the flag or key.
@@ -384,6 +390,7 @@ impl WorkerArgs {
         } else {
             None
         };
+        let http = self.common.http_limits(crate::config::http_keys!(file))?;
         Ok(WorkerConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
@@ -406,6 +413,7 @@ impl WorkerArgs {
                 crate::tracer::WORKER_FILE,
             )?,
             daemon: self.common.daemon,
+            http,
         })
     }
 }

@@ -5,7 +5,8 @@
 //! without touching the running one (DB-GPT's duplicate start deletes it). Stop
 //! deregisters first, removes the model, then lets in-flight requests finish on their own
 //! handle. Restart is stop + start of the *same* spec and leaves the model registered and
-//! healthy (DB-GPT's restart loses the spec and fails). Each model has a fair semaphore of
+//! healthy (DB-GPT's restart loses the spec and fails); a stopped model restarts with the
+//! spec it last ran with, as stop-then-start would. Each model has a fair semaphore of
 //! `concurrency` permits: excess requests wait, they are not rejected.
 
 use std::collections::{HashMap, HashSet};
@@ -177,26 +178,7 @@ impl WorkerManager {
         }
         let loaded = spec.load(self.proxy_timeouts).await;
         let result = match loaded {
-            Ok(engine) => {
-                let model = Arc::new(RunningModel {
-                    limit: Arc::new(Semaphore::new(
-                        spec.concurrency.unwrap_or(self.default_concurrency),
-                    )),
-                    spec: spec.clone(),
-                    engine,
-                    in_flight: AtomicUsize::new(0),
-                    loaded_at: Instant::now(),
-                });
-                self.models
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key.clone(), model.clone());
-                self.known
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .retain(|s| s.key() != key);
-                Ok(model)
-            }
+            Ok(engine) => Ok(self.insert(spec, engine)),
             Err(e) => Err(ManagerError::Load {
                 key: key.clone(),
                 message: e.to_string(),
@@ -212,6 +194,35 @@ impl WorkerManager {
         }
         info!(model = %Escaped(&key), "model started");
         Ok(model)
+    }
+
+    /// Serves `engine` under `spec`'s key (not registered yet).
+    fn insert(&self, spec: ModelSpec, engine: Engine) -> Arc<RunningModel> {
+        let key = spec.key();
+        let model = Arc::new(RunningModel {
+            limit: Arc::new(Semaphore::new(
+                spec.concurrency.unwrap_or(self.default_concurrency),
+            )),
+            spec,
+            engine,
+            in_flight: AtomicUsize::new(0),
+            loaded_at: Instant::now(),
+        });
+        self.models
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), model.clone());
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|s| s.key() != key);
+        model
+    }
+
+    /// Serves an engine no spec can load (a test double) under `spec`'s key.
+    #[cfg(test)]
+    pub(crate) fn insert_engine(&self, spec: ModelSpec, engine: Engine) -> Arc<RunningModel> {
+        self.insert(spec, engine)
     }
 
     /// Deregisters and stops a model; returns its spec.
@@ -249,13 +260,73 @@ impl WorkerManager {
         Ok(model.spec.clone())
     }
 
-    /// Stop then start of the same spec.
+    /// Stop then start of the same spec. A model stopped earlier just starts again, with
+    /// the spec it last ran with; one this worker never ran is [`ManagerError::NotRunning`].
     pub async fn restart(
         &self,
         name: &str,
         worker_type: WorkerType,
     ) -> Result<Arc<RunningModel>, ManagerError> {
-        let spec = self.stop(name, worker_type).await?;
+        let spec = match self.stop(name, worker_type).await {
+            Ok(spec) => spec,
+            Err(ManagerError::NotRunning(key)) => self
+                .known
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .rev()
+                .find(|s| s.key() == key)
+                .cloned()
+                .ok_or(ManagerError::NotRunning(key))?,
+            Err(e) => return Err(e),
+        };
         self.start(spec).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn proxy_spec(name: &str) -> ModelSpec {
+        ModelSpec::from_params(
+            name,
+            WorkerType::Llm,
+            &json!({"model_type": "proxy", "proxy_api_base": "http://127.0.0.1:1/v1"}),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn restart_of_a_stopped_model_starts_it_with_its_last_spec() {
+        let m = WorkerManager::new(None, 2);
+        let spec = proxy_spec("gpt");
+        m.start(spec.clone()).await.unwrap();
+        m.stop("gpt", WorkerType::Llm).await.unwrap();
+        assert!(m.get("gpt", WorkerType::Llm).is_none());
+
+        let restarted = m.restart("gpt", WorkerType::Llm).await.unwrap();
+        assert_eq!(restarted.spec, spec);
+        assert!(m.get("gpt", WorkerType::Llm).is_some());
+        // A running model: stop + start, still running.
+        m.restart("gpt", WorkerType::Llm).await.unwrap();
+        assert!(m.get("gpt", WorkerType::Llm).is_some());
+        assert_eq!(m.known_specs(), vec![spec]);
+    }
+
+    #[tokio::test]
+    async fn restart_of_a_model_never_run_is_not_running() {
+        let m = WorkerManager::new(None, 2);
+        m.start(proxy_spec("gpt")).await.unwrap();
+        assert!(matches!(
+            m.restart("other", WorkerType::Llm).await,
+            Err(ManagerError::NotRunning(k)) if k == "other@llm"
+        ));
+        assert!(matches!(
+            m.restart("gpt", WorkerType::Text2vec).await,
+            Err(ManagerError::NotRunning(_))
+        ));
     }
 }

@@ -11,6 +11,7 @@
 //! `WorkerManager.*` spans ([`crate::tracer`]).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tracing::warn;
 
 use super::backends::{BackendError, ChatMessage, GenerateEvent, GenerateParams, Role};
 use super::manager::{ManagerError, WorkerManager};
@@ -42,6 +44,9 @@ pub struct WorkerState {
     pub manager: Arc<WorkerManager>,
     /// DB-GPT's span file ([`Tracer::disabled`] when off).
     pub tracer: Tracer,
+    /// The address the HTTP listener is bound to (its real port, also when port 0 was
+    /// asked): what `models/supports` reports when the worker does not register.
+    pub bind: SocketAddr,
 }
 
 /// The parent of a `WorkerManager.*` span: the body's `span_id` (DB-GPT's clients send
@@ -278,10 +283,15 @@ async fn count_token(
     let Some(m) = s.manager.get(&model, WorkerType::Llm) else {
         return Err(not_running(&model, WorkerType::Llm));
     };
-    let n: i64 = match &m.engine {
-        Engine::Llm(b) => b.count_tokens(&prompt).map(|n| n as i64).unwrap_or(-1),
-        Engine::Embedding(_) => -1,
+    let Engine::Llm(b) = &m.engine else {
+        return Err(not_running(&model, WorkerType::Llm));
     };
+    // DB-GPT answers 200 `-1` when counting fails; a count that is not one is an error here
+    // (JSON `detail`, 500 for a model failure), so a caller cannot take it for a number.
+    let n = b.count_tokens(&prompt).map_err(|e| {
+        warn!(model = %model, error = %e, "count_token failed");
+        backend_error(e)
+    })?;
     Ok(json_response(StatusCode::OK, &n))
 }
 
@@ -296,19 +306,23 @@ async fn model_metadata(
     let Some(m) = s.manager.get(&model, WorkerType::Llm) else {
         return Err(not_running(&model, WorkerType::Llm));
     };
-    let context_length = match &m.engine {
-        Engine::Llm(b) => b.context_length(),
-        Engine::Embedding(_) => 0,
+    let Engine::Llm(b) = &m.engine else {
+        return Err(not_running(&model, WorkerType::Llm));
     };
+    // From the model: its context window and its own chat template (a GGUF's
+    // `tokenizer.chat_template`; null when it has none or it is behind a proxy). The rest
+    // is DB-GPT's `ModelMetadata`/`ModelExtraMedata` defaults on purpose: every engine here
+    // is a chat model, none advertises function calling, `metadata` is empty, and DB-GPT's
+    // roles and round separator apply (the worker maps them onto the model's template).
     Ok(json_response(
         StatusCode::OK,
         &ModelMetadata {
             model,
-            context_length,
+            context_length: b.context_length(),
             chat_model: true,
             is_function_calling_model: false,
             metadata: json!({}),
-            ext_metadata: json!({"prompt_roles": ["system", "human", "ai"], "prompt_sep": "\n", "prompt_chat_template": null}),
+            ext_metadata: json!({"prompt_roles": ["system", "human", "ai"], "prompt_sep": "\n", "prompt_chat_template": b.chat_template()}),
         },
     ))
 }
@@ -444,11 +458,12 @@ async fn parameter_descriptions(
 }
 
 async fn supports(State(s): State<WorkerState>) -> Response {
+    // The address the controller knows, else (`--no_register`) the one we listen on.
     let (host, port) = s
         .manager
         .registrar()
         .map(|r| r.address())
-        .unwrap_or_else(|| ("127.0.0.1".into(), 0));
+        .unwrap_or_else(|| (s.bind.ip().to_string(), s.bind.port()));
     let models = s
         .manager
         .known_specs()
@@ -500,4 +515,130 @@ async fn shutdown(
     let (model, wt, _) = startup_request(&body)?;
     s.manager.stop(&model, wt).await.map_err(manager_error)?;
     Ok(json_response(StatusCode::OK, &Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Request;
+    use futures::stream::BoxStream;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::worker::backends::LlmBackend;
+
+    /// An LLM whose tokenizer fails and whose template is given.
+    struct Fake(Option<&'static str>);
+
+    impl LlmBackend for Fake {
+        fn generate_stream(
+            &self,
+            _: GenerateParams,
+        ) -> BoxStream<'static, Result<GenerateEvent, BackendError>> {
+            futures::stream::empty().boxed()
+        }
+        fn count_tokens(&self, _: &str) -> Result<usize, BackendError> {
+            Err(BackendError::internal("the tokenizer broke"))
+        }
+        fn context_length(&self) -> usize {
+            1234
+        }
+        fn chat_template(&self) -> Option<&str> {
+            self.0
+        }
+    }
+
+    /// A worker without a controller, bound to a real port, serving `Fake` models.
+    fn state(models: &[(&str, Option<&'static str>)]) -> (WorkerState, std::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let manager = Arc::new(WorkerManager::new(None, 2));
+        for (name, template) in models {
+            let spec = ModelSpec::from_params(
+                name,
+                WorkerType::Llm,
+                &json!({"model_type": "proxy", "proxy_api_base": "http://127.0.0.1:1/v1"}),
+            )
+            .unwrap();
+            manager.insert_engine(spec, Engine::Llm(Arc::new(Fake(*template))));
+        }
+        let state = WorkerState {
+            manager,
+            tracer: Tracer::disabled(),
+            bind: listener.local_addr().unwrap(),
+        };
+        (state, listener)
+    }
+
+    async fn call(s: &WorkerState, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let req = match body {
+            Some(b) => Request::post(path)
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => Request::get(path).body(Body::empty()),
+        };
+        let resp = router(s.clone()).oneshot(req.unwrap()).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn supports_reports_the_bound_address_without_a_controller() {
+        let (s, listener) = state(&[("m", None)]);
+        let port = listener.local_addr().unwrap().port();
+        let (status, v) = call(&s, "/api/worker/models/supports", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(v[0]["host"], "127.0.0.1");
+        assert_eq!(v[0]["port"], port, "{v}");
+        assert_eq!(v[0]["models"][0]["model"], "m");
+    }
+
+    #[tokio::test]
+    async fn a_failed_token_count_is_an_error_not_a_count() {
+        let (s, _l) = state(&[("m", None)]);
+        let (status, v) = call(
+            &s,
+            "/api/worker/count_token",
+            Some(json!({"model": "m", "prompt": "hello"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap()
+                .contains("the tokenizer broke"),
+            "{v}"
+        );
+    }
+
+    #[tokio::test]
+    async fn model_metadata_reports_what_the_model_knows() {
+        let template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}";
+        let (s, _l) = state(&[("tpl", Some(template)), ("plain", None)]);
+        let (status, v) = call(
+            &s,
+            "/api/worker/model_metadata",
+            Some(json!({"model": "tpl"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["context_length"], 1234);
+        assert_eq!(v["ext_metadata"]["prompt_chat_template"], template);
+        let (_, v) = call(
+            &s,
+            "/api/worker/model_metadata",
+            Some(json!({"model": "plain"})),
+        )
+        .await;
+        assert_eq!(v["ext_metadata"]["prompt_chat_template"], Value::Null);
+        // DB-GPT's defaults, on purpose.
+        assert_eq!(v["chat_model"], true);
+        assert_eq!(v["is_function_calling_model"], false);
+        assert_eq!(
+            v["ext_metadata"]["prompt_roles"],
+            json!(["system", "human", "ai"])
+        );
+    }
 }

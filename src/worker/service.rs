@@ -87,13 +87,16 @@ impl Daemon for Worker {
     ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
         let (tracer, flusher) = self.cfg.tracer.open(crate::tracer::WORKER_ROOT);
         self.flusher = Some(flusher);
+        let bind = listener.local_addr()?;
         let app = router(WorkerState {
             manager: self.manager.clone(),
             tracer,
+            bind,
         });
         let http = tokio::spawn(crate::http::serve(
             listener,
             app,
+            self.cfg.http,
             self.http_shutdown.clone(),
         ));
         self.heartbeat = self.manager.registrar().cloned().map(|r| {

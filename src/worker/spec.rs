@@ -278,7 +278,10 @@ impl ModelSpec {
                     .to_string()
             })
         });
-        let model_type = match get("model_type").or_else(|| get("provider")) {
+        let model_type = match get("model_type")
+            .or_else(|| get("provider"))
+            .filter(|t| !is_dbgpt_default_llm_type(t, worker_type))
+        {
             Some(t) => ModelType::parse(&t, worker_type).ok_or_else(|| {
                 SpecError(format!(
                     "params.model_type {t:?} is not supported for worker_type {}",
@@ -409,6 +412,19 @@ pub fn mask(secret: &str) -> String {
     }
 }
 
+/// Whether `model_type` is DB-GPT's default for an LLM (`huggingface`, 0.7's `hf`), which
+/// DB-GPT's own CLI sends when the user names no engine: `dbgpt model start` builds its
+/// options from DB-GPT's parameter class named in our `param_class`, whose `model_type`
+/// defaults to it. No engine here runs Hugging Face LLMs, so for an LLM it means "not
+/// specified" and the engine follows from the other params ([`default_model_type`]), which
+/// for the `model_path` `models/supports` reported is the engine the model ran with.
+fn is_dbgpt_default_llm_type(model_type: &str, worker_type: WorkerType) -> bool {
+    worker_type == WorkerType::Llm
+        && ["huggingface", "hf"]
+            .iter()
+            .any(|d| model_type.eq_ignore_ascii_case(d))
+}
+
 /// Engine to use when only a path (or a proxy URL) is given.
 pub fn default_model_type(
     worker_type: WorkerType,
@@ -490,6 +506,36 @@ mod tests {
         assert_eq!(s.model_type, ModelType::LlamaCpp);
         let s = ModelSpec::from_params("e", WorkerType::Text2vec, &json!({"model_path": "/d"}))
             .unwrap();
+        assert_eq!(s.model_type, ModelType::Bert);
+    }
+
+    #[test]
+    fn dbgpt_cli_default_model_type_means_not_specified() {
+        let s = ModelSpec::from_params(
+            "smollm2",
+            WorkerType::Llm,
+            // The fields of DB-GPT 0.5.10's CLI body that matter here (the whole body is
+            // in the e2e lifecycle test).
+            &json!({"model_name": "smollm2", "model_path": "/m/smollm2.gguf", "model_type": "huggingface", "max_context_size": 4096, "n_threads": null, "seed": -1}),
+        )
+        .unwrap();
+        assert_eq!(s.model_type, ModelType::LlamaCpp);
+        assert_eq!(s.path, Some(PathBuf::from("/m/smollm2.gguf")));
+        assert_eq!(s.context_length, Some(4096));
+        let s = ModelSpec::from_params(
+            "gpt",
+            WorkerType::Llm,
+            &json!({"model_type": "HuggingFace", "proxy_api_base": "http://u:1/v1"}),
+        )
+        .unwrap();
+        assert_eq!(s.model_type, ModelType::Proxy);
+        // For embeddings, hf is an engine of its own.
+        let s = ModelSpec::from_params(
+            "e",
+            WorkerType::Text2vec,
+            &json!({"model_type": "huggingface", "model_path": "/d", "proxy_api_base": "http://u:1/v1"}),
+        )
+        .unwrap();
         assert_eq!(s.model_type, ModelType::Bert);
     }
 

@@ -382,3 +382,70 @@ fn notify_socket_gets_ready_only_once_serving() {
             .success()
     );
 }
+
+#[test]
+fn admin_partial_frame_after_hello_times_out() {
+    let env = TestEnv::new();
+    let c = env.controller(&[]);
+    let mut s = UnixStream::connect(sock(&env, c.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let hello = exchange(&mut s, &[0, 1, 3, b'c', b't', b'l']);
+    assert_eq!(hello[0], 0, "Hello answer");
+    // A frame header announcing 100 bytes, then only 3 of them.
+    s.write_all(&100u32.to_be_bytes()).unwrap();
+    s.write_all(&[1, 2, 3]).unwrap();
+    // The daemon gives up on it (an error frame, then the connection is closed) well
+    // within the bounded wait, instead of holding the connection forever.
+    let err = read_frame(&mut s);
+    assert_eq!(err[0], 3, "Error frame");
+    assert!(
+        String::from_utf8_lossy(&err).contains("timed out waiting for a request"),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+    assert_eq!(http_get_status(c.port, "/api/health"), Some(200));
+}
+
+#[test]
+fn admin_ctl_stop_by_another_user_says_permission_denied() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run the client as another user");
+        return;
+    }
+    let env = TestEnv::new();
+    let c = env.controller(&[]);
+    // A shared runtime directory other users may list, as an operator might set up; the
+    // socket itself stays 0600 and root's.
+    for d in [env.dir.path().to_path_buf(), env.runtime_dir()] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let port = c.port.to_string();
+    for args in [
+        &["ctl", "stop", "--port", &port][..],
+        &["stop", "controller", "--port", &port][..],
+    ] {
+        let out = env
+            .cmd_as(65534)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let (o, e) = (stdout(&out), stderr(&out));
+        assert!(!out.status.success(), "{o}{e}");
+        assert!(
+            !o.contains("stale socket") && !e.contains("stale socket"),
+            "{o}{e}"
+        );
+        let expected = format!(
+            "permission denied on {} (owned by root)",
+            sock(&env, c.port).display()
+        );
+        assert!(e.contains(&expected), "{o}{e}");
+    }
+    // Still running, socket still there.
+    assert!(sock(&env, c.port).exists());
+    assert_eq!(http_get_status(c.port, "/api/health"), Some(200));
+}

@@ -50,7 +50,24 @@ impl TestEnv {
 
     /// A `dbgpt` command with this environment.
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(BIN);
+        self.with_env(Command::new(BIN))
+    }
+
+    /// A `dbgpt` command with this environment, run as uid and gid `id` (through
+    /// `setpriv`, so the test must run as root).
+    pub fn cmd_as(&self, id: u32) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            format!("--reuid={id}"),
+            format!("--regid={id}"),
+            "--clear-groups".into(),
+            "--".into(),
+            BIN.into(),
+        ]);
+        self.with_env(c)
+    }
+
+    fn with_env(&self, mut c: Command) -> Command {
         c.env("DBGPT_RUNTIME_DIR", self.runtime_dir())
             .env("DBGPT_LOG_DIR", self.log_dir())
             .env("DBGPT_STATE_DIR", self.state_dir())

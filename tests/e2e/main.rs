@@ -7,6 +7,8 @@ mod apiserver;
 mod cli;
 mod common;
 mod controller;
+mod http_limits;
+mod registry;
 mod sql;
 mod stack;
 mod tracer;

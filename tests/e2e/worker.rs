@@ -229,6 +229,13 @@ fn real_models_register_stream_and_embed() {
         Some(&json!({"model": "smollm2"})),
     );
     assert!(md["context_length"].as_u64().unwrap() >= 512, "{md}");
+    // The GGUF's own chat template (ChatML for SmolLM2).
+    assert!(
+        md["ext_metadata"]["prompt_chat_template"]
+            .as_str()
+            .is_some_and(|t| t.contains("<|im_start|>")),
+        "{md}"
+    );
 
     // Embeddings match sentence-transformers' reference for "hello world".
     let (s, e) = json_req(
@@ -367,50 +374,98 @@ fn lifecycle_through_apply_startup_and_the_cli() {
     );
     assert_eq!(s, 422);
 
+    // Restart of a stopped model starts it (DB-GPT's restart is stop-then-start).
+    let apply = |apply_type: &str| {
+        json_req(
+            w.port,
+            "POST",
+            "/api/worker/apply",
+            Some(
+                &json!({"model": "smollm2", "apply_type": apply_type, "worker_type": "llm", "params": null, "apply_user": null}),
+            ),
+        )
+    };
+    assert_eq!(apply("stop").0, 200);
+    assert!(!works(w.port));
+    let (s, v) = apply("restart");
+    assert_eq!(s, 200, "{v}");
+    assert!(healthy(c.port, "smollm2@llm") && works(w.port));
+    // A model this worker never ran is still a 404.
+    let (s, _) = json_req(
+        w.port,
+        "POST",
+        "/api/worker/apply",
+        Some(&json!({"model": "ghost", "apply_type": "restart"})),
+    );
+    assert_eq!(s, 404);
+
+    // DB-GPT 0.5.10's `dbgpt model start --model_name smollm2 --host H --port P` sends
+    // every field of DB-GPT's LlamaCppModelParameters with its defaults, `model_type`
+    // "huggingface" included: the model comes back on llama.cpp, and a second start is 409.
+    assert_eq!(apply("stop").0, 200);
+    let dbgpt_start = json!({"host": "127.0.0.1", "port": w.port, "model": "smollm2", "worker_type": "llm", "params": {
+        "model_name": "smollm2", "model_path": gguf(), "device": null,
+        "model_type": "huggingface", "prompt_template": null, "max_context_size": 4096,
+        "num_gpus": null, "max_gpu_memory": null, "cpu_offloading": false,
+        "load_8bit": false, "load_4bit": false, "quant_type": "nf4",
+        "use_double_quant": true, "compute_dtype": null, "trust_remote_code": true,
+        "verbose": false, "seed": -1, "n_threads": null, "n_batch": 512,
+        "n_gpu_layers": 1000000000, "n_gqa": null, "rms_norm_eps": 5e-06,
+        "cache_capacity": null, "prefer_cpu": false
+    }});
+    let dbgpt_cli_start = || {
+        json_req(
+            w.port,
+            "POST",
+            "/api/worker/models/startup",
+            Some(&dbgpt_start),
+        )
+    };
+    let (s, v) = dbgpt_cli_start();
+    assert_eq!(s, 200, "{v}");
+    assert!(healthy(c.port, "smollm2@llm") && works(w.port));
+    let (_, d) = json_req(
+        w.port,
+        "GET",
+        "/api/worker/parameter/descriptions?model=smollm2",
+        None,
+    );
+    let engine = d
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["param_name"] == "model_type")
+        .unwrap();
+    assert_eq!(engine["default_value"], "llama.cpp", "{d}");
+    let (s, v) = dbgpt_cli_start();
+    assert_eq!(s, 409, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("already running"));
+    assert!(works(w.port));
+
     // The same through the CLI.
     let addr = c.url();
-    let out = env.run(&[
-        "model",
-        "--address",
-        &addr,
-        "restart",
-        "--model_name",
-        "smollm2",
-    ]);
+    let cli = |args: &[&str]| {
+        let mut all = vec!["model", "--address", &addr];
+        all.extend_from_slice(args);
+        env.run(&all)
+    };
+    let out = cli(&["restart", "--model_name", "smollm2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("Restarted smollm2@llm"));
-    let out = env.run(&[
-        "model",
-        "--address",
-        &addr,
-        "stop",
-        "--model_name",
-        "smollm2",
-    ]);
+    let out = cli(&["stop", "--model_name", "smollm2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(registered(c.port, "smollm2@llm").unwrap()["healthy"], false);
-    let out = env.run(&[
-        "model",
-        "--address",
-        &addr,
-        "start",
-        "--model_name",
-        "smollm2",
-        "--model_path",
-        &gguf(),
-    ]);
+    // `model restart` of the stopped model starts it again.
+    let out = cli(&["restart", "--model_name", "smollm2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Restarted smollm2@llm"));
+    assert!(healthy(c.port, "smollm2@llm") && works(w.port));
+    let out = cli(&["stop", "--model_name", "smollm2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&["start", "--model_name", "smollm2", "--model_path", &gguf()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(healthy(c.port, "smollm2@llm") && works(w.port));
-    let out = env.run(&[
-        "model",
-        "--address",
-        &addr,
-        "start",
-        "--model_name",
-        "smollm2",
-        "--model_path",
-        &gguf(),
-    ]);
+    let out = cli(&["start", "--model_name", "smollm2", "--model_path", &gguf()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
 
@@ -638,6 +693,13 @@ fn proxy_worker_forwards_parameters_and_surfaces_errors() {
         &env,
         "http://127.0.0.1:1",
         &["--config", cfg.to_str().unwrap(), "--no_register"],
+    );
+    // Without a controller, models/supports reports the address the worker listens on.
+    let (_, sup) = json_req(w.port, "GET", "/api/worker/models/supports", None);
+    assert_eq!(
+        (sup[0]["host"].as_str(), sup[0]["port"].as_u64()),
+        (Some("127.0.0.1"), Some(w.port as u64)),
+        "{sup}"
     );
     let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "be brief"}, {"role": "human", "content": "hi"}, {"role": "ai", "content": "hello"}, {"role": "user", "content": "again"}], "temperature": 0, "top_p": 0.5, "max_new_tokens": 7, "stop": ["\n\n"], "seed": 3});
     let (frames, _) = stream(w.port, &body);

@@ -175,11 +175,6 @@ impl BertEmbeddingBackend {
             .await
             .map_err(|e| BackendError::internal(format!("model loading task failed: {e}")))?
     }
-
-    /// Embed synchronously on the calling thread (blocking).
-    pub fn embed_blocking(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, BackendError> {
-        self.inner.embed_all(inputs, &AtomicBool::new(false))
-    }
 }
 
 impl Inner {
@@ -409,26 +404,6 @@ mod tests {
                 .all(|x| x.len() == 384 && x.iter().all(|f| f.is_finite()))
         );
         assert!(model().embed(Vec::new()).await.unwrap().is_empty());
-    }
-
-    /// Timing report (run alone: `cargo test --lib embedding::tests::throughput
-    /// -- --ignored --nocapture`).
-    #[tokio::test]
-    #[ignore = "performance report, not a check"]
-    async fn throughput() {
-        let m = model();
-        for n in [1usize, 3, 32, 100] {
-            let texts: Vec<String> = (0..n)
-                .map(|i| format!("This is test sentence number {i}, about databases and SQL."))
-                .collect();
-            let t = Instant::now();
-            let v = m.embed(texts).await.unwrap();
-            let el = t.elapsed();
-            eprintln!(
-                "{n} texts: {el:?} ({:.0} texts/s)",
-                v.len() as f64 / el.as_secs_f64()
-            );
-        }
     }
 
     #[test]

@@ -299,6 +299,14 @@ pub trait LlmBackend: Send + Sync {
 
     /// Context window in tokens (prompt + completion).
     fn context_length(&self) -> usize;
+
+    /// The model's own chat template (the Jinja text a Hugging Face
+    /// `tokenizer_config.json` or a GGUF's `tokenizer.chat_template` carries),
+    /// when the model has one. `None` when it has none or the backend cannot
+    /// know it (the proxy).
+    fn chat_template(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A text-embedding model.
