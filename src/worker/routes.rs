@@ -289,7 +289,7 @@ async fn count_token(
     // DB-GPT answers 200 `-1` when counting fails; a count that is not one is an error here
     // (JSON `detail`, 500 for a model failure), so a caller cannot take it for a number.
     let n = b.count_tokens(&prompt).map_err(|e| {
-        warn!(model = %model, error = %e, "count_token failed");
+        warn!(model = %crate::telemetry::Escaped(&model), error = %crate::telemetry::Escaped(&e), "count_token failed");
         backend_error(e)
     })?;
     Ok(json_response(StatusCode::OK, &n))

@@ -624,20 +624,26 @@ pub struct FakeUpstream {
     _rt: tokio::runtime::Runtime,
 }
 
+/// Serves `app` on a fresh 127.0.0.1 port from its own runtime (kept alive by the caller).
+fn serve_upstream(app: axum::Router) -> (tokio::runtime::Runtime, u16) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (rt, port)
+}
+
 impl FakeUpstream {
     pub fn start(delay: Duration) -> Self {
         use axum::routing::post;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let conc = Arc::new(Mutex::new((0usize, 0usize)));
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
         let (r2, c2) = (requests.clone(), conc.clone());
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(move |axum::Json(body): axum::Json<Value>| {
@@ -670,7 +676,7 @@ impl FakeUpstream {
                 let data: Vec<Value> = (0..n).rev().map(|i| json!({"object": "embedding", "index": i, "embedding": [i as f64, 1.0]})).collect();
                 axum::Json(json!({"object": "list", "data": data}))
             }));
-        rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let (rt, port) = serve_upstream(app);
         FakeUpstream {
             port,
             requests,
@@ -773,15 +779,6 @@ fn proxy_worker_forwards_parameters_and_surfaces_errors() {
 #[test]
 fn proxy_worker_times_out_a_silent_upstream_and_keeps_serving() {
     use axum::routing::post;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
     let app = axum::Router::new().route(
         "/v1/chat/completions",
         post(|axum::Json(body): axum::Json<Value>| async move {
@@ -812,7 +809,7 @@ fn proxy_worker_times_out_a_silent_upstream_and_keeps_serving() {
             }
         }),
     );
-    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (_rt, port) = serve_upstream(app);
     let env = TestEnv::new();
     let base = format!("http://user:hunter2@127.0.0.1:{port}/v1");
     let cfg = env.path("w.toml");

@@ -131,16 +131,21 @@ async fn upstream() -> (String, Shared) {
     (format!("http://{addr}/v1"), rec)
 }
 
-fn backend(base: &str, model: &str) -> OpenAiProxyBackend {
+/// A backend for `model` at `base` whose three timeouts are all `secs`.
+fn backend_timing_out(base: &str, model: &str, secs: u64) -> OpenAiProxyBackend {
     let mut cfg = OpenAiProxyConfig::new(base, model);
     cfg.api_key = Some("sk-test-secret".into());
-    let ten = Duration::from_secs(10);
+    let t = Duration::from_secs(secs);
     cfg.timeouts = ProxyTimeouts {
-        connect: ten,
-        first_byte: ten,
-        between_chunks: ten,
+        connect: t,
+        first_byte: t,
+        between_chunks: t,
     };
     OpenAiProxyBackend::new(cfg).unwrap()
+}
+
+fn backend(base: &str, model: &str) -> OpenAiProxyBackend {
+    backend_timing_out(base, model, 10)
 }
 
 async fn collect(
@@ -517,14 +522,7 @@ async fn silent_upstream(reply: &'static [u8]) -> String {
 }
 
 fn one_second(base: &str) -> OpenAiProxyBackend {
-    let mut cfg = OpenAiProxyConfig::new(base, "m");
-    let one = Duration::from_secs(1);
-    cfg.timeouts = ProxyTimeouts {
-        connect: one,
-        first_byte: one,
-        between_chunks: one,
-    };
-    OpenAiProxyBackend::new(cfg).unwrap()
+    backend_timing_out(base, "m", 1)
 }
 
 /// The single upstream error of `events` (after any deltas), its message checked to name
