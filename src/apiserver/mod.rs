@@ -15,13 +15,13 @@
 //! `dbgpt.model.apiserver.*` span and passes it to the worker in the
 //! `DB-GPT-Trace-Span-Id` header ([`crate::tracer`]). [`service`] wires the process.
 
-pub mod config;
-pub mod discovery;
-pub mod openai;
-pub mod policy;
+pub(crate) mod config;
+pub(crate) mod discovery;
+pub(crate) mod openai;
+pub(crate) mod policy;
 pub mod pool;
-pub mod proxy;
-pub mod service;
+pub(crate) mod proxy;
+pub(crate) mod service;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
