@@ -2,7 +2,13 @@
 //!
 //! `generate_stream` answers JSON frames of cumulative text, each followed by one NUL byte
 //! (the final frame carries `finish_reason` and `usage`; an error is one frame with
-//! `error_code` 1, HTTP 200, as DB-GPT's clients expect). Both DB-GPT roles
+//! `error_code` 1, HTTP 200, as DB-GPT's clients expect), except a prompt the model refuses
+//! outright (longer than its context window, a NUL byte, an invalid parameter: the backend's
+//! `BadRequest` as its first event), which is HTTP 400 on `generate` and `generate_stream`
+//! alike, so that a caller with several instances knows not to try the others. Both answer
+//! their headers once the model produced its first event (`generate` then sends its JSON
+//! when generation ends), so a caller can tell a frozen worker from a long generation. The
+//! model routes accept bodies up to [`MAX_MODEL_BODY_BYTES`], the apiserver's own cap. Both DB-GPT roles
 //! (`human`/`ai`/`system`) and OpenAI roles are accepted; an unknown role is an error frame,
 //! never a silently dropped message. Lifecycle routes (`apply`, `models/startup`,
 //! `models/shutdown`) answer JSON 4xx for conflicts and unknown models instead of DB-GPT's
@@ -28,7 +34,7 @@ use tracing::warn;
 use super::backends::{BackendError, ChatMessage, GenerateEvent, GenerateParams, Role};
 use super::manager::{ManagerError, WorkerManager};
 use super::spec::{Engine, ModelSpec};
-use crate::http::{ApiError, CappedBody, json_response, with_fallbacks};
+use crate::http::{ApiError, CappedBody, MAX_MODEL_BODY_BYTES, json_response, with_fallbacks};
 use crate::tracer::{self, SpanCtx, Tracer};
 use crate::validate::{Fields, parse_json_object, query_object};
 use crate::wire::HEALTH_PATH;
@@ -108,6 +114,9 @@ fn not_running(name: &str, wt: WorkerType) -> ApiError {
     )
 }
 
+/// The body of a model call (a prompt or an embedding batch).
+type ModelBody = CappedBody<MAX_MODEL_BODY_BYTES>;
+
 /// Maps a validated request onto backend parameters (roles included).
 pub fn to_params(req: &PromptRequest) -> Result<GenerateParams, BackendError> {
     let mut messages = Vec::with_capacity(req.messages.len());
@@ -166,7 +175,13 @@ async fn generation(
         return Err(not_running(&req.model, WorkerType::Llm));
     };
     let slot = model.acquire().await;
-    let events = backend.generate_stream(params);
+    let mut events = backend.generate_stream(params);
+    // The first event decides the status: a prompt the model refuses is a 400, not a frame.
+    let first = events.next().await;
+    if let Some(Err(e @ BackendError::BadRequest(_))) = first {
+        return Err(ApiError::Status(StatusCode::BAD_REQUEST, e.to_string()));
+    }
+    let events = futures::stream::iter(first).chain(events);
     let frames = events
         .scan(
             (String::new(), false, slot, span),
@@ -204,7 +219,7 @@ async fn generation(
 
 async fn generate_stream(
     State(s): State<WorkerState>,
-    CappedBody(body): CappedBody,
+    CappedBody(body): ModelBody,
 ) -> Result<Response, ApiError> {
     let frames = generation(&s, &body, "WorkerManager.generate_stream").await?;
     let body = Body::from_stream(frames.map(|f| Ok::<_, Infallible>(encode_frame(&f))));
@@ -214,20 +229,33 @@ async fn generate_stream(
 
 async fn generate(
     State(s): State<WorkerState>,
-    CappedBody(body): CappedBody,
+    CappedBody(body): ModelBody,
 ) -> Result<Response, ApiError> {
-    let mut frames = generation(&s, &body, "WorkerManager.generate").await?;
-    let mut last = None;
-    while let Some(f) = frames.next().await {
-        last = Some(f);
-    }
-    let out = last.unwrap_or_else(|| ModelOutput::error("the model produced no output"));
-    Ok(json_response(StatusCode::OK, &out))
+    let frames = generation(&s, &body, "WorkerManager.generate").await?;
+    // Headers now (the model has started), the JSON when the last frame is in.
+    let last = async move {
+        let out = frames
+            .fold(None, |_, f| async move { Some(f) })
+            .await
+            .unwrap_or_else(|| ModelOutput::error("the model produced no output"));
+        Ok::<_, Infallible>(axum::body::Bytes::from(
+            serde_json::to_vec(&out).unwrap_or_default(),
+        ))
+    };
+    Ok((
+        StatusCode::OK,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        Body::from_stream(futures::stream::once(last)),
+    )
+        .into_response())
 }
 
 async fn embeddings(
     State(s): State<WorkerState>,
-    CappedBody(body): CappedBody,
+    CappedBody(body): ModelBody,
 ) -> Result<Response, ApiError> {
     let v = parse_json_object(&body, "EmbeddingsRequest")?;
     let mut f = Fields::new("body", &v);
@@ -273,7 +301,7 @@ fn model_field(body: &[u8], class: &str) -> Result<(String, Value), ApiError> {
 
 async fn count_token(
     State(s): State<WorkerState>,
-    CappedBody(body): CappedBody,
+    CappedBody(body): ModelBody,
 ) -> Result<Response, ApiError> {
     let (model, v) = model_field(&body, "CountTokenRequest")?;
     let mut f = Fields::new("body", &v);
