@@ -166,18 +166,23 @@ impl Discovery {
         }
     }
 
-    /// After a look-up miss: refreshes the view unless a refresh completed while this miss
-    /// waited for another miss's refresh (coalesced) or a miss refreshed less than
-    /// [`MISS_REFRESH_GAP`] ago (bounded rate). Returns whether the view may have changed
-    /// since the miss, i.e. whether looking again is worth it.
+    /// After a look-up miss: refreshes the view, unless a refresh completed while this miss
+    /// waited for another miss's refresh (coalesced: N concurrent misses, one controller
+    /// request). Miss-refreshes start at least [`MISS_REFRESH_GAP`] apart: a miss within the
+    /// gap waits for its end (so a flood of unknown models cannot flood the controller, and
+    /// no miss is answered from a view older than its arrival). Returns whether the view may
+    /// have changed since the miss, i.e. whether looking again is worth it.
     pub async fn refresh_after_miss(&self) -> bool {
         let seen = self.completed.load(Ordering::Acquire);
         let mut last = self.miss_refresh.lock().await;
         if self.completed.load(Ordering::Acquire) != seen {
             return true;
         }
-        if last.is_some_and(|t| t.elapsed() < self.miss_gap) {
-            return false;
+        if let Some(t) = *last {
+            tokio::time::sleep_until((t + self.miss_gap).into()).await;
+            if self.completed.load(Ordering::Acquire) != seen {
+                return true;
+            }
         }
         *last = Some(Instant::now());
         self.refresh().await
@@ -424,14 +429,14 @@ mod tests {
         assert!(!d.is_suspect(&g.instances[1]));
     }
 
-    /// A controller on 127.0.0.1 that lists `name@llm` and counts the list requests.
-    async fn counting_controller(name: &'static str) -> (String, Arc<AtomicU64>) {
-        let hits = Arc::new(AtomicU64::new(0));
+    /// A controller on 127.0.0.1 that lists `name@llm` and records when it was asked.
+    async fn counting_controller(name: &'static str) -> (String, Arc<Mutex<Vec<Instant>>>) {
+        let hits = Arc::new(Mutex::new(Vec::new()));
         let h = hits.clone();
         let app = axum::Router::new().route(
             crate::wire::controller::MODELS_PATH,
             axum::routing::get(move || {
-                h.fetch_add(1, Ordering::SeqCst);
+                h.lock().unwrap().push(Instant::now());
                 async move { axum::Json(vec![inst(&format!("{name}@llm"), 9, true)]) }
             }),
         );
@@ -445,21 +450,19 @@ mod tests {
     async fn misses_share_one_refresh_and_are_rate_bounded() {
         let (url, hits) = counting_controller("new").await;
         let mut d = Discovery::new(ControllerClient::new(&url, Duration::from_secs(5)).unwrap());
-        // No second miss-refresh during this test, however slow the machine.
-        d.miss_gap = Duration::from_secs(3600);
+        d.miss_gap = Duration::from_millis(300);
+        let count = || hits.lock().unwrap().len();
         assert!(matches!(d.lookup("new@llm"), Lookup::Unknown));
         // Eight concurrent misses (all polled before any answer can arrive: this runtime has
         // one thread): one controller request, and every miss may look again.
         let misses = futures::future::join_all((0..8).map(|_| d.refresh_after_miss())).await;
         assert_eq!(misses, [true; 8]);
-        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert_eq!(count(), 1);
         assert!(matches!(d.lookup("new@llm"), Lookup::Found(_)));
-        // Another miss within the gap does not ask the controller again.
-        assert!(!d.refresh_after_miss().await);
-        assert_eq!(hits.load(Ordering::SeqCst), 1);
-        // Once the gap has passed, a miss asks again.
-        d.miss_gap = Duration::ZERO;
+        // The next miss refreshes again, but not before the gap has passed.
         assert!(d.refresh_after_miss().await);
-        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        let at = hits.lock().unwrap().clone();
+        assert_eq!(at.len(), 2);
+        assert!(at[1] - at[0] >= d.miss_gap, "{:?}", at[1] - at[0]);
     }
 }
