@@ -4,8 +4,8 @@
 //! (the final frame carries `finish_reason` and `usage`; an error is one frame with
 //! `error_code` 1, HTTP 200, as DB-GPT's clients expect), except a prompt the model refuses
 //! outright (longer than its context window, a NUL byte, an invalid parameter: the backend's
-//! `BadRequest` as its first event), which is HTTP 400 on `generate` and `generate_stream`
-//! alike, so that a caller with several instances knows not to try the others. Both answer
+//! `BadRequest`, or a proxy upstream's 400/413, as its first event), which is that 4xx on
+//! `generate` and `generate_stream` alike, so that a caller with several instances knows not to try the others. Both answer
 //! their headers once the model produced its first event (`generate` then sends its JSON
 //! when generation ends), so a caller can tell a frozen worker from a long generation. The
 //! model routes accept bodies up to [`MAX_MODEL_BODY_BYTES`], the apiserver's own cap. Both DB-GPT roles
@@ -104,6 +104,20 @@ fn backend_error(e: BackendError) -> ApiError {
     ApiError::Status(status, e.to_string())
 }
 
+/// The status of a generation the model refused as the client's error, before any output:
+/// our own check (prompt longer than the context window, NUL byte, bad parameter) or a proxy
+/// upstream's 400/413 (vLLM's context-length error, say). Every instance would refuse it.
+fn refusal(e: &BackendError) -> Option<StatusCode> {
+    match e {
+        BackendError::BadRequest(_) => Some(StatusCode::BAD_REQUEST),
+        BackendError::Upstream {
+            status: Some(s @ (400 | 413)),
+            ..
+        } => StatusCode::from_u16(*s).ok(),
+        _ => None,
+    }
+}
+
 fn not_running(name: &str, wt: WorkerType) -> ApiError {
     ApiError::Status(
         StatusCode::NOT_FOUND,
@@ -176,10 +190,12 @@ async fn generation(
     };
     let slot = model.acquire().await;
     let mut events = backend.generate_stream(params);
-    // The first event decides the status: a prompt the model refuses is a 400, not a frame.
+    // The first event decides the status: a prompt the model refuses is a 4xx, not a frame.
     let first = events.next().await;
-    if let Some(Err(e @ BackendError::BadRequest(_))) = first {
-        return Err(ApiError::Status(StatusCode::BAD_REQUEST, e.to_string()));
+    if let Some(Err(e)) = &first
+        && let Some(status) = refusal(e)
+    {
+        return Err(ApiError::Status(status, e.to_string()));
     }
     let events = futures::stream::iter(first).chain(events);
     let frames = events
@@ -668,5 +684,75 @@ mod tests {
             v["ext_metadata"]["prompt_roles"],
             json!(["system", "human", "ai"])
         );
+    }
+
+    /// An LLM that refuses every prompt as too long (before any output).
+    struct Refuses;
+
+    impl LlmBackend for Refuses {
+        fn generate_stream(
+            &self,
+            _: GenerateParams,
+        ) -> BoxStream<'static, Result<GenerateEvent, BackendError>> {
+            crate::worker::backends::error_stream(BackendError::BadRequest(
+                "prompt is 9 tokens but the model's context window is 8 tokens".into(),
+            ))
+        }
+        fn count_tokens(&self, _: &str) -> Result<usize, BackendError> {
+            Ok(9)
+        }
+        fn context_length(&self) -> usize {
+            8
+        }
+        fn chat_template(&self) -> Option<&str> {
+            None
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_prompt_is_a_400_on_both_generate_routes() {
+        let (s, _l) = state(&[]);
+        let spec = ModelSpec::from_params(
+            "r",
+            WorkerType::Llm,
+            &json!({"model_type": "proxy", "proxy_api_base": "http://127.0.0.1:1/v1"}),
+        )
+        .unwrap();
+        s.manager
+            .insert_engine(spec, Engine::Llm(Arc::new(Refuses)));
+        let ask = json!({"model": "r", "messages": [{"role": "user", "content": "hello"}]});
+        for path in [wire::GENERATE_STREAM_PATH, wire::GENERATE_PATH] {
+            let (status, v) = call(&s, path, Some(ask.clone())).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
+            assert!(
+                v["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("context window is 8 tokens"),
+                "{path}: {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_are_the_clients_errors_only() {
+        let upstream = |status| BackendError::Upstream {
+            status,
+            message: "m".into(),
+        };
+        assert_eq!(
+            refusal(&BackendError::BadRequest("prompt is 9 tokens".into())),
+            Some(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(refusal(&upstream(Some(400))), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            refusal(&upstream(Some(413))),
+            Some(StatusCode::PAYLOAD_TOO_LARGE)
+        );
+        // The upstream's own trouble (auth, overload, outage) stays an error frame.
+        for s in [Some(401), Some(429), Some(500), None] {
+            assert_eq!(refusal(&upstream(s)), None, "{s:?}");
+        }
+        assert_eq!(refusal(&BackendError::internal("decode failed")), None);
     }
 }

@@ -274,6 +274,26 @@ fn apiserver_real_workers_refusals_and_a_frozen_one() {
         !log.contains("marked suspect"),
         "refusals are not failures: {log}"
     );
+    // The worker itself answers them with HTTP 400 naming the limit, on both routes.
+    let ask = json!({"model": "smollm2", "messages": [{"role": "user", "content": too_long}]});
+    for path in ["/api/worker/generate_stream", "/api/worker/generate"] {
+        let (s, _, b) = raw_http(
+            w2.port,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            &serde_json::to_vec(&ask).unwrap(),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+        assert_eq!(s, 400, "{path}: {v}");
+        assert!(
+            v["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("context window is 4096 tokens")),
+            "{path}: {v}"
+        );
+    }
 
     // One worker frozen: every request, streamed or not, is answered by the other.
     let frozen = Stopped::stop(&w1);
