@@ -69,7 +69,9 @@ pub struct ApiserverArgs {
     /// Seconds to wait for a worker's response headers on a completion before treating the
     /// instance as frozen, marking it suspect and trying another; our workers answer them
     /// when the model has produced its first token, so raise it for long prefills on a slow
-    /// model (at most the request timeout applies) [default: 30]
+    /// model; DB-GPT's Python workers answer a non-stream `generate` only when it is
+    /// complete, so in front of them raise it above the longest one (at the request timeout
+    /// it is off) [default: 30]
     #[arg(
         long = "first_byte_timeout_secs",
         visible_alias = "first-byte-timeout-secs",
