@@ -15,13 +15,13 @@
 //! `dbgpt.model.apiserver.*` span and passes it to the worker in the
 //! `DB-GPT-Trace-Span-Id` header ([`crate::tracer`]). [`service`] wires the process.
 
-pub mod config;
-pub mod discovery;
-pub mod openai;
-pub mod policy;
+pub(crate) mod config;
+pub(crate) mod discovery;
+pub(crate) mod openai;
+pub(crate) mod policy;
 pub mod pool;
-pub mod proxy;
-pub mod service;
+pub(crate) mod proxy;
+pub(crate) mod service;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,8 +46,9 @@ use crate::http::{json_response, json_response_sized};
 use crate::tracer::{self, Meta, Tracer};
 use crate::wire::worker::{Frame, Usage, WorkerType};
 
-/// Largest request body accepted (embedding batches can be large).
-pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+/// Largest request body accepted (embedding batches can be large); the workers' model routes
+/// accept as much, so a body we take is never refused by every worker for its size.
+pub const MAX_REQUEST_BYTES: usize = crate::http::MAX_MODEL_BODY_BYTES;
 
 /// State of the handlers of one serving thread (each has its own worker connection pool).
 #[derive(Clone)]
@@ -344,7 +345,7 @@ fn total_usage(choices: &[Choice]) -> Usage {
 /// whole answer or a stream.
 async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy) -> Response {
     // Validate the model before anything else (404/503 with the right message).
-    let group = match s.upstream.group(&r.model, WorkerType::Llm) {
+    let group = match s.upstream.group(&r.model, WorkerType::Llm).await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -357,6 +358,17 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
     let mut choices = Vec::new();
     for (p, msgs) in r.prompts.iter().enumerate() {
         let body = openai::worker_prompt(&r.model, msgs, &r.sampling);
+        if body.len() > MAX_REQUEST_BYTES {
+            // Every worker would refuse it: no instance is tried.
+            return OpenAiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                format!("The prompt is larger than {MAX_REQUEST_BYTES} bytes"),
+            )
+            .with_param(prompt_field(kind))
+            .into_response();
+        }
         for j in 0..r.n {
             bodies.push(body.clone());
             choices.push(Choice {
@@ -391,6 +403,14 @@ struct Call<'a> {
     trace: Option<tracer::SpanCtx>,
 }
 
+/// The request field that holds a completion's prompt (named by a worker's refusal).
+fn prompt_field(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Chat => "messages",
+        Kind::Text => "prompt",
+    }
+}
+
 /// The answer of a worker that reported a failure in its frame.
 fn worker_failed(f: &Frame) -> OpenAiError {
     OpenAiError::bad_gateway(format!("the worker failed: {}", f.text))
@@ -413,7 +433,7 @@ async fn whole_completion(
     for (c, res) in choices.iter_mut().zip(results) {
         let f = match res {
             Ok(f) => f,
-            Err(e) => return e.into_response(),
+            Err(e) => return OpenAiError::from_upstream(e, prompt_field(env.kind)).into_response(),
         };
         if f.error_code != 0 {
             return worker_failed(&f).into_response();
@@ -449,7 +469,7 @@ async fn stream_completion(
             // An error before any output is still an HTTP error, not a 200 stream.
             Ok((f, _)) if f.error_code != 0 => return worker_failed(&f).into_response(),
             Ok(v) => streams.push(v),
-            Err(e) => return e.into_response(),
+            Err(e) => return OpenAiError::from_upstream(e, prompt_field(env.kind)).into_response(),
         }
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
@@ -553,7 +573,7 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let group = match s.upstream.group(&r.model, WorkerType::Text2vec) {
+    let group = match s.upstream.group(&r.model, WorkerType::Text2vec).await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -581,7 +601,7 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
     for (b, res) in batches.iter().zip(results) {
         let vecs = match res {
             Ok(v) => v,
-            Err(e) => return e.into_response(),
+            Err(e) => return OpenAiError::from_upstream(e, "input").into_response(),
         };
         if vecs.len() != b.len() {
             return OpenAiError::bad_gateway(format!(
@@ -621,7 +641,7 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let group = match s.upstream.group(&r.model, WorkerType::Text2vec) {
+    let group = match s.upstream.group(&r.model, WorkerType::Text2vec).await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -663,7 +683,7 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
                 )
                 .into_response();
             }
-            Err(e) => return e.into_response(),
+            Err(e) => return OpenAiError::from_upstream(e, "documents").into_response(),
         }
     };
     json_response(

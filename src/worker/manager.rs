@@ -21,7 +21,8 @@ use crate::telemetry::Escaped;
 
 use super::backends::ProxyTimeouts;
 use super::registration::Registrar;
-use super::spec::{Engine, ModelSpec, WorkerType};
+use super::spec::{Engine, ModelSpec};
+use crate::wire::worker::WorkerType;
 
 /// Default per-model concurrency (DB-GPT's `limit_model_concurrency`).
 pub const DEFAULT_CONCURRENCY: usize = 5;

@@ -9,7 +9,7 @@ pub mod response;
 
 pub use error::OpenAiError;
 pub use request::{
-    CompletionRequest, EmbeddingsRequest, RelevanceRequest, Sampling, map_role, parse_body,
-    parse_chat, parse_completion, parse_embeddings, parse_relevance, worker_prompt,
+    CompletionRequest, parse_chat, parse_completion, parse_embeddings, parse_relevance,
+    worker_prompt,
 };
-pub use response::{base64_f32, model_card, new_id, unix_now};
+pub use response::{base64_f32, model_card, unix_now};

@@ -21,10 +21,10 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "local-models")]
-pub mod embedding;
+pub(crate) mod embedding;
 #[cfg(feature = "local-models")]
-pub mod llama;
-pub mod proxy;
+pub(crate) mod llama;
+pub(crate) mod proxy;
 
 #[cfg(feature = "local-models")]
 pub use embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
