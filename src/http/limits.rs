@@ -12,6 +12,13 @@
 //! applies ([`TimeoutBody`]): the whole request body must arrive within it, or the request is
 //! answered 408 and the connection closed. Slow handlers and long streamed responses are
 //! never cut.
+//!
+//! Cost per request (it is on every request's path): the phase changes only write the
+//! clock; nothing wakes the watchdog, which sleeps until the current phase's deadline, or at
+//! most [`ConnClock::tick`], and then looks again (a request head that starts during an
+//! idle sleep is caught at the next look: a head times out between its limit and its limit
+//! plus a tick). A body that arrives with its head (most bodies) never starts a timer; its
+//! deadline is armed the first time it has to wait for the client.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +32,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::{ApiError, AppService};
@@ -82,7 +89,6 @@ struct Phase {
 #[derive(Debug)]
 pub(super) struct ConnClock {
     phase: Mutex<Phase>,
-    changed: Notify,
     /// Set when a request body missed its deadline.
     body_timed_out: AtomicBool,
     limits: HttpLimits,
@@ -96,7 +102,6 @@ impl ConnClock {
                 idle_since: Instant::now(),
                 head_since: None,
             }),
-            changed: Notify::new(),
             body_timed_out: AtomicBool::new(false),
             limits,
         })
@@ -111,8 +116,6 @@ impl ConnClock {
         let mut p = self.phase();
         if p.in_flight == 0 && p.head_since.is_none() {
             p.head_since = Some(Instant::now());
-            drop(p);
-            self.changed.notify_one();
         }
     }
 
@@ -148,24 +151,24 @@ impl ConnClock {
         self.due().map(|(at, _)| at)
     }
 
+    /// The longest the watchdog sleeps without looking at the phase again: half the
+    /// shorter of the header and idle limits, and at least 10 ms.
+    fn tick(&self) -> Duration {
+        (self.limits.header_timeout.min(self.limits.idle_timeout) / 2)
+            .max(Duration::from_millis(10))
+    }
+
     /// Returns once the connection has stayed in one phase longer than that phase allows.
+    /// It polls the phase (see the module documentation): nothing notifies it.
     pub(super) async fn expired(&self) -> &'static str {
         loop {
-            let changed = self.changed.notified();
-            match self.due() {
-                None => changed.await,
-                Some((at, _)) => {
-                    tokio::select! {
-                        _ = changed => {}
-                        _ = tokio::time::sleep_until(at) => {
-                            // The phase may have changed meanwhile: only its own deadline counts.
-                            if let Some((at, why)) = self.due() && at <= Instant::now() {
-                                return why;
-                            }
-                        }
-                    }
-                }
-            }
+            let now = Instant::now();
+            let wake = match self.due() {
+                Some((at, why)) if at <= now => return why,
+                Some((at, _)) => at.min(now + self.tick()),
+                None => now + self.tick(),
+            };
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
@@ -181,8 +184,6 @@ impl Drop for InFlight {
             p.idle_since = Instant::now();
             p.head_since = None;
         }
-        drop(p);
-        self.0.changed.notify_one();
     }
 }
 
@@ -248,10 +249,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 #[error("request body not received within {0:?}")]
 pub struct BodyTimeout(pub Duration);
 
-/// A request body that must arrive in full before a deadline.
+/// A request body that must arrive in full before a deadline, armed (from then on) the
+/// first time the body has to wait for the client.
 struct TimeoutBody {
     inner: Incoming,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     clock: Arc<ConnClock>,
 }
 
@@ -266,9 +268,12 @@ impl hyper::body::Body for TimeoutBody {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        if self.deadline.as_mut().poll(cx).is_ready() {
+        let limit = self.clock.limits.body_timeout;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if deadline.as_mut().poll(cx).is_ready() {
             self.clock.body_timed_out.store(true, Ordering::Relaxed);
-            let limit = self.clock.limits.body_timeout;
             return Poll::Ready(Some(Err(Box::new(BodyTimeout(limit)))));
         }
         Poll::Pending
@@ -320,12 +325,11 @@ where
     let req = if req.body().is_end_stream() {
         req.map(Body::new)
     } else {
-        let deadline = Box::pin(tokio::time::sleep(clock.limits.body_timeout));
         let clock = clock.clone();
         req.map(|inner| {
             Body::new(TimeoutBody {
                 inner,
-                deadline,
+                deadline: None,
                 clock,
             })
         })
@@ -378,14 +382,25 @@ pub(super) fn spawn_connection<S>(
     });
     let conn =
         graceful.watch(hyper::server::conn::http1::Builder::new().serve_connection(io, service));
+    // The connection and its watchdog are two tasks, so that serving a request never polls
+    // the watchdog's timer: the watchdog aborts the connection's task when a phase runs
+    // out, and ends when the connection does.
+    let (done, ended) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        drop((permit, done));
+    });
+    let serving = served.abort_handle();
     tokio::spawn(async move {
         tokio::select! {
-            r = conn => if let Err(e) = r {
-                tracing::debug!(error = %e, "connection ended with an error");
-            },
-            why = clock.expired() => tracing::debug!(why, "closing a client connection"),
+            _ = ended => {}
+            why = clock.expired() => {
+                tracing::debug!(why, "closing a client connection");
+                serving.abort();
+            }
         }
-        drop(permit);
     });
 }
 
