@@ -684,7 +684,13 @@ async fn score_documents(
     );
     match s
         .upstream
-        .embeddings(model, (&group, worker_type), documents, Some(query), span.ctx())
+        .embeddings(
+            model,
+            (&group, worker_type),
+            documents,
+            Some(query),
+            span.ctx(),
+        )
         .await
     {
         // A reranker answers one list of scores, one per document.
@@ -730,13 +736,7 @@ async fn rerank(State(s): State<Shared>, _: Authorized, req: Request) -> Respons
     match score_documents(&s, &r.model, &r.query, &r.documents).await {
         Ok(scores) => json_response(
             StatusCode::OK,
-            &openai::rerank_response(
-                &r.model,
-                &scores,
-                &r.documents,
-                r.top_n,
-                r.return_documents,
-            ),
+            &openai::rerank_response(&r.model, &scores, &r.documents, r.top_n, r.return_documents),
         ),
         Err(e) => e.into_response(),
     }

@@ -673,6 +673,9 @@ mod tests {
         assert_eq!(WorkerType::from_wire("LLM"), None);
         assert_eq!(WorkerType::parse("embeddings"), Some(WorkerType::Text2vec));
         assert_eq!(WorkerType::parse("rerank"), Some(WorkerType::Reranker));
-        assert_eq!(WorkerType::from_wire("reranker"), Some(WorkerType::Reranker));
+        assert_eq!(
+            WorkerType::from_wire("reranker"),
+            Some(WorkerType::Reranker)
+        );
     }
 }

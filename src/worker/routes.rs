@@ -356,11 +356,19 @@ fn worker_type_field(f: &mut Fields<'_>, v: &Value, required: bool) -> WorkerTyp
             WorkerType::Llm
         }
         Some(Value::String(t)) => WorkerType::parse(t).unwrap_or_else(|| {
-            f.invalid("enum", "worker_type", "Input should be 'llm', 'text2vec' or 'reranker'");
+            f.invalid(
+                "enum",
+                "worker_type",
+                "Input should be 'llm', 'text2vec' or 'reranker'",
+            );
             WorkerType::Llm
         }),
         Some(_) => {
-            f.invalid("enum", "worker_type", "Input should be 'llm', 'text2vec' or 'reranker'");
+            f.invalid(
+                "enum",
+                "worker_type",
+                "Input should be 'llm', 'text2vec' or 'reranker'",
+            );
             WorkerType::Llm
         }
     }

@@ -208,9 +208,9 @@ impl ModelSpec {
                 match self.worker_type {
                     WorkerType::Llm => Ok(Engine::Llm(backend)),
                     WorkerType::Text2vec => Ok(Engine::Embedding(backend)),
-                    WorkerType::Reranker => Err(BackendError::internal(
-                        "proxy rerankers are not supported",
-                    )),
+                    WorkerType::Reranker => {
+                        Err(BackendError::internal("proxy rerankers are not supported"))
+                    }
                 }
             }
             #[cfg(feature = "local-models")]

@@ -854,7 +854,9 @@ pub fn parse_rerank(body: &[u8]) -> Result<RerankRequest, OpenAiError> {
                     _ => Err(OpenAiError::invalid(
                         &format!("documents[{i}]"),
                         "invalid_type",
-                        format!("'documents[{i}]' must be a string or an object with a string 'text'"),
+                        format!(
+                            "'documents[{i}]' must be a string or an object with a string 'text'"
+                        ),
                     )),
                 },
                 v => Err(wrong_type(&format!("documents[{i}]"), "a string", v)),
@@ -1086,7 +1088,8 @@ mod tests {
         .unwrap();
         assert_eq!(r.documents, ["a", "b"]);
         assert_eq!((r.top_n, r.return_documents), (Some(1), true));
-        let r = parse_rerank(br#"{"model":"r","query":"","documents":["a"],"top_n":null}"#).unwrap();
+        let r =
+            parse_rerank(br#"{"model":"r","query":"","documents":["a"],"top_n":null}"#).unwrap();
         assert_eq!((r.top_n, r.return_documents), (None, false));
         let cases: &[(&[u8], &str)] = &[
             (br#"{"query":"q","documents":["a"]}"#, "model"),
@@ -1095,12 +1098,30 @@ mod tests {
             (br#"{"model":"r","query":"q"}"#, "documents"),
             (br#"{"model":"r","query":"q","documents":[]}"#, "documents"),
             (br#"{"model":"r","query":"q","documents":"a"}"#, "documents"),
-            (br#"{"model":"r","query":"q","documents":["a",3]}"#, "documents[1]"),
-            (br#"{"model":"r","query":"q","documents":[{"title":"x"}]}"#, "documents[0]"),
-            (br#"{"model":"r","query":"q","documents":["a"],"top_n":0}"#, "top_n"),
-            (br#"{"model":"r","query":"q","documents":["a"],"top_n":-2}"#, "top_n"),
-            (br#"{"model":"r","query":"q","documents":["a"],"top_n":1.5}"#, "top_n"),
-            (br#"{"model":"r","query":"q","documents":["a"],"top_n":"2"}"#, "top_n"),
+            (
+                br#"{"model":"r","query":"q","documents":["a",3]}"#,
+                "documents[1]",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":[{"title":"x"}]}"#,
+                "documents[0]",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":["a"],"top_n":0}"#,
+                "top_n",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":["a"],"top_n":-2}"#,
+                "top_n",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":["a"],"top_n":1.5}"#,
+                "top_n",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":["a"],"top_n":"2"}"#,
+                "top_n",
+            ),
             (
                 br#"{"model":"r","query":"q","documents":["a"],"return_documents":"yes"}"#,
                 "return_documents",

@@ -33,9 +33,9 @@ pub mod reranker;
 pub use embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
 #[cfg(feature = "local-models")]
 pub use llama::{LlamaCppBackend, LlamaCppConfig};
+pub use proxy::{OpenAiProxyBackend, OpenAiProxyConfig};
 #[cfg(feature = "local-models")]
 pub use reranker::{BertRerankerBackend, RerankerConfig};
-pub use proxy::{OpenAiProxyBackend, OpenAiProxyConfig};
 
 /// Who wrote a chat message.
 ///

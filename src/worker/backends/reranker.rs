@@ -103,7 +103,11 @@ fn num_labels(raw: &Value) -> usize {
     raw.get("num_labels")
         .and_then(Value::as_u64)
         .map(|n| n as usize)
-        .or_else(|| raw.get("id2label").and_then(Value::as_object).map(|m| m.len()))
+        .or_else(|| {
+            raw.get("id2label")
+                .and_then(Value::as_object)
+                .map(|m| m.len())
+        })
         .unwrap_or(2)
 }
 

@@ -21,9 +21,11 @@ struct Weights(HashMap<String, Vec<f32>>);
 
 impl Weights {
     fn read(dir: &Path) -> Self {
-        let tensors =
-            candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
-                .unwrap();
+        let tensors = candle_core::safetensors::load(
+            dir.join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         Weights(
             tensors
                 .into_iter()
@@ -33,9 +35,7 @@ impl Weights {
     }
 
     fn get(&self, name: &str) -> &[f32] {
-        self.0
-            .get(name)
-            .unwrap_or_else(|| panic!("missing {name}"))
+        self.0.get(name).unwrap_or_else(|| panic!("missing {name}"))
     }
 
     /// `W x + b` with `W` stored `(out, in)` as PyTorch does.
@@ -95,7 +95,10 @@ fn reference_logit(w: &Weights, ids: &[u32], types: &[u32]) -> f32 {
         .map(|t| {
             let word = row("bert.embeddings.word_embeddings.weight", ids[t] as usize);
             let pos = row("bert.embeddings.position_embeddings.weight", t);
-            let ty = row("bert.embeddings.token_type_embeddings.weight", types[t] as usize);
+            let ty = row(
+                "bert.embeddings.token_type_embeddings.weight",
+                types[t] as usize,
+            );
             let mut e: Vec<f32> = (0..h).map(|i| word[i] + pos[i] + ty[i]).collect();
             w.layer_norm("bert.embeddings.LayerNorm", &mut e);
             e
@@ -219,7 +222,10 @@ async fn sigmoid_scores_match_an_independent_forward_pass() {
     assert_close(&got, &want);
     assert!(got.iter().all(|s| (0.0..=1.0).contains(s)), "{got:?}");
     // Distinct documents, distinct scores (the weights are used, not a constant).
-    assert!(got.windows(2).any(|p| (p[0] - p[1]).abs() > 1e-6), "{got:?}");
+    assert!(
+        got.windows(2).any(|p| (p[0] - p[1]).abs() > 1e-6),
+        "{got:?}"
+    );
 }
 
 #[tokio::test]
@@ -244,7 +250,13 @@ async fn identity_checkpoints_give_raw_logits_and_sub_batches_agree() {
     let long = "word ".repeat(500);
     let s = small.rerank(query.into(), vec![long]).await.unwrap();
     assert!(s.len() == 1 && s[0].is_finite(), "{s:?}");
-    assert!(small.rerank(query.into(), Vec::new()).await.unwrap().is_empty());
+    assert!(
+        small
+            .rerank(query.into(), Vec::new())
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -256,7 +268,9 @@ fn activations_from_config() {
         Ok(ScoreActivation::Identity)
     );
     assert_eq!(
-        a(json!({"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Sigmoid"}})),
+        a(
+            json!({"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Sigmoid"}})
+        ),
         Ok(ScoreActivation::Sigmoid)
     );
     assert!(a(json!({"sentence_transformers": {"activation_fn": "torch.nn.Tanh"}})).is_err());
@@ -270,8 +284,7 @@ fn what_is_not_a_bert_cross_encoder_is_refused_at_load() {
     assert!(is_cross_encoder(dir.path()));
     assert!(!is_cross_encoder(&require_test_model("all-MiniLM-L6-v2")));
     let config_path = dir.path().join("config.json");
-    let original: Value =
-        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    let original: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
     let refused = |edit: &dyn Fn(&mut Value), says: &str| {
         let mut c = original.clone();
         edit(&mut c);
@@ -296,9 +309,10 @@ fn what_is_not_a_bert_cross_encoder_is_refused_at_load() {
         "Tanh",
     );
     // An embedding model is not a reranker.
-    let e = BertRerankerBackend::load(RerankerConfig::new(require_test_model(
-        "all-MiniLM-L6-v2",
-    )))
-    .unwrap_err();
-    assert!(e.to_string().contains("BertForSequenceClassification"), "{e}");
+    let e = BertRerankerBackend::load(RerankerConfig::new(require_test_model("all-MiniLM-L6-v2")))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("BertForSequenceClassification"),
+        "{e}"
+    );
 }
