@@ -71,42 +71,20 @@ fn rerank_through_the_cluster_with_a_tiny_cross_encoder() {
 
     let c = env.controller(&[]);
     let d = dir.display().to_string();
-    let rr = worker(
-        &env,
-        &c.url(),
-        &[
+    let serve = |name: &str, worker_type: &str, path: &str| {
+        let args = [
             "--model_name",
-            "tiny",
+            name,
             "--worker_type",
-            "reranker",
+            worker_type,
             "--model_path",
-            &d,
-        ],
-    );
-    let _old = worker(
-        &env,
-        &c.url(),
-        &[
-            "--model_name",
-            "old",
-            "--worker_type",
-            "text2vec",
-            "--model_path",
-            &d,
-        ],
-    );
-    let _emb = worker(
-        &env,
-        &c.url(),
-        &[
-            "--model_name",
-            "all-minilm",
-            "--worker_type",
-            "text2vec",
-            "--model_path",
-            &minilm(),
-        ],
-    );
+            path,
+        ];
+        worker(&env, &c.url(), &args)
+    };
+    let rr = serve("tiny", "reranker", &d);
+    let _old = serve("old", "text2vec", &d);
+    let _emb = serve("all-minilm", "text2vec", &minilm());
     let _llm = worker(
         &env,
         &c.url(),

@@ -58,6 +58,33 @@ fn wrong_type(field: &str, want: &str, got: &Value) -> OpenAiError {
     )
 }
 
+/// A required field that is absent.
+fn missing(field: &str) -> OpenAiError {
+    OpenAiError::invalid(
+        field,
+        "missing_required_parameter",
+        format!("Missing required parameter: '{field}'"),
+    )
+}
+
+/// A list field sent empty.
+fn empty_list(field: &str) -> OpenAiError {
+    OpenAiError::invalid(
+        field,
+        "invalid_value",
+        format!("'{field}' must not be an empty list"),
+    )
+}
+
+/// A list field with more than `max` items.
+fn too_many(field: &str, max: usize) -> OpenAiError {
+    OpenAiError::invalid(
+        field,
+        "invalid_value",
+        format!("'{field}' may hold at most {max} items"),
+    )
+}
+
 /// A request body's top-level fields by name.
 trait FieldSource {
     fn field(&self, k: &str) -> Option<&Value>;
@@ -691,21 +718,9 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
     let o = Obj(&m);
     let model = o.model()?;
     let input = match o.get("input") {
-        None => {
-            return Err(OpenAiError::invalid(
-                "input",
-                "missing_required_parameter",
-                "Missing required parameter: 'input'",
-            ));
-        }
+        None => return Err(missing("input")),
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if a.is_empty() => {
-            return Err(OpenAiError::invalid(
-                "input",
-                "invalid_value",
-                "'input' must not be an empty list",
-            ));
-        }
+        Some(Value::Array(a)) if a.is_empty() => return Err(empty_list("input")),
         Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
             .iter()
             .map(|s| s.as_str().unwrap_or_default().to_string())
@@ -719,11 +734,7 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
         }
     };
     if input.len() > 2048 {
-        return Err(OpenAiError::invalid(
-            "input",
-            "invalid_value",
-            "'input' may hold at most 2048 items",
-        ));
+        return Err(too_many("input", 2048));
     }
     let base64 = match o.get("encoding_format") {
         None => false,
@@ -763,11 +774,7 @@ pub struct RelevanceRequest {
 fn query_field(o: &Obj<'_>) -> Result<String, OpenAiError> {
     match o.get("query") {
         Some(Value::String(s)) => Ok(s.clone()),
-        None => Err(OpenAiError::invalid(
-            "query",
-            "missing_required_parameter",
-            "Missing required parameter: 'query'",
-        )),
+        None => Err(missing("query")),
         Some(v) => Err(wrong_type("query", "a string", v)),
     }
 }
@@ -783,13 +790,7 @@ pub fn parse_relevance(body: &[u8]) -> Result<RelevanceRequest, OpenAiError> {
             .iter()
             .map(|s| s.as_str().unwrap_or_default().to_string())
             .collect(),
-        None => {
-            return Err(OpenAiError::invalid(
-                "documents",
-                "missing_required_parameter",
-                "Missing required parameter: 'documents'",
-            ));
-        }
+        None => return Err(missing("documents")),
         Some(v) => return Err(wrong_type("documents", "a list of strings", v)),
     };
     Ok(RelevanceRequest {
@@ -823,26 +824,10 @@ pub fn parse_rerank(body: &[u8]) -> Result<RerankRequest, OpenAiError> {
     let model = o.model()?;
     let query = query_field(&o)?;
     let documents = match o.get("documents") {
-        None => {
-            return Err(OpenAiError::invalid(
-                "documents",
-                "missing_required_parameter",
-                "Missing required parameter: 'documents'",
-            ));
-        }
-        Some(Value::Array(a)) if a.is_empty() => {
-            return Err(OpenAiError::invalid(
-                "documents",
-                "invalid_value",
-                "'documents' must not be an empty list",
-            ));
-        }
+        None => return Err(missing("documents")),
+        Some(Value::Array(a)) if a.is_empty() => return Err(empty_list("documents")),
         Some(Value::Array(a)) if a.len() > MAX_RERANK_DOCUMENTS => {
-            return Err(OpenAiError::invalid(
-                "documents",
-                "invalid_value",
-                format!("'documents' may hold at most {MAX_RERANK_DOCUMENTS} items"),
-            ));
+            return Err(too_many("documents", MAX_RERANK_DOCUMENTS));
         }
         Some(Value::Array(a)) => a
             .iter()
