@@ -62,7 +62,8 @@ fn check_results(v: &Value, want: &[f32], n: usize, with_documents: bool) {
 fn rerank_through_the_cluster_with_a_tiny_cross_encoder() {
     let env = TestEnv::new();
     let dir = env.path("tiny-reranker");
-    fixture::write(&dir, &Path::new(&minilm()).join("tokenizer.json"), None).unwrap();
+    let tokenizer = Path::new(&minilm()).join("tokenizer.json");
+    fixture::write(&dir, &tokenizer, fixture::Arch::Bert, None).unwrap();
     let want = expected_scores(&dir);
     // Distinct scores, so that the order is well defined.
     let mut sorted = want.clone();

@@ -4,7 +4,7 @@
 //! embedding vectors ([`EmbeddingBackend`]) or a query and documents into
 //! relevance scores ([`RerankBackend`]). The implementations: GGUF chat models
 //! run in-process through llama.cpp ([`llama`], feature `local-models`), BERT
-//! sentence-embedding models and BERT cross-encoder rerankers run in-process
+//! sentence-embedding models and BERT or XLM-RoBERTa cross-encoder rerankers run in-process
 //! through candle ([`embedding`], [`reranker`], feature `local-models`), and any
 //! OpenAI-compatible HTTP server (vLLM, llama-server, Ollama, OpenAI) reached
 //! through [`proxy`]. Everything above this layer (worker manager, DB-GPT wire

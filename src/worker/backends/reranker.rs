@@ -1,10 +1,12 @@
-//! BERT cross-encoder rerankers (e.g. cross-encoder/ms-marco-MiniLM-L-6-v2) run in-process
-//! through candle, reproducing what DB-GPT's reranker does (sentence-transformers'
-//! `CrossEncoder.predict`): each (query, document) pair is tokenised as
-//! `[CLS] query [SEP] document [SEP]` with token type 0 for the query part and 1 for the
-//! document part (truncating the longer part first), run through BERT, and the `[CLS]` state
-//! goes through the pooler (`tanh(dense(h))`) and the one-logit classifier of
-//! `BertForSequenceClassification`.
+//! Cross-encoder rerankers run in-process through candle, reproducing what DB-GPT's reranker
+//! does (sentence-transformers' `CrossEncoder.predict`): each (query, document) pair is
+//! tokenised by the model's tokenizer as one pair (for BERT `[CLS] query [SEP] document
+//! [SEP]` with token type 0 for the query part and 1 for the document part; the longer part
+//! is truncated first) and run through the encoder, and the first token's state goes through
+//! the checkpoint's classification head. Two layouts: `BertForSequenceClassification`
+//! (e.g. cross-encoder/ms-marco-MiniLM-L-6-v2: pooler `tanh(dense(h))`, then the one-logit
+//! classifier) and `XLMRobertaForSequenceClassification` (e.g. BAAI/bge-reranker-base: one
+//! token type, positions counted from the padding id, `out_proj(tanh(dense(h)))`).
 //!
 //! The score is `sigmoid(logit)` unless the checkpoint says otherwise, exactly as
 //! sentence-transformers decides it: `config.json`'s `sentence_transformers.activation_fn`
@@ -24,12 +26,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use candle_core::Tensor;
 use candle_core::{IndexOp, Module};
 use candle_nn::Linear;
 use candle_transformers::models::bert::BertModel;
+use candle_transformers::models::xlm_roberta::{
+    Config as XlmRobertaConfig, XLMRobertaForSequenceClassification,
+};
 use futures::future::BoxFuture;
 use serde_json::Value;
-use tokenizers::Tokenizer;
+use tokenizers::{Tokenizer, TruncationParams};
 
 use super::embedding::{BertDir, CancelOnDrop, batch_tensors};
 use super::{BackendError, RerankBackend};
@@ -130,16 +136,49 @@ pub fn is_cross_encoder(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// A BERT cross-encoder. Cheap to clone.
+/// A BERT or XLM-RoBERTa cross-encoder. Cheap to clone.
 #[derive(Clone)]
 pub struct BertRerankerBackend {
     inner: Arc<Inner>,
 }
 
+/// The encoder and head of one checkpoint layout.
+enum Model {
+    Bert {
+        bert: BertModel,
+        pooler: Linear,
+        classifier: Linear,
+    },
+    XlmRoberta(XLMRobertaForSequenceClassification),
+}
+
+impl Model {
+    /// One logit per row of a padded batch.
+    fn logits(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+    ) -> candle_core::Result<Vec<f32>> {
+        let logits = match self {
+            Model::Bert {
+                bert,
+                pooler,
+                classifier,
+            } => {
+                let hidden = bert.forward(ids, type_ids, Some(mask))?;
+                let pooled = pooler.forward(&hidden.i((.., 0))?)?.tanh()?;
+                classifier.forward(&pooled)?
+            }
+            // XLM-RoBERTa has one token type (its tokenizers give none).
+            Model::XlmRoberta(m) => m.forward(ids, mask, &type_ids.zeros_like()?)?,
+        };
+        logits.squeeze(1)?.to_vec1::<f32>()
+    }
+}
+
 struct Inner {
-    bert: BertModel,
-    pooler: Linear,
-    classifier: Linear,
+    model: Model,
     activation: ScoreActivation,
     tokenizer: Tokenizer,
     device: candle_core::Device,
@@ -164,15 +203,17 @@ impl BertRerankerBackend {
         let start = Instant::now();
         let d = BertDir::open(&config.model_dir, config.max_length)?;
         let config_path = config.model_dir.join("config.json");
-        if let Some(archs) = d.raw_config.get("architectures").and_then(Value::as_array)
-            && !archs
-                .iter()
-                .any(|a| a.as_str() == Some("BertForSequenceClassification"))
+        let archs = d.raw_config.get("architectures").and_then(Value::as_array);
+        let has = |name: &str| archs.is_some_and(|a| a.iter().any(|x| x.as_str() == Some(name)));
+        let xlm_roberta = has("XLMRobertaForSequenceClassification");
+        if let Some(archs) = archs
+            && !xlm_roberta
+            && !has("BertForSequenceClassification")
         {
             return Err(BackendError::load(
                 &config_path,
                 format!(
-                    "not a BERT cross-encoder: architectures is {}, this backend runs BertForSequenceClassification",
+                    "not a cross-encoder: architectures is {}, this backend runs BertForSequenceClassification and XLMRobertaForSequenceClassification",
                     Value::Array(archs.clone())
                 ),
             ));
@@ -186,31 +227,62 @@ impl BertRerankerBackend {
         }
         let activation = ScoreActivation::from_config(&d.raw_config)
             .map_err(|m| BackendError::load(&config_path, m))?;
-        let bert = d.bert()?;
-        let hidden = d.config.hidden_size;
-        let pooler_vb = if d.vb.contains_tensor("bert.pooler.dense.weight") {
-            d.vb.pp("bert.pooler.dense")
+        let mut tokenizer = d.tokenizer.clone();
+        let model = if xlm_roberta {
+            let mut raw = d.raw_config.clone();
+            for (key, default) in [
+                ("position_embedding_type", Value::from("absolute")),
+                ("attention_probs_dropout_prob", Value::from(0.1)),
+            ] {
+                if raw.get(key).is_none_or(Value::is_null) {
+                    raw[key] = default;
+                }
+            }
+            let c: XlmRobertaConfig = serde_json::from_value(raw).map_err(|e| {
+                BackendError::load(&config_path, format!("not an XLM-RoBERTa config: {e}"))
+            })?;
+            // Positions start after the padding id: fewer fit than max_position_embeddings.
+            let room = c
+                .max_position_embeddings
+                .saturating_sub(c.pad_token_id as usize + 1);
+            tokenizer
+                .with_truncation(Some(TruncationParams {
+                    max_length: d.max_length.min(room).max(2),
+                    ..Default::default()
+                }))
+                .map_err(|e| BackendError::load(&config_path, format!("bad truncation: {e}")))?;
+            Model::XlmRoberta(
+                XLMRobertaForSequenceClassification::new(1, &c, d.vb.clone())
+                    .map_err(|e| d.mismatch(e))?,
+            )
         } else {
-            d.vb.pp("pooler.dense")
+            let hidden = d.config.hidden_size;
+            let pooler_vb = if d.vb.contains_tensor("bert.pooler.dense.weight") {
+                d.vb.pp("bert.pooler.dense")
+            } else {
+                d.vb.pp("pooler.dense")
+            };
+            Model::Bert {
+                bert: d.bert()?,
+                pooler: candle_nn::linear(hidden, hidden, pooler_vb).map_err(|e| d.mismatch(e))?,
+                classifier: candle_nn::linear(hidden, 1, d.vb.pp("classifier"))
+                    .map_err(|e| d.mismatch(e))?,
+            }
         };
-        let pooler = candle_nn::linear(hidden, hidden, pooler_vb).map_err(|e| d.mismatch(e))?;
-        let classifier =
-            candle_nn::linear(hidden, 1, d.vb.pp("classifier")).map_err(|e| d.mismatch(e))?;
         tracing::info!(
+            architecture = if xlm_roberta { "xlm-roberta" } else { "bert" },
             dir = %config.model_dir.display(),
             layers = d.config.num_hidden_layers,
             max_length = d.max_length,
             activation = ?activation,
             load_ms = start.elapsed().as_millis() as u64,
-            "loaded BERT cross-encoder"
+            "loaded cross-encoder"
         );
         Ok(BertRerankerBackend {
             inner: Arc::new(Inner {
-                bert,
-                pooler,
-                classifier,
+                model,
                 activation,
-                tokenizer: d.tokenizer,
+                tokenizer,
                 device: d.device,
                 batch_size: config.batch_size.max(1),
                 forward_lock: Mutex::new(()),
@@ -261,21 +333,7 @@ impl Inner {
         let (ids, type_ids, mask) = batch_tensors(&encodings, &self.device)?;
         let logits = {
             let _lock = self.forward_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let hidden = self
-                .bert
-                .forward(&ids, &type_ids, Some(&mask))
-                .map_err(err)?;
-            let cls = hidden.i((.., 0)).map_err(err)?;
-            let pooled = self
-                .pooler
-                .forward(&cls)
-                .and_then(|p| p.tanh())
-                .map_err(err)?;
-            self.classifier
-                .forward(&pooled)
-                .and_then(|l| l.squeeze(1))
-                .and_then(|l| l.to_vec1::<f32>())
-                .map_err(err)?
+            self.model.logits(&ids, &type_ids, &mask).map_err(err)?
         };
         Ok(logits
             .into_iter()

@@ -1,18 +1,19 @@
-//! The reranker against an independent computation: a plain-loop BERT cross-encoder forward
-//! pass over the same weights file, one unpadded pair at a time.
+//! The reranker against an independent computation: a plain-loop cross-encoder forward pass
+//! (BERT or XLM-RoBERTa) over the same weights file, one unpadded pair at a time.
 
 use std::collections::HashMap;
 
 use serde_json::json;
 
 use super::super::require_test_model;
+use super::fixture::Arch;
 use super::*;
 
 /// A tiny random cross-encoder in a temporary directory.
-fn tiny(activation: Option<&str>) -> tempfile::TempDir {
+fn tiny(arch: Arch, activation: Option<&str>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let tok = require_test_model("all-MiniLM-L6-v2/tokenizer.json");
-    fixture::write(dir.path(), &tok, activation).unwrap();
+    fixture::write(dir.path(), &tok, arch, activation).unwrap();
     dir
 }
 
@@ -84,8 +85,14 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2))
 }
 
-/// BertForSequenceClassification's logit for one unpadded token sequence.
-fn reference_logit(w: &Weights, ids: &[u32], types: &[u32]) -> f32 {
+/// The `*ForSequenceClassification` logit for one unpadded token sequence. XLM-RoBERTa: one
+/// token type, position `pad + 1 + t` (the fixture's padding id is 0), and the head
+/// `out_proj(tanh(dense(h0)))` instead of BERT's pooler and classifier.
+fn reference_logit(w: &Weights, arch: Arch, ids: &[u32], types: &[u32]) -> f32 {
+    let (enc, first_position) = match arch {
+        Arch::Bert => ("bert", 0),
+        Arch::XlmRoberta => ("roberta", 1),
+    };
     let h = fixture::HIDDEN;
     let heads = fixture::HEADS;
     let d = h / heads;
@@ -93,19 +100,26 @@ fn reference_logit(w: &Weights, ids: &[u32], types: &[u32]) -> f32 {
     let row = |name: &str, i: usize| w.get(name)[i * h..(i + 1) * h].to_vec();
     let mut x: Vec<Vec<f32>> = (0..n)
         .map(|t| {
-            let word = row("bert.embeddings.word_embeddings.weight", ids[t] as usize);
-            let pos = row("bert.embeddings.position_embeddings.weight", t);
+            let word = row(
+                &format!("{enc}.embeddings.word_embeddings.weight"),
+                ids[t] as usize,
+            );
+            let pos = row(
+                &format!("{enc}.embeddings.position_embeddings.weight"),
+                first_position + t,
+            );
+            let ty_id = if arch == Arch::Bert { types[t] } else { 0 };
             let ty = row(
-                "bert.embeddings.token_type_embeddings.weight",
-                types[t] as usize,
+                &format!("{enc}.embeddings.token_type_embeddings.weight"),
+                ty_id as usize,
             );
             let mut e: Vec<f32> = (0..h).map(|i| word[i] + pos[i] + ty[i]).collect();
-            w.layer_norm("bert.embeddings.LayerNorm", &mut e);
+            w.layer_norm(&format!("{enc}.embeddings.LayerNorm"), &mut e);
             e
         })
         .collect();
     for l in 0..fixture::LAYERS {
-        let p = format!("bert.encoder.layer.{l}");
+        let p = format!("{enc}.encoder.layer.{l}");
         let q: Vec<_> = x
             .iter()
             .map(|v| w.linear(&format!("{p}.attention.self.query"), v))
@@ -161,16 +175,22 @@ fn reference_logit(w: &Weights, ids: &[u32], types: &[u32]) -> f32 {
         }
         x = next;
     }
-    let pooled: Vec<f32> = w
-        .linear("bert.pooler.dense", &x[0])
-        .into_iter()
-        .map(f32::tanh)
-        .collect();
-    w.linear("classifier", &pooled)[0]
+    let (dense, out) = match arch {
+        Arch::Bert => ("bert.pooler.dense", "classifier"),
+        Arch::XlmRoberta => ("classifier.dense", "classifier.out_proj"),
+    };
+    let pooled: Vec<f32> = w.linear(dense, &x[0]).into_iter().map(f32::tanh).collect();
+    w.linear(out, &pooled)[0]
 }
 
 /// The reference score of every document, each pair tokenised alone (no padding).
-fn reference_scores(dir: &Path, query: &str, docs: &[String], sigmoid: bool) -> Vec<f32> {
+fn reference_scores(
+    dir: &Path,
+    arch: Arch,
+    query: &str,
+    docs: &[String],
+    sigmoid: bool,
+) -> Vec<f32> {
     let w = Weights::read(dir);
     let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     tok.with_padding(None);
@@ -178,7 +198,7 @@ fn reference_scores(dir: &Path, query: &str, docs: &[String], sigmoid: bool) -> 
     docs.iter()
         .map(|doc| {
             let e = tok.encode((query, doc.as_str()), true).unwrap();
-            let logit = reference_logit(&w, e.get_ids(), e.get_type_ids());
+            let logit = reference_logit(&w, arch, e.get_ids(), e.get_type_ids());
             if sigmoid {
                 1.0 / (1.0 + (-logit).exp())
             } else {
@@ -211,26 +231,28 @@ fn assert_close(got: &[f32], want: &[f32]) {
 }
 
 #[tokio::test]
-async fn sigmoid_scores_match_an_independent_forward_pass() {
-    let dir = tiny(None);
-    let m = BertRerankerBackend::load(RerankerConfig::new(dir.path())).unwrap();
-    assert_eq!(m.activation(), ScoreActivation::Sigmoid);
-    let query = "What is the capital of France?";
-    // One padded batch of pairs of different lengths.
-    let got = m.rerank(query.into(), docs()).await.unwrap();
-    let want = reference_scores(dir.path(), query, &docs(), true);
-    assert_close(&got, &want);
-    assert!(got.iter().all(|s| (0.0..=1.0).contains(s)), "{got:?}");
-    // Distinct documents, distinct scores (the weights are used, not a constant).
-    assert!(
-        got.windows(2).any(|p| (p[0] - p[1]).abs() > 1e-6),
-        "{got:?}"
-    );
+async fn sigmoid_scores_match_an_independent_forward_pass_bert_and_xlm_roberta() {
+    for arch in [Arch::Bert, Arch::XlmRoberta] {
+        let dir = tiny(arch, None);
+        let m = BertRerankerBackend::load(RerankerConfig::new(dir.path())).unwrap();
+        assert_eq!(m.activation(), ScoreActivation::Sigmoid);
+        let query = "What is the capital of France?";
+        // One padded batch of pairs of different lengths.
+        let got = m.rerank(query.into(), docs()).await.unwrap();
+        let want = reference_scores(dir.path(), arch, query, &docs(), true);
+        assert_close(&got, &want);
+        assert!(got.iter().all(|s| (0.0..=1.0).contains(s)), "{got:?}");
+        // Distinct documents, distinct scores (the weights are used, not a constant).
+        assert!(
+            got.windows(2).any(|p| (p[0] - p[1]).abs() > 1e-6),
+            "{arch:?}: {got:?}"
+        );
+    }
 }
 
 #[tokio::test]
 async fn identity_checkpoints_give_raw_logits_and_sub_batches_agree() {
-    let dir = tiny(Some("torch.nn.modules.linear.Identity"));
+    let dir = tiny(Arch::Bert, Some("torch.nn.modules.linear.Identity"));
     let cfg = RerankerConfig {
         batch_size: 2,
         ..RerankerConfig::new(dir.path())
@@ -239,7 +261,10 @@ async fn identity_checkpoints_give_raw_logits_and_sub_batches_agree() {
     assert_eq!(small.activation(), ScoreActivation::Identity);
     let query = "tower";
     let got = small.rerank(query.into(), docs()).await.unwrap();
-    assert_close(&got, &reference_scores(dir.path(), query, &docs(), false));
+    assert_close(
+        &got,
+        &reference_scores(dir.path(), Arch::Bert, query, &docs(), false),
+    );
     let whole = BertRerankerBackend::load(RerankerConfig::new(dir.path()))
         .unwrap()
         .rerank(query.into(), docs())
@@ -280,7 +305,7 @@ fn activations_from_config() {
 
 #[test]
 fn what_is_not_a_bert_cross_encoder_is_refused_at_load() {
-    let dir = tiny(None);
+    let dir = tiny(Arch::Bert, None);
     assert!(is_cross_encoder(dir.path()));
     assert!(!is_cross_encoder(&require_test_model("all-MiniLM-L6-v2")));
     let config_path = dir.path().join("config.json");
@@ -301,8 +326,8 @@ fn what_is_not_a_bert_cross_encoder_is_refused_at_load() {
         "num_labels 1",
     );
     refused(
-        &|c| c["architectures"] = json!(["XLMRobertaForSequenceClassification"]),
-        "XLMRobertaForSequenceClassification",
+        &|c| c["architectures"] = json!(["DebertaV2ForSequenceClassification"]),
+        "DebertaV2ForSequenceClassification",
     );
     refused(
         &|c| c["sbert_ce_default_activation_function"] = json!("torch.nn.Tanh"),
