@@ -29,6 +29,11 @@ use crate::validate::ValidationErrors;
 /// Largest request body any service accepts by default.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
+/// Largest body of a model call (a prompt or an embedding batch): what the apiserver
+/// accepts from its clients and what a worker's model routes accept, so that nothing the
+/// apiserver takes is refused by every worker for its size.
+pub const MAX_MODEL_BODY_BYTES: usize = 32 << 20;
+
 /// An error answered in FastAPI's shape.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -97,10 +102,10 @@ pub fn json_response_sized<T: Serialize + ?Sized>(
     }
 }
 
-/// The raw request body, read up to [`MAX_BODY_BYTES`] (413 beyond).
-pub struct CappedBody(pub Bytes);
+/// The raw request body, read up to `CAP` bytes ([`MAX_BODY_BYTES`] unless given; 413 beyond).
+pub struct CappedBody<const CAP: usize = MAX_BODY_BYTES>(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for CappedBody {
+impl<S: Send + Sync, const CAP: usize> FromRequest<S> for CappedBody<CAP> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
@@ -109,14 +114,14 @@ impl<S: Send + Sync> FromRequest<S> for CappedBody {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
-            && len > MAX_BODY_BYTES
+            && len > CAP
         {
-            return Err(ApiError::TooLarge(MAX_BODY_BYTES));
+            return Err(ApiError::TooLarge(CAP));
         }
-        axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        axum::body::to_bytes(req.into_body(), CAP)
             .await
             .map(CappedBody)
-            .map_err(|_| ApiError::TooLarge(MAX_BODY_BYTES))
+            .map_err(|_| ApiError::TooLarge(CAP))
     }
 }
 

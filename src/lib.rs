@@ -1,34 +1,70 @@
 //! dbgpt-cluster: a drop-in Rust replacement for DB-GPT's model-serving cluster.
 //!
-//! One `dbgpt` binary runs the **controller** (registry of model instances on a redb
-//! file, DB-GPT's controller HTTP API), **workers** (host models, register and
-//! heartbeat) and the OpenAI-compatible **apiserver**; every daemon answers an **admin
-//! protocol** on a Unix socket, so `dbgpt ctl status` and `dbgpt stop …` never grep
-//! process lists.
+//! # Processes
 //!
-//! Module map:
-//! - [`wire`]: the HTTP protocols (controller, worker) in DB-GPT's JSON shapes, used by
-//!   every side that speaks them; [`validate`]: FastAPI-shaped input checks.
-//! - [`registry`]: the registry trait and the redb store.
-//! - [`controller`]: HTTP routes, background health/flush tasks, the controller process,
-//!   and the HTTP client other processes use to reach it.
-//! - [`admin`]: Unix-socket frames, server and client.
-//! - [`daemon`]: background mode, pid lock, readiness, systemd notify, signals.
-//! - [`config`]: what every daemon's flags and TOML share (each service has its own `config`
-//!   module); [`telemetry`]: logging; [`tracer`]: DB-GPT's JSON-lines span file.
-//! - [`worker`]: model backends (llama.cpp, candle embeddings, OpenAI proxy) and the worker.
-//! - [`http`]: shared HTTP plumbing; [`cli`]: the `dbgpt` command line.
+//! One `dbgpt` binary runs three kinds of daemon and the client commands:
+//!
+//! ```text
+//!  dbgpt model list / chat ──HTTP──►  controller :8000  ◄──register/heartbeat──  worker :8001..
+//!  OpenAI SDK / curl ──HTTP──► apiserver :8100 ──(instances)──► controller          ▲
+//!                                      └──────────generate / embeddings────────────┘
+//!  dbgpt ctl status|stop ──Unix socket (postcard frames)──► any of the three daemons
+//! ```
+//!
+//! - The **controller** owns the registry of model instances (a redb file, or a MySQL /
+//!   PostgreSQL table shared by several controllers) and serves DB-GPT's controller API.
+//! - A **worker** hosts models (llama.cpp GGUF, candle embeddings, an OpenAI-compatible
+//!   proxy), registers them, heartbeats, and serves DB-GPT's worker API.
+//! - The **apiserver** serves the OpenAI-compatible API: it learns healthy instances from the
+//!   controller, picks one per request and relays to it, failing over before the first byte.
+//! - Every daemon answers the **admin protocol** on a Unix socket (`dbgpt ctl status|stop`).
+//!
+//! # Modules
+//!
+//! - [`wire`]: the HTTP protocols between the processes, in DB-GPT's JSON shapes, one module
+//!   per protocol (`wire::controller`, `wire::worker`), used by every side that speaks it.
+//!   `validate`: FastAPI/pydantic-shaped input checks those protocols need.
+//! - `admin`: the Unix-socket protocol (`admin::proto`, shared), its server and client.
+//! - `daemon`: the one lifecycle of every daemon (fork, pid lock, admin socket, HTTP,
+//!   readiness, watchdog, stop, drain, flush) with per-service hooks; [`http`]: serving with
+//!   per-connection limits, FastAPI-shaped errors, body caps; `config`: what every daemon's
+//!   flags and TOML share; `telemetry`: logging; [`tracer`]: DB-GPT's JSON-lines span file.
+//! - `registry`: the `Registry` trait, the redb store and the SQL store, one conformance
+//!   suite for both.
+//! - `controller`: its config, HTTP routes over the registry, its service hooks, and the
+//!   client every other process uses to reach it.
+//! - [`worker`]: its config, model specs, the manager of running models, registration,
+//!   DB-GPT's worker routes, and [`worker::backends`] (llama.cpp, embeddings, OpenAI proxy).
+//! - [`apiserver`]: its config, routes, the OpenAI shapes (`apiserver::openai`: request,
+//!   response, error), discovery of instances, the routing policy, the relay (retries,
+//!   failover, typed upstream errors) and the keep-alive pool to workers.
+//! - [`cli`]: clap definitions and one file per client command group.
+//!
+//! Only what the `dbgpt` binary and the examples (benchmarks, test doubles) use is `pub`;
+//! everything else is `pub(crate)`, so the compiler reports dead code.
+//!
+//! # The path of a chat request
+//!
+//! `apiserver::mod` (route, key check) → `apiserver::openai::request` (parse, validate) →
+//! `apiserver::discovery` (healthy instances of the model) → `apiserver::policy` (pick one) →
+//! `apiserver::proxy` (relay: `wire::worker::PromptRequest` over `apiserver::pool`) → the
+//! worker's `worker::routes` (`generate_stream`) → `worker::manager` → a backend's token
+//! stream, sent back as DB-GPT's cumulative NUL-separated frames (`wire::worker`) → the relay
+//! decodes them (`wire::worker::ModelOutput`) → `apiserver::openai::response` turns them into
+//! OpenAI chunks or one answer. Registration takes `worker::registration` →
+//! `controller::client` → the controller's routes (`wire::controller::InstanceInput`) →
+//! `registry`, answered once the change is on disk.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod apiserver;
 pub mod cli;
-pub mod config;
-pub mod controller;
-pub mod daemon;
+pub(crate) mod config;
+pub(crate) mod controller;
+pub(crate) mod daemon;
 pub mod http;
-pub mod registry;
-pub mod telemetry;
+pub(crate) mod registry;
+pub(crate) mod telemetry;
 pub mod tracer;
-pub mod validate;
+pub(crate) mod validate;
 pub mod wire;
 pub mod worker;

@@ -14,7 +14,7 @@ pub mod server;
 use std::path::{Path, PathBuf};
 
 pub use client::AdminClient;
-pub use proto::{Request, Response, Status};
+pub use proto::Status;
 
 /// Environment variable that pins the runtime directory.
 pub const RUNTIME_DIR_ENV: &str = "DBGPT_RUNTIME_DIR";

@@ -66,6 +66,18 @@ pub struct ApiserverArgs {
         env = "APISERVER_REQUEST_TIMEOUT_SECS"
     )]
     pub request_timeout_secs: Option<f64>,
+    /// Seconds to wait for a worker's response headers on a completion before treating the
+    /// instance as frozen, marking it suspect and trying another; our workers answer them
+    /// when the model has produced its first token, so raise it for long prefills on a slow
+    /// model; DB-GPT's Python workers answer a non-stream `generate` only when it is
+    /// complete, so in front of them raise it above the longest one (at the request timeout
+    /// it is off) [default: 30]
+    #[arg(
+        long = "first_byte_timeout_secs",
+        visible_alias = "first-byte-timeout-secs",
+        env = "APISERVER_FIRST_BYTE_TIMEOUT_SECS"
+    )]
+    pub first_byte_timeout_secs: Option<f64>,
     /// Extra attempts on other instances when a worker fails before its first byte [default: 2]
     #[arg(
         long = "max_retries",
@@ -100,6 +112,7 @@ struct ApiserverFile {
     routing_policy: Option<RoutingPolicy>,
     refresh_interval_secs: Option<f64>,
     request_timeout_secs: Option<f64>,
+    first_byte_timeout_secs: Option<f64>,
     max_retries: Option<u32>,
     threads: Option<usize>,
     cors_allow_origins: Option<String>,
@@ -126,6 +139,7 @@ pub struct ApiserverConfig {
     pub routing_policy: RoutingPolicy,
     pub refresh_interval: Duration,
     pub request_timeout: Duration,
+    pub first_byte_timeout: Duration,
     pub max_retries: u32,
     /// HTTP serving threads (each a single-threaded runtime).
     pub threads: usize,
@@ -222,6 +236,12 @@ impl ApiserverArgs {
                 .unwrap_or(600.0),
             "request_timeout_secs",
         )?;
+        let first_byte_timeout = positive_secs(
+            self.first_byte_timeout_secs
+                .or(file.first_byte_timeout_secs)
+                .unwrap_or(30.0),
+            "first_byte_timeout_secs",
+        )?;
         let max_retries = self.max_retries.or(file.max_retries).unwrap_or(2);
         if max_retries > 16 {
             bail!("--max_retries must be at most 16");
@@ -263,6 +283,7 @@ impl ApiserverArgs {
                 .unwrap_or_default(),
             refresh_interval,
             request_timeout,
+            first_byte_timeout,
             max_retries,
             threads,
             cors_allow_origins,
@@ -296,11 +317,12 @@ mod tests {
         assert_eq!(c.routing_policy, RoutingPolicy::LeastOutstanding);
         assert!(c.api_keys.is_empty());
         assert!(c.cors_allow_origins.is_none());
+        assert_eq!(c.first_byte_timeout, Duration::from_secs(30));
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("a.toml");
         std::fs::write(
             &f,
-            "[service.model.api]\nport = 9100\nrouting_policy = \"round_robin\"\napi_keys = \"a, b\"\n",
+            "[service.model.api]\nport = 9100\nrouting_policy = \"round_robin\"\napi_keys = \"a, b\"\nfirst_byte_timeout_secs = 2.5\n",
         )
         .unwrap();
         let c = ApiserverArgs {
@@ -315,6 +337,7 @@ mod tests {
         assert_eq!(c.port, 9100);
         assert_eq!(c.routing_policy, RoutingPolicy::RoundRobin);
         assert_eq!(c.api_keys, ["a", "b"]);
+        assert_eq!(c.first_byte_timeout, Duration::from_millis(2500));
         assert!(!format!("{c:?}").contains("\"a\""));
         let bad = ApiserverArgs {
             embedding_batch_size: Some(0),

@@ -2,7 +2,11 @@
 //!
 //! One background loop asks the controller(s) for every instance (`healthy_only=false`, so a
 //! registered model whose instances are all down answers 503 rather than 404) on an interval,
-//! and at once when a request reports a failure; requests never wait for the controller.
+//! and at once when a request reports a failure; requests for a model in the view never wait
+//! for the controller. A request for a model *not* in the view refreshes it once before its
+//! 404 ([`Discovery::refresh_after_miss`]), so a model registered a moment ago is found:
+//! concurrent misses share one controller request, and misses refresh at most once per
+//! [`MISS_REFRESH_GAP`].
 //! When every controller is down the last view keeps serving. Per-instance state (requests in
 //! flight, round-robin credit, the "suspect" mark after a failed call) lives in a map keyed
 //! by instance identity, so it survives refreshes. A suspect instance is avoided for
@@ -27,6 +31,8 @@ use crate::wire::worker::WorkerType;
 pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
 /// Minimum gap between two failure-triggered refreshes.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
+/// Minimum gap between two refreshes caused by look-up misses.
+pub const MISS_REFRESH_GAP: Duration = Duration::from_millis(250);
 
 /// Mutable per-instance state that survives refreshes.
 #[derive(Debug, Default)]
@@ -126,6 +132,12 @@ pub struct Discovery {
     last_error: Mutex<Option<String>>,
     last_trigger: Mutex<Option<Instant>>,
     refreshes: AtomicU64,
+    /// Completed refreshes (successful or not): a miss that waited while one completed
+    /// looks again instead of asking the controller itself.
+    completed: AtomicU64,
+    /// Held by the miss that refreshes; holds when the last miss-refresh started.
+    miss_refresh: tokio::sync::Mutex<Option<Instant>>,
+    miss_gap: Duration,
 }
 
 fn base_url(host: &str, port: u16) -> String {
@@ -148,7 +160,32 @@ impl Discovery {
             last_error: Mutex::new(None),
             last_trigger: Mutex::new(None),
             refreshes: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            miss_refresh: tokio::sync::Mutex::new(None),
+            miss_gap: MISS_REFRESH_GAP,
         }
+    }
+
+    /// After a look-up miss: refreshes the view, unless a refresh completed while this miss
+    /// waited for another miss's refresh (coalesced: N concurrent misses, one controller
+    /// request). Miss-refreshes start at least [`MISS_REFRESH_GAP`] apart: a miss within the
+    /// gap waits for its end (so a flood of unknown models cannot flood the controller, and
+    /// no miss is answered from a view older than its arrival). Returns whether the view may
+    /// have changed since the miss, i.e. whether looking again is worth it.
+    pub async fn refresh_after_miss(&self) -> bool {
+        let seen = self.completed.load(Ordering::Acquire);
+        let mut last = self.miss_refresh.lock().await;
+        if self.completed.load(Ordering::Acquire) != seen {
+            return true;
+        }
+        if let Some(t) = *last {
+            tokio::time::sleep_until((t + self.miss_gap).into()).await;
+            if self.completed.load(Ordering::Acquire) != seen {
+                return true;
+            }
+        }
+        *last = Some(Instant::now());
+        self.refresh().await
     }
 
     /// The controller URLs.
@@ -201,7 +238,7 @@ impl Discovery {
     /// Fetches the instance list once and swaps the view; on failure keeps the old view.
     pub async fn refresh(&self) -> bool {
         self.refreshes.fetch_add(1, Ordering::Relaxed);
-        match self.client.poll_all().await {
+        let ok = match self.client.poll_all().await {
             Ok(list) => {
                 self.install(list);
                 *self.last_ok.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
@@ -224,7 +261,9 @@ impl Discovery {
                 *le = Some(msg);
                 false
             }
-        }
+        };
+        self.completed.fetch_add(1, Ordering::Release);
+        ok
     }
 
     /// Replaces the view with `list` (the controller's answer).
@@ -388,5 +427,43 @@ mod tests {
             panic!()
         };
         assert!(!d.is_suspect(&g.instances[1]));
+    }
+
+    /// A controller on 127.0.0.1 that lists `name@llm` and records when it was asked.
+    async fn counting_controller(name: &'static str) -> (String, Arc<Mutex<Vec<Instant>>>) {
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let h = hits.clone();
+        let app = axum::Router::new().route(
+            crate::wire::controller::MODELS_PATH,
+            axum::routing::get(move || {
+                h.lock().unwrap().push(Instant::now());
+                async move { axum::Json(vec![inst(&format!("{name}@llm"), 9, true)]) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, hits)
+    }
+
+    #[tokio::test]
+    async fn misses_share_one_refresh_and_are_rate_bounded() {
+        let (url, hits) = counting_controller("new").await;
+        let mut d = Discovery::new(ControllerClient::new(&url, Duration::from_secs(5)).unwrap());
+        d.miss_gap = Duration::from_millis(300);
+        let count = || hits.lock().unwrap().len();
+        assert!(matches!(d.lookup("new@llm"), Lookup::Unknown));
+        // Eight concurrent misses (all polled before any answer can arrive: this runtime has
+        // one thread): one controller request, and every miss may look again.
+        let misses = futures::future::join_all((0..8).map(|_| d.refresh_after_miss())).await;
+        assert_eq!(misses, [true; 8]);
+        assert_eq!(count(), 1);
+        assert!(matches!(d.lookup("new@llm"), Lookup::Found(_)));
+        // The next miss refreshes again, but not before the gap has passed.
+        let first = d.miss_refresh.lock().await.expect("a miss refreshed");
+        assert!(d.refresh_after_miss().await);
+        let at = hits.lock().unwrap().clone();
+        assert_eq!(at.len(), 2);
+        assert!(at[1] >= first + d.miss_gap);
     }
 }

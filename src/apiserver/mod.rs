@@ -16,13 +16,13 @@
 //! `dbgpt.model.apiserver.*` span and passes it to the worker in the
 //! `DB-GPT-Trace-Span-Id` header ([`crate::tracer`]). [`service`] wires the process.
 
-pub mod config;
-pub mod discovery;
-pub mod openai;
-pub mod policy;
+pub(crate) mod config;
+pub(crate) mod discovery;
+pub(crate) mod openai;
+pub(crate) mod policy;
 pub mod pool;
-pub mod proxy;
-pub mod service;
+pub(crate) mod proxy;
+pub(crate) mod service;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,8 +47,9 @@ use crate::http::{json_response, json_response_sized};
 use crate::tracer::{self, Meta, Tracer};
 use crate::wire::worker::{Frame, Usage, WorkerType};
 
-/// Largest request body accepted (embedding batches can be large).
-pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+/// Largest request body accepted (embedding batches can be large); the workers' model routes
+/// accept as much, so a body we take is never refused by every worker for its size.
+pub const MAX_REQUEST_BYTES: usize = crate::http::MAX_MODEL_BODY_BYTES;
 
 /// State of the handlers of one serving thread (each has its own worker connection pool).
 #[derive(Clone)]
@@ -356,7 +357,7 @@ fn total_usage(choices: &[Choice]) -> Usage {
 /// whole answer or a stream.
 async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy) -> Response {
     // Validate the model before anything else (404/503 with the right message).
-    let group = match s.upstream.group(&r.model, WorkerType::Llm) {
+    let group = match s.upstream.group(&r.model, WorkerType::Llm).await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -369,6 +370,17 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
     let mut choices = Vec::new();
     for (p, msgs) in r.prompts.iter().enumerate() {
         let body = openai::worker_prompt(&r.model, msgs, &r.sampling);
+        if body.len() > MAX_REQUEST_BYTES {
+            // Every worker would refuse it: no instance is tried.
+            return OpenAiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                format!("The prompt is larger than {MAX_REQUEST_BYTES} bytes"),
+            )
+            .with_param(prompt_field(kind))
+            .into_response();
+        }
         for j in 0..r.n {
             bodies.push(body.clone());
             choices.push(Choice {
@@ -403,6 +415,14 @@ struct Call<'a> {
     trace: Option<tracer::SpanCtx>,
 }
 
+/// The request field that holds a completion's prompt (named by a worker's refusal).
+fn prompt_field(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Chat => "messages",
+        Kind::Text => "prompt",
+    }
+}
+
 /// The answer of a worker that reported a failure in its frame.
 fn worker_failed(f: &Frame) -> OpenAiError {
     OpenAiError::bad_gateway(format!("the worker failed: {}", f.text))
@@ -425,7 +445,7 @@ async fn whole_completion(
     for (c, res) in choices.iter_mut().zip(results) {
         let f = match res {
             Ok(f) => f,
-            Err(e) => return e.into_response(),
+            Err(e) => return OpenAiError::from_upstream(e, prompt_field(env.kind)).into_response(),
         };
         if f.error_code != 0 {
             return worker_failed(&f).into_response();
@@ -461,7 +481,7 @@ async fn stream_completion(
             // An error before any output is still an HTTP error, not a 200 stream.
             Ok((f, _)) if f.error_code != 0 => return worker_failed(&f).into_response(),
             Ok(v) => streams.push(v),
-            Err(e) => return e.into_response(),
+            Err(e) => return OpenAiError::from_upstream(e, prompt_field(env.kind)).into_response(),
         }
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
@@ -565,7 +585,7 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let group = match s.upstream.group(&r.model, WorkerType::Text2vec) {
+    let group = match s.upstream.group(&r.model, WorkerType::Text2vec).await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -593,7 +613,7 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
     for (b, res) in batches.iter().zip(results) {
         let vecs = match res {
             Ok(v) => v,
-            Err(e) => return e.into_response(),
+            Err(e) => return OpenAiError::from_upstream(e, "input").into_response(),
         };
         if vecs.len() != b.len() {
             return OpenAiError::bad_gateway(format!(
@@ -625,14 +645,28 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
 }
 
 /// The group serving `model` as a reranker: a `reranker` worker, else a `text2vec` one (DB-GPT
-/// 0.5 serves rerankers as text2vec; whether it is one shows in its answer). A chat model is
-/// a 400 naming `model`; an unknown one a 404 listing the rerank-capable models.
-fn reranker_group(s: &Shared, model: &str) -> Result<(Arc<Group>, WorkerType), OpenAiError> {
-    for t in [WorkerType::Reranker, WorkerType::Text2vec] {
-        match s.upstream.group(model, t) {
-            Err(UpstreamError::UnknownModel { .. }) => {}
-            other => return other.map(|g| (g, t)).map_err(OpenAiError::from),
-        }
+/// 0.5 serves rerankers as text2vec; whether it is one shows in its answer), the latter found
+/// in the view without the refresh a miss costs. A chat model is a 400 naming `model`; an
+/// unknown one a 404 listing the rerank-capable models.
+async fn reranker_group(s: &Shared, model: &str) -> Result<(Arc<Group>, WorkerType), OpenAiError> {
+    let in_view = |t: WorkerType| {
+        let key = crate::wire::controller::worker_key(model, t.as_str());
+        !matches!(
+            s.upstream.discovery.lookup(&key),
+            discovery::Lookup::Unknown
+        )
+    };
+    let group = |t: WorkerType| async move { s.upstream.group(model, t).await.map(|g| (g, t)) };
+    if !in_view(WorkerType::Reranker) && in_view(WorkerType::Text2vec) {
+        return group(WorkerType::Text2vec).await.map_err(OpenAiError::from);
+    }
+    match group(WorkerType::Reranker).await {
+        Err(UpstreamError::UnknownModel { .. }) => {}
+        other => return other.map_err(OpenAiError::from),
+    }
+    // The miss refreshed the view: a `text2vec` entry may have come with it.
+    if in_view(WorkerType::Text2vec) {
+        return group(WorkerType::Text2vec).await.map_err(OpenAiError::from);
     }
     let view = s.upstream.discovery.view();
     if view.models(WorkerType::Llm).iter().any(|m| m == model) {
@@ -661,7 +695,7 @@ async fn score_documents(
     query: &str,
     documents: &[String],
 ) -> Result<Vec<f32>, OpenAiError> {
-    let (group, worker_type) = reranker_group(s, model)?;
+    let (group, worker_type) = reranker_group(s, model).await?;
     if documents.is_empty() {
         return Ok(Vec::new());
     }
@@ -699,7 +733,7 @@ async fn score_documents(
             model,
             "it answered with embeddings, not one score per document",
         )),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(OpenAiError::from_upstream(e, "documents")),
     }
 }
 

@@ -4,11 +4,15 @@
 //! reqwest, whose redirect and URL handling cost more than the rest of a request.
 //!
 //! Each call picks an instance through the routing policy. If the instance cannot be reached,
-//! answers 5xx, or its stream fails before the first frame, the instance is marked suspect
-//! (which also triggers a discovery refresh) and the call is retried on another instance, at
-//! most `max_retries` more times. A worker that answers but is slow is not retried: waiting
-//! longer than the request timeout for the first frame (or a whole non-stream answer) is a
-//! 504. Streams are read frame by frame (JSON + NUL, cumulative `text`) as they arrive;
+//! answers 5xx, sends no response headers within the first-byte timeout (a frozen worker; our
+//! workers answer their headers once the model produced its first event, for `generate` as
+//! for `generate_stream`), or its stream fails before the first frame, the instance is marked
+//! suspect (which also triggers a discovery refresh) and the call is retried on another
+//! instance, at most `max_retries` more times. A worker that has answered but is slow is not
+//! retried: waiting longer than the request timeout for the first frame (or a whole
+//! non-stream answer) is a 504. A worker's 400 or 413 is the client's error (a prompt longer
+//! than the model's context, a body over the cap): every instance would refuse it, so it is
+//! final ([`UpstreamError::Refused`]). Streams are read frame by frame (JSON + NUL, cumulative `text`) as they arrive;
 //! dropping a [`FrameStream`] closes the connection, which cancels the worker's generation.
 
 use std::sync::Arc;
@@ -65,7 +69,11 @@ pub enum UpstreamError {
     /// The worker did not answer (status line, or a whole answer) within the request timeout.
     #[error("the worker did not answer within {0:?}")]
     Timeout(Duration),
-    /// The worker answered a non-5xx error status.
+    /// The worker refused the request itself (HTTP 400 or 413): the client's error, which
+    /// every instance would refuse too. `detail` is the worker's message.
+    #[error("the worker refused the request (HTTP {status}): {detail}")]
+    Refused { status: u16, detail: String },
+    /// The worker answered another non-5xx error status.
     #[error("the worker rejected the request (HTTP {status}): {body}")]
     Rejected { status: u16, body: String },
     /// A stream was silent for the idle timeout.
@@ -102,6 +110,9 @@ pub struct Upstream {
     pub policy: RoutingPolicy,
     pub max_retries: u32,
     pub timeout: Duration,
+    /// How long an LLM call waits for the worker's response headers before the instance is
+    /// treated as frozen and the call moves on (at most `timeout`).
+    pub first_byte_timeout: Duration,
 }
 
 /// A worker's stream of frames, read as bytes arrive.
@@ -168,27 +179,46 @@ fn endpoint(inst: &discovery::Instance) -> Result<&Target, Attempt> {
     }
 }
 
+/// The message of a worker's `{"detail": "…"}` error body (else the body's start).
+fn detail(b: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        detail: String,
+    }
+    match serde_json::from_slice::<Detail>(b) {
+        Ok(d) => d.detail,
+        Err(_) => snippet(b),
+    }
+}
+
 fn snippet(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(&b[..b.len().min(300)]);
     s.trim().to_string()
 }
 
 impl Upstream {
-    /// Resolves `name@worker_type` to its group or the right 404/503.
-    pub fn group(&self, model: &str, worker_type: WorkerType) -> Result<Arc<Group>, UpstreamError> {
+    /// Resolves `name@worker_type` to its group or the right 404/503. A miss refreshes the
+    /// view once first ([`Discovery::refresh_after_miss`]), so a model registered a moment
+    /// ago is found.
+    pub async fn group(
+        &self,
+        model: &str,
+        worker_type: WorkerType,
+    ) -> Result<Arc<Group>, UpstreamError> {
         let key = worker_key(model, worker_type.as_str());
-        match self.discovery.lookup(&key) {
+        let mut found = self.discovery.lookup(&key);
+        if matches!(found, Lookup::Unknown) && self.discovery.refresh_after_miss().await {
+            found = self.discovery.lookup(&key);
+        }
+        match found {
             Lookup::Found(g) => Ok(g),
             Lookup::NoneRoutable => Err(UpstreamError::NoneRoutable {
                 model: model.to_string(),
             }),
-            Lookup::Unknown => {
-                self.discovery.request_refresh();
-                Err(UpstreamError::UnknownModel {
-                    model: model.to_string(),
-                    available: self.discovery.view().models(worker_type),
-                })
-            }
+            Lookup::Unknown => Err(UpstreamError::UnknownModel {
+                model: model.to_string(),
+                available: self.discovery.view().models(worker_type),
+            }),
         }
     }
 
@@ -233,16 +263,21 @@ impl Upstream {
         })
     }
 
-    /// POSTs `req` and waits for the status line and headers, bounded by the request
-    /// timeout (a 5xx or an unreachable worker may be retried elsewhere; a timeout or
-    /// another non-2xx is final).
+    /// POSTs `req` and waits for the status line and headers, bounded by the first-byte
+    /// timeout (a 5xx, an unreachable worker or one silent for the first-byte timeout may be
+    /// retried elsewhere; the request timeout, when it is the shorter, or another non-2xx is
+    /// final).
     async fn send(
         &self,
         target: &Target,
         req: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<pool::Body>, Attempt> {
-        match tokio::time::timeout(self.timeout, self.send_unbounded(target, req)).await {
+        let wait = self.first_byte_timeout.min(self.timeout);
+        match tokio::time::timeout(wait, self.send_unbounded(target, req)).await {
             Ok(r) => r,
+            Err(_) if wait < self.timeout => Err(Attempt::Retry(format!(
+                "no response within the first-byte timeout ({wait:?})"
+            ))),
             Err(_) => Err(self.no_answer()),
         }
     }
@@ -275,6 +310,15 @@ impl Upstream {
             .unwrap_or_default();
         if status.is_server_error() {
             return Err(Attempt::Retry(format!("HTTP {status}: {}", snippet(&body))));
+        }
+        if matches!(
+            status,
+            http::StatusCode::BAD_REQUEST | http::StatusCode::PAYLOAD_TOO_LARGE
+        ) {
+            return Err(Attempt::Fail(UpstreamError::Refused {
+                status: status.as_u16(),
+                detail: detail(&body),
+            }));
         }
         Err(Attempt::Fail(UpstreamError::Rejected {
             status: status.as_u16(),
@@ -344,17 +388,24 @@ impl Upstream {
 
     /// POSTs a JSON `body` to a worker route and reads the whole answer, the two together
     /// bounded by the request timeout (one timer per call; a timeout is final, a broken
-    /// read may be retried elsewhere).
+    /// read may be retried elsewhere). With `first_byte`, the headers are also bounded by
+    /// the first-byte timeout ([`Upstream::send`]; for `generate`, whose headers come when
+    /// the model has started, not when the answer is complete).
     async fn post_and_read(
         &self,
         target: &Target,
         path: &'static str,
         body: Bytes,
         trace: Option<SpanCtx>,
+        first_byte: bool,
     ) -> Result<Bytes, Attempt> {
         let req = self.post(target, path, body, trace);
         let call = async {
-            let resp = self.send_unbounded(target, req).await?;
+            let resp = if first_byte {
+                self.send(target, req).await?
+            } else {
+                self.send_unbounded(target, req).await?
+            };
             match resp.into_body().collect().await {
                 Err(e) => Err(Attempt::Retry(error_chain(&e))),
                 Ok(b) => Ok(b.to_bytes()),
@@ -379,7 +430,7 @@ impl Upstream {
             async move {
                 let target = endpoint(guard.instance())?;
                 let bytes = self
-                    .post_and_read(target, GENERATE_PATH, body, trace)
+                    .post_and_read(target, GENERATE_PATH, body, trace, true)
                     .await?;
                 drop(guard);
                 parse_frame(&bytes).map_err(|e| Attempt::Fail(e.into()))
@@ -412,7 +463,7 @@ impl Upstream {
             async move {
                 let target = endpoint(guard.instance())?;
                 let bytes = self
-                    .post_and_read(target, EMBEDDINGS_PATH, body, trace)
+                    .post_and_read(target, EMBEDDINGS_PATH, body, trace, false)
                     .await?;
                 serde_json::from_slice::<Vec<Vec<f32>>>(&bytes)
                     .map_err(|_| Attempt::Fail(UpstreamError::NotVectors(snippet(&bytes))))

@@ -232,6 +232,7 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
             policy: cfg.routing_policy,
             max_retries: cfg.max_retries,
             timeout: cfg.request_timeout,
+            first_byte_timeout: cfg.first_byte_timeout,
         },
         api_keys: cfg.api_keys.clone(),
         embedding_batch_size: cfg.embedding_batch_size,

@@ -5,11 +5,11 @@
 //! controller over HTTP; `registry` checks, backs up and restores the controller's redb
 //! file. Errors print one line naming what failed and exit 1; clap's usage errors exit 2.
 
-pub mod chat;
-pub mod ctl;
-pub mod model;
-pub mod model_ops;
-pub mod registry;
+pub(crate) mod chat;
+pub(crate) mod ctl;
+pub(crate) mod model;
+pub(crate) mod model_ops;
+pub(crate) mod registry;
 
 use std::process::ExitCode;
 

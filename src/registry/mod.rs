@@ -292,10 +292,6 @@ impl MemState {
     pub fn len(&self) -> usize {
         self.models.values().map(|m| m.len()).sum()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.models.is_empty()
-    }
 }
 
 /// A borrowed `(host, port)` that looks up `(String, u16)` keys without allocating: it

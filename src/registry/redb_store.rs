@@ -107,11 +107,6 @@ impl RedbRegistry {
         })
     }
 
-    /// The file this registry lives in.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Commits a batch of operations durably (one transaction, one fsync). The caller holds
     /// the writer lock. A failure marks the store failing, so the next write reopens it.
     async fn commit(&self, ops: Vec<Op>) -> Result<(), RegistryError> {

@@ -10,10 +10,11 @@ use anyhow::bail;
 use clap::Args;
 use serde::Deserialize;
 
-use super::spec::{ModelSpec, ModelType, WorkerType, default_model_type};
+use super::spec::{ModelSpec, ModelType, default_model_type};
 use crate::config::{
     CommonServerArgs, TraceSection, TracerConfig, load_section, resolve_log_file, resolve_tracer,
 };
+use crate::wire::worker::WorkerType;
 
 /// `dbgpt start worker` options. One model from flags, any number from `--config`.
 #[derive(Debug, Clone, Args, Default)]

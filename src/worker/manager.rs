@@ -18,7 +18,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::info;
 
 use super::registration::Registrar;
-use super::spec::{Engine, ModelSpec, WorkerType};
+use super::spec::{Engine, ModelSpec};
+use crate::wire::worker::WorkerType;
 
 /// Default per-model concurrency (DB-GPT's `limit_model_concurrency`).
 pub const DEFAULT_CONCURRENCY: usize = 5;

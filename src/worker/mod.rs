@@ -8,10 +8,10 @@
 //! step; [`routes`] is the HTTP API and [`client`] its client; [`config`] reads the worker's
 //! flags and file; [`service`] wires the process together.
 pub mod backends;
-pub mod client;
-pub mod config;
+pub(crate) mod client;
+pub(crate) mod config;
 pub mod manager;
-pub mod registration;
+pub(crate) mod registration;
 pub mod routes;
-pub mod service;
+pub(crate) mod service;
 pub mod spec;

@@ -18,8 +18,6 @@ use tracing::{info, warn};
 
 use crate::controller::client::ControllerClient;
 use crate::wire::controller::ModelInstance;
-/// Registry name of this worker manager (defined with the controller protocol).
-pub use crate::wire::controller::manager_key;
 
 /// Registers, heartbeats and deregisters this worker's entries.
 pub struct Registrar {
@@ -214,6 +212,9 @@ mod tests {
         );
         assert_eq!(super::advertised_host("127.0.0.1", None), "127.0.0.1");
         assert!(!super::advertised_host("0.0.0.0", None).is_empty());
-        assert_eq!(super::manager_key(), "WorkerManager@service");
+        assert_eq!(
+            crate::wire::controller::manager_key(),
+            "WorkerManager@service"
+        );
     }
 }

@@ -2,7 +2,13 @@
 //!
 //! `generate_stream` answers JSON frames of cumulative text, each followed by one NUL byte
 //! (the final frame carries `finish_reason` and `usage`; an error is one frame with
-//! `error_code` 1, HTTP 200, as DB-GPT's clients expect). Both DB-GPT roles
+//! `error_code` 1, HTTP 200, as DB-GPT's clients expect), except a prompt the model refuses
+//! outright (longer than its context window, a NUL byte, an invalid parameter: the backend's
+//! `BadRequest`, or a proxy upstream's 400/413, as its first event), which is that 4xx on
+//! `generate` and `generate_stream` alike, so that a caller with several instances knows not to try the others. Both answer
+//! their headers once the model produced its first event (`generate` then sends its JSON
+//! when generation ends), so a caller can tell a frozen worker from a long generation. The
+//! model routes accept bodies up to [`MAX_MODEL_BODY_BYTES`], the apiserver's own cap. Both DB-GPT roles
 //! (`human`/`ai`/`system`) and OpenAI roles are accepted; an unknown role is an error frame,
 //! never a silently dropped message. Lifecycle routes (`apply`, `models/startup`,
 //! `models/shutdown`) answer JSON 4xx for conflicts and unknown models instead of DB-GPT's
@@ -28,7 +34,7 @@ use tracing::warn;
 use super::backends::{BackendError, ChatMessage, GenerateEvent, GenerateParams, Role};
 use super::manager::{ManagerError, WorkerManager};
 use super::spec::{Engine, ModelSpec};
-use crate::http::{ApiError, CappedBody, json_response, with_fallbacks};
+use crate::http::{ApiError, CappedBody, MAX_MODEL_BODY_BYTES, json_response, with_fallbacks};
 use crate::tracer::{self, SpanCtx, Tracer};
 use crate::validate::{Fields, parse_json_object, query_object};
 use crate::wire::HEALTH_PATH;
@@ -98,6 +104,20 @@ fn backend_error(e: BackendError) -> ApiError {
     ApiError::Status(status, e.to_string())
 }
 
+/// The status of a generation the model refused as the client's error, before any output:
+/// our own check (prompt longer than the context window, NUL byte, bad parameter) or a proxy
+/// upstream's 400/413 (vLLM's context-length error, say). Every instance would refuse it.
+fn refusal(e: &BackendError) -> Option<StatusCode> {
+    match e {
+        BackendError::BadRequest(_) => Some(StatusCode::BAD_REQUEST),
+        BackendError::Upstream {
+            status: Some(s @ (400 | 413)),
+            ..
+        } => StatusCode::from_u16(*s).ok(),
+        _ => None,
+    }
+}
+
 fn not_running(name: &str, wt: WorkerType) -> ApiError {
     ApiError::Status(
         StatusCode::NOT_FOUND,
@@ -107,6 +127,9 @@ fn not_running(name: &str, wt: WorkerType) -> ApiError {
         ),
     )
 }
+
+/// The body of a model call (a prompt or an embedding batch).
+type ModelBody = CappedBody<MAX_MODEL_BODY_BYTES>;
 
 /// Maps a validated request onto backend parameters (roles included).
 pub fn to_params(req: &PromptRequest) -> Result<GenerateParams, BackendError> {
@@ -166,7 +189,15 @@ async fn generation(
         return Err(not_running(&req.model, WorkerType::Llm));
     };
     let slot = model.acquire().await;
-    let events = backend.generate_stream(params);
+    let mut events = backend.generate_stream(params);
+    // The first event decides the status: a prompt the model refuses is a 4xx, not a frame.
+    let first = events.next().await;
+    if let Some(Err(e)) = &first
+        && let Some(status) = refusal(e)
+    {
+        return Err(ApiError::Status(status, e.to_string()));
+    }
+    let events = futures::stream::iter(first).chain(events);
     let frames = events
         .scan(
             (String::new(), false, slot, span),
@@ -204,7 +235,7 @@ async fn generation(
 
 async fn generate_stream(
     State(s): State<WorkerState>,
-    CappedBody(body): CappedBody,
+    CappedBody(body): ModelBody,
 ) -> Result<Response, ApiError> {
     let frames = generation(&s, &body, "WorkerManager.generate_stream").await?;
     let body = Body::from_stream(frames.map(|f| Ok::<_, Infallible>(encode_frame(&f))));
@@ -214,20 +245,33 @@ async fn generate_stream(
 
 async fn generate(
     State(s): State<WorkerState>,
-    CappedBody(body): CappedBody,
+    CappedBody(body): ModelBody,
 ) -> Result<Response, ApiError> {
-    let mut frames = generation(&s, &body, "WorkerManager.generate").await?;
-    let mut last = None;
-    while let Some(f) = frames.next().await {
-        last = Some(f);
-    }
-    let out = last.unwrap_or_else(|| ModelOutput::error("the model produced no output"));
-    Ok(json_response(StatusCode::OK, &out))
+    let frames = generation(&s, &body, "WorkerManager.generate").await?;
+    // Headers now (the model has started), the JSON when the last frame is in.
+    let last = async move {
+        let out = frames
+            .fold(None, |_, f| async move { Some(f) })
+            .await
+            .unwrap_or_else(|| ModelOutput::error("the model produced no output"));
+        Ok::<_, Infallible>(axum::body::Bytes::from(
+            serde_json::to_vec(&out).unwrap_or_default(),
+        ))
+    };
+    Ok((
+        StatusCode::OK,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        Body::from_stream(futures::stream::once(last)),
+    )
+        .into_response())
 }
 
 async fn embeddings(
     State(s): State<WorkerState>,
-    CappedBody(body): CappedBody,
+    CappedBody(body): ModelBody,
 ) -> Result<Response, ApiError> {
     let v = parse_json_object(&body, "EmbeddingsRequest")?;
     let mut f = Fields::new("body", &v);
@@ -294,7 +338,7 @@ fn model_field(body: &[u8], class: &str) -> Result<(String, Value), ApiError> {
 
 async fn count_token(
     State(s): State<WorkerState>,
-    CappedBody(body): CappedBody,
+    CappedBody(body): ModelBody,
 ) -> Result<Response, ApiError> {
     let (model, v) = model_field(&body, "CountTokenRequest")?;
     let mut f = Fields::new("body", &v);
@@ -669,5 +713,75 @@ mod tests {
             v["ext_metadata"]["prompt_roles"],
             json!(["system", "human", "ai"])
         );
+    }
+
+    /// An LLM that refuses every prompt as too long (before any output).
+    struct Refuses;
+
+    impl LlmBackend for Refuses {
+        fn generate_stream(
+            &self,
+            _: GenerateParams,
+        ) -> BoxStream<'static, Result<GenerateEvent, BackendError>> {
+            crate::worker::backends::error_stream(BackendError::BadRequest(
+                "prompt is 9 tokens but the model's context window is 8 tokens".into(),
+            ))
+        }
+        fn count_tokens(&self, _: &str) -> Result<usize, BackendError> {
+            Ok(9)
+        }
+        fn context_length(&self) -> usize {
+            8
+        }
+        fn chat_template(&self) -> Option<&str> {
+            None
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_prompt_is_a_400_on_both_generate_routes() {
+        let (s, _l) = state(&[]);
+        let spec = ModelSpec::from_params(
+            "r",
+            WorkerType::Llm,
+            &json!({"model_type": "proxy", "proxy_api_base": "http://127.0.0.1:1/v1"}),
+        )
+        .unwrap();
+        s.manager
+            .insert_engine(spec, Engine::Llm(Arc::new(Refuses)));
+        let ask = json!({"model": "r", "messages": [{"role": "user", "content": "hello"}]});
+        for path in [wire::GENERATE_STREAM_PATH, wire::GENERATE_PATH] {
+            let (status, v) = call(&s, path, Some(ask.clone())).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
+            assert!(
+                v["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("context window is 8 tokens"),
+                "{path}: {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_are_the_clients_errors_only() {
+        let upstream = |status| BackendError::Upstream {
+            status,
+            message: "m".into(),
+        };
+        assert_eq!(
+            refusal(&BackendError::BadRequest("prompt is 9 tokens".into())),
+            Some(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(refusal(&upstream(Some(400))), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            refusal(&upstream(Some(413))),
+            Some(StatusCode::PAYLOAD_TOO_LARGE)
+        );
+        // The upstream's own trouble (auth, overload, outage) stays an error frame.
+        for s in [Some(401), Some(429), Some(500), None] {
+            assert_eq!(refusal(&upstream(s)), None, "{s:?}");
+        }
+        assert_eq!(refusal(&BackendError::internal("decode failed")), None);
     }
 }

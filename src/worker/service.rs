@@ -18,11 +18,12 @@ use tracing::{info, warn};
 
 use super::config::WorkerConfig;
 use super::manager::WorkerManager;
-use super::registration::{Registrar, advertised_host, manager_key};
+use super::registration::{Registrar, advertised_host};
 use super::routes::{WorkerState, router};
 use crate::controller::client::ControllerClient;
 use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
 use crate::tracer::Flusher;
+use crate::wire::controller::manager_key;
 
 /// The worker's part of the lifecycle.
 struct Worker {

@@ -20,8 +20,7 @@ use super::backends::{
     proxy::{OpenAiProxyBackend, OpenAiProxyConfig},
 };
 
-/// The worker types, defined with the worker protocol (config and specs name them here too).
-pub use crate::wire::worker::WorkerType;
+use crate::wire::worker::WorkerType;
 
 /// Inference engines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -35,6 +35,9 @@ enum Mode {
     Http500,
     /// HTTP 422 (as DB-GPT answers a body it cannot parse).
     Http422,
+    /// The request refused as the client's error (`status` 400 or 413), as our worker
+    /// refuses a prompt longer than the model's context.
+    Refuse { status: u16 },
     /// Never answers.
     Hang,
 }
@@ -101,6 +104,12 @@ async fn generate_stream(State(s): State<Arc<WorkerShared>>, body: Bytes) -> Res
         Mode::Http422 => (
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             r#"{"detail":[{"loc":["body","stop"]}]}"#,
+        )
+            .into_response(),
+        Mode::Refuse { status } => (
+            axum::http::StatusCode::from_u16(status).unwrap(),
+            [("content-type", "application/json")],
+            r#"{"detail":"bad request: prompt is 5000 tokens but the model's context window is 4096 tokens"}"#,
         )
             .into_response(),
         Mode::Hang => {
@@ -1457,4 +1466,185 @@ fn apiserver_daemon_mode_and_stop() {
             .join(format!("apiserver-{port}.sock"))
             .exists()
     );
+}
+
+/// A worker's 400 or 413 (the prompt is longer than the model's context, the body too large)
+/// is the client's error: the same status with an OpenAI error naming the prompt field, for
+/// whole answers and streams alike, and no other instance is tried (each would refuse too).
+#[test]
+fn apiserver_worker_refusals_stay_client_errors() {
+    let env = TestEnv::new();
+    let ctl = controller(&env);
+    let u = ctl.url();
+    let long: Vec<FakeWorker> = (0..2)
+        .map(|_| FakeWorker::llm(&u, "small", Mode::Refuse { status: 400 }))
+        .collect();
+    let big: Vec<FakeWorker> = (0..2)
+        .map(|_| FakeWorker::llm(&u, "tiny", Mode::Refuse { status: 413 }))
+        .collect();
+    let api = apiserver(&env, &u, &["--max_retries", "3"]);
+    let base = api.url();
+    let hits = |ws: &[FakeWorker]| ws.iter().map(FakeWorker::hits).sum::<usize>();
+    rt().block_on(async {
+        let c = client();
+        wait_models(&c, &base, None, &["small", "tiny"]).await;
+        let mut sent = 0;
+        for stream in [false, true] {
+            for (path, field, body) in [
+                (
+                    "/v1/chat/completions",
+                    "messages",
+                    json!({"model": "small", "stream": stream, "messages": [{"role": "user", "content": "long"}]}),
+                ),
+                (
+                    "/api/v1/completions",
+                    "prompt",
+                    json!({"model": "small", "stream": stream, "prompt": "long"}),
+                ),
+            ] {
+                let (status, v) = post_json(&c, format!("{base}{path}"), body).await;
+                sent += 1;
+                let what = format!("{path} stream={stream}: {v}");
+                assert_eq!(status, 400, "{what}");
+                let e = &v["error"];
+                assert_eq!(e["type"], "invalid_request_error", "{what}");
+                assert_eq!(e["code"], "invalid_prompt", "{what}");
+                assert_eq!(e["param"], field, "{what}");
+                assert!(
+                    e["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("context window is 4096 tokens"),
+                    "{what}"
+                );
+                assert_eq!(hits(&long), sent, "one instance per request: {what}");
+            }
+        }
+        for stream in [false, true] {
+            let body = json!({"model": "tiny", "stream": stream, "messages": [{"role": "user", "content": "x"}]});
+            let (status, v) = post_json(&c, format!("{base}/v1/chat/completions"), body).await;
+            assert_eq!(status, 413, "{v}");
+            assert_eq!(v["error"]["code"], "request_too_large", "{v}");
+            assert_eq!(v["error"]["param"], "messages", "{v}");
+        }
+        assert_eq!(hits(&big), 2, "one instance per request");
+    });
+    let log = api.logs();
+    assert!(!log.contains("marked suspect"), "{log}");
+}
+
+/// A model registered a moment ago is found at once: the miss refreshes the view (the
+/// periodic refresh, once an hour here, cannot be what finds it), for concurrent requests
+/// too; a model that really does not exist is still a 404.
+#[test]
+fn apiserver_finds_a_model_registered_a_moment_ago() {
+    let env = TestEnv::new();
+    let ctl = controller(&env);
+    let u = ctl.url();
+    let api = apiserver_refreshing(&env, &u, "3600", &[]);
+    let base = api.url();
+    let runtime = rt();
+    let chat = |m: &str, stream: bool| json!({"model": m, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+    runtime.block_on(async {
+        let (status, v) = post_json(
+            &client(),
+            format!("{base}/v1/chat/completions"),
+            chat("fresh", false),
+        )
+        .await;
+        assert_eq!(status, 404, "{v}");
+        assert_eq!(v["error"]["code"], "model_not_found");
+    });
+    let fresh = FakeWorker::llm(&u, "fresh", stream_mode(2));
+    runtime.block_on(async {
+        let c = client();
+        let (status, v) = post_json(
+            &c,
+            format!("{base}/v1/chat/completions"),
+            chat("fresh", false),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], fake_text(2));
+    });
+    // Several requests at once for another new model: all find it.
+    let other = FakeWorker::llm(&u, "other", stream_mode(2));
+    runtime.block_on(async {
+        let c = client();
+        let asks = (0..6).map(|i| {
+            let c = c.clone();
+            let url = format!("{base}/v1/chat/completions");
+            let body = chat("other", i % 2 == 0);
+            async move {
+                let r = c.post(url).json(&body).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            }
+        });
+        for (status, body) in futures::future::join_all(asks).await {
+            assert_eq!(status, 200, "{body}");
+        }
+        let (status, v) = post_json(
+            &c,
+            format!("{base}/v1/chat/completions"),
+            chat("nope", false),
+        )
+        .await;
+        assert_eq!(status, 404, "{v}");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["param"], "model");
+    });
+    assert_eq!((fresh.hits(), other.hits()), (1, 6));
+}
+
+/// A worker that accepts connections but never answers (frozen, as under SIGSTOP) costs a
+/// request the first-byte timeout, not the request timeout: it is marked suspect and the
+/// request goes to the healthy instance next to it, streamed or not.
+#[test]
+fn apiserver_moves_past_a_frozen_worker() {
+    let env = TestEnv::new();
+    let ctl = controller(&env);
+    let u = ctl.url();
+    let frozen_s = FakeWorker::llm(&u, "streamed", Mode::Hang);
+    let ok_s = FakeWorker::llm(&u, "streamed", stream_mode(3));
+    let frozen_w = FakeWorker::llm(&u, "whole", Mode::Hang);
+    let ok_w = FakeWorker::llm(&u, "whole", stream_mode(3));
+    let api = apiserver(
+        &env,
+        &u,
+        &[
+            "--routing_policy",
+            "round_robin",
+            "--first_byte_timeout_secs",
+            "1",
+            "--request_timeout_secs",
+            "300",
+        ],
+    );
+    let base = api.url();
+    rt().block_on(async {
+        let c = client();
+        wait_models(&c, &base, None, &["streamed", "whole"]).await;
+        // Round robin over two instances: one of the first two requests meets the frozen one.
+        for _ in 0..2 {
+            let body = json!({"model": "streamed", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+            let r = c
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let (content, _, _) = check_stream(&r.text().await.unwrap(), "chat.completion.chunk", 1);
+            assert_eq!(content, [fake_text(3)]);
+            let body = json!({"model": "whole", "messages": [{"role": "user", "content": "hi"}]});
+            let (status, v) = post_json(&c, format!("{base}/v1/chat/completions"), body).await;
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["choices"][0]["message"]["content"], fake_text(3));
+        }
+    });
+    assert!(frozen_s.hits() >= 1 && frozen_w.hits() >= 1);
+    assert_eq!((ok_s.hits(), ok_w.hits()), (2, 2));
+    let log = api.logs();
+    assert!(log.contains("first-byte timeout"), "{log}");
+    assert!(log.contains("marked suspect"), "{log}");
 }

@@ -353,6 +353,16 @@ pub fn stderr(o: &Output) -> String {
 /// Starts an apiserver in front of `controller` (instance list refreshed every 0.5 s) with
 /// `extra` arguments and waits until it answers.
 pub fn apiserver(env: &TestEnv, controller: &str, extra: &[&str]) -> Daemon {
+    apiserver_refreshing(env, controller, "0.5", extra)
+}
+
+/// [`apiserver`] with the instance list refreshed every `refresh_secs`.
+pub fn apiserver_refreshing(
+    env: &TestEnv,
+    controller: &str,
+    refresh_secs: &str,
+    extra: &[&str],
+) -> Daemon {
     let port = free_port();
     let p = port.to_string();
     let mut args = vec![
@@ -365,7 +375,7 @@ pub fn apiserver(env: &TestEnv, controller: &str, extra: &[&str]) -> Daemon {
         "--controller_addr",
         controller,
         "--refresh_interval_secs",
-        "0.5",
+        refresh_secs,
     ];
     args.extend_from_slice(extra);
     let d = env.spawn(&args, port, "apiserver");

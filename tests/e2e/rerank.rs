@@ -7,8 +7,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use dbgpt_cluster::worker::backends::RerankBackend;
-use dbgpt_cluster::worker::backends::reranker::{BertRerankerBackend, RerankerConfig, fixture};
+use dbgpt_cluster::worker::backends::{
+    BertRerankerBackend, RerankBackend, RerankerConfig, fixture,
+};
 use serde_json::{Value, json};
 
 use crate::common::*;

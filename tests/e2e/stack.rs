@@ -176,3 +176,136 @@ fn openai_requests_reach_the_real_models_through_the_apiserver() {
     assert_eq!(http_get_status(api.port, "/api/health"), None);
     assert_eq!(http_get_status(c.port, "/api/health"), None);
 }
+
+/// Resumes a SIGSTOPped process (by pid, one this test started) when dropped, so that a
+/// failing assertion never leaves it stopped.
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    fn stop(d: &Daemon) -> Stopped {
+        let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// Through the apiserver to two real SmolLM2 workers: what the model refuses (a prompt
+/// longer than its context window, streamed or not; a NUL byte; a body over the old 1 MiB
+/// worker cap) is a 400 naming the field, never a 502; and with one worker frozen by
+/// SIGSTOP every request is still answered by the other, within the first-byte timeout.
+#[test]
+fn apiserver_real_workers_refusals_and_a_frozen_one() {
+    let env = TestEnv::new();
+    let c = env.controller(&[]);
+    let model = ["--model_name", "smollm2", "--model_path", &gguf()];
+    let w1 = worker(&env, &c.url(), &model);
+    let w2 = worker(&env, &c.url(), &model);
+    let api = apiserver(
+        &env,
+        &c.url(),
+        &[
+            "--api_keys",
+            "k1",
+            "--routing_policy",
+            "round_robin",
+            "--first_byte_timeout_secs",
+            "5",
+            "--request_timeout_secs",
+            "120",
+        ],
+    );
+    let chat = |content: &str, stream: bool| {
+        json!({"model": "smollm2", "stream": stream, "max_tokens": 3, "temperature": 0,
+               "messages": [{"role": "user", "content": content}]})
+    };
+    // Both instances in the apiserver's view.
+    assert!(wait_until(Duration::from_secs(20), || {
+        let (s, _, b) = raw_http(
+            c.port,
+            "GET",
+            "/api/controller/models?model_name=smollm2@llm&healthy_only=true",
+            &[],
+            b"",
+        )
+        .unwrap();
+        s == 200 && serde_json::from_slice::<Vec<Value>>(&b).is_ok_and(|v| v.len() == 2)
+    }));
+    let (s, body) = post(api.port, "/v1/chat/completions", &chat("Say hi", false));
+    assert_eq!(s, 200, "{body}");
+
+    let too_long = "hello ".repeat(6000);
+    let over_old_cap = "hello ".repeat(400_000);
+    for (what, content, stream, has) in [
+        ("too long", too_long.as_str(), false, "context window"),
+        (
+            "too long, stream",
+            too_long.as_str(),
+            true,
+            "context window",
+        ),
+        ("NUL byte", "a\u{0}b", false, "NUL"),
+        ("NUL byte, stream", "a\u{0}b", true, "NUL"),
+        (
+            "2.4 MB body",
+            over_old_cap.as_str(),
+            false,
+            "context window",
+        ),
+    ] {
+        let (s, body) = post(api.port, "/v1/chat/completions", &chat(content, stream));
+        assert_eq!(s, 400, "{what}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let e = &v["error"];
+        assert_eq!(e["param"], "messages", "{what}: {body}");
+        assert_eq!(e["type"], "invalid_request_error", "{what}: {body}");
+        assert!(
+            e["message"].as_str().unwrap().contains(has),
+            "{what}: {body}"
+        );
+    }
+    let log = api.logs();
+    assert!(
+        !log.contains("marked suspect"),
+        "refusals are not failures: {log}"
+    );
+    // The worker itself answers them with HTTP 400 naming the limit, on both routes.
+    let ask = json!({"model": "smollm2", "messages": [{"role": "user", "content": too_long}]});
+    for path in ["/api/worker/generate_stream", "/api/worker/generate"] {
+        let (s, _, b) = raw_http(
+            w2.port,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            &serde_json::to_vec(&ask).unwrap(),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+        assert_eq!(s, 400, "{path}: {v}");
+        assert!(
+            v["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("context window is 4096 tokens")),
+            "{path}: {v}"
+        );
+    }
+
+    // One worker frozen: every request, streamed or not, is answered by the other.
+    let frozen = Stopped::stop(&w1);
+    for i in 0..4 {
+        let (s, body) = post(
+            api.port,
+            "/v1/chat/completions",
+            &chat("Say hi", i % 2 == 1),
+        );
+        assert_eq!(s, 200, "request {i}: {body}");
+    }
+    drop(frozen);
+    let log = api.logs();
+    assert!(log.contains("first-byte timeout"), "{log}");
+}

@@ -29,6 +29,12 @@ impl OpenAiError {
         }
     }
 
+    /// The same error naming the offending request field.
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
     /// 400 naming the offending request field.
     pub fn invalid(param: &str, code: &'static str, msg: impl Into<String>) -> Self {
         OpenAiError {
@@ -55,14 +61,13 @@ impl OpenAiError {
         } else {
             format!("available models: {}", available.join(", "))
         };
-        let mut e = Self::new(
+        Self::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
             format!("The model `{model}` does not exist; {list}"),
-        );
-        e.param = Some("model".into());
-        e
+        )
+        .with_param("model")
     }
 
     pub fn unavailable(msg: String) -> Self {
@@ -104,8 +109,10 @@ impl OpenAiError {
 }
 
 /// How the apiserver answers a failed worker call: an unknown model is OpenAI's 404, a model
-/// without a routable instance 503, a worker that stays silent (before any output) 504, and
-/// every other failure 502 with the relay's own account of it.
+/// without a routable instance 503, a worker that stays silent (before any output) 504, a
+/// request the worker refused as the client's error (400, 413) the same status with the
+/// worker's message ([`OpenAiError::from_upstream`] names the field), and every other
+/// failure 502 with the relay's own account of it.
 impl From<UpstreamError> for OpenAiError {
     fn from(e: UpstreamError) -> Self {
         match e {
@@ -116,6 +123,20 @@ impl From<UpstreamError> for OpenAiError {
             UpstreamError::Timeout(_) | UpstreamError::Idle(_) => {
                 OpenAiError::gateway_timeout(e.to_string())
             }
+            UpstreamError::Refused { status, detail } => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "request_too_large"
+                } else {
+                    "invalid_prompt"
+                };
+                OpenAiError::new(
+                    status,
+                    "invalid_request_error",
+                    code,
+                    format!("The model refused the request: {detail}"),
+                )
+            }
             UpstreamError::NoInstance { .. }
             | UpstreamError::Exhausted { .. }
             | UpstreamError::Rejected { .. }
@@ -124,6 +145,16 @@ impl From<UpstreamError> for OpenAiError {
             | UpstreamError::NotVectors(_)
             | UpstreamError::MidStream(_) => OpenAiError::bad_gateway(e.to_string()),
         }
+    }
+}
+
+impl OpenAiError {
+    /// [`From`], naming `field` (the request's prompt: `messages`, `prompt`, `input`) when
+    /// the worker refused the request as the client's error.
+    pub fn from_upstream(e: UpstreamError, field: &str) -> Self {
+        let refused = matches!(e, UpstreamError::Refused { .. });
+        let o = Self::from(e);
+        if refused { o.with_param(field) } else { o }
     }
 }
 
@@ -200,5 +231,37 @@ mod tests {
             answer(UpstreamError::Timeout(Duration::from_millis(1500))).0,
             504
         );
+        // A worker's refusal stays the client's error, naming the field.
+        let too_long = OpenAiError::from_upstream(
+            UpstreamError::Refused {
+                status: 400,
+                detail: "prompt is 9 tokens but the model's context window is 8 tokens".into(),
+            },
+            "messages",
+        );
+        assert_eq!(too_long.status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            (too_long.kind, too_long.code, too_long.param.as_deref()),
+            (
+                "invalid_request_error",
+                Some("invalid_prompt"),
+                Some("messages")
+            )
+        );
+        assert!(too_long.message.contains("context window is 8 tokens"));
+        let big = OpenAiError::from_upstream(
+            UpstreamError::Refused {
+                status: 413,
+                detail: "too large".into(),
+            },
+            "input",
+        );
+        assert_eq!(
+            (big.status.as_u16(), big.code, big.param.as_deref()),
+            (413, Some("request_too_large"), Some("input"))
+        );
+        // Other failures name no field.
+        let other = OpenAiError::from_upstream(UpstreamError::Broken("reset".into()), "input");
+        assert_eq!((other.status.as_u16(), other.param), (502, None));
     }
 }

@@ -9,8 +9,7 @@ pub mod response;
 
 pub use error::OpenAiError;
 pub use request::{
-    CompletionRequest, EmbeddingsRequest, RelevanceRequest, RerankRequest, Sampling, map_role,
-    parse_body, parse_chat, parse_completion, parse_embeddings, parse_relevance, parse_rerank,
-    worker_prompt,
+    CompletionRequest, parse_chat, parse_completion, parse_embeddings, parse_relevance,
+    parse_rerank, worker_prompt,
 };
-pub use response::{base64_f32, model_card, new_id, rerank_response, unix_now};
+pub use response::{base64_f32, model_card, rerank_response, unix_now};

@@ -104,7 +104,7 @@ mod statements;
 #[cfg(test)]
 mod tests;
 
-pub use config::{DbType, Secret, SqlConfig, SqlConfigError};
+pub use config::{DbType, Secret, SqlConfig};
 use schema::{create_table_sql, ensure_unique, schema_lock, schema_unlock};
 use statements::Statements;
 
@@ -353,6 +353,7 @@ impl SqlRegistry {
 
     /// Whether writes are upserts on a unique index (false: the locked path for a DB-GPT
     /// table holding duplicates).
+    #[cfg(test)]
     pub fn has_unique_index(&self) -> bool {
         self.inner.unique
     }

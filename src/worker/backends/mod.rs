@@ -22,12 +22,12 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "local-models")]
-pub mod embedding;
+pub(crate) mod embedding;
 #[cfg(feature = "local-models")]
-pub mod llama;
-pub mod proxy;
+pub(crate) mod llama;
+pub(crate) mod proxy;
 #[cfg(feature = "local-models")]
-pub mod reranker;
+pub(crate) mod reranker;
 
 #[cfg(feature = "local-models")]
 pub use embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
@@ -35,7 +35,7 @@ pub use embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
 pub use llama::{LlamaCppBackend, LlamaCppConfig};
 pub use proxy::{OpenAiProxyBackend, OpenAiProxyConfig};
 #[cfg(feature = "local-models")]
-pub use reranker::{BertRerankerBackend, RerankerConfig};
+pub use reranker::{BertRerankerBackend, RerankerConfig, fixture};
 
 /// Who wrote a chat message.
 ///
