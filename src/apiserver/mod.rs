@@ -3,8 +3,9 @@
 //! router in [`service`]).
 //!
 //! Routes (under both `/api/v1` and `/v1`): `GET models`, `POST chat/completions` (plain and
-//! SSE), `POST completions`, `POST embeddings`, `POST beta/relevance`; plus an open
-//! `GET /api/health`. Requests are validated and answered in OpenAI's shapes ([`openai`]), routed to a worker instance from
+//! SSE), `POST completions`, `POST embeddings`, `POST beta/relevance`, `POST rerank` (also at
+//! `/rerank` and `/v2/rerank`); plus an open `GET /api/health`. Relevance and rerank go to a
+//! `reranker` worker (DB-GPT 0.7), else to a `text2vec` worker serving a reranker (0.5). Requests are validated and answered in OpenAI's shapes ([`openai`]), routed to a worker instance from
 //! the cached controller view ([`discovery`], [`policy`]) and relayed ([`proxy`]); worker
 //! frames carry cumulative text, which is turned into OpenAI deltas here. Streams send the
 //! role first, one chunk with `finish_reason` per choice, an optional usage chunk, then
@@ -83,7 +84,11 @@ pub fn router(state: Shared) -> Router {
             .route(&format!("{prefix}/chat/completions"), post(chat))
             .route(&format!("{prefix}/completions"), post(completions))
             .route(&format!("{prefix}/embeddings"), post(embeddings))
-            .route(&format!("{prefix}/beta/relevance"), post(relevance));
+            .route(&format!("{prefix}/beta/relevance"), post(relevance))
+            .route(&format!("{prefix}/rerank"), post(rerank));
+    }
+    for path in ["/rerank", "/v2/rerank"] {
+        api = api.route(path, post(rerank));
     }
     let app = Router::new()
         .route(crate::wire::HEALTH_PATH, get(health))
@@ -207,14 +212,21 @@ impl Drop for Busy {
 }
 
 async fn models(State(s): State<Shared>, _: Authorized) -> Response {
-    let view = s.upstream.discovery.view();
-    let mut names = view.models(WorkerType::Llm);
-    names.extend(view.models(WorkerType::Text2vec));
+    let mut names = served_models(&s.upstream.discovery.view());
     names.sort();
     names.dedup();
     let now = openai::unix_now();
     let data: Vec<Value> = names.iter().map(|m| openai::model_card(m, now)).collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+/// The names of every model with a routable instance, of every worker type (a name may
+/// repeat across types).
+pub fn served_models(view: &discovery::View) -> Vec<String> {
+    [WorkerType::Llm, WorkerType::Text2vec, WorkerType::Reranker]
+        .into_iter()
+        .flat_map(|t| view.models(t))
+        .collect()
 }
 
 /// DB-GPT's span name for a completion request.
@@ -590,7 +602,7 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         async move {
             let res = s
                 .upstream
-                .embeddings(model, group, b, None, span.ctx())
+                .embeddings(model, (group, WorkerType::Text2vec), b, None, span.ctx())
                 .await;
             drop(span);
             res
@@ -632,19 +644,61 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
     )
 }
 
-async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
-    let _busy = Busy::new(&s);
-    let r = match read_body(req)
-        .await
-        .and_then(|b| openai::parse_relevance(&b))
-    {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
+/// The group serving `model` as a reranker: a `reranker` worker, else a `text2vec` one (DB-GPT
+/// 0.5 serves rerankers as text2vec; whether it is one shows in its answer), the latter found
+/// in the view without the refresh a miss costs. A chat model is a 400 naming `model`; an
+/// unknown one a 404 listing the rerank-capable models.
+async fn reranker_group(s: &Shared, model: &str) -> Result<(Arc<Group>, WorkerType), OpenAiError> {
+    let in_view = |t: WorkerType| {
+        let key = crate::wire::controller::worker_key(model, t.as_str());
+        !matches!(
+            s.upstream.discovery.lookup(&key),
+            discovery::Lookup::Unknown
+        )
     };
-    let group = match s.upstream.group(&r.model, WorkerType::Text2vec).await {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
-    };
+    let group = |t: WorkerType| async move { s.upstream.group(model, t).await.map(|g| (g, t)) };
+    if !in_view(WorkerType::Reranker) && in_view(WorkerType::Text2vec) {
+        return group(WorkerType::Text2vec).await.map_err(OpenAiError::from);
+    }
+    match group(WorkerType::Reranker).await {
+        Err(UpstreamError::UnknownModel { .. }) => {}
+        other => return other.map_err(OpenAiError::from),
+    }
+    // The miss refreshed the view: a `text2vec` entry may have come with it.
+    if in_view(WorkerType::Text2vec) {
+        return group(WorkerType::Text2vec).await.map_err(OpenAiError::from);
+    }
+    let view = s.upstream.discovery.view();
+    if view.models(WorkerType::Llm).iter().any(|m| m == model) {
+        return Err(not_a_reranker(model, "it is a chat model"));
+    }
+    let mut available = view.models(WorkerType::Reranker);
+    available.extend(view.models(WorkerType::Text2vec));
+    Err(OpenAiError::model_not_found(model, &available))
+}
+
+fn not_a_reranker(model: &str, why: &str) -> OpenAiError {
+    OpenAiError::invalid(
+        "model",
+        "model_not_reranker",
+        format!(
+            "model `{model}` is not a reranker ({why}); start a reranker worker (--worker_type reranker) with a cross-encoder model"
+        ),
+    )
+}
+
+/// One score per document from the reranker `model` (DB-GPT's relevance call: the worker's
+/// `embeddings` with the query), under DB-GPT's `generate_relevance` span.
+async fn score_documents(
+    s: &Shared,
+    model: &str,
+    query: &str,
+    documents: &[String],
+) -> Result<Vec<f32>, OpenAiError> {
+    let (group, worker_type) = reranker_group(s, model).await?;
+    if documents.is_empty() {
+        return Ok(Vec::new());
+    }
     let span = s.tracer.start_with(
         "dbgpt.model.apiserver.generate_relevance",
         tracer::current(),
@@ -656,45 +710,70 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
                 worker_type: WorkerType,
             }
             Meta::json(&M {
-                model: &r.model,
-                query: &r.query,
-                worker_type: WorkerType::Text2vec,
+                model,
+                query,
+                worker_type,
             })
         },
     );
-    let scores = if r.documents.is_empty() {
-        Vec::new()
-    } else {
-        match s
-            .upstream
-            .embeddings(&r.model, &group, &r.documents, Some(&r.query), span.ctx())
-            .await
-        {
-            // A reranker answers one list of scores, one per document.
-            Ok(mut v) if v.len() == 1 && v[0].len() == r.documents.len() => v.remove(0),
-            Ok(_) => {
-                return OpenAiError::invalid(
-                    "model",
-                    "model_not_reranker",
-                    format!(
-                        "model `{}` is not a reranker (it answered with embeddings, not one score per document); start a text2vec worker with a rerank model",
-                        r.model
-                    ),
-                )
-                .into_response();
-            }
-            Err(e) => return OpenAiError::from_upstream(e, "documents").into_response(),
-        }
+    match s
+        .upstream
+        .embeddings(
+            model,
+            (&group, worker_type),
+            documents,
+            Some(query),
+            span.ctx(),
+        )
+        .await
+    {
+        // A reranker answers one list of scores, one per document.
+        Ok(mut v) if v.len() == 1 && v[0].len() == documents.len() => Ok(v.remove(0)),
+        Ok(_) => Err(not_a_reranker(
+            model,
+            "it answered with embeddings, not one score per document",
+        )),
+        Err(e) => Err(OpenAiError::from_upstream(e, "documents")),
+    }
+}
+
+async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
+    let _busy = Busy::new(&s);
+    let r = match read_body(req)
+        .await
+        .and_then(|b| openai::parse_relevance(&b))
+    {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
     };
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "object": "list",
-            "model": r.model,
-            "data": scores,
-            "usage": {"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0},
-        }),
-    )
+    match score_documents(&s, &r.model, &r.query, &r.documents).await {
+        Ok(scores) => json_response(
+            StatusCode::OK,
+            &json!({
+                "object": "list",
+                "model": r.model,
+                "data": scores,
+                "usage": {"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0},
+            }),
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Jina's and Cohere's rerank: the relevance call, answered sorted and cut to `top_n`.
+async fn rerank(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
+    let _busy = Busy::new(&s);
+    let r = match read_body(req).await.and_then(|b| openai::parse_rerank(&b)) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match score_documents(&s, &r.model, &r.query, &r.documents).await {
+        Ok(scores) => json_response(
+            StatusCode::OK,
+            &openai::rerank_response(&r.model, &scores, &r.documents, r.top_n, r.return_documents),
+        ),
+        Err(e) => e.into_response(),
+    }
 }
 
 #[cfg(test)]

@@ -440,10 +440,12 @@ impl Upstream {
     }
 
     /// `embeddings` for one batch: `[[f32…]…]`, or a reranker's `[[score…]]` with `query`.
+    /// `worker_type` is the type `group` was found under; a `reranker` says so in the body
+    /// (DB-GPT 0.7's workers look the model up by it; 0.5's ignore it).
     pub async fn embeddings(
         &self,
         model: &str,
-        group: &Group,
+        (group, worker_type): (&Group, WorkerType),
         input: &[String],
         query: Option<&str>,
         trace: Option<SpanCtx>,
@@ -451,6 +453,9 @@ impl Upstream {
         let mut req = serde_json::json!({"model": model, "input": input});
         if let Some(q) = query {
             req["query"] = Value::String(q.to_string());
+        }
+        if worker_type != WorkerType::Text2vec {
+            req["worker_type"] = Value::String(worker_type.as_str().to_string());
         }
         let body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
         self.with_retries(model, group, |guard| {

@@ -65,8 +65,7 @@ impl Daemon for Apiserver {
                     }
                 }
             }
-            let mut models = view.models(crate::wire::worker::WorkerType::Llm);
-            models.extend(view.models(crate::wire::worker::WorkerType::Text2vec));
+            let models = super::served_models(&view);
             let (ok, err) = d.freshness();
             let refresh = match (ok, err) {
                 (_, Some(e)) => format!("failing ({e})"),

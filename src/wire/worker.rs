@@ -37,20 +37,24 @@ pub const MODELS_STARTUP_PATH: &str = "/api/worker/models/startup";
 /// `POST`: stop one model.
 pub const MODELS_SHUTDOWN_PATH: &str = "/api/worker/models/shutdown";
 
-/// DB-GPT worker types.
+/// DB-GPT worker types. `reranker` is DB-GPT 0.7's (a cross-encoder scoring documents
+/// against a query, reached through [`EMBEDDINGS_PATH`] with a `query`); 0.5 serves rerankers
+/// as `text2vec`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerType {
     Llm,
     Text2vec,
+    Reranker,
 }
 
 impl WorkerType {
-    /// The wire spelling (`llm`, `text2vec`), as in worker keys.
+    /// The wire spelling (`llm`, `text2vec`, `reranker`), as in worker keys.
     pub const fn as_str(self) -> &'static str {
         match self {
             WorkerType::Llm => "llm",
             WorkerType::Text2vec => "text2vec",
+            WorkerType::Reranker => "reranker",
         }
     }
 
@@ -59,15 +63,18 @@ impl WorkerType {
         match s {
             "llm" => Some(WorkerType::Llm),
             "text2vec" => Some(WorkerType::Text2vec),
+            "reranker" => Some(WorkerType::Reranker),
             _ => None,
         }
     }
 
-    /// What a user may type: case-insensitive, with `embedding(s)` for `text2vec`.
+    /// What a user may type: case-insensitive, with `embedding(s)` for `text2vec` and
+    /// `rerank` for `reranker`.
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "llm" => Some(WorkerType::Llm),
             "text2vec" | "embedding" | "embeddings" => Some(WorkerType::Text2vec),
+            "reranker" | "rerank" => Some(WorkerType::Reranker),
             _ => None,
         }
     }
@@ -659,11 +666,16 @@ mod tests {
 
     #[test]
     fn worker_types() {
-        for t in [WorkerType::Llm, WorkerType::Text2vec] {
+        for t in [WorkerType::Llm, WorkerType::Text2vec, WorkerType::Reranker] {
             assert_eq!(WorkerType::from_wire(t.as_str()), Some(t));
             assert_eq!(WorkerType::parse(&t.as_str().to_uppercase()), Some(t));
         }
         assert_eq!(WorkerType::from_wire("LLM"), None);
         assert_eq!(WorkerType::parse("embeddings"), Some(WorkerType::Text2vec));
+        assert_eq!(WorkerType::parse("rerank"), Some(WorkerType::Reranker));
+        assert_eq!(
+            WorkerType::from_wire("reranker"),
+            Some(WorkerType::Reranker)
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The worker's configuration: `dbgpt start worker` flags (one model), the `[worker]` section
-//! and `[[models.llms]]` / `[[models.embeddings]]` entries of a config file (any number of
+//! and `[[models.llms]]` / `[[models.embeddings]]` / `[[models.rerankers]]` entries of a
+//! config file (any number of
 //! models, checked by [`super::spec`]), and the resolved [`WorkerConfig`].
 
 use std::path::{Path, PathBuf};
@@ -22,13 +23,13 @@ pub struct WorkerArgs {
     /// Model to serve (registered as <model_name>@<worker_type>)
     #[arg(long = "model_name", visible_alias = "model-name")]
     pub model_name: Option<String>,
-    /// GGUF file (llama.cpp) or embedding-model directory (text2vec)
+    /// GGUF file (llama.cpp), embedding-model directory (text2vec) or cross-encoder directory (reranker)
     #[arg(long = "model_path", visible_alias = "model-path")]
     pub model_path: Option<PathBuf>,
     /// Worker type [default: llm]
     #[arg(long = "worker_type", visible_alias = "worker-type", value_enum)]
     pub worker_type: Option<WorkerType>,
-    /// Engine: llama.cpp, hf (local BERT embeddings) or proxy [default: llama.cpp for llm, hf for text2vec, proxy when only --proxy_api_base is given]
+    /// Engine: llama.cpp, hf (local BERT embeddings or cross-encoder) or proxy [default: llama.cpp for llm, hf for text2vec and reranker, proxy when only --proxy_api_base is given]
     #[arg(long = "model_type", visible_alias = "model-type")]
     pub model_type: Option<String>,
     /// Proxy: OpenAI-compatible upstream base URL, e.g. http://127.0.0.1:8080/v1 [default: $OPENAI_API_BASE for --model_type proxy]
@@ -131,7 +132,7 @@ struct WorkerFile {
     http_max_connections: Option<usize>,
 }
 
-/// One `[[models.llms]]` / `[[models.embeddings]]` entry.
+/// One `[[models.llms]]` / `[[models.embeddings]]` / `[[models.rerankers]]` entry.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModelFile {
@@ -165,6 +166,8 @@ struct ModelsFile {
     llms: Vec<ModelFile>,
     #[serde(default)]
     embeddings: Vec<ModelFile>,
+    #[serde(default)]
+    rerankers: Vec<ModelFile>,
 }
 
 /// Resolved worker configuration.
@@ -305,6 +308,9 @@ impl WorkerArgs {
             }
             for m in file_models.embeddings {
                 models.push(model_from_file(m, WorkerType::Text2vec, p, proxy_timeouts)?);
+            }
+            for m in file_models.rerankers {
+                models.push(model_from_file(m, WorkerType::Reranker, p, proxy_timeouts)?);
             }
         }
         if let Some(name) = self.model_name.clone() {

@@ -291,20 +291,41 @@ async fn embeddings(
             vec![]
         }
     };
+    let query = f.opt_str("query");
     f.finish()?;
     let _span = s.tracer.start("WorkerManager.embeddings", parent_span(&v));
-    let Some(m) = s.manager.get(&model, WorkerType::Text2vec) else {
-        return Err(not_running(&model, WorkerType::Text2vec));
+    // A reranker is reached here too (DB-GPT 0.7 names its `worker_type`, 0.5 serves it as
+    // text2vec): it answers one list of scores, `[[score, …]]`.
+    let types = match v.get("worker_type").and_then(Value::as_str) {
+        Some(t) if WorkerType::parse(t) == Some(WorkerType::Reranker) => {
+            [WorkerType::Reranker, WorkerType::Text2vec]
+        }
+        _ => [WorkerType::Text2vec, WorkerType::Reranker],
     };
-    let Engine::Embedding(backend) = m.engine.clone() else {
-        return Err(not_running(&model, WorkerType::Text2vec));
+    let Some(m) = types.iter().find_map(|t| s.manager.get(&model, *t)) else {
+        return Err(not_running(&model, types[0]));
     };
-    if input.is_empty() {
-        return Ok(json_response(StatusCode::OK, &Vec::<Vec<f32>>::new()));
+    match m.engine.clone() {
+        Engine::Embedding(_) if input.is_empty() => {
+            Ok(json_response(StatusCode::OK, &Vec::<Vec<f32>>::new()))
+        }
+        Engine::Embedding(backend) => {
+            let _slot = m.acquire().await;
+            let vectors = backend.embed(input).await.map_err(backend_error)?;
+            Ok(json_response(StatusCode::OK, &vectors))
+        }
+        Engine::Reranker(backend) => {
+            let query = query.ok_or_else(|| {
+                backend_error(BackendError::BadRequest(format!(
+                    "model {model} is a reranker: give the 'query' to score the input against"
+                )))
+            })?;
+            let _slot = m.acquire().await;
+            let scores = backend.rerank(query, input).await.map_err(backend_error)?;
+            Ok(json_response(StatusCode::OK, &[scores]))
+        }
+        Engine::Llm(_) => Err(not_running(&model, types[0])),
     }
-    let _slot = m.acquire().await;
-    let vectors = backend.embed(input).await.map_err(backend_error)?;
-    Ok(json_response(StatusCode::OK, &vectors))
 }
 
 fn model_field(body: &[u8], class: &str) -> Result<(String, Value), ApiError> {
@@ -379,11 +400,19 @@ fn worker_type_field(f: &mut Fields<'_>, v: &Value, required: bool) -> WorkerTyp
             WorkerType::Llm
         }
         Some(Value::String(t)) => WorkerType::parse(t).unwrap_or_else(|| {
-            f.invalid("enum", "worker_type", "Input should be 'llm' or 'text2vec'");
+            f.invalid(
+                "enum",
+                "worker_type",
+                "Input should be 'llm', 'text2vec' or 'reranker'",
+            );
             WorkerType::Llm
         }),
         Some(_) => {
-            f.invalid("enum", "worker_type", "Input should be 'llm' or 'text2vec'");
+            f.invalid(
+                "enum",
+                "worker_type",
+                "Input should be 'llm', 'text2vec' or 'reranker'",
+            );
             WorkerType::Llm
         }
     }

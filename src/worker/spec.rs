@@ -1,9 +1,11 @@
 //! What a worker can host: a [`ModelSpec`] names a model, its worker type (`llm`,
-//! `text2vec`) and its engine (`llama.cpp`, local BERT embeddings, or an OpenAI-compatible
-//! `proxy`), and [`ModelSpec::load`] turns it into a running [`Engine`].
+//! `text2vec`, `reranker`) and its engine (`llama.cpp`, local BERT embeddings or
+//! cross-encoders, or an OpenAI-compatible `proxy`), and [`ModelSpec::load`] turns it into a
+//! running [`Engine`]. A `text2vec` model whose directory holds a cross-encoder is loaded as
+//! a reranker (DB-GPT 0.5's way of serving one).
 //!
 //! Specs come from command-line flags, from a TOML file (`[[models.llms]]` /
-//! `[[models.embeddings]]` in the shape of DB-GPT 0.7), or from the `params` of a
+//! `[[models.embeddings]]` / `[[models.rerankers]]` in the shape of DB-GPT 0.7), or from the `params` of a
 //! `models/startup` request; all three are validated here with errors that name the field.
 
 use std::path::PathBuf;
@@ -16,7 +18,7 @@ use tracing::info;
 use crate::telemetry::Escaped;
 
 use super::backends::{
-    BackendError, EmbeddingBackend, LlmBackend,
+    BackendError, EmbeddingBackend, LlmBackend, RerankBackend,
     proxy::{OpenAiProxyBackend, OpenAiProxyConfig, ProxyTimeouts},
 };
 
@@ -27,7 +29,7 @@ use crate::wire::worker::WorkerType;
 pub enum ModelType {
     /// GGUF chat model through llama.cpp.
     LlamaCpp,
-    /// BERT-family sentence embeddings through candle.
+    /// BERT-family sentence embeddings or cross-encoders through candle.
     Bert,
     /// Any OpenAI-compatible HTTP upstream.
     Proxy,
@@ -52,7 +54,7 @@ impl ModelType {
                 Some(ModelType::LlamaCpp)
             }
             (
-                WorkerType::Text2vec,
+                WorkerType::Text2vec | WorkerType::Reranker,
                 "hf" | "huggingface" | "bert" | "text2vec" | "candle" | "local",
             ) => Some(ModelType::Bert),
             _ => None,
@@ -102,6 +104,7 @@ pub struct SpecError(pub String);
 pub enum Engine {
     Llm(Arc<dyn LlmBackend>),
     Embedding(Arc<dyn EmbeddingBackend>),
+    Reranker(Arc<dyn RerankBackend>),
 }
 
 impl ModelSpec {
@@ -135,9 +138,14 @@ impl ModelSpec {
                     "model_type hf (embeddings) needs worker_type text2vec".into(),
                 ));
             }
-            (WorkerType::Text2vec, ModelType::LlamaCpp) => {
+            (WorkerType::Text2vec | WorkerType::Reranker, ModelType::LlamaCpp) => {
                 return Err(SpecError(
                     "model_type llama.cpp needs worker_type llm".into(),
+                ));
+            }
+            (WorkerType::Reranker, ModelType::Proxy) => {
+                return Err(SpecError(
+                    "a reranker runs in-process (model_type hf with a cross-encoder model_path); proxy rerankers are not supported".into(),
                 ));
             }
             _ => {}
@@ -212,10 +220,13 @@ impl ModelSpec {
                 }
                 cfg.timeouts = self.proxy_timeouts.unwrap_or(proxy_timeouts);
                 let backend = Arc::new(OpenAiProxyBackend::new(cfg)?);
-                Ok(match self.worker_type {
-                    WorkerType::Llm => Engine::Llm(backend),
-                    WorkerType::Text2vec => Engine::Embedding(backend),
-                })
+                match self.worker_type {
+                    WorkerType::Llm => Ok(Engine::Llm(backend)),
+                    WorkerType::Text2vec => Ok(Engine::Embedding(backend)),
+                    WorkerType::Reranker => {
+                        Err(BackendError::internal("proxy rerankers are not supported"))
+                    }
+                }
             }
             #[cfg(feature = "local-models")]
             ModelType::LlamaCpp => {
@@ -233,7 +244,17 @@ impl ModelSpec {
             #[cfg(feature = "local-models")]
             ModelType::Bert => {
                 use super::backends::embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
-                let cfg = BertEmbeddingConfig::new(self.path.clone().unwrap_or_default());
+                use super::backends::reranker::{
+                    BertRerankerBackend, RerankerConfig, is_cross_encoder,
+                };
+                let path = self.path.clone().unwrap_or_default();
+                if self.worker_type == WorkerType::Reranker || is_cross_encoder(&path) {
+                    let cfg = RerankerConfig::new(path);
+                    return Ok(Engine::Reranker(Arc::new(
+                        BertRerankerBackend::load_async(cfg).await?,
+                    )));
+                }
+                let cfg = BertEmbeddingConfig::new(path);
                 Ok(Engine::Embedding(Arc::new(
                     BertEmbeddingBackend::load_async(cfg).await?,
                 )))
@@ -435,7 +456,7 @@ pub fn default_model_type(
     }
     match worker_type {
         WorkerType::Llm => ModelType::LlamaCpp,
-        WorkerType::Text2vec => ModelType::Bert,
+        WorkerType::Text2vec | WorkerType::Reranker => ModelType::Bert,
     }
 }
 

@@ -9,6 +9,7 @@ mod common;
 mod controller;
 mod http_limits;
 mod registry;
+mod rerank;
 mod sql;
 mod stack;
 mod tracer;

@@ -1,6 +1,6 @@
 //! The OpenAI API as the apiserver speaks it: [`request`] validates what clients send (and
 //! builds the worker's PromptRequest from it), [`response`] holds the shapes written back
-//! (whole completions, SSE chunks, model cards, embeddings) and [`error`] OpenAI's error
+//! (whole completions, SSE chunks, model cards, embeddings, rerank results) and [`error`] OpenAI's error
 //! answer. Nothing here does I/O; the handlers in [`crate::apiserver`] tie them to the relay.
 
 pub mod error;
@@ -10,6 +10,6 @@ pub mod response;
 pub use error::OpenAiError;
 pub use request::{
     CompletionRequest, parse_chat, parse_completion, parse_embeddings, parse_relevance,
-    worker_prompt,
+    parse_rerank, worker_prompt,
 };
-pub use response::{base64_f32, model_card, unix_now};
+pub use response::{base64_f32, model_card, rerank_response, unix_now};

@@ -58,6 +58,33 @@ fn wrong_type(field: &str, want: &str, got: &Value) -> OpenAiError {
     )
 }
 
+/// A required field that is absent.
+fn missing(field: &str) -> OpenAiError {
+    OpenAiError::invalid(
+        field,
+        "missing_required_parameter",
+        format!("Missing required parameter: '{field}'"),
+    )
+}
+
+/// A list field sent empty.
+fn empty_list(field: &str) -> OpenAiError {
+    OpenAiError::invalid(
+        field,
+        "invalid_value",
+        format!("'{field}' must not be an empty list"),
+    )
+}
+
+/// A list field with more than `max` items.
+fn too_many(field: &str, max: usize) -> OpenAiError {
+    OpenAiError::invalid(
+        field,
+        "invalid_value",
+        format!("'{field}' may hold at most {max} items"),
+    )
+}
+
 /// A request body's top-level fields by name.
 trait FieldSource {
     fn field(&self, k: &str) -> Option<&Value>;
@@ -691,21 +718,9 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
     let o = Obj(&m);
     let model = o.model()?;
     let input = match o.get("input") {
-        None => {
-            return Err(OpenAiError::invalid(
-                "input",
-                "missing_required_parameter",
-                "Missing required parameter: 'input'",
-            ));
-        }
+        None => return Err(missing("input")),
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if a.is_empty() => {
-            return Err(OpenAiError::invalid(
-                "input",
-                "invalid_value",
-                "'input' must not be an empty list",
-            ));
-        }
+        Some(Value::Array(a)) if a.is_empty() => return Err(empty_list("input")),
         Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
             .iter()
             .map(|s| s.as_str().unwrap_or_default().to_string())
@@ -719,11 +734,7 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
         }
     };
     if input.len() > 2048 {
-        return Err(OpenAiError::invalid(
-            "input",
-            "invalid_value",
-            "'input' may hold at most 2048 items",
-        ));
+        return Err(too_many("input", 2048));
     }
     let base64 = match o.get("encoding_format") {
         None => false,
@@ -751,7 +762,7 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
     })
 }
 
-/// A validated relevance (rerank) request, DB-GPT's `/api/v1/beta/relevance`.
+/// A validated relevance request, DB-GPT's `/api/v1/beta/relevance`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RelevanceRequest {
     pub model: String,
@@ -759,40 +770,93 @@ pub struct RelevanceRequest {
     pub documents: Vec<String>,
 }
 
+/// The required string `query` of a relevance or rerank request.
+fn query_field(o: &Obj<'_>) -> Result<String, OpenAiError> {
+    match o.get("query") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None => Err(missing("query")),
+        Some(v) => Err(wrong_type("query", "a string", v)),
+    }
+}
+
 /// Validates `POST /v1/beta/relevance`.
 pub fn parse_relevance(body: &[u8]) -> Result<RelevanceRequest, OpenAiError> {
     let m = parse_body(body)?;
     let o = Obj(&m);
     let model = o.model()?;
-    let query = match o.get("query") {
-        Some(Value::String(s)) => s.clone(),
-        None => {
-            return Err(OpenAiError::invalid(
-                "query",
-                "missing_required_parameter",
-                "Missing required parameter: 'query'",
-            ));
-        }
-        Some(v) => return Err(wrong_type("query", "a string", v)),
-    };
+    let query = query_field(&o)?;
     let documents = match o.get("documents") {
         Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
             .iter()
             .map(|s| s.as_str().unwrap_or_default().to_string())
             .collect(),
-        None => {
-            return Err(OpenAiError::invalid(
-                "documents",
-                "missing_required_parameter",
-                "Missing required parameter: 'documents'",
-            ));
-        }
+        None => return Err(missing("documents")),
         Some(v) => return Err(wrong_type("documents", "a list of strings", v)),
     };
     Ok(RelevanceRequest {
         model,
         query,
         documents,
+    })
+}
+
+/// Most documents one rerank request may carry.
+pub const MAX_RERANK_DOCUMENTS: usize = 2048;
+
+/// A validated rerank request (Jina's and Cohere's `POST /v1/rerank`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RerankRequest {
+    pub model: String,
+    pub query: String,
+    /// The texts, in request order (a `{"text": …}` document is its text).
+    pub documents: Vec<String>,
+    /// How many of the best results to answer (all when absent).
+    pub top_n: Option<usize>,
+    /// Whether each result carries its document (`{"text": …}`); default false, as Cohere.
+    pub return_documents: bool,
+}
+
+/// Validates `POST /v1/rerank`: `documents` is a non-empty list of strings or of
+/// `{"text": string}` objects, `top_n` a positive integer; unknown fields are ignored.
+pub fn parse_rerank(body: &[u8]) -> Result<RerankRequest, OpenAiError> {
+    let m = parse_body(body)?;
+    let o = Obj(&m);
+    let model = o.model()?;
+    let query = query_field(&o)?;
+    let documents = match o.get("documents") {
+        None => return Err(missing("documents")),
+        Some(Value::Array(a)) if a.is_empty() => return Err(empty_list("documents")),
+        Some(Value::Array(a)) if a.len() > MAX_RERANK_DOCUMENTS => {
+            return Err(too_many("documents", MAX_RERANK_DOCUMENTS));
+        }
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match d {
+                Value::String(s) => Ok(s.clone()),
+                Value::Object(m) => match m.get("text") {
+                    Some(Value::String(s)) => Ok(s.clone()),
+                    _ => Err(OpenAiError::invalid(
+                        &format!("documents[{i}]"),
+                        "invalid_type",
+                        format!(
+                            "'documents[{i}]' must be a string or an object with a string 'text'"
+                        ),
+                    )),
+                },
+                v => Err(wrong_type(&format!("documents[{i}]"), "a string", v)),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(v) => return Err(wrong_type("documents", "a list of strings", v)),
+    };
+    let top_n = o.int("top_n", 1, i64::MAX)?.map(|n| n as usize);
+    let return_documents = o.bool("return_documents")?.unwrap_or(false);
+    Ok(RerankRequest {
+        model,
+        query,
+        documents,
+        top_n,
+        return_documents,
     })
 }
 
@@ -999,5 +1063,72 @@ mod tests {
         assert_eq!(r.prompts.len(), 2);
         assert!(r.echo);
         assert!(parse_completion(br#"{"model":"m","prompt":[[1,2]]}"#).is_err());
+    }
+
+    #[test]
+    fn rerank_requests() {
+        let r = parse_rerank(
+            br#"{"model":"r","query":"q","documents":["a",{"text":"b","id":7}],"top_n":1,"return_documents":true,"rank_fields":["text"]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.documents, ["a", "b"]);
+        assert_eq!((r.top_n, r.return_documents), (Some(1), true));
+        let r =
+            parse_rerank(br#"{"model":"r","query":"","documents":["a"],"top_n":null}"#).unwrap();
+        assert_eq!((r.top_n, r.return_documents), (None, false));
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"query":"q","documents":["a"]}"#, "model"),
+            (br#"{"model":"r","documents":["a"]}"#, "query"),
+            (br#"{"model":"r","query":5,"documents":["a"]}"#, "query"),
+            (br#"{"model":"r","query":"q"}"#, "documents"),
+            (br#"{"model":"r","query":"q","documents":[]}"#, "documents"),
+            (br#"{"model":"r","query":"q","documents":"a"}"#, "documents"),
+            (
+                br#"{"model":"r","query":"q","documents":["a",3]}"#,
+                "documents[1]",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":[{"title":"x"}]}"#,
+                "documents[0]",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":["a"],"top_n":0}"#,
+                "top_n",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":["a"],"top_n":-2}"#,
+                "top_n",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":["a"],"top_n":1.5}"#,
+                "top_n",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":["a"],"top_n":"2"}"#,
+                "top_n",
+            ),
+            (
+                br#"{"model":"r","query":"q","documents":["a"],"return_documents":"yes"}"#,
+                "return_documents",
+            ),
+        ];
+        for (body, field) in cases {
+            let e = parse_rerank(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert_eq!(
+                e.param.as_deref(),
+                Some(*field),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let many = format!(
+            r#"{{"model":"r","query":"q","documents":{}}}"#,
+            serde_json::to_string(&vec!["d"; MAX_RERANK_DOCUMENTS + 1]).unwrap()
+        );
+        assert_eq!(
+            parse_rerank(many.as_bytes()).unwrap_err().param.as_deref(),
+            Some("documents")
+        );
     }
 }

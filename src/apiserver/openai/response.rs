@@ -1,6 +1,6 @@
 //! OpenAI response shapes the apiserver writes: completions whole and as SSE chunks (with
-//! the envelope every chunk of one request shares), model cards, base64 embeddings, ids and
-//! timestamps. Chunks are serialised from borrowed structs, never through a JSON `Value`.
+//! the envelope every chunk of one request shares), model cards, base64 embeddings, rerank
+//! results, ids and timestamps. Chunks are serialised from borrowed structs, never through a JSON `Value`.
 //! Chunks carry `object` and `created` as OpenAI's do (DB-GPT's apiserver leaves them out).
 
 use bytes::Bytes;
@@ -265,6 +265,38 @@ pub fn model_card(id: &str, created: i64) -> Value {
     })
 }
 
+/// The answer to a rerank request in Jina's and Cohere's shape: `results` ordered by
+/// descending `relevance_score` (ties keep request order), cut to `top_n`, each with the
+/// document's request `index` and, with `return_documents`, the document as `{"text": …}`.
+/// Token counts are not reported by the worker protocol, so `usage` holds zeros.
+pub fn rerank_response(
+    model: &str,
+    scores: &[f32],
+    documents: &[String],
+    top_n: Option<usize>,
+    return_documents: bool,
+) -> Value {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    order.truncate(top_n.unwrap_or(usize::MAX));
+    let results: Vec<Value> = order
+        .into_iter()
+        .map(|i| {
+            let mut r = json!({"index": i, "relevance_score": scores[i]});
+            if return_documents {
+                r["document"] = json!({"text": documents.get(i)});
+            }
+            r
+        })
+        .collect();
+    json!({
+        "id": new_id("rerank-"),
+        "model": model,
+        "results": results,
+        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+    })
+}
+
 /// A fresh response id with OpenAI's prefix (`chatcmpl-`, `cmpl-`).
 pub fn new_id(prefix: &str) -> String {
     // From the thread-local RNG: no getrandom system call per request.
@@ -275,4 +307,35 @@ pub fn new_id(prefix: &str) -> String {
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
     (crate::daemon::unix_ms() / 1000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rerank_results_by_score_cut_to_top_n() {
+        let docs: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let v = rerank_response("r", &[0.1, 0.9, 0.5, 0.9], &docs, None, false);
+        let order: Vec<u64> = v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(order, [1, 3, 2, 0]);
+        assert_eq!(v["model"], "r");
+        assert!(v["results"][0].get("document").is_none());
+        assert!(v["id"].as_str().unwrap().starts_with("rerank-"));
+        let v = rerank_response("r", &[0.1, 0.9, 0.5, 0.2], &docs, Some(2), true);
+        assert_eq!(
+            v["results"],
+            json!([
+                {"index": 1, "relevance_score": 0.9f32, "document": {"text": "b"}},
+                {"index": 2, "relevance_score": 0.5f32, "document": {"text": "c"}},
+            ])
+        );
+        let v = rerank_response("r", &[0.3], &docs[..1], Some(10), false);
+        assert_eq!(v["results"].as_array().unwrap().len(), 1);
+    }
 }

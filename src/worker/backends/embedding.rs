@@ -85,26 +85,40 @@ fn required_file(dir: &Path, name: &str) -> Result<PathBuf, BackendError> {
     }
 }
 
-impl BertEmbeddingBackend {
-    /// Load a model directory. Blocking (reads ~100 MB): call it from
-    /// `spawn_blocking` when on an async executor.
-    pub fn load(config: BertEmbeddingConfig) -> Result<Self, BackendError> {
-        let dir = &config.model_dir;
+/// A BERT model directory opened for inference: its parsed `config.json` (typed and raw, for
+/// the keys candle's [`Config`] does not read), its weights as a memory-mapped
+/// [`VarBuilder`], and its tokenizer set to pad each batch to its longest member and to
+/// truncate at `max_length` (capped by the model's `max_position_embeddings`). Shared by
+/// the embedding and the reranker backends.
+pub(super) struct BertDir {
+    pub config: Config,
+    pub raw_config: serde_json::Value,
+    pub weights_path: PathBuf,
+    pub vb: VarBuilder<'static>,
+    pub tokenizer: Tokenizer,
+    pub max_length: usize,
+    pub device: Device,
+}
+
+impl BertDir {
+    /// Opens `dir` (blocking: maps the weights, parses the tokenizer).
+    pub fn open(dir: &Path, max_length: usize) -> Result<Self, BackendError> {
         if !dir.is_dir() {
             return Err(BackendError::load(dir, "model directory does not exist"));
         }
-        let start = Instant::now();
         let config_path = required_file(dir, "config.json")?;
         let weights_path = required_file(dir, "model.safetensors")?;
         let tokenizer_path = required_file(dir, "tokenizer.json")?;
 
-        let bert_config: Config = std::fs::read_to_string(&config_path)
+        let raw_config: serde_json::Value = std::fs::read_to_string(&config_path)
             .map_err(|e| BackendError::load(&config_path, e))
             .and_then(|s| {
                 serde_json::from_str(&s).map_err(|e| {
                     BackendError::load(&config_path, format!("not a BERT config: {e}"))
                 })
             })?;
+        let bert_config: Config = serde_json::from_value(raw_config.clone())
+            .map_err(|e| BackendError::load(&config_path, format!("not a BERT config: {e}")))?;
 
         let device = Device::Cpu;
         // SAFETY: the file is memory-mapped read-only; it must not be modified
@@ -114,20 +128,11 @@ impl BertEmbeddingBackend {
                 .map_err(|e| {
                 BackendError::load(&weights_path, format!("cannot read safetensors: {e}"))
             })?;
-        let model = BertModel::load(vb, &bert_config).map_err(|e| {
-            BackendError::load(
-                &weights_path,
-                format!("weights do not match config.json: {e}"),
-            )
-        })?;
 
         let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| {
             BackendError::load(&tokenizer_path, format!("cannot parse tokenizer: {e}"))
         })?;
-        let max_length = config
-            .max_length
-            .min(bert_config.max_position_embeddings)
-            .max(2);
+        let max_length = max_length.min(bert_config.max_position_embeddings).max(2);
         let mut padding = tokenizer.get_padding().cloned().unwrap_or_else(|| {
             let pad_token = "[PAD]".to_string();
             PaddingParams {
@@ -147,6 +152,72 @@ impl BertEmbeddingBackend {
                 ..Default::default()
             }))
             .map_err(|e| BackendError::load(&tokenizer_path, format!("bad truncation: {e}")))?;
+        Ok(BertDir {
+            config: bert_config,
+            raw_config,
+            weights_path,
+            vb,
+            tokenizer,
+            max_length,
+            device,
+        })
+    }
+
+    /// The BERT encoder (without pooler or head).
+    pub fn bert(&self) -> Result<BertModel, BackendError> {
+        BertModel::load(self.vb.clone(), &self.config).map_err(|e| self.mismatch(e))
+    }
+
+    /// A load error for weights that do not fit `config.json`.
+    pub fn mismatch(&self, e: impl std::fmt::Display) -> BackendError {
+        BackendError::load(
+            &self.weights_path,
+            format!("weights do not match config.json: {e}"),
+        )
+    }
+}
+
+/// Token ids, type ids and attention mask of a padded batch, each `(batch, seq_len)`.
+pub(super) fn batch_tensors(
+    encodings: &[tokenizers::Encoding],
+    device: &Device,
+) -> Result<(Tensor, Tensor, Tensor), BackendError> {
+    let err = |e: candle_core::Error| BackendError::internal(format!("BERT forward failed: {e}"));
+    let batch = encodings.len();
+    let seq_len = encodings.first().map_or(0, |e| e.len());
+    let mut ids = Vec::with_capacity(batch * seq_len);
+    let mut type_ids = Vec::with_capacity(batch * seq_len);
+    let mut mask = Vec::with_capacity(batch * seq_len);
+    for e in encodings {
+        if e.len() != seq_len {
+            return Err(BackendError::internal("tokenizer did not pad the batch"));
+        }
+        ids.extend_from_slice(e.get_ids());
+        type_ids.extend_from_slice(e.get_type_ids());
+        mask.extend_from_slice(e.get_attention_mask());
+    }
+    Ok((
+        Tensor::from_vec(ids, (batch, seq_len), device).map_err(err)?,
+        Tensor::from_vec(type_ids, (batch, seq_len), device).map_err(err)?,
+        Tensor::from_vec(mask, (batch, seq_len), device).map_err(err)?,
+    ))
+}
+
+impl BertEmbeddingBackend {
+    /// Load a model directory. Blocking (reads ~100 MB): call it from
+    /// `spawn_blocking` when on an async executor.
+    pub fn load(config: BertEmbeddingConfig) -> Result<Self, BackendError> {
+        let dir = &config.model_dir;
+        let start = Instant::now();
+        let opened = BertDir::open(dir, config.max_length)?;
+        let model = opened.bert()?;
+        let BertDir {
+            config: bert_config,
+            tokenizer,
+            max_length,
+            device,
+            ..
+        } = opened;
 
         let dimension = bert_config.hidden_size;
         tracing::info!(
@@ -200,22 +271,7 @@ impl Inner {
             .tokenizer
             .encode_batch(texts.iter().map(String::as_str).collect::<Vec<_>>(), true)
             .map_err(|e| BackendError::internal(format!("tokenisation failed: {e}")))?;
-        let batch = encodings.len();
-        let seq_len = encodings.first().map_or(0, |e| e.len());
-        let mut ids = Vec::with_capacity(batch * seq_len);
-        let mut type_ids = Vec::with_capacity(batch * seq_len);
-        let mut mask = Vec::with_capacity(batch * seq_len);
-        for e in &encodings {
-            if e.len() != seq_len {
-                return Err(BackendError::internal("tokenizer did not pad the batch"));
-            }
-            ids.extend_from_slice(e.get_ids());
-            type_ids.extend_from_slice(e.get_type_ids());
-            mask.extend_from_slice(e.get_attention_mask());
-        }
-        let ids = Tensor::from_vec(ids, (batch, seq_len), &self.device).map_err(err)?;
-        let type_ids = Tensor::from_vec(type_ids, (batch, seq_len), &self.device).map_err(err)?;
-        let mask = Tensor::from_vec(mask, (batch, seq_len), &self.device).map_err(err)?;
+        let (ids, type_ids, mask) = batch_tensors(&encodings, &self.device)?;
 
         let hidden = {
             let _lock = self.forward_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -259,7 +315,7 @@ fn l2_normalize(v: &mut [f32]) {
 }
 
 /// Sets the flag when the `embed` future is dropped (finished or abandoned).
-struct CancelOnDrop(Arc<AtomicBool>);
+pub(super) struct CancelOnDrop(pub(super) Arc<AtomicBool>);
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);

@@ -1,12 +1,13 @@
 //! Model backends: the engines a worker hosts. This layer owns turning a chat
 //! request ([`GenerateParams`]) into a stream of text deltas plus a final
 //! finish reason and token usage ([`LlmBackend`]), and turning texts into
-//! embedding vectors ([`EmbeddingBackend`]). Three implementations live here:
-//! GGUF chat models run in-process through llama.cpp ([`llama`], feature
-//! `local-models`), BERT sentence-embedding models run in-process through
-//! candle ([`embedding`], feature `local-models`), and any OpenAI-compatible
-//! HTTP server (vLLM, llama-server, Ollama, OpenAI) reached through
-//! [`proxy`]. Everything above this layer (worker manager, DB-GPT wire
+//! embedding vectors ([`EmbeddingBackend`]) or a query and documents into
+//! relevance scores ([`RerankBackend`]). The implementations: GGUF chat models
+//! run in-process through llama.cpp ([`llama`], feature `local-models`), BERT
+//! sentence-embedding models and BERT or XLM-RoBERTa cross-encoder rerankers run in-process
+//! through candle ([`embedding`], [`reranker`], feature `local-models`), and any
+//! OpenAI-compatible HTTP server (vLLM, llama-server, Ollama, OpenAI) reached
+//! through [`proxy`]. Everything above this layer (worker manager, DB-GPT wire
 //! format, HTTP status codes, registration) is someone else's job: backends
 //! only report typed [`BackendError`]s, never HTTP responses. Heavy CPU work
 //! never runs on the async executor, and dropping a generation stream cancels
@@ -25,12 +26,16 @@ pub(crate) mod embedding;
 #[cfg(feature = "local-models")]
 pub(crate) mod llama;
 pub(crate) mod proxy;
+#[cfg(feature = "local-models")]
+pub(crate) mod reranker;
 
 #[cfg(feature = "local-models")]
 pub use embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
 #[cfg(feature = "local-models")]
 pub use llama::{LlamaCppBackend, LlamaCppConfig};
 pub use proxy::{OpenAiProxyBackend, OpenAiProxyConfig, ProxyTimeouts};
+#[cfg(feature = "local-models")]
+pub use reranker::{BertRerankerBackend, RerankerConfig, fixture};
 
 /// Who wrote a chat message.
 ///
@@ -319,6 +324,17 @@ pub trait EmbeddingBackend: Send + Sync {
     /// Vector dimension, when known (local models: always; proxy: after the
     /// first successful call, or when configured).
     fn dimension(&self) -> Option<usize>;
+}
+
+/// A reranker (cross-encoder): scores how relevant each document is to a query.
+pub trait RerankBackend: Send + Sync {
+    /// One score per document, in order (higher is more relevant). Dropping the future
+    /// stops work at the next sub-batch boundary.
+    fn rerank(
+        &self,
+        query: String,
+        documents: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<f32>, BackendError>>;
 }
 
 /// Directory holding the real test models: `$DBGPT_MODELS_DIR`, else
