@@ -400,20 +400,37 @@ impl Upstream {
         first_byte: bool,
     ) -> Result<Bytes, Attempt> {
         let req = self.post(target, path, body, trace);
-        let call = async {
-            let resp = if first_byte {
-                self.send(target, req).await?
-            } else {
-                self.send_unbounded(target, req).await?
-            };
-            match resp.into_body().collect().await {
-                Err(e) => Err(Attempt::Retry(error_chain(&e))),
-                Ok(b) => Ok(b.to_bytes()),
+        // One timer for the whole call: it first bounds the headers (by the first-byte
+        // timeout when asked and shorter), then is moved out to the request deadline.
+        let start = tokio::time::Instant::now();
+        let first = if first_byte {
+            self.first_byte_timeout.min(self.timeout)
+        } else {
+            self.timeout
+        };
+        let timer = tokio::time::sleep_until(start + first);
+        tokio::pin!(timer);
+        let resp = tokio::select! {
+            biased;
+            r = self.send_unbounded(target, req) => r?,
+            _ = &mut timer => {
+                return Err(if first < self.timeout {
+                    Attempt::Retry(format!("no response within the first-byte timeout ({first:?})"))
+                } else {
+                    self.no_answer()
+                });
             }
         };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(r) => r,
-            Err(_) => Err(self.no_answer()),
+        if first < self.timeout {
+            timer.as_mut().reset(start + self.timeout);
+        }
+        tokio::select! {
+            biased;
+            b = resp.into_body().collect() => match b {
+                Err(e) => Err(Attempt::Retry(error_chain(&e))),
+                Ok(b) => Ok(b.to_bytes()),
+            },
+            _ = &mut timer => Err(self.no_answer()),
         }
     }
 
