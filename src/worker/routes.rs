@@ -243,13 +243,15 @@ async fn generate_stream(
     Ok((StatusCode::OK, body).into_response())
 }
 
+/// How long `generate` holds back its headers hoping to send the whole answer at once.
+const GENERATE_WHOLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn generate(
     State(s): State<WorkerState>,
     CappedBody(body): ModelBody,
 ) -> Result<Response, ApiError> {
     let frames = generation(&s, &body, "WorkerManager.generate").await?;
-    // Headers now (the model has started), the JSON when the last frame is in.
-    let last = async move {
+    let mut last = Box::pin(async move {
         let out = frames
             .fold(None, |_, f| async move { Some(f) })
             .await
@@ -257,16 +259,26 @@ async fn generate(
         Ok::<_, Infallible>(axum::body::Bytes::from(
             serde_json::to_vec(&out).unwrap_or_default(),
         ))
-    };
-    Ok((
-        StatusCode::OK,
-        [(
-            axum::http::header::CONTENT_TYPE,
-            axum::http::HeaderValue::from_static("application/json"),
-        )],
-        Body::from_stream(futures::stream::once(last)),
-    )
-        .into_response())
+    });
+    let json = [(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    )];
+    // An answer complete within GENERATE_WHOLE_WITHIN (most are) goes out whole, with a
+    // Content-Length: the apiserver's pool reuses the connection at its last byte. A longer
+    // one gets its headers now (the model has started), so that the apiserver can tell a
+    // working worker from a frozen one (its first-byte timeout), and the JSON when the last
+    // frame is in.
+    match tokio::time::timeout(GENERATE_WHOLE_WITHIN, &mut last).await {
+        Ok(Ok(bytes)) => Ok((StatusCode::OK, json, bytes).into_response()),
+        Ok(Err(never)) => match never {},
+        Err(_) => Ok((
+            StatusCode::OK,
+            json,
+            Body::from_stream(futures::stream::once(last)),
+        )
+            .into_response()),
+    }
 }
 
 async fn embeddings(
