@@ -668,6 +668,73 @@ mod tests {
         (status, serde_json::from_slice(&bytes).unwrap())
     }
 
+    /// An LLM that says "a" at once and finishes 1.5 s later (past GENERATE_WHOLE_WITHIN).
+    struct Slow;
+
+    impl LlmBackend for Slow {
+        fn generate_stream(
+            &self,
+            _: GenerateParams,
+        ) -> BoxStream<'static, Result<GenerateEvent, BackendError>> {
+            futures::stream::iter([false, true])
+                .then(|last| async move {
+                    if !last {
+                        return Ok(GenerateEvent::Delta { text: "a".into() });
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                    Ok(GenerateEvent::Finish {
+                        finish_reason: crate::worker::backends::FinishReason::Stop,
+                        usage: None,
+                    })
+                })
+                .boxed()
+        }
+        fn count_tokens(&self, _: &str) -> Result<usize, BackendError> {
+            Ok(1)
+        }
+        fn context_length(&self) -> usize {
+            1234
+        }
+    }
+
+    /// `generate`'s answer, with its Content-Length when it has one.
+    async fn generate_answer(s: &WorkerState, model: &str) -> (Option<u64>, Value) {
+        let req = Request::post(wire::GENERATE_PATH)
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"model": model, "messages": [{"role": "human", "content": "hi"}]})
+                    .to_string(),
+            ))
+            .unwrap();
+        let resp = router(s.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let len = hyper::body::Body::size_hint(resp.body()).exact();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (len, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn generate_sends_a_quick_answer_whole_and_a_slow_one_headers_first() {
+        let (s, _l) = state(&[]);
+        let spec = ModelSpec::from_params(
+            "slow",
+            WorkerType::Llm,
+            &json!({"model_type": "proxy", "proxy_api_base": "http://127.0.0.1:1/v1"}),
+        )
+        .unwrap();
+        s.manager.insert_engine(spec, Engine::Llm(Arc::new(Slow)));
+        // Complete at once (an unknown model's error frame): one body with its length.
+        let (len, v) = generate_answer(&s, "nope").await;
+        assert!(v["error_code"].as_i64().unwrap_or(0) != 0, "{v}");
+        assert_eq!(len, Some(serde_json::to_vec(&v).unwrap().len() as u64));
+        // Still generating after the window: headers first, the body when it is done.
+        let (len, v) = generate_answer(&s, "slow").await;
+        assert_eq!(len, None, "{v}");
+        assert_eq!(v["text"], "a", "{v}");
+    }
+
     #[tokio::test]
     async fn supports_reports_the_bound_address_without_a_controller() {
         let (s, listener) = state(&[("m", None)]);
