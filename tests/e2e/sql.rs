@@ -280,7 +280,13 @@ fn two_controllers(kind: Db) {
     assert_eq!(names(&list(pa, true)), ["w@llm:7001"]);
     stop.store(true, Ordering::Relaxed);
     hb.join().unwrap();
-    assert_eq!(failures.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "heartbeats neither controller took; A:\n{}\nB:\n{}",
+        a2.logs(),
+        b.logs()
+    );
     assert_eq!(db.rows_of("w@llm"), 1);
     drop((a2, b));
 }
