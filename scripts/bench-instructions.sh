@@ -19,6 +19,20 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 wait_http() { for _ in $(seq 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "timeout waiting for $1" >&2; exit 1; }
 total() { awk '/^(summary|totals):/ { print $2; exit }' "$1"; }
 
+# drive N KIND: N keep-alive chat requests (plain or stream) through the apiserver at $API.
+drive() {
+  python3 - "$API" "$1" "$2" <<'PY'
+import http.client, json, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=300)
+for i in range(int(sys.argv[2])):
+    body = {"model": "viaworker", "max_tokens": 16, "stream": sys.argv[3] == "stream",
+            "messages": [{"role": "user", "content": "Say something."}]}
+    c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+PY
+}
+
 echo "| build | requests | apiserver instr/req | worker instr/req |"
 echo "|---|---|---:|---:|"
 for dir in "$@"; do
@@ -40,27 +54,9 @@ for dir in "$@"; do
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$API/v1/models" | grep -q viaworker && break; sleep 0.2; done
   part=0
   for kind in plain stream; do
-    python3 - "$API" 20 "$kind" <<'PY'
-import http.client, json, sys
-c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=300)
-for i in range(int(sys.argv[2])):
-    body = {"model": "viaworker", "max_tokens": 16, "stream": sys.argv[3] == "stream",
-            "messages": [{"role": "user", "content": "Say something."}]}
-    c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    r = c.getresponse(); r.read()
-    assert r.status == 200, r.status
-PY
+    drive 20 "$kind"
     callgrind_control -d "$wpid" "$apid" >/dev/null 2>&1; part=$((part + 1))
-    python3 - "$API" "$N" "$kind" <<'PY'
-import http.client, json, sys
-c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=300)
-for i in range(int(sys.argv[2])):
-    body = {"model": "viaworker", "max_tokens": 16, "stream": sys.argv[3] == "stream",
-            "messages": [{"role": "user", "content": "Say something."}]}
-    c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    r = c.getresponse(); r.read()
-    assert r.status == 200, r.status
-PY
+    drive "$N" "$kind"
     callgrind_control -d "$wpid" "$apid" >/dev/null 2>&1; part=$((part + 1))
     for _ in $(seq 100); do [ -s "$work/api.$apid.$part" ] && [ -s "$work/worker.$wpid.$part" ] && break; sleep 0.1; done
     a=$(total "$work/api.$apid.$part"); w=$(total "$work/worker.$wpid.$part")
