@@ -35,6 +35,9 @@ PY
 
 echo "| build | requests | apiserver instr/req | worker instr/req |"
 echo "|---|---|---:|---:|"
+pids=()
+# Whatever happens (a failed request, an interrupt), the daemons of the current build stop.
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 for dir in "$@"; do
   work=$(mktemp -d /tmp/dbgpt-instr.XXXXXX)
   pids=()
