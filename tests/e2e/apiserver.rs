@@ -231,11 +231,7 @@ impl FakeWorker {
             reranker: AtomicBool::new(false),
             cancelled: AtomicUsize::new(0),
         });
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime(1);
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
             .unwrap();
@@ -332,11 +328,7 @@ fn client() -> reqwest::Client {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    runtime(2)
 }
 
 /// Waits until `GET /v1/models` lists all of `models`.

@@ -242,6 +242,15 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// A tokio runtime with `threads` worker threads, for test doubles served in-process.
+pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Status, lowercased headers, body.
 pub type RawResponse = (u16, Vec<(String, String)>, Vec<u8>);
 

@@ -626,11 +626,7 @@ pub struct FakeUpstream {
 
 /// Serves `app` on a fresh 127.0.0.1 port from its own runtime (kept alive by the caller).
 fn serve_upstream(app: axum::Router) -> (tokio::runtime::Runtime, u16) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(1);
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
