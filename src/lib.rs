@@ -35,9 +35,11 @@
 //!   client every other process uses to reach it.
 //! - [`worker`]: its config, model specs, the manager of running models, registration,
 //!   DB-GPT's worker routes, and [`worker::backends`] (llama.cpp, embeddings, OpenAI proxy).
-//! - [`apiserver`]: its config, routes, the OpenAI shapes (`apiserver::openai`: request,
-//!   response, error), discovery of instances, the routing policy, the relay (retries,
-//!   failover, typed upstream errors) and the keep-alive pool to workers.
+//! - [`openai`]: the OpenAI API's shapes (request, response, error), the one home of that
+//!   protocol for every side that speaks it: the apiserver, the workers' native routes and
+//!   the proxy backend.
+//! - [`apiserver`]: its config, routes, discovery of instances, the routing policy, the
+//!   relay (retries, failover, typed upstream errors) and the keep-alive pool to workers.
 //! - [`cli`]: clap definitions and one file per client command group.
 //!
 //! Only what the `dbgpt` binary and the examples (benchmarks, test doubles) use is `pub`;
@@ -45,12 +47,12 @@
 //!
 //! # The path of a chat request
 //!
-//! `apiserver::mod` (route, key check) → `apiserver::openai::request` (parse, validate) →
+//! `apiserver::mod` (route, key check) → `openai::request` (parse, validate) →
 //! `apiserver::discovery` (healthy instances of the model) → `apiserver::policy` (pick one) →
 //! `apiserver::proxy` (relay: `wire::worker::PromptRequest` over `apiserver::pool`) → the
 //! worker's `worker::routes` (`generate_stream`) → `worker::manager` → a backend's token
 //! stream, sent back as DB-GPT's cumulative NUL-separated frames (`wire::worker`) → the relay
-//! decodes them (`wire::worker::ModelOutput`) → `apiserver::openai::response` turns them into
+//! decodes them (`wire::worker::ModelOutput`) → `openai::response` turns them into
 //! OpenAI chunks or one answer. Registration takes `worker::registration` →
 //! `controller::client` → the controller's routes (`wire::controller::InstanceInput`) →
 //! `registry`, answered once the change is on disk.
@@ -62,6 +64,7 @@ pub(crate) mod config;
 pub(crate) mod controller;
 pub(crate) mod daemon;
 pub mod http;
+pub mod openai;
 pub(crate) mod registry;
 pub(crate) mod telemetry;
 pub mod tracer;

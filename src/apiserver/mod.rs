@@ -18,7 +18,6 @@
 
 pub(crate) mod config;
 pub(crate) mod discovery;
-pub(crate) mod openai;
 pub(crate) mod policy;
 pub mod pool;
 pub(crate) mod proxy;
@@ -40,8 +39,8 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use self::discovery::Group;
-use self::openai::response::{DONE, Envelope, Kind, sse};
-use self::openai::{CompletionRequest, OpenAiError};
+use crate::openai::response::{DONE, Envelope, Kind, sse};
+use crate::openai::{self, CompletionRequest, OpenAiError};
 use self::proxy::{FrameStream, Upstream, UpstreamError};
 use crate::http::{json_response, json_response_sized};
 use crate::tracer::{self, Meta, Tracer};

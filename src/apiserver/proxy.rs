@@ -43,7 +43,7 @@ pub fn worker_client() -> WorkerHttp {
 }
 
 /// Why a worker call failed. The apiserver answers each case in OpenAI's shape
-/// ([`super::openai::OpenAiError`]'s `From`); the relay itself knows no HTTP answer.
+/// ([`crate::openai::OpenAiError`]'s `From`); the relay itself knows no HTTP answer.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// No instance of the model is registered (a discovery refresh was requested).

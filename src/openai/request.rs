@@ -863,7 +863,7 @@ pub fn parse_rerank(body: &[u8]) -> Result<RerankRequest, OpenAiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apiserver::openai::response::base64_f32;
+    use crate::openai::response::base64_f32;
     use axum::http::StatusCode;
 
     #[test]

@@ -1,0 +1,16 @@
+//! The OpenAI API, the one home of that protocol for every side that speaks it (the
+//! apiserver, the workers' native OpenAI routes, the proxy backend): [`request`] validates
+//! what clients send (and builds a DB-GPT worker's PromptRequest from it), [`response`] holds
+//! the shapes written back (whole completions, SSE chunks, model cards, embeddings, rerank
+//! results) and [`error`] OpenAI's error answer. Nothing here does I/O.
+
+pub mod error;
+pub mod request;
+pub mod response;
+
+pub use error::OpenAiError;
+pub use request::{
+    CompletionRequest, parse_chat, parse_completion, parse_embeddings, parse_relevance,
+    parse_rerank, worker_prompt,
+};
+pub use response::{base64_f32, model_card, rerank_response, unix_now};
