@@ -54,6 +54,7 @@ async fn run_one(b: Arc<dyn LlmBackend>, p: GenerateParams) -> (Duration, Durati
                     usage = (u.prompt_tokens, u.completion_tokens);
                 }
             }
+            GenerateEvent::Logprobs { .. } => {}
         }
     }
     (first.unwrap_or_default(), t0.elapsed(), usage.0, usage.1)

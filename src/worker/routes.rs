@@ -150,6 +150,7 @@ pub fn to_params(req: &PromptRequest) -> Result<GenerateParams, BackendError> {
         seed: req.seed.map(|s| s as u64),
         presence_penalty: req.presence_penalty.map(|p| p as f32),
         frequency_penalty: req.frequency_penalty.map(|p| p as f32),
+        ..GenerateParams::default()
     })
 }
 
@@ -206,6 +207,8 @@ async fn generation(
                     return futures::future::ready(None);
                 }
                 let out = match ev {
+                    // The DB-GPT frame has no place for them (and nobody asked).
+                    Ok(GenerateEvent::Logprobs { .. }) => return futures::future::ready(Some(None)),
                     Ok(GenerateEvent::Delta { text: d }) => {
                         text.push_str(&d);
                         ModelOutput::text(text.clone())
@@ -226,9 +229,10 @@ async fn generation(
                         ModelOutput::error(&e.to_string())
                     }
                 };
-                futures::future::ready(Some(out))
+                futures::future::ready(Some(Some(out)))
             },
         )
+        .filter_map(futures::future::ready)
         .boxed();
     Ok(frames)
 }

@@ -161,6 +161,40 @@ pub struct GenerateParams {
     pub presence_penalty: Option<f32>,
     /// OpenAI-style frequency penalty.
     pub frequency_penalty: Option<f32>,
+    /// A GBNF grammar (llama.cpp's format, root rule `root`) that every generated token must
+    /// fit: how structured output and forced tool calls are made. Backends that cannot
+    /// constrain generation refuse it with [`BackendError::BadRequest`].
+    pub grammar: Option<String>,
+    /// Report log-probabilities: `Some(k)` sends a [`GenerateEvent::Logprobs`] before each
+    /// [`GenerateEvent::Delta`], with each token's own log-probability and its `k` (0–20)
+    /// most likely alternatives. Backends that cannot refuse it with `BadRequest`.
+    pub logprobs: Option<u8>,
+    /// A prompt the caller has already rendered (a chat template applied, or a text
+    /// completion's prompt): when set, `messages` is ignored and the backend tokenizes this
+    /// text as is, special tokens included.
+    pub prompt: Option<String>,
+}
+
+/// One generated token's log-probability (natural log), with its alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's text (lossy UTF-8 when the token is part of a character).
+    pub token: String,
+    /// The token's exact bytes.
+    pub bytes: Vec<u8>,
+    /// Its log-probability under the model's distribution (before grammar and sampling
+    /// filters other than temperature).
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first (as many as asked).
+    pub top: Vec<TopLogprob>,
+}
+
+/// One alternative token at a position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
 }
 
 /// Token accounting for one generation (the worker protocol's type, reported as is).
@@ -219,6 +253,11 @@ pub enum GenerateEvent {
     Delta {
         /// The new text (valid UTF-8; never splits a character).
         text: String,
+    },
+    /// Only when [`GenerateParams::logprobs`] asked: the tokens whose text the next `Delta`
+    /// carries, with their log-probabilities (a token cut by a stop string is still listed).
+    Logprobs {
+        tokens: Vec<TokenLogprob>,
     },
     /// End of generation.
     Finish {

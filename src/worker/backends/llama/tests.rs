@@ -40,6 +40,7 @@ async fn run(backend: &LlamaCppBackend, params: GenerateParams) -> Result<Outcom
     let mut deltas = 0;
     while let Some(ev) = s.next().await {
         match ev? {
+            GenerateEvent::Logprobs { .. } => {}
             GenerateEvent::Delta { text: t } => {
                 assert!(!t.is_empty(), "empty delta");
                 text.push_str(&t);

@@ -171,6 +171,7 @@ fn params() -> GenerateParams {
         seed: Some(1234),
         presence_penalty: Some(0.5),
         frequency_penalty: Some(-0.25),
+        ..Default::default()
     }
 }
 
