@@ -29,6 +29,9 @@ use crate::wire::worker::WorkerType;
 
 /// How long an instance that failed a call is avoided.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// How long an instance that lacks the native OpenAI routes is served through DB-GPT's
+/// worker API before it is asked again.
+pub const LEGACY_FOR: Duration = Duration::from_secs(60);
 /// Minimum gap between two failure-triggered refreshes.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
 /// Minimum gap between two refreshes caused by look-up misses.
@@ -45,6 +48,9 @@ pub struct InstanceState {
     pub rr_current: AtomicI64,
     /// Milliseconds (since discovery start) until which the instance is avoided; 0 = never.
     suspect_until_ms: AtomicU64,
+    /// Milliseconds (since discovery start) until which the instance is taken for a worker
+    /// without the native OpenAI routes (DB-GPT's own); 0 = never seen so.
+    legacy_until_ms: AtomicU64,
 }
 
 /// One worker instance as the apiserver sees it.
@@ -215,6 +221,21 @@ impl Discovery {
     /// Is the instance currently marked suspect?
     pub fn is_suspect(&self, i: &Instance) -> bool {
         i.state.suspect_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// Is the instance known (lately) to lack the native OpenAI routes?
+    pub fn is_legacy(&self, i: &Instance) -> bool {
+        i.state.legacy_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// Remembers for [`LEGACY_FOR`] that the instance has no native OpenAI routes (it
+    /// answered them with a plain 404), so its requests take DB-GPT's worker API directly;
+    /// then it is asked again (it may have been replaced by one of ours).
+    pub fn mark_legacy(&self, i: &Instance) {
+        let until = self.now_ms() + LEGACY_FOR.as_millis() as u64;
+        if i.state.legacy_until_ms.swap(until, Ordering::Relaxed) == 0 {
+            tracing::info!(instance = %crate::telemetry::Escaped(&i.addr), "worker has no native OpenAI routes (a DB-GPT worker): using DB-GPT's worker API");
+        }
     }
 
     /// Marks an instance suspect after a failed call and asks for a refresh.

@@ -7,7 +7,12 @@
 //! `/rerank` and `/v2/rerank`); plus an open `GET /api/health`. Relevance and rerank go to a
 //! `reranker` worker (DB-GPT 0.7), else to a `text2vec` worker serving a reranker (0.5). Requests are validated and answered in OpenAI's shapes ([`openai`]), routed to a worker instance from
 //! the cached controller view ([`discovery`], [`policy`]) and relayed ([`proxy`]); worker
-//! frames carry cumulative text, which is turned into OpenAI deltas here. Streams send the
+//! frames carry cumulative text, which is turned into OpenAI deltas here. A completion goes
+//! first to the worker's native OpenAI route, which takes the client's body unchanged and
+//! answers in OpenAI's shape, relayed byte for byte ([`splice`]); only a DB-GPT worker
+//! (no such route) gets DB-GPT's PromptRequest, and then a request with fields its API
+//! cannot carry (tools, structured output, log-probabilities) is a 400 naming the field.
+//! On that DB-GPT path, streams send the
 //! role first, one chunk with `finish_reason` per choice, an optional usage chunk, then
 //! `data: [DONE]`; a worker failure mid-stream ends the stream with an OpenAI error event.
 //! The stream is produced by a task that stops (dropping the worker connection) as soon as
@@ -22,6 +27,7 @@ pub(crate) mod policy;
 pub mod pool;
 pub(crate) mod proxy;
 pub(crate) mod service;
+pub(crate) mod splice;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,12 +45,13 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use self::discovery::Group;
+use self::proxy::{FrameStream, Native, NativeAnswer, NativeBody, Upstream, UpstreamError};
+use self::splice::Spliced;
+use crate::http::{json_response, json_response_sized};
 use crate::openai::response::{DONE, Envelope, Kind, sse};
 use crate::openai::{self, CompletionRequest, OpenAiError};
-use self::proxy::{FrameStream, Upstream, UpstreamError};
-use crate::http::{json_response, json_response_sized};
 use crate::tracer::{self, Meta, Tracer};
-use crate::wire::worker::{Frame, Usage, WorkerType};
+use crate::wire::worker::{self as wire, Frame, Usage, WorkerType};
 
 /// Largest request body accepted (embedding batches can be large); the workers' model routes
 /// accept as much, so a body we take is never refused by every worker for its size.
@@ -270,22 +277,64 @@ fn model_meta(model: &str) -> Meta {
 }
 
 async fn chat(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
-    let _busy = Busy::new(&s);
-    match read_body(req).await.and_then(|b| openai::parse_chat(&b)) {
-        Ok(r) => run_completion(s.clone(), Kind::Chat, r, _busy).await,
+    let busy = Busy::new(&s);
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match openai::parse_chat(&body) {
+        Ok(r) => run_completion(s.clone(), Kind::Chat, r, body, busy).await,
         Err(e) => e.into_response(),
     }
 }
 
 async fn completions(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
-    let _busy = Busy::new(&s);
-    match read_body(req)
-        .await
-        .and_then(|b| openai::parse_completion(&b))
-    {
-        Ok(r) => run_completion(s.clone(), Kind::Text, r, _busy).await,
+    let busy = Busy::new(&s);
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match openai::parse_completion(&body) {
+        Ok(r) => run_completion(s.clone(), Kind::Text, r, body, busy).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// A worker's native answer, relayed to the client byte for byte; a stream's `guards` live
+/// until its last byte is sent.
+fn spliced(s: &Shared, a: NativeAnswer, guards: (Busy, tracer::Span)) -> Response {
+    let body = match a.body {
+        NativeBody::Whole(b) => Body::from(b),
+        NativeBody::Stream(b) => Body::new(Spliced::new(b, s.upstream.timeout, (a.guard, guards))),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = a.status;
+    if let Some(ct) = a.content_type {
+        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    resp
+}
+
+/// The route of a completion on a worker with native OpenAI routes.
+fn native_path(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Chat => wire::OPENAI_CHAT_PATH,
+        Kind::Text => wire::OPENAI_COMPLETIONS_PATH,
+    }
+}
+
+/// A request that needs a native worker, for a model served by DB-GPT's workers only.
+fn needs_native(model: &str, field: &str) -> Response {
+    OpenAiError::invalid(
+        field,
+        "unsupported_parameter",
+        format!(
+            "'{field}' cannot be served: model `{model}` runs on DB-GPT workers, whose API \
+             carries none of tools, structured output, log-probabilities, tool messages, \
+             non-text content or embedding dimensions"
+        ),
+    )
+    .into_response()
 }
 
 /// Strips a trailing replacement character (a split multi-byte sequence still in flight).
@@ -354,7 +403,13 @@ fn total_usage(choices: &[Choice]) -> Usage {
 
 /// A chat or text completion: the worker body of each prompt (sent `n` times), then the
 /// whole answer or a stream.
-async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy) -> Response {
+async fn run_completion(
+    s: Shared,
+    kind: Kind,
+    r: CompletionRequest,
+    body: Bytes,
+    busy: Busy,
+) -> Response {
     // Validate the model before anything else (404/503 with the right message).
     let group = match s.upstream.group(&r.model, WorkerType::Llm).await {
         Ok(g) => g,
@@ -364,6 +419,19 @@ async fn run_completion(s: Shared, kind: Kind, r: CompletionRequest, busy: Busy)
     let span = s
         .tracer
         .start_with(span_name(kind), tracer::current(), || completion_meta(&r));
+    // Our workers take the request as it is; DB-GPT's get it as PromptRequests below.
+    let native = s
+        .upstream
+        .native(&r.model, &group, native_path(kind), &body, span.ctx())
+        .await;
+    match native {
+        Ok(Native::Answer(a)) => return spliced(&s, a, (busy, span)),
+        Ok(Native::Legacy) => {}
+        Err(e) => return OpenAiError::from_upstream(e, prompt_field(kind)).into_response(),
+    }
+    if let Some(field) = &r.native_only {
+        return needs_native(&r.model, field);
+    }
     let env = Envelope::new(kind, r.model.clone(), r.include_usage);
     let mut bodies = Vec::new();
     let mut choices = Vec::new();
@@ -576,11 +644,12 @@ async fn pump(
 }
 
 async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
-    let _busy = Busy::new(&s);
-    let r = match read_body(req)
-        .await
-        .and_then(|b| openai::parse_embeddings(&b))
-    {
+    let busy = Busy::new(&s);
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let r = match openai::parse_embeddings(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -588,6 +657,31 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
+    // Our workers answer the whole request (real token counts, `dimensions`); DB-GPT's get
+    // it in batches below.
+    let span = s.tracer.start_with(
+        "dbgpt.model.apiserver.generate_embeddings",
+        tracer::current(),
+        || model_meta(&r.model),
+    );
+    let native = s
+        .upstream
+        .native(
+            &r.model,
+            &group,
+            wire::OPENAI_EMBEDDINGS_PATH,
+            &body,
+            span.ctx(),
+        )
+        .await;
+    match native {
+        Ok(Native::Answer(a)) => return spliced(&s, a, (busy, span)),
+        Ok(Native::Legacy) => drop(span),
+        Err(e) => return OpenAiError::from_upstream(e, "input").into_response(),
+    }
+    if let Some(field) = &r.native_only {
+        return needs_native(&r.model, field);
+    }
     let batches: Vec<&[String]> = r.input.chunks(s.embedding_batch_size).collect();
     // One span per worker call, as DB-GPT's `embeddings_generate`.
     let parent = tracer::current();

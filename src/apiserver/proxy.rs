@@ -14,6 +14,12 @@
 //! than the model's context, a body over the cap): every instance would refuse it, so it is
 //! final ([`UpstreamError::Refused`]). Streams are read frame by frame (JSON + NUL, cumulative `text`) as they arrive;
 //! dropping a [`FrameStream`] closes the connection, which cancels the worker's generation.
+//!
+//! Our workers also have native OpenAI routes ([`Upstream::native`]): the client's body goes
+//! to them unchanged and their answer comes back as it is. A worker that answers those
+//! routes with a plain 404 (DB-GPT's own) is remembered as such
+//! ([`Discovery::mark_legacy`]) and the request takes DB-GPT's worker API instead
+//! ([`Native::Legacy`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +36,7 @@ use crate::tracer::{SpanCtx, TRACE_HEADER};
 use crate::wire::controller::worker_key;
 use crate::wire::worker::{
     EMBEDDINGS_PATH, Frame, GENERATE_PATH, GENERATE_STREAM_PATH, MalformedFrame, WorkerType,
-    next_frame, parse_frame,
+    is_route_missing, next_frame, parse_frame,
 };
 
 pub use super::pool::WorkerHttp;
@@ -100,6 +106,29 @@ enum Attempt {
     Retry(String),
     /// Give up with this error.
     Fail(UpstreamError),
+}
+
+/// What a worker's native OpenAI route gave.
+pub enum Native {
+    /// The worker's answer: a success, or a 4xx about the request (the worker's or its
+    /// upstream's verdict, which every instance would give), to be relayed as it is.
+    Answer(NativeAnswer),
+    /// The instances tried have no native routes (DB-GPT's workers): use DB-GPT's API.
+    Legacy,
+}
+
+/// A worker's native answer: its head, and its body still to come (or already read, for an
+/// error status).
+pub struct NativeAnswer {
+    pub status: http::StatusCode,
+    pub content_type: Option<http::HeaderValue>,
+    pub body: NativeBody,
+    pub guard: InFlight,
+}
+
+pub enum NativeBody {
+    Stream(pool::Body),
+    Whole(Bytes),
 }
 
 /// The worker-facing side of the apiserver.
@@ -432,6 +461,110 @@ impl Upstream {
             },
             _ = &mut timer => Err(self.no_answer()),
         }
+    }
+
+    /// POSTs the client's OpenAI `body` to a worker's native route `path` and waits for the
+    /// answer's head (bounded by the first-byte timeout), retrying other instances as
+    /// [`Upstream::open_stream`] does. A 4xx other than a missing route or a model the
+    /// instance does not run is the answer; instances known to lack the routes are skipped.
+    pub async fn native(
+        &self,
+        model: &str,
+        group: &Group,
+        path: &'static str,
+        body: &Bytes,
+        trace: Option<SpanCtx>,
+    ) -> Result<Native, UpstreamError> {
+        let mut tried: Vec<String> = Vec::new();
+        let mut last = String::new();
+        let mut legacy = false;
+        for _ in 0..=self.max_retries {
+            let Some(inst) = policy::choose(self.policy, &self.discovery, group, &tried) else {
+                break;
+            };
+            tried.push(inst.addr.clone());
+            if self.discovery.is_legacy(&inst) {
+                legacy = true;
+                continue;
+            }
+            let guard = InFlight::new(inst.clone());
+            let failed = match self.native_once(guard, path, body, trace).await {
+                Ok(Some(answer)) => return Ok(Native::Answer(answer)),
+                Ok(None) => {
+                    self.discovery.mark_legacy(&inst);
+                    legacy = true;
+                    continue;
+                }
+                Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Retry(reason)) => reason,
+            };
+            self.discovery.mark_suspect(&inst, &failed);
+            last = format!("worker {} failed: {failed}", inst.addr);
+        }
+        if legacy {
+            return Ok(Native::Legacy);
+        }
+        let model = model.to_string();
+        Err(if last.is_empty() {
+            UpstreamError::NoInstance { model }
+        } else {
+            UpstreamError::Exhausted {
+                model,
+                tried: tried.len(),
+                last,
+            }
+        })
+    }
+
+    /// One native call: `Ok(None)` when the instance has no such route.
+    async fn native_once(
+        &self,
+        guard: InFlight,
+        path: &'static str,
+        body: &Bytes,
+        trace: Option<SpanCtx>,
+    ) -> Result<Option<NativeAnswer>, Attempt> {
+        let target = endpoint(guard.instance())?;
+        let req = self.post(target, path, body.clone(), trace);
+        let wait = self.first_byte_timeout.min(self.timeout);
+        let resp = match tokio::time::timeout(wait, self.http.request(target, req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(Attempt::Retry(error_chain(&e))),
+            Err(_) if wait < self.timeout => {
+                return Err(Attempt::Retry(format!(
+                    "no response within the first-byte timeout ({wait:?})"
+                )));
+            }
+            Err(_) => return Err(self.no_answer()),
+        };
+        let status = resp.status();
+        let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
+        let answer = |body, guard| NativeAnswer {
+            status,
+            content_type,
+            body,
+            guard,
+        };
+        if status.is_success() {
+            return Ok(Some(answer(NativeBody::Stream(resp.into_body()), guard)));
+        }
+        let bytes = match tokio::time::timeout(self.timeout, resp.into_body().collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => return Err(Attempt::Retry(error_chain(&e))),
+            Err(_) => return Err(self.no_answer()),
+        };
+        if is_route_missing(status.as_u16(), &bytes) {
+            return Ok(None);
+        }
+        // 5xx (the worker, or its upstream unreachable) and 404 (the model is not running on
+        // this instance any more) are worth another instance; any other 4xx is the answer.
+        if status.is_server_error() || status == http::StatusCode::NOT_FOUND {
+            return Err(Attempt::Retry(format!(
+                "HTTP {status}: {}",
+                snippet(&bytes)
+            )));
+        }
+        Ok(Some(answer(NativeBody::Whole(bytes), guard)))
     }
 
     /// `generate` (non-stream): the final frame.

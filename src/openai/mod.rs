@@ -2,9 +2,11 @@
 //! apiserver, the workers' native OpenAI routes, the proxy backend): [`request`] validates
 //! what clients send (and builds a DB-GPT worker's PromptRequest from it), [`response`] holds
 //! the shapes written back (whole completions, SSE chunks, model cards, embeddings, rerank
-//! results) and [`error`] OpenAI's error answer. Nothing here does I/O.
+//! results), [`error`] OpenAI's error answer and [`raw`] the byte-faithful reading and
+//! rewriting of a body that is passed through. Nothing here does I/O.
 
 pub mod error;
+pub mod raw;
 pub mod request;
 pub mod response;
 

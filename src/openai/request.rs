@@ -113,6 +113,8 @@ struct CompletionFields {
     tool_choice: Option<Value>,
     function_call: Option<Value>,
     logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    response_format: Option<Value>,
     echo: Option<Value>,
     temperature: Option<Value>,
     top_p: Option<Value>,
@@ -138,6 +140,8 @@ impl FieldSource for CompletionFields {
             "tool_choice" => self.tool_choice.as_ref(),
             "function_call" => self.function_call.as_ref(),
             "logprobs" => self.logprobs.as_ref(),
+            "top_logprobs" => self.top_logprobs.as_ref(),
+            "response_format" => self.response_format.as_ref(),
             "echo" => self.echo.as_ref(),
             "temperature" => self.temperature.as_ref(),
             "top_p" => self.top_p.as_ref(),
@@ -197,6 +201,8 @@ enum MessageField {
     Fields {
         role: Option<Value>,
         content: Option<Value>,
+        /// An assistant message's `tool_calls` was sent (and is not null).
+        tool_calls: bool,
     },
     Other(Value),
 }
@@ -245,17 +251,25 @@ impl<'de> serde::Deserialize<'de> for MessageField {
                 self,
                 mut map: A,
             ) -> Result<MessageField, A::Error> {
-                let (mut role, mut content) = (None, None);
+                let (mut role, mut content, mut tool_calls) = (None, None, false);
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     match key.as_ref() {
                         "role" => role = Some(map.next_value::<Value>()?),
                         "content" => content = Some(map.next_value::<Value>()?),
+                        "tool_calls" => {
+                            tool_calls =
+                                map.next_value::<Option<serde::de::IgnoredAny>>()?.is_some()
+                        }
                         _ => {
                             map.next_value::<serde::de::IgnoredAny>()?;
                         }
                     }
                 }
-                Ok(MessageField::Fields { role, content })
+                Ok(MessageField::Fields {
+                    role,
+                    content,
+                    tool_calls,
+                })
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
@@ -387,6 +401,10 @@ pub struct CompletionRequest {
     /// Text completions only: prepend the prompt to the output.
     pub echo: bool,
     pub sampling: Sampling,
+    /// The first field sent that DB-GPT's worker API cannot carry (tools, structured
+    /// output, log-probabilities, tool messages, image parts), as OpenAI's `param` names
+    /// it: such a request needs a worker with the native OpenAI routes.
+    pub native_only: Option<String>,
 }
 
 fn sampling(o: &Obj) -> Result<Sampling, OpenAiError> {
@@ -445,7 +463,16 @@ fn sampling(o: &Obj) -> Result<Sampling, OpenAiError> {
     })
 }
 
-fn common(o: &Obj) -> Result<(usize, bool, bool), OpenAiError> {
+/// What [`common`] reads: `n`, `stream`, `stream_options.include_usage`, and the first
+/// native-only field.
+struct Common {
+    n: usize,
+    stream: bool,
+    include_usage: bool,
+    native_only: Option<String>,
+}
+
+fn common(o: &Obj) -> Result<Common, OpenAiError> {
     let n = o.int("n", 1, 128)?.unwrap_or(1) as usize;
     let stream = o.bool("stream")?.unwrap_or(false);
     let include_usage = match o.get("stream_options") {
@@ -466,23 +493,51 @@ fn common(o: &Obj) -> Result<(usize, bool, bool), OpenAiError> {
         }
         Some(v) => return Err(wrong_type("stream_options", "an object", v)),
     };
-    for unsupported in ["tools", "functions", "tool_choice", "function_call"] {
-        if o.get(unsupported).is_some() {
-            return Err(OpenAiError::invalid(
-                unsupported,
-                "unsupported_parameter",
-                format!("'{unsupported}' is not supported by this server"),
-            ));
+    // Shapes are checked by whoever serves them (our workers, an upstream); here only what
+    // decides the route, and the bounds OpenAI itself sets.
+    let mut native_only = None;
+    for field in ["tools", "functions", "tool_choice", "function_call"] {
+        if native_only.is_none() && o.get(field).is_some() {
+            native_only = Some(field.to_string());
         }
     }
-    if o.bool("logprobs")? == Some(true) {
-        return Err(OpenAiError::invalid(
-            "logprobs",
-            "unsupported_parameter",
-            "'logprobs' is not supported by this server",
-        ));
+    match o.get("logprobs") {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true) | Value::Number(_)) => {
+            native_only.get_or_insert_with(|| "logprobs".into());
+        }
+        Some(v) => return Err(wrong_type("logprobs", "a boolean or an integer", v)),
     }
-    Ok((n, stream, include_usage))
+    if o.int("top_logprobs", 0, 20)?.is_some() {
+        native_only.get_or_insert_with(|| "top_logprobs".into());
+    }
+    match o.get("response_format") {
+        None => {}
+        Some(Value::Object(rf)) => match rf.get("type") {
+            Some(Value::String(t)) if t == "text" => {}
+            Some(Value::String(t)) if t == "json_object" || t == "json_schema" => {
+                native_only.get_or_insert_with(|| "response_format".into());
+            }
+            Some(Value::String(t)) => {
+                return Err(OpenAiError::invalid(
+                    "response_format.type",
+                    "invalid_value",
+                    format!(
+                        "'response_format.type' must be 'text', 'json_object' or 'json_schema', got '{t}'"
+                    ),
+                ));
+            }
+            None | Some(Value::Null) => return Err(missing("response_format.type")),
+            Some(v) => return Err(wrong_type("response_format.type", "a string", v)),
+        },
+        Some(v) => return Err(wrong_type("response_format", "an object", v)),
+    }
+    Ok(Common {
+        n,
+        stream,
+        include_usage,
+        native_only,
+    })
 }
 
 /// Maps an OpenAI (or DB-GPT) role to the DB-GPT role workers understand.
@@ -495,7 +550,13 @@ pub fn map_role(role: &str) -> Option<&'static str> {
     }
 }
 
-fn message_content(i: usize, v: Option<Value>) -> Result<String, OpenAiError> {
+/// The text of `messages[i].content`; a part DB-GPT's worker API cannot carry (an image,
+/// audio, a file) is noted in `native_only` and left out of the text.
+fn message_content(
+    i: usize,
+    v: Option<Value>,
+    native_only: &mut Option<String>,
+) -> Result<String, OpenAiError> {
     let field = || format!("messages[{i}].content");
     match v {
         None | Some(Value::Null) => Ok(String::new()),
@@ -509,13 +570,7 @@ fn message_content(i: usize, v: Option<Value>) -> Result<String, OpenAiError> {
                 ) {
                     (Some("text"), Some(t)) => out.push_str(t),
                     (Some(other), _) if other != "text" => {
-                        return Err(OpenAiError::invalid(
-                            &format!("{}[{j}].type", field()),
-                            "unsupported_parameter",
-                            format!(
-                                "content parts of type '{other}' are not supported; only 'text'"
-                            ),
-                        ));
+                        native_only.get_or_insert_with(|| format!("{}[{j}]", field()));
                     }
                     _ => {
                         return Err(OpenAiError::invalid(
@@ -542,6 +597,7 @@ pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
     let messages = m.messages.take();
     let o = Obj(&m);
     let model = o.model()?;
+    let mut native_only = None;
     let messages = match messages {
         None => {
             return Err(OpenAiError::invalid(
@@ -562,8 +618,12 @@ pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
             }
             let mut out = Vec::with_capacity(a.len());
             for (i, msg) in a.into_iter().enumerate() {
-                let (role, content) = match msg {
-                    MessageField::Fields { role, content } => (role, content),
+                let (role, content, tool_calls) = match msg {
+                    MessageField::Fields {
+                        role,
+                        content,
+                        tool_calls,
+                    } => (role, content, tool_calls),
                     MessageField::Other(v) => {
                         return Err(wrong_type(&format!("messages[{i}]"), "an object", &v));
                     }
@@ -581,16 +641,27 @@ pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
                         return Err(wrong_type(&format!("messages[{i}].role"), "a string", v));
                     }
                 };
+                if tool_calls {
+                    native_only.get_or_insert_with(|| format!("messages[{i}].tool_calls"));
+                }
+                if role == "tool" || role == "function" {
+                    // A tool's answer: only a native worker knows what to do with it.
+                    native_only.get_or_insert_with(|| format!("messages[{i}].role"));
+                    continue;
+                }
                 let Some(mapped) = map_role(role) else {
                     return Err(OpenAiError::invalid(
                         &format!("messages[{i}].role"),
                         "invalid_value",
                         format!(
-                            "unsupported role '{role}'; use 'system', 'developer', 'user' or 'assistant'"
+                            "unsupported role '{role}'; use 'system', 'developer', 'user', 'assistant' or 'tool'"
                         ),
                     ));
                 };
-                out.push((mapped.to_string(), message_content(i, content)?));
+                out.push((
+                    mapped.to_string(),
+                    message_content(i, content, &mut native_only)?,
+                ));
             }
             out
         }
@@ -598,15 +669,16 @@ pub fn parse_chat(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
             return Err(wrong_type("messages", "a list of messages", &v));
         }
     };
-    let (n, stream, include_usage) = common(&o)?;
+    let c = common(&o)?;
     Ok(CompletionRequest {
         model,
         prompts: vec![messages],
-        n,
-        stream,
-        include_usage,
+        n: c.n,
+        stream: c.stream,
+        include_usage: c.include_usage,
         echo: false,
         sampling: sampling(&o)?,
+        native_only: c.native_only.or(native_only),
     })
 }
 
@@ -650,7 +722,12 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
             "'prompt' may hold at most 128 prompts",
         ));
     }
-    let (n, stream, include_usage) = common(&o)?;
+    let Common {
+        n,
+        stream,
+        include_usage,
+        native_only,
+    } = common(&o)?;
     if prompts.len() * n > 128 {
         return Err(OpenAiError::invalid(
             "n",
@@ -669,6 +746,7 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
         include_usage,
         echo: o.bool("echo")?.unwrap_or(false),
         sampling: sampling(&o)?,
+        native_only,
     })
 }
 
@@ -710,6 +788,9 @@ pub struct EmbeddingsRequest {
     pub model: String,
     pub input: Vec<String>,
     pub base64: bool,
+    /// A field DB-GPT's worker API cannot carry (`dimensions`): such a request needs a
+    /// worker with the native OpenAI routes.
+    pub native_only: Option<String>,
 }
 
 /// Validates `POST /v1/embeddings`.
@@ -748,17 +829,15 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
             ));
         }
     };
-    if o.get("dimensions").is_some() {
-        return Err(OpenAiError::invalid(
-            "dimensions",
-            "unsupported_parameter",
-            "'dimensions' is not supported by this server",
-        ));
-    }
+    // Whether the model can shorten its vectors is for the worker to say.
+    let native_only = o
+        .int("dimensions", 1, 1 << 20)?
+        .map(|_| "dimensions".to_string());
     Ok(EmbeddingsRequest {
         model,
         input,
         base64,
+        native_only,
     })
 }
 

@@ -22,6 +22,27 @@ pub const GENERATE_STREAM_PATH: &str = "/api/worker/generate_stream";
 pub const GENERATE_PATH: &str = "/api/worker/generate";
 /// `POST`: embeddings of a list of texts (or a reranker's scores).
 pub const EMBEDDINGS_PATH: &str = "/api/worker/embeddings";
+/// `POST` (ours; DB-GPT's workers answer 404): an OpenAI chat completion request, answered
+/// in OpenAI's shape. Callers fall back to [`GENERATE_STREAM_PATH`] on a 404 that is not an
+/// OpenAI error object ([`is_route_missing`]).
+pub const OPENAI_CHAT_PATH: &str = "/api/worker/openai/v1/chat/completions";
+/// `POST` (ours): an OpenAI text completion request, answered in OpenAI's shape.
+pub const OPENAI_COMPLETIONS_PATH: &str = "/api/worker/openai/v1/completions";
+/// `POST` (ours): an OpenAI embeddings request, answered in OpenAI's shape.
+pub const OPENAI_EMBEDDINGS_PATH: &str = "/api/worker/openai/v1/embeddings";
+
+/// Whether a 404 answer to one of the `OPENAI_*_PATH` routes means the worker has no such
+/// route (a DB-GPT worker, or one of ours older than them: FastAPI's `{"detail": …}`), as
+/// opposed to an OpenAI error object about the request (`{"error": …}`).
+pub fn is_route_missing(status: u16, body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        error: Option<serde::de::IgnoredAny>,
+    }
+    status == 404 && serde_json::from_slice::<Probe>(body).map_or(true, |p| p.error.is_none())
+}
+
 /// `POST`: the number of tokens of a prompt.
 pub const COUNT_TOKEN_PATH: &str = "/api/worker/count_token";
 /// `POST`: a model's [`ModelMetadata`].

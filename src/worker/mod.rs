@@ -8,9 +8,12 @@
 //! step; [`routes`] is the HTTP API and [`client`] its client; [`config`] reads the worker's
 //! flags and file; [`service`] wires the process together.
 pub mod backends;
+pub mod chat;
 pub(crate) mod client;
 pub(crate) mod config;
+pub mod embed;
 pub mod manager;
+pub(crate) mod native;
 pub(crate) mod registration;
 pub mod routes;
 pub(crate) mod service;

@@ -80,7 +80,16 @@ pub fn router(state: WorkerState) -> Router {
         )
         .route(wire::MODELS_SUPPORTS_PATH, get(supports))
         .route(wire::MODELS_STARTUP_PATH, post(startup))
-        .route(wire::MODELS_SHUTDOWN_PATH, post(shutdown));
+        .route(wire::MODELS_SHUTDOWN_PATH, post(shutdown))
+        .route(wire::OPENAI_CHAT_PATH, post(super::native::chat))
+        .route(
+            wire::OPENAI_COMPLETIONS_PATH,
+            post(super::native::completions),
+        )
+        .route(
+            wire::OPENAI_EMBEDDINGS_PATH,
+            post(super::native::embeddings),
+        );
     let app = with_fallbacks(api);
     let app = tracer::with_request_middleware(app, &state.tracer, false);
     app.with_state(state)
@@ -208,7 +217,9 @@ async fn generation(
                 }
                 let out = match ev {
                     // The DB-GPT frame has no place for them (and nobody asked).
-                    Ok(GenerateEvent::Logprobs { .. }) => return futures::future::ready(Some(None)),
+                    Ok(GenerateEvent::Logprobs { .. }) => {
+                        return futures::future::ready(Some(None));
+                    }
                     Ok(GenerateEvent::Delta { text: d }) => {
                         text.push_str(&d);
                         ModelOutput::text(text.clone())

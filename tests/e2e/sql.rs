@@ -2,8 +2,8 @@
 //! database (each test creates its own database and drops it), failover after `kill -9`,
 //! concurrent registrations, connections killed under load, credentials kept out of sight.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -241,18 +241,26 @@ fn two_controllers(kind: Db) {
         post(pb, "/api/controller/models", &instance("quiet@llm", 1)),
         200
     );
-    // A worker heartbeating w@llm to A (falling back to B when A is gone).
+    // A worker heartbeating w@llm to A (falling back to B when A is gone). A controller
+    // answers 503 for a moment after any failed database round trip (a pool wait past its
+    // bound on a loaded machine), so single heartbeats may fail; what must never happen is a
+    // gap long enough for the instance to expire: the longest run of failed heartbeats is
+    // measured in time.
     let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
+    let longest_gap = Arc::new(Mutex::new(Duration::ZERO));
     let hb = {
-        let (stop, failures) = (stop.clone(), failures.clone());
+        let (stop, longest_gap) = (stop.clone(), longest_gap.clone());
         std::thread::spawn(move || {
+            let mut last_ok = std::time::Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 let ok = [pa, pb].iter().any(|p| {
                     post(*p, "/api/controller/heartbeat", &instance("w@llm", 7001)) == 200
                 });
-                if !ok {
-                    failures.fetch_add(1, Ordering::Relaxed);
+                if ok {
+                    last_ok = std::time::Instant::now();
+                } else {
+                    let mut g = longest_gap.lock().unwrap();
+                    *g = (*g).max(last_ok.elapsed());
                 }
                 std::thread::sleep(Duration::from_millis(300));
             }
@@ -280,10 +288,11 @@ fn two_controllers(kind: Db) {
     assert_eq!(names(&list(pa, true)), ["w@llm:7001"]);
     stop.store(true, Ordering::Relaxed);
     hb.join().unwrap();
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "heartbeats neither controller took; A:\n{}\nB:\n{}",
+    // Well inside the 6 s heartbeat timeout: the instance was never close to expiring.
+    let gap = *longest_gap.lock().unwrap();
+    assert!(
+        gap < Duration::from_secs(4),
+        "no controller took a heartbeat for {gap:?}; A:\n{}\nB:\n{}",
         a2.logs(),
         b.logs()
     );

@@ -256,9 +256,7 @@ pub enum GenerateEvent {
     },
     /// Only when [`GenerateParams::logprobs`] asked: the tokens whose text the next `Delta`
     /// carries, with their log-probabilities (a token cut by a stop string is still listed).
-    Logprobs {
-        tokens: Vec<TokenLogprob>,
-    },
+    Logprobs { tokens: Vec<TokenLogprob> },
     /// End of generation.
     Finish {
         /// Why generation ended.
@@ -351,6 +349,38 @@ pub trait LlmBackend: Send + Sync {
     fn chat_template(&self) -> Option<&str> {
         None
     }
+
+    /// The OpenAI-compatible upstream this model forwards whole OpenAI requests to (the
+    /// proxy backend), or `None` for a model that runs here.
+    fn passthrough(&self) -> Option<&dyn OpenAiPassthrough> {
+        None
+    }
+}
+
+/// A model behind an OpenAI-compatible server that takes the client's OpenAI request as
+/// it is: the proxy backend.
+pub trait OpenAiPassthrough: Send + Sync {
+    /// Sends `body` (an OpenAI request for `path`, `chat/completions`, `completions` or
+    /// `embeddings`) upstream with its `model` set to the upstream's model name and every
+    /// other byte unchanged, and answers the upstream's status, content type and body
+    /// bytes unchanged. The wait for the answer's head is bounded, and so is every silence
+    /// of its body. Errors are the failures to get an answer at all.
+    fn forward(
+        &self,
+        path: &'static str,
+        body: bytes::Bytes,
+        model: crate::openai::raw::ModelField,
+    ) -> BoxFuture<'static, Result<Passthrough, BackendError>>;
+}
+
+/// An upstream's answer, relayed as it comes.
+pub struct Passthrough {
+    /// The upstream's HTTP status.
+    pub status: u16,
+    /// The upstream's `Content-Type`, when it sent one.
+    pub content_type: Option<String>,
+    /// The body as it arrives; an error item ends it (the upstream broke or went silent).
+    pub body: BoxStream<'static, Result<bytes::Bytes, BackendError>>,
 }
 
 /// A text-embedding model.
@@ -363,6 +393,11 @@ pub trait EmbeddingBackend: Send + Sync {
     /// Vector dimension, when known (local models: always; proxy: after the
     /// first successful call, or when configured).
     fn dimension(&self) -> Option<usize>;
+
+    /// See [`LlmBackend::passthrough`].
+    fn passthrough(&self) -> Option<&dyn OpenAiPassthrough> {
+        None
+    }
 }
 
 /// A reranker (cross-encoder): scores how relevant each document is to a query.

@@ -28,9 +28,10 @@ use crate::http::error_chain;
 use crate::telemetry::Escaped;
 
 use super::{
-    BackendError, EmbeddingBackend, FinishReason, GenerateEvent, GenerateParams, LlmBackend, Usage,
-    error_stream,
+    BackendError, EmbeddingBackend, FinishReason, GenerateEvent, GenerateParams, LlmBackend,
+    OpenAiPassthrough, Passthrough, Usage, error_stream,
 };
+use crate::openai::raw::{ModelField, with_model};
 
 /// Configuration of an [`OpenAiProxyBackend`].
 #[derive(Clone, PartialEq)]
@@ -717,6 +718,75 @@ impl LlmBackend for OpenAiProxyBackend {
     fn context_length(&self) -> usize {
         self.inner.context_length
     }
+
+    fn passthrough(&self) -> Option<&dyn OpenAiPassthrough> {
+        Some(self)
+    }
+}
+
+impl OpenAiPassthrough for OpenAiProxyBackend {
+    fn forward(
+        &self,
+        path: &'static str,
+        body: Bytes,
+        model: ModelField,
+    ) -> BoxFuture<'static, Result<Passthrough, BackendError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let body = with_model(&body, &model, &inner.model);
+            let first_byte = tokio::time::Instant::now() + inner.timeouts.first_byte;
+            let request = inner
+                .post(path)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+            // Every status is relayed as the upstream said it, errors included.
+            let resp = match tokio::time::timeout_at(first_byte, request.send()).await {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(e)) => return Err(inner.send_error(e)),
+                Err(_) => return Err(inner.timed_out(Waited::FirstByte)),
+            };
+            let status = resp.status().as_u16();
+            if status >= 400 {
+                tracing::warn!(
+                    api_base = %Escaped(&inner.shown_base),
+                    status,
+                    "upstream answered an error status (relayed as is)"
+                );
+            }
+            let content_type = resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let bytes = resp.bytes_stream().boxed();
+            let body = stream::unfold(Some((bytes, inner)), |state| async move {
+                let (mut bytes, inner) = state?;
+                let wait = inner.timeouts.between_chunks;
+                match tokio::time::timeout(wait, bytes.next()).await {
+                    Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some((bytes, inner)))),
+                    Ok(None) => None,
+                    Ok(Some(Err(e))) => {
+                        let e = BackendError::Upstream {
+                            status: None,
+                            message: format!(
+                                "reading the answer of upstream {}: {}",
+                                inner.shown_base,
+                                error_chain(&e.without_url())
+                            ),
+                        };
+                        Some((Err(e), None))
+                    }
+                    Err(_) => Some((Err(inner.timed_out(Waited::BetweenChunks)), None)),
+                }
+            })
+            .boxed();
+            Ok(Passthrough {
+                status,
+                content_type,
+                body,
+            })
+        })
+    }
 }
 
 impl EmbeddingBackend for OpenAiProxyBackend {
@@ -782,6 +852,10 @@ impl EmbeddingBackend for OpenAiProxyBackend {
             0 => None,
             d => Some(d),
         }
+    }
+
+    fn passthrough(&self) -> Option<&dyn OpenAiPassthrough> {
+        Some(self)
     }
 }
 

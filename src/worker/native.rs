@@ -1,0 +1,208 @@
+//! The worker's native OpenAI routes (ours; DB-GPT's workers do not have them):
+//! `wire::worker::OPENAI_CHAT_PATH`, `…_COMPLETIONS_PATH` and `…_EMBEDDINGS_PATH` take the
+//! client's OpenAI request as the apiserver received it and answer in OpenAI's shape, so
+//! nothing DB-GPT's PromptRequest cannot carry (tools, structured output, log-probabilities,
+//! several choices, image parts, vendor fields) is lost on the way.
+//!
+//! A model behind an OpenAI-compatible upstream (the proxy backend) gets the body passed
+//! through byte for byte (only `model` is set to the upstream's name) and its answer relayed
+//! as it comes, status and error bodies included. A model that runs here is served by the
+//! local engines ([`super::chat`], [`super::embed`]). Errors are OpenAI error objects; a
+//! model this worker does not run is a 404 *with* an OpenAI error body, which callers tell
+//! apart from the missing route of an older worker ([`crate::wire::worker::is_route_missing`]).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::backends::{BackendError, OpenAiPassthrough};
+use super::manager::RunningModel;
+use super::routes::WorkerState;
+use super::spec::Engine;
+use crate::http::{CappedBody, MAX_MODEL_BODY_BYTES};
+use crate::openai::OpenAiError;
+use crate::openai::raw::model_field;
+use crate::tracer;
+use crate::wire::worker::WorkerType;
+
+/// The body of a model call.
+type ModelBody = CappedBody<MAX_MODEL_BODY_BYTES>;
+
+/// Which OpenAI endpoint a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The path under an OpenAI base URL (`…/v1/` + this).
+    fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat/completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    fn worker_type(self) -> WorkerType {
+        match self {
+            Endpoint::Embeddings => WorkerType::Text2vec,
+            _ => WorkerType::Llm,
+        }
+    }
+
+    /// The span this call writes to DB-GPT's tracer file.
+    fn span(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "WorkerManager.openai_chat_completions",
+            Endpoint::Completions => "WorkerManager.openai_completions",
+            Endpoint::Embeddings => "WorkerManager.openai_embeddings",
+        }
+    }
+}
+
+pub(crate) async fn chat(State(s): State<WorkerState>, CappedBody(b): ModelBody) -> Response {
+    serve(&s, Endpoint::Chat, b).await
+}
+
+pub(crate) async fn completions(
+    State(s): State<WorkerState>,
+    CappedBody(b): ModelBody,
+) -> Response {
+    serve(&s, Endpoint::Completions, b).await
+}
+
+pub(crate) async fn embeddings(State(s): State<WorkerState>, CappedBody(b): ModelBody) -> Response {
+    serve(&s, Endpoint::Embeddings, b).await
+}
+
+async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
+    let field = match model_field(&body) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let Some(model) = s.manager.get(&field.name, ep.worker_type()) else {
+        return OpenAiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!(
+                "The model `{}` is not running on this worker as {}",
+                field.name,
+                ep.worker_type().as_str()
+            ),
+        )
+        .with_param("model")
+        .into_response();
+    };
+    let span = s.tracer.start(ep.span(), tracer::current());
+    let slot = model.acquire().await;
+    let guards = (slot, span);
+    if let Some(p) = passthrough(&model) {
+        return match p.forward(ep.upstream_path(), body, field).await {
+            Ok(answer) => relay(answer, guards),
+            Err(e) => upstream_failed(e),
+        };
+    }
+    match (&model.engine, ep) {
+        (Engine::Llm(b), Endpoint::Chat) => answer(
+            super::chat::chat_completions(b.clone(), &body).await,
+            guards,
+        ),
+        (Engine::Llm(b), Endpoint::Completions) => {
+            answer(super::chat::completions(b.clone(), &body).await, guards)
+        }
+        (Engine::Embedding(b), Endpoint::Embeddings) => {
+            match super::embed::embeddings(b.clone(), &body).await {
+                Ok(json) => json_answer(json),
+                Err(e) => e.into_response(),
+            }
+        }
+        _ => OpenAiError::invalid(
+            "model",
+            "model_not_supported",
+            format!("The model `{}` cannot serve this endpoint", field.name),
+        )
+        .into_response(),
+    }
+}
+
+/// The upstream of a proxied model, if this is one.
+fn passthrough(model: &Arc<RunningModel>) -> Option<&dyn OpenAiPassthrough> {
+    match &model.engine {
+        Engine::Llm(b) => b.passthrough(),
+        Engine::Embedding(b) => b.passthrough(),
+        Engine::Reranker(_) => None,
+    }
+}
+
+/// An upstream that gave no answer (unreachable, silent past its first-byte timeout): 502,
+/// which callers may retry on another instance.
+fn upstream_failed(e: BackendError) -> Response {
+    OpenAiError::bad_gateway(e.to_string()).into_response()
+}
+
+/// The upstream's answer as it comes; `guards` (the model's slot and the span) live until
+/// the body ends. A failure after the head cuts the body short (the client sees a broken
+/// stream, as it would from the upstream itself).
+fn relay<G: Send + 'static>(answer: super::backends::Passthrough, guards: G) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = answer.body.map(move |item| {
+        let _held = &guards;
+        item.map_err(|e| {
+            tracing::warn!(error = %e, "the upstream's answer broke off");
+            std::io::Error::other(e.to_string())
+        })
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    *resp.status_mut() = status;
+    if let Some(ct) = answer
+        .content_type
+        .and_then(|c| HeaderValue::from_str(&c).ok())
+    {
+        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    resp
+}
+
+/// A local engine's answer: one JSON body, or an SSE stream holding `guards` to its end.
+fn answer<G: Send + 'static>(a: Result<super::chat::Answer, OpenAiError>, guards: G) -> Response {
+    match a {
+        Err(e) => e.into_response(),
+        Ok(super::chat::Answer::Whole(json)) => json_answer(json),
+        Ok(super::chat::Answer::Stream(events)) => {
+            let body = events.map(move |b| {
+                let _held = &guards;
+                Ok::<_, Infallible>(b)
+            });
+            let mut resp = Response::new(Body::from_stream(body));
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            resp
+        }
+    }
+}
+
+fn json_answer(json: Bytes) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        json,
+    )
+        .into_response()
+}
