@@ -1135,6 +1135,9 @@ impl ResponsesStream {
         }
         self.ensure_started(&mut out);
         let data = chat_sse_data.trim_ascii();
+        if data.is_empty() {
+            return out;
+        }
         if data == b"[DONE]" {
             self.complete(&mut out);
             return out;

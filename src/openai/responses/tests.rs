@@ -1338,9 +1338,10 @@ fn raw_sse_split_anywhere_gives_the_same_events() {
             );
         }
     }
-    // A last event without its blank line (or newline), and a data field split in two lines.
+    // A last event without its blank line (or newline), a data field split in two lines,
+    // and an empty data event (skipped, not an error).
     let mut s = fresh();
-    let mut got = s.feed_sse(b"data: {\"choices\":[{\"index\":0,\n");
+    let mut got = s.feed_sse(b"data:\n\ndata: {\"choices\":[{\"index\":0,\n");
     got.extend(s.feed_sse(
         b"data: \"delta\":{\"content\":\"ok\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]",
     ));
@@ -1351,4 +1352,48 @@ fn raw_sse_split_anywhere_gives_the_same_events() {
         ev.last().unwrap()["response"]["output"][0]["content"][0]["text"],
         "ok"
     );
+}
+
+#[test]
+fn text_after_a_tool_call_is_a_new_message() {
+    let mut s = ResponsesStream::new(ctx(json!({"model": "m", "input": "x", "stream": true})));
+    let all = run(
+        &mut s,
+        &[
+            chunk(json!({"content": "a"}), None),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "id": "c", "type": "function",
+                "function": {"name": "f", "arguments": "{}"}}]}),
+                None,
+            ),
+            chunk(json!({"content": "b"}), Some("stop")),
+            b"[DONE]".to_vec(),
+        ],
+    );
+    let ev = parse_events(&all, 0);
+    // Every item is done before the next one is added.
+    let mut open: Option<u64> = None;
+    for e in &ev {
+        match e["type"].as_str().unwrap() {
+            "response.output_item.added" => {
+                assert_eq!(open, None, "item added while {open:?} is open: {e}");
+                open = e["output_index"].as_u64();
+            }
+            "response.output_item.done" => {
+                assert_eq!(open, e["output_index"].as_u64(), "{e}");
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    let out = &ev.last().unwrap()["response"]["output"];
+    let kinds: Vec<&str> = out
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["message", "function_call", "message"]);
+    assert_eq!(out[2]["content"][0]["text"], "b");
+    assert_ne!(out[0]["id"], out[2]["id"]);
 }
