@@ -2,13 +2,15 @@
 //! apiserver, the workers' native OpenAI routes, the proxy backend): [`request`] validates
 //! what clients send (and builds a DB-GPT worker's PromptRequest from it), [`response`] holds
 //! the shapes written back (whole completions, SSE chunks, model cards, embeddings, rerank
-//! results), [`error`] OpenAI's error answer and [`raw`] the byte-faithful reading and
-//! rewriting of a body that is passed through. Nothing here does I/O.
+//! results), [`responses`] the Responses API (`/v1/responses`) mapped onto chat completions,
+//! [`error`] OpenAI's error answer and [`raw`] the byte-faithful reading and rewriting of a
+//! body that is passed through. Nothing here does I/O.
 
 pub mod error;
 pub mod raw;
 pub mod request;
 pub mod response;
+pub mod responses;
 
 pub use error::OpenAiError;
 pub use request::{
@@ -16,3 +18,4 @@ pub use request::{
     parse_rerank, worker_prompt,
 };
 pub use response::{base64_f32, model_card, rerank_response, unix_now};
+pub use responses::{ResponsesCtx, ResponsesStream};
