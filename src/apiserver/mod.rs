@@ -3,7 +3,7 @@
 //! router in [`service`]).
 //!
 //! Routes (under both `/api/v1` and `/v1`): `GET models`, `POST chat/completions` (plain and
-//! SSE), `POST completions`, `POST embeddings`, `POST beta/relevance`, `POST rerank` (also at
+//! SSE), `POST completions`, `POST responses` (stateless, onto chat), `POST embeddings`, `POST beta/relevance`, `POST rerank` (also at
 //! `/rerank` and `/v2/rerank`); plus an open `GET /api/health`. Relevance and rerank go to a
 //! `reranker` worker (DB-GPT 0.7), else to a `text2vec` worker serving a reranker (0.5). Requests are validated and answered in OpenAI's shapes ([`openai`]), routed to a worker instance from
 //! the cached controller view ([`discovery`], [`policy`]) and relayed ([`proxy`]); worker
@@ -89,6 +89,7 @@ pub fn router(state: Shared) -> Router {
             .route(&format!("{prefix}/models"), get(models))
             .route(&format!("{prefix}/chat/completions"), post(chat))
             .route(&format!("{prefix}/completions"), post(completions))
+            .route(&format!("{prefix}/responses"), post(responses))
             .route(&format!("{prefix}/embeddings"), post(embeddings))
             .route(&format!("{prefix}/beta/relevance"), post(relevance))
             .route(&format!("{prefix}/rerank"), post(rerank));
@@ -298,6 +299,79 @@ async fn completions(State(s): State<Shared>, _: Authorized, req: Request) -> Re
         Ok(r) => run_completion(s.clone(), Kind::Text, r, body, busy).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// `POST /v1/responses` (stateless): the request becomes a chat completion
+/// ([`openai::responses::to_chat`]) routed like any other, and its answer, whole or streamed,
+/// becomes a Response object or Responses events. An error before the answer starts is
+/// relayed as the chat path answered it (OpenAI's error shape is the same).
+async fn responses(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
+    let busy = Busy::new(&s);
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let (chat, ctx) = match openai::responses::to_chat(&body) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let chat_body = Bytes::from(serde_json::to_vec(&chat).unwrap_or_default());
+    let r = match openai::parse_chat(&chat_body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let answer = run_completion(s.clone(), Kind::Chat, r, chat_body, busy).await;
+    if !answer.status().is_success() {
+        return answer;
+    }
+    if !ctx.stream() {
+        return match axum::body::to_bytes(answer.into_body(), MAX_REQUEST_BYTES).await {
+            Ok(b) => match openai::responses::whole(&ctx, &b) {
+                Ok(json) => json_body(StatusCode::OK, json),
+                Err(e) => e.into_response(),
+            },
+            Err(e) => {
+                OpenAiError::bad_gateway(format!("the chat answer broke off: {e}")).into_response()
+            }
+        };
+    }
+    // Chat SSE in, Responses events out, as the pieces arrive.
+    let conv = openai::ResponsesStream::new(ctx);
+    let chunks = answer.into_body().into_data_stream();
+    let events = futures::stream::unfold(Some((chunks, conv)), |state| async move {
+        let (mut chunks, mut conv) = state?;
+        let out = match chunks.next().await {
+            Some(Ok(b)) => conv.feed_sse(&b),
+            Some(Err(e)) => conv.fail_with(&format!("the chat answer broke off: {e}")),
+            None => conv.finish(),
+        };
+        let done = conv.ended();
+        let piece: Bytes = out.concat().into();
+        Some((
+            Ok::<_, std::convert::Infallible>(piece),
+            (!done).then_some((chunks, conv)),
+        ))
+    })
+    .filter(|r| futures::future::ready(r.as_ref().map_or(true, |b| !b.is_empty())));
+    let mut resp = Response::new(Body::from_stream(events));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// A JSON body as it is.
+fn json_body(status: StatusCode, json: Bytes) -> Response {
+    let mut resp = Response::new(Body::from(json));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// A worker's native answer, relayed to the client byte for byte; a stream's `guards` live

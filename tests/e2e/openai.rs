@@ -217,6 +217,65 @@ fn proxy_models_pass_every_field_through_both_ways() {
     let v: Value = serde_json::from_slice(&r.2).unwrap();
     assert_eq!(v["data"][0]["embedding"], "AACAPwAAAEA=");
     assert_eq!(v["usage"]["prompt_tokens"], 2);
+
+    // /v1/responses becomes a chat request upstream; the tool call comes back as a
+    // function_call output item, whole and streamed.
+    let sent = json!({"model": "gpt-4o", "instructions": "be terse", "input": "weather in Paris?",
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        "tool_choice": "required", "max_output_tokens": 50});
+    let r = post(
+        api.port,
+        "/v1/responses",
+        &serde_json::to_vec(&sent).unwrap(),
+    );
+    assert_eq!(r.0, 200, "{}", String::from_utf8_lossy(&r.2));
+    let (path, got) = up.last();
+    assert_eq!(path, "/v1/chat/completions");
+    let chat: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(chat["model"], "upstream-model");
+    assert_eq!(
+        chat["messages"][0],
+        json!({"role": "system", "content": "be terse"})
+    );
+    assert_eq!(chat["messages"][1]["role"], "user");
+    assert_eq!(chat["tools"][0]["function"]["name"], "get_weather");
+    assert_eq!(chat["tool_choice"], "required");
+    assert_eq!(chat["max_completion_tokens"], 50);
+    let v: Value = serde_json::from_slice(&r.2).unwrap();
+    assert_eq!(v["object"], "response");
+    assert_eq!(v["status"], "completed");
+    let call = v["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["type"] == "function_call")
+        .unwrap_or_else(|| panic!("no function_call item: {v}"));
+    assert_eq!(call["name"], "get_weather");
+    assert_eq!(call["arguments"], "{\"city\":\"Paris\"}");
+    assert_eq!(v["usage"]["input_tokens"], 31);
+    let mut streamed = sent.clone();
+    streamed["stream"] = json!(true);
+    let r = post(
+        api.port,
+        "/v1/responses",
+        &serde_json::to_vec(&streamed).unwrap(),
+    );
+    assert_eq!(r.0, 200);
+    let text = String::from_utf8_lossy(&r.2);
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"response.created"), "{text}");
+    assert_eq!(kinds.last(), Some(&"response.completed"), "{text}");
+    assert!(
+        kinds.contains(&"response.function_call_arguments.done"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#""arguments":"{\"city\":\"Paris\"}""#),
+        "{text}"
+    );
 }
 
 /// A worker without the native routes (DB-GPT's own, played by a test double that answers
