@@ -727,7 +727,7 @@ impl Inner {
                 GrammarError::GrammarNullBytes => "it contains a NUL byte".to_string(),
                 _ => explain_grammar_error(gbnf).unwrap_or_else(|| {
                     "llama.cpp could not parse it (a syntax error, or left recursion; \
-                     llama.cpp writes the details to the worker's log)"
+                     llama.cpp prints the details on the worker's stderr)"
                         .to_string()
                 }),
             };
