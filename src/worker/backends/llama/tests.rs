@@ -293,3 +293,345 @@ fn stop_matcher_holds_back_prefixes() {
     let mut m = StopMatcher::new(&[]);
     assert_eq!(m.push("abc"), ("abc".into(), false));
 }
+
+/// A generation's events, with the log-probabilities checked to come right before a delta.
+struct Traced {
+    outcome: Outcome,
+    /// (tokens of a `Logprobs` event, text of the `Delta` right after it).
+    logprobs: Vec<(Vec<TokenLogprob>, String)>,
+}
+
+async fn run_traced(
+    backend: &LlamaCppBackend,
+    params: GenerateParams,
+) -> Result<Traced, BackendError> {
+    let mut s = backend.generate_stream(params);
+    let mut text = String::new();
+    let mut deltas = 0;
+    let mut logprobs = Vec::new();
+    let mut waiting: Option<Vec<TokenLogprob>> = None;
+    while let Some(ev) = s.next().await {
+        match ev? {
+            GenerateEvent::Logprobs { tokens } => {
+                assert!(
+                    waiting.is_none(),
+                    "two Logprobs events without a Delta between"
+                );
+                assert!(!tokens.is_empty(), "empty Logprobs event");
+                waiting = Some(tokens);
+            }
+            GenerateEvent::Delta { text: t } => {
+                assert!(!t.is_empty(), "empty delta");
+                if let Some(tokens) = waiting.take() {
+                    logprobs.push((tokens, t.clone()));
+                }
+                text.push_str(&t);
+                deltas += 1;
+            }
+            GenerateEvent::Finish {
+                finish_reason,
+                usage,
+            } => {
+                assert!(waiting.is_none(), "Logprobs event not followed by a Delta");
+                assert!(s.next().await.is_none(), "events after Finish");
+                return Ok(Traced {
+                    outcome: Outcome {
+                        text,
+                        deltas,
+                        finish: finish_reason,
+                        usage: usage.expect("local models always report usage"),
+                    },
+                    logprobs,
+                });
+            }
+        }
+    }
+    panic!("stream ended without Finish");
+}
+
+/// The first item of a stream, which must be an error.
+async fn first_error(params: GenerateParams) -> BackendError {
+    let mut s = model().generate_stream(params);
+    match s.next().await {
+        Some(Err(e)) => e,
+        other => panic!("expected an error as the first item, got {other:?}"),
+    }
+}
+
+const JSON_ANSWER_GRAMMAR: &str = r#"
+# An object with one integer member.
+root ::= "{" ws "\"answer\"" ws ":" ws int ws "}"
+int  ::= "-"? [0-9] [0-9]? [0-9]? [0-9]?
+ws   ::= " "?
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grammar_forces_a_json_object() {
+    let mut p = ask("What is two plus three? Reply in JSON.");
+    p.max_new_tokens = Some(40);
+    p.grammar = Some(JSON_ANSWER_GRAMMAR.into());
+    let o = run(model(), p).await.unwrap();
+    eprintln!("grammar json: {:?}", o.text);
+    // The grammar is complete after `}`: only end-of-generation is allowed, so `stop`.
+    assert_eq!(o.finish, FinishReason::Stop, "{:?}", o.text);
+    let v: serde_json::Value = serde_json::from_str(&o.text).expect("the text is JSON");
+    let obj = v.as_object().expect("a JSON object");
+    assert_eq!(obj.len(), 1, "{v}");
+    assert!(obj["answer"].is_i64(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grammar_yes_or_no_greedy_sampled_and_concurrent() {
+    let m = model();
+    let grammar = r#"root ::= "yes" | "no""#;
+    let mut greedy = ask("Is the sky blue? Answer yes or no.");
+    greedy.max_new_tokens = Some(10);
+    greedy.grammar = Some(grammar.into());
+    let o = run(m, greedy.clone()).await.unwrap();
+    assert!(o.text == "yes" || o.text == "no", "{:?}", o.text);
+    assert_eq!(o.finish, FinishReason::Stop);
+    // Random sampling at a high temperature, with top-k/top-p after the grammar, two
+    // requests at once (each has its own grammar state).
+    for seed in [1u64, 2, 3] {
+        let mut hot = greedy.clone();
+        hot.temperature = Some(1.5);
+        hot.top_k = Some(5);
+        hot.top_p = Some(0.9);
+        hot.seed = Some(seed);
+        let (a, b) = tokio::join!(run(m, hot.clone()), run(m, greedy.clone()));
+        for o in [a.unwrap(), b.unwrap()] {
+            assert!(
+                o.text == "yes" || o.text == "no",
+                "seed {seed}: {:?}",
+                o.text
+            );
+            assert_eq!(o.finish, FinishReason::Stop);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grammars_are_bad_requests_before_generation() {
+    for (grammar, expect) in [
+        (r#"root ::= "yes"#, "unterminated string"),
+        (r#"answer ::= "yes""#, "no `root` rule"),
+        (r#"root ::= answer"#, "rule `answer`"),
+        ("root ::= my_rule\nmy_rule ::= \"x\"", "`_`"),
+        (r#"root ::= ("a" | "b""#, "unclosed `(`"),
+        // Left recursion: llama.cpp refuses it after parsing; the scan does not see it.
+        (r#"root ::= root "a" | "a""#, "llama.cpp could not parse it"),
+        ("root ::= \"a\0\"", "NUL"),
+        ("  \n", "grammar must not be empty"),
+    ] {
+        let mut p = ask("hi");
+        p.grammar = Some(grammar.into());
+        let err = first_error(p).await;
+        assert!(
+            matches!(&err, BackendError::BadRequest(m) if m.contains("grammar") && m.contains(expect)),
+            "{grammar:?}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn the_grammar_scan_finds_nothing_wrong_in_valid_grammars() {
+    let m = model();
+    for g in [
+        JSON_ANSWER_GRAMMAR,
+        r#"root ::= "yes" | "no""#,
+        "root ::= item (\",\" item)* # trailing comment\nitem ::= [a-z]{1,3} | [^\\]\"]+ | \"x\"?",
+        "root   ::=   (\n  \"a\"\n  | \"b\"\n)",
+    ] {
+        assert!(
+            LlamaSampler::grammar(&m.inner.model, g, "root").is_ok(),
+            "llama.cpp refuses {g:?}"
+        );
+        assert_eq!(explain_grammar_error(g), None, "{g:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_match_the_generated_tokens() {
+    let m = model();
+    let mut p = ask("Write a short poem about the sea.");
+    p.max_new_tokens = Some(24);
+    let plain = run(m, p.clone()).await.unwrap();
+    p.logprobs = Some(5);
+    let t = run_traced(m, p).await.unwrap();
+    let o = &t.outcome;
+    // Asking for log-probabilities does not change what is generated.
+    assert_eq!(o.text, plain.text);
+    assert_eq!(o.usage, plain.usage);
+    assert_eq!(t.logprobs.len(), o.deltas, "one Logprobs event per delta");
+    let tokens: Vec<&TokenLogprob> = t.logprobs.iter().flat_map(|(ts, _)| ts).collect();
+    assert_eq!(tokens.len(), o.usage.completion_tokens as usize);
+    let bytes: Vec<u8> = tokens.iter().flat_map(|tl| tl.bytes.clone()).collect();
+    assert_eq!(bytes, o.text.as_bytes());
+    // Each event lists the tokens of its delta: the bytes reported so far spell the text
+    // so far, plus at most an incomplete character held back for the next delta.
+    let (mut bytes_so_far, mut text_so_far) = (Vec::new(), String::new());
+    for (ts, delta) in &t.logprobs {
+        bytes_so_far.extend(ts.iter().flat_map(|tl| tl.bytes.clone()));
+        text_so_far.push_str(delta);
+        assert!(bytes_so_far.starts_with(text_so_far.as_bytes()));
+        assert!(
+            bytes_so_far.len() - text_so_far.len() < 4,
+            "{ts:?} / {delta:?}"
+        );
+    }
+    let mut uncertain = 0;
+    for tl in &tokens {
+        assert_eq!(tl.token, String::from_utf8_lossy(&tl.bytes));
+        assert!(tl.logprob <= 0.0 && tl.logprob.is_finite(), "{tl:?}");
+        assert_eq!(tl.top.len(), 5);
+        assert!(
+            tl.top.windows(2).all(|w| w[0].logprob >= w[1].logprob),
+            "alternatives not sorted: {tl:?}"
+        );
+        let mass: f32 = tl.top.iter().map(|a| a.logprob.exp()).sum();
+        assert!(
+            mass <= 1.0 + 1e-4,
+            "top probabilities sum to {mass}: {tl:?}"
+        );
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(tl.top[0].bytes, tl.bytes, "{tl:?}");
+        assert!((tl.top[0].logprob - tl.logprob).abs() < 1e-5, "{tl:?}");
+        if tl.logprob < -0.01 {
+            uncertain += 1;
+        }
+    }
+    assert!(uncertain > 0, "every token has probability ~1: {tokens:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_follow_the_temperature_and_zero_alternatives_work() {
+    let m = model();
+    let mut p = ask("Name a fruit.");
+    p.max_new_tokens = Some(1);
+    p.logprobs = Some(3);
+    let greedy = run_traced(m, p.clone()).await.unwrap();
+    p.temperature = Some(0.5);
+    p.seed = Some(11);
+    let cold = run_traced(m, p.clone()).await.unwrap();
+    // Same first position, same logits: at temperature 0.5 (logits doubled) the most likely
+    // token is more likely than in the model's plain distribution (what greedy reports).
+    let (g, c) = (&greedy.logprobs[0].0[0], &cold.logprobs[0].0[0]);
+    assert_eq!(g.top[0].bytes, c.top[0].bytes);
+    assert!(c.top[0].logprob > g.top[0].logprob, "{g:?} / {c:?}");
+    p.logprobs = Some(0);
+    let none = run_traced(m, p).await.unwrap();
+    let tl = &none.logprobs[0].0[0];
+    assert!(tl.top.is_empty());
+    assert!(tl.logprob <= 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_with_a_stop_string() {
+    let m = model();
+    let mut p = ask("Write a long story about a dragon who learns to fly.");
+    p.max_new_tokens = Some(40);
+    let full = run(m, p.clone()).await.unwrap();
+    let words: Vec<&str> = full.text.split_whitespace().collect();
+    let stop = words[4].to_string();
+    p.stop = vec![stop];
+    p.logprobs = Some(1);
+    let t = run_traced(m, p).await.unwrap();
+    let bytes: Vec<u8> = t
+        .logprobs
+        .iter()
+        .flat_map(|(ts, _)| ts.iter().flat_map(|tl| tl.bytes.clone()))
+        .collect();
+    // Reported tokens spell the text, then at most the start of the stop string.
+    assert!(bytes.starts_with(t.outcome.text.as_bytes()), "{bytes:?}");
+    let reported = t.logprobs.iter().map(|(ts, _)| ts.len()).sum::<usize>();
+    assert!(reported <= t.outcome.usage.completion_tokens as usize);
+    assert_eq!(t.outcome.finish, FinishReason::Stop);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_logprobs_is_bad_request() {
+    let mut p = ask("hi");
+    p.logprobs = Some(21);
+    let err = first_error(p).await;
+    assert!(
+        matches!(&err, BackendError::BadRequest(m) if m.contains("logprobs")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_prompt_is_used_as_is() {
+    let m = model();
+    let vocab = m.inner.model.vocab();
+    // Special tokens in the prompt are parsed, not spelled out.
+    assert_eq!(
+        m.inner.tokenize_prompt("<|im_start|>").len(),
+        1 + usize::from(vocab.should_add_bos())
+    );
+    assert!(m.count_tokens("<|im_start|>").unwrap() > 1);
+
+    // The rendered template as a raw prompt gives the chat's answer; `messages` is ignored.
+    let chat = {
+        let mut p = ask("What is the capital of France?");
+        p.max_new_tokens = Some(12);
+        p
+    };
+    let rendered = m.render_prompt(&chat.messages).unwrap();
+    let mut raw = ask("Something else entirely, with a longer question than the other.");
+    raw.max_new_tokens = Some(12);
+    raw.prompt = Some(rendered.clone());
+    let (a, b) = tokio::join!(run(m, chat), run(m, raw.clone()));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.text, b.text);
+    assert_eq!(a.usage, b.usage);
+
+    // A plain completion prompt: no template around it.
+    let text = "The capital of France is";
+    raw.prompt = Some(text.into());
+    raw.messages.clear();
+    let o = run(m, raw.clone()).await.unwrap();
+    assert_eq!(
+        o.usage.prompt_tokens as usize,
+        m.count_tokens(text).unwrap() + usize::from(vocab.should_add_bos())
+    );
+
+    raw.prompt = Some(String::new());
+    let err = first_error(raw.clone()).await;
+    assert!(
+        matches!(&err, BackendError::BadRequest(m) if m.contains("prompt")),
+        "{err:?}"
+    );
+    raw.prompt = Some("hello world ".repeat(3000));
+    let err = first_error(raw).await;
+    assert!(
+        matches!(&err, BackendError::BadRequest(m) if m.contains("context window")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_decides_the_sample() {
+    let m = model();
+    let mut p = ask("Tell me a story.");
+    p.max_new_tokens = Some(12);
+    p.temperature = Some(1.2);
+    // Folds to u32::MAX, which llama.cpp would take for "random seed".
+    p.seed = Some(0xFFFF_FFFF);
+    let a = run(m, p.clone()).await.unwrap();
+    let b = run(m, p.clone()).await.unwrap();
+    assert_eq!(a.text, b.text);
+    let mut texts = std::collections::HashSet::new();
+    for seed in [1u64, 2, 3, 4] {
+        p.seed = Some(seed);
+        texts.insert(run(m, p.clone()).await.unwrap().text);
+    }
+    assert!(texts.len() > 1, "four seeds gave the same text: {texts:?}");
+}
+
+#[test]
+fn seeds_never_map_to_llama_cpp_random_seed() {
+    assert_ne!(sampler_seed(Some(0xFFFF_FFFF)), u32::MAX);
+    assert_ne!(sampler_seed(Some(0xFFFF_FFFF_0000_0000)), u32::MAX);
+    assert_eq!(sampler_seed(Some(7)), 7);
+    assert_eq!(sampler_seed(Some(7)), sampler_seed(Some(7)));
+}
