@@ -80,10 +80,7 @@ pub async fn chat_completions_with(
 }
 
 /// Answers a legacy text completion request body (the prompt is sent as is, no template).
-pub async fn completions(
-    backend: Arc<dyn LlmBackend>,
-    body: &[u8],
-) -> Result<Answer, OpenAiError> {
+pub async fn completions(backend: Arc<dyn LlmBackend>, body: &[u8]) -> Result<Answer, OpenAiError> {
     let req = request::parse_text(body)?;
     let base = base_params(&req.sampling);
     let mut jobs = VecDeque::with_capacity(req.prompts.len() * req.n);
@@ -376,7 +373,11 @@ async fn run(backend: Arc<dyn LlmBackend>, mut plan: Plan) -> Result<Answer, Ope
             logprobs,
         });
     }
-    Ok(Answer::Whole(answer::whole(&plan.env, finished, &tally.usage)))
+    Ok(Answer::Whole(answer::whole(
+        &plan.env,
+        finished,
+        &tally.usage,
+    )))
 }
 
 /// The choice being streamed.
@@ -464,7 +465,12 @@ impl Streamer {
                 Kind::Text if run.acc.sent > 0 => {
                     out.push(answer::chunk(
                         env,
-                        vec![answer::text_piece(run.index, &run.acc.text, Value::Null, None)],
+                        vec![answer::text_piece(
+                            run.index,
+                            &run.acc.text,
+                            Value::Null,
+                            None,
+                        )],
                     ));
                 }
                 Kind::Text => {}
@@ -551,7 +557,12 @@ fn content_chunk(env: &Envelope, want_lp: bool, run: &mut Running) -> Option<Byt
     let logprobs = take_logprobs(env, want_lp, run, offset);
     let new = &run.acc.text[run.acc.sent..];
     let choice = match env.kind {
-        Kind::Chat => answer::delta(run.index, serde_json::json!({"content": new}), logprobs, None),
+        Kind::Chat => answer::delta(
+            run.index,
+            serde_json::json!({"content": new}),
+            logprobs,
+            None,
+        ),
         Kind::Text => answer::text_piece(run.index, new, logprobs, None),
     };
     run.acc.sent_chars += new.chars().count();

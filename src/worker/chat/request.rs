@@ -162,7 +162,11 @@ fn stream_and_n(o: &Obj) -> Result<(usize, bool, bool), OpenAiError> {
 }
 
 /// A required string field of a nested object.
-fn string_at<'a>(obj: &'a Map<String, Value>, key: &str, param: &str) -> Result<&'a str, OpenAiError> {
+fn string_at<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    param: &str,
+) -> Result<&'a str, OpenAiError> {
     match obj.get(key) {
         Some(Value::String(s)) => Ok(s),
         None | Some(Value::Null) => Err(missing(param)),
@@ -171,7 +175,8 @@ fn string_at<'a>(obj: &'a Map<String, Value>, key: &str, param: &str) -> Result<
 }
 
 fn object_at<'a>(v: &'a Value, param: &str) -> Result<&'a Map<String, Value>, OpenAiError> {
-    v.as_object().ok_or_else(|| wrong_type(param, "an object", v))
+    v.as_object()
+        .ok_or_else(|| wrong_type(param, "an object", v))
 }
 
 /// A message's `content`: a string, `null`, or a list of text parts.
@@ -245,7 +250,13 @@ fn tool_calls(i: usize, v: Option<&Value>) -> Result<Vec<ToolCall>, OpenAiError>
             Some(Value::String(s)) => s.clone(),
             None | Some(Value::Null) => "{}".to_string(),
             Some(v @ Value::Object(_)) => v.to_string(),
-            Some(v) => return Err(wrong_type(&format!("{fparam}.arguments"), "a JSON string", v)),
+            Some(v) => {
+                return Err(wrong_type(
+                    &format!("{fparam}.arguments"),
+                    "a JSON string",
+                    v,
+                ));
+            }
         };
         out.push(ToolCall {
             id: id.to_string(),
@@ -374,10 +385,7 @@ fn tools(v: Option<&Value>) -> Result<Vec<Tool>, OpenAiError> {
                 return Err(OpenAiError::invalid(
                     &pparam,
                     "invalid_schema",
-                    format!(
-                        "'{pparam}' must be a JSON schema object, got {}",
-                        short(v)
-                    ),
+                    format!("'{pparam}' must be a JSON schema object, got {}", short(v)),
                 ));
             }
         };
@@ -442,10 +450,16 @@ fn tool_choice(v: Option<&Value>, tools: &[Tool]) -> Result<ToolChoice, OpenAiEr
             // Chat's {"function":{"name"}}; the Responses API's flat {"name"} too.
             let (name, param) = match (o.get("function"), o.get("name")) {
                 (Some(f @ Value::Object(_)), _) => (
-                    string_at(object_at(f, "tool_choice.function")?, "name", "tool_choice.function.name")?,
+                    string_at(
+                        object_at(f, "tool_choice.function")?,
+                        "name",
+                        "tool_choice.function.name",
+                    )?,
                     "tool_choice.function.name",
                 ),
-                (None | Some(Value::Null), Some(Value::String(n))) => (n.as_str(), "tool_choice.name"),
+                (None | Some(Value::Null), Some(Value::String(n))) => {
+                    (n.as_str(), "tool_choice.name")
+                }
                 (None | Some(Value::Null), _) => return Err(missing("tool_choice.function")),
                 (Some(v), _) => return Err(wrong_type("tool_choice.function", "an object", v)),
             };
@@ -597,7 +611,10 @@ pub(crate) fn parse_text(body: &[u8]) -> Result<TextRequest, OpenAiError> {
     if prompts.len() * n > MAX_N as usize {
         return Err(invalid(
             "n",
-            format!("prompts × n must be at most {MAX_N}, got {}", prompts.len() * n),
+            format!(
+                "prompts × n must be at most {MAX_N}, got {}",
+                prompts.len() * n
+            ),
         ));
     }
     let logprobs = match o.get("logprobs") {

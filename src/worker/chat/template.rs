@@ -120,7 +120,11 @@ impl ChatTemplate {
     /// Renders the prompt for `messages` (and `tools`, when offered), ending with the
     /// assistant's generation prompt. The error is the template's message (it raised, or
     /// failed on this conversation).
-    pub(crate) fn render(&self, messages: &[Message], tools: Option<&[Tool]>) -> Result<String, String> {
+    pub(crate) fn render(
+        &self,
+        messages: &[Message],
+        tools: Option<&[Tool]>,
+    ) -> Result<String, String> {
         let mut ctx = Map::new();
         ctx.insert(
             "messages".into(),

@@ -135,7 +135,10 @@ async fn chat_err(body: Value) -> OpenAiError {
     let b = Fake::new(vec![]);
     match chat_completions(b.clone(), body.to_string().as_bytes()).await {
         Err(e) => {
-            assert!(b.seen().is_empty(), "an invalid request reached the backend");
+            assert!(
+                b.seen().is_empty(),
+                "an invalid request reached the backend"
+            );
             e
         }
         Ok(a) => panic!("expected an error for {body}, got {a:?}"),
@@ -261,8 +264,14 @@ async fn bad_requests_are_400s_naming_the_field() {
             json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}),
             "messages[0].content[0].text",
         ),
-        (json!({"model": "m", "messages": [{"role": "robot", "content": "x"}]}), "messages[0].role"),
-        (json!({"model": "m", "messages": [{"role": "user"}]}), "messages[0].content"),
+        (
+            json!({"model": "m", "messages": [{"role": "robot", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user"}]}),
+            "messages[0].content",
+        ),
         (
             json!({"model": "m", "messages": [{"role": "tool", "content": "42"}]}),
             "messages[0].tool_call_id",
@@ -274,36 +283,65 @@ async fn bad_requests_are_400s_naming_the_field() {
         ),
         (json!({"model": "m"}), "messages"),
         (json!({"messages": user("x")}), "model"),
-        (m(json!({"top_logprobs": 21, "logprobs": true})), "top_logprobs"),
+        (
+            m(json!({"top_logprobs": 21, "logprobs": true})),
+            "top_logprobs",
+        ),
         (m(json!({"top_logprobs": 2})), "top_logprobs"),
         (m(json!({"n": 9})), "n"),
         (m(json!({"n": 0})), "n"),
         (m(json!({"temperature": 3})), "temperature"),
-        (m(json!({"stream_options": {"include_usage": true}})), "stream_options"),
         (
-            m(json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "object"}}]})),
+            m(json!({"stream_options": {"include_usage": true}})),
+            "stream_options",
+        ),
+        (
+            m(
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "object"}}]}),
+            ),
             "tools[0].function.parameters",
         ),
         (
-            m(json!({"tools": [weather_tool(), {"type": "function", "function": {"name": "g", "parameters": [1]}}]})),
+            m(
+                json!({"tools": [weather_tool(), {"type": "function", "function": {"name": "g", "parameters": [1]}}]}),
+            ),
             "tools[1].function.parameters",
         ),
-        (m(json!({"tools": [{"type": "retrieval"}]})), "tools[0].type"),
-        (m(json!({"tools": [{"type": "function"}]})), "tools[0].function"),
+        (
+            m(json!({"tools": [{"type": "retrieval"}]})),
+            "tools[0].type",
+        ),
+        (
+            m(json!({"tools": [{"type": "function"}]})),
+            "tools[0].function",
+        ),
         (
             m(json!({"tools": [{"type": "function", "function": {"name": "bad name!"}}]})),
             "tools[0].function.name",
         ),
-        (m(json!({"tools": [weather_tool(), weather_tool()]})), "tools[1].function.name"),
+        (
+            m(json!({"tools": [weather_tool(), weather_tool()]})),
+            "tools[1].function.name",
+        ),
         (m(json!({"tools": {"a": 1}})), "tools"),
         (
-            m(json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "nope"}}})),
+            m(
+                json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            ),
             "tool_choice.function.name",
         ),
-        (m(json!({"tools": [weather_tool()], "tool_choice": "always"})), "tool_choice"),
-        (m(json!({"tools": [weather_tool()], "tool_choice": 3})), "tool_choice"),
         (
-            m(json!({"tools": [weather_tool()], "tool_choice": {"type": "tool", "function": {"name": "get_weather"}}})),
+            m(json!({"tools": [weather_tool()], "tool_choice": "always"})),
+            "tool_choice",
+        ),
+        (
+            m(json!({"tools": [weather_tool()], "tool_choice": 3})),
+            "tool_choice",
+        ),
+        (
+            m(
+                json!({"tools": [weather_tool()], "tool_choice": {"type": "tool", "function": {"name": "get_weather"}}}),
+            ),
             "tool_choice.type",
         ),
         (
@@ -311,17 +349,30 @@ async fn bad_requests_are_400s_naming_the_field() {
             "tool_choice.function",
         ),
         (m(json!({"tool_choice": "required"})), "tool_choice"),
-        (m(json!({"parallel_tool_calls": "yes"})), "parallel_tool_calls"),
-        (m(json!({"response_format": {"type": "xml"}})), "response_format.type"),
+        (
+            m(json!({"parallel_tool_calls": "yes"})),
+            "parallel_tool_calls",
+        ),
+        (
+            m(json!({"response_format": {"type": "xml"}})),
+            "response_format.type",
+        ),
         (m(json!({"response_format": {}})), "response_format.type"),
         (m(json!({"response_format": "json"})), "response_format"),
-        (m(json!({"response_format": {"type": "json_schema"}})), "response_format.json_schema"),
         (
-            m(json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}})),
+            m(json!({"response_format": {"type": "json_schema"}})),
+            "response_format.json_schema",
+        ),
+        (
+            m(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}}),
+            ),
             "response_format.json_schema.name",
         ),
         (
-            m(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}})),
+            m(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}}),
+            ),
             "response_format.json_schema.schema",
         ),
     ];
@@ -329,22 +380,28 @@ async fn bad_requests_are_400s_naming_the_field() {
         let e = chat_err(body.clone()).await;
         assert_400(&e, param);
     }
-    let e = chat_completions(Fake::new(vec![]), b"{not json").await.unwrap_err();
+    let e = chat_completions(Fake::new(vec![]), b"{not json")
+        .await
+        .unwrap_err();
     assert_400(&e, "body");
 }
 
 #[cfg(feature = "local-models")]
 #[tokio::test]
 async fn a_schema_the_converter_rejects_is_a_400_with_its_message() {
-    let e = chat_err(json!({"model": "m", "messages": user("x"), "response_format": {
+    let e = chat_err(
+        json!({"model": "m", "messages": user("x"), "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {
-            "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}}))
+            "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}}),
+    )
     .await;
     assert_400(&e, "response_format.json_schema.schema");
     assert!(e.message.contains("grammar"), "{}", e.message);
-    let e = chat_err(json!({"model": "m", "messages": user("x"), "tool_choice": "required",
+    let e = chat_err(
+        json!({"model": "m", "messages": user("x"), "tool_choice": "required",
         "tools": [time_tool(), {"type": "function", "function": {"name": "f", "parameters": {
-            "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}]}))
+            "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}]}),
+    )
     .await;
     assert_400(&e, "tools[1].function.parameters");
 }
@@ -366,16 +423,29 @@ async fn streaming_sends_role_content_finish_usage_then_done() {
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": "smol",
                "choices": choices, "usage": usage})
     };
-    let delta = |delta: Value, finish: Value| {
-        json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
-    };
-    assert_eq!(ev[0], chunk(delta(json!({"role": "assistant", "content": ""}), Value::Null), Value::Null));
-    assert_eq!(ev[1], chunk(delta(json!({"content": "Hel"}), Value::Null), Value::Null));
-    assert_eq!(ev[2], chunk(delta(json!({"content": "lo"}), Value::Null), Value::Null));
+    let delta = |delta: Value, finish: Value| json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]);
+    assert_eq!(
+        ev[0],
+        chunk(
+            delta(json!({"role": "assistant", "content": ""}), Value::Null),
+            Value::Null
+        )
+    );
+    assert_eq!(
+        ev[1],
+        chunk(delta(json!({"content": "Hel"}), Value::Null), Value::Null)
+    );
+    assert_eq!(
+        ev[2],
+        chunk(delta(json!({"content": "lo"}), Value::Null), Value::Null)
+    );
     assert_eq!(ev[3], chunk(delta(json!({}), json!("stop")), Value::Null));
     assert_eq!(
         ev[4],
-        chunk(json!([]), json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}))
+        chunk(
+            json!([]),
+            json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
+        )
     );
     assert_eq!(ev[5], "[DONE]");
 }
@@ -383,7 +453,11 @@ async fn streaming_sends_role_content_finish_usage_then_done() {
 #[tokio::test]
 async fn streaming_without_usage_has_no_usage_key() {
     let b = Fake::new(vec![says(&["ok"], 5)]);
-    let ev = chat_stream(b, json!({"model": "m", "messages": user("hi"), "stream": true})).await;
+    let ev = chat_stream(
+        b,
+        json!({"model": "m", "messages": user("hi"), "stream": true}),
+    )
+    .await;
     assert_eq!(ev.len(), 4);
     for e in &ev[..3] {
         assert!(e.get("usage").is_none(), "{e}");
@@ -395,13 +469,26 @@ async fn streaming_without_usage_has_no_usage_key() {
 #[tokio::test]
 async fn n_choices_are_separate_generations() {
     let b = Fake::new(vec![says(&["one"], 6), says(&["two", "!"], 6)]);
-    let v = chat(b.clone(), json!({"model": "m", "messages": user("x"), "n": 2, "seed": 10})).await;
+    let v = chat(
+        b.clone(),
+        json!({"model": "m", "messages": user("x"), "n": 2, "seed": 10}),
+    )
+    .await;
     let ch = v["choices"].as_array().unwrap();
     assert_eq!(ch.len(), 2);
-    assert_eq!((&ch[0]["index"], &ch[0]["message"]["content"]), (&json!(0), &json!("one")));
-    assert_eq!((&ch[1]["index"], &ch[1]["message"]["content"]), (&json!(1), &json!("two!")));
+    assert_eq!(
+        (&ch[0]["index"], &ch[0]["message"]["content"]),
+        (&json!(0), &json!("one"))
+    );
+    assert_eq!(
+        (&ch[1]["index"], &ch[1]["message"]["content"]),
+        (&json!(1), &json!("two!"))
+    );
     // The prompt is counted once, as OpenAI does.
-    assert_eq!(v["usage"], json!({"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}));
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9})
+    );
     let seeds: Vec<_> = b.seen().iter().map(|p| p.seed).collect();
     assert_eq!(seeds, [Some(10), Some(11)]);
 
@@ -414,7 +501,12 @@ async fn n_choices_are_separate_generations() {
     .await;
     let idx: Vec<(u64, Value)> = ev[..ev.len() - 2]
         .iter()
-        .map(|e| (e["choices"][0]["index"].as_u64().unwrap(), e["choices"][0]["delta"].clone()))
+        .map(|e| {
+            (
+                e["choices"][0]["index"].as_u64().unwrap(),
+                e["choices"][0]["delta"].clone(),
+            )
+        })
         .collect();
     assert_eq!(
         idx,
@@ -452,14 +544,20 @@ async fn auto_tools_are_described_and_a_json_answer_becomes_tool_calls() {
     assert!(id.starts_with("call_") && id.len() > 10, "{id}");
     assert_eq!(calls[0]["type"], "function");
     assert_eq!(calls[0]["function"]["name"], "get_weather");
-    let args = calls[0]["function"]["arguments"].as_str().expect("arguments is a string");
+    let args = calls[0]["function"]["arguments"]
+        .as_str()
+        .expect("arguments is a string");
     assert_eq!(
         serde_json::from_str::<Value>(args).unwrap(),
         json!({"city": "Paris", "unit": "c"})
     );
     let p = &b.seen()[0];
     assert_eq!(p.grammar, None, "auto does not force");
-    assert_eq!(p.messages.len(), 2, "the tools join the existing system message");
+    assert_eq!(
+        p.messages.len(),
+        2,
+        "the tools join the existing system message"
+    );
     assert_eq!(p.messages[0].role, Role::System);
     let sys = &p.messages[0].content;
     assert!(sys.starts_with("You help.\n\n"), "{sys}");
@@ -472,7 +570,10 @@ async fn auto_tools_are_described_and_a_json_answer_becomes_tool_calls() {
     ] {
         assert!(sys.contains(needle), "{needle} missing from {sys}");
     }
-    assert_eq!(p.messages[1], ChatMessage::new(Role::User, "Weather in Paris?"));
+    assert_eq!(
+        p.messages[1],
+        ChatMessage::new(Role::User, "Weather in Paris?")
+    );
 }
 
 #[tokio::test]
@@ -492,8 +593,15 @@ async fn auto_tools_with_a_text_answer_stream_as_content() {
     assert_eq!(ev[ev.len() - 2]["choices"][0]["finish_reason"], "stop");
     // A tool name that was not offered is not a call.
     let b = Fake::new(vec![says(&[r#"{"name":"launch","arguments":{}}"#], 9)]);
-    let v = chat(b, json!({"model": "m", "messages": user("x"), "tools": [weather_tool()]})).await;
-    assert_eq!(v["choices"][0]["message"]["content"], r#"{"name":"launch","arguments":{}}"#);
+    let v = chat(
+        b,
+        json!({"model": "m", "messages": user("x"), "tools": [weather_tool()]}),
+    )
+    .await;
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        r#"{"name":"launch","arguments":{}}"#
+    );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
 }
 
@@ -507,7 +615,10 @@ async fn auto_tools_streamed_call_is_held_then_sent_as_tool_call_deltas() {
                "stream": true}),
     )
     .await;
-    let deltas: Vec<&Value> = ev[..ev.len() - 1].iter().map(|e| &e["choices"][0]["delta"]).collect();
+    let deltas: Vec<&Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| &e["choices"][0]["delta"])
+        .collect();
     assert_eq!(deltas.len(), 4, "{ev:#?}");
     assert_eq!(deltas[0], &json!({"role": "assistant", "content": ""}));
     let first = &deltas[1]["tool_calls"][0];
@@ -520,7 +631,10 @@ async fn auto_tools_streamed_call_is_held_then_sent_as_tool_call_deltas() {
         &json!({"tool_calls": [{"index": 0, "function": {"arguments": r#"{"zone":"UTC"}"#}}]})
     );
     assert_eq!(deltas[3], &json!({}));
-    assert_eq!(ev[ev.len() - 2]["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        ev[ev.len() - 2]["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
 }
 
 #[tokio::test]
@@ -535,20 +649,41 @@ async fn named_tool_choice_forces_a_grammar_and_streams_the_call() {
     )
     .await;
     let p = &b.seen()[0];
-    assert!(p.messages[0].content.contains("You must call the tool 'get_weather' now."));
+    assert!(
+        p.messages[0]
+            .content
+            .contains("You must call the tool 'get_weather' now.")
+    );
     #[cfg(feature = "local-models")]
     {
         let g = p.grammar.as_deref().expect("a forced call has a grammar");
         assert!(g.contains("root ::="), "{g}");
         assert!(g.contains("get_weather"), "{g}");
-        assert!(!g.contains("get_time"), "only the named tool may be called: {g}");
+        assert!(
+            !g.contains("get_time"),
+            "only the named tool may be called: {g}"
+        );
     }
-    let deltas: Vec<&Value> = ev[..ev.len() - 2].iter().map(|e| &e["choices"][0]["delta"]).collect();
+    let deltas: Vec<&Value> = ev[..ev.len() - 2]
+        .iter()
+        .map(|e| &e["choices"][0]["delta"])
+        .collect();
     assert_eq!(deltas[0], &json!({"role": "assistant", "content": null}));
-    assert_eq!(deltas[1]["tool_calls"][0]["function"], json!({"name": "get_weather", "arguments": ""}));
-    let args = deltas[2]["tool_calls"][0]["function"]["arguments"].as_str().unwrap();
-    assert_eq!(serde_json::from_str::<Value>(args).unwrap(), json!({"city": "Oslo", "unit": "c"}));
-    assert_eq!(ev[ev.len() - 3]["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        deltas[1]["tool_calls"][0]["function"],
+        json!({"name": "get_weather", "arguments": ""})
+    );
+    let args = deltas[2]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(args).unwrap(),
+        json!({"city": "Oslo", "unit": "c"})
+    );
+    assert_eq!(
+        ev[ev.len() - 3]["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
     assert_eq!(ev[ev.len() - 2]["usage"]["total_tokens"], 11);
     assert_eq!(ev[ev.len() - 1], "[DONE]");
 }
@@ -556,7 +691,8 @@ async fn named_tool_choice_forces_a_grammar_and_streams_the_call() {
 #[test]
 fn forced_schema_lists_the_tools_and_limits_parallel_calls() {
     let req = |extra: Value| {
-        let mut b = json!({"model": "m", "messages": user("x"), "tools": [weather_tool(), time_tool()]});
+        let mut b =
+            json!({"model": "m", "messages": user("x"), "tools": [weather_tool(), time_tool()]});
         for (k, v) in extra.as_object().unwrap() {
             b[k] = v.clone();
         }
@@ -566,22 +702,33 @@ fn forced_schema_lists_the_tools_and_limits_parallel_calls() {
     let s = tools::forced_schema(&r.tools, &r.tool_choice, r.parallel_tool_calls);
     assert_eq!(s["required"], json!(["tool_calls"]));
     let list = &s["properties"]["tool_calls"];
-    assert_eq!((&list["minItems"], &list["maxItems"]), (&json!(1), &json!(1)));
+    assert_eq!(
+        (&list["minItems"], &list["maxItems"]),
+        (&json!(1), &json!(1))
+    );
     let items = list["items"]["anyOf"].as_array().unwrap();
     assert_eq!(items.len(), 2);
-    assert_eq!(items[0]["properties"]["name"], json!({"const": "get_weather"}));
+    assert_eq!(
+        items[0]["properties"]["name"],
+        json!({"const": "get_weather"})
+    );
     assert_eq!(
         items[0]["properties"]["arguments"]["required"],
         json!(["city", "unit"])
     );
-    assert_eq!(items[0]["properties"]["arguments"]["additionalProperties"], false);
+    assert_eq!(
+        items[0]["properties"]["arguments"]["additionalProperties"],
+        false
+    );
     assert_eq!(items[1]["properties"]["name"], json!({"const": "get_time"}));
     let r = req(json!({"tool_choice": "required"}));
     let s = tools::forced_schema(&r.tools, &r.tool_choice, r.parallel_tool_calls);
     assert!(s["properties"]["tool_calls"].get("maxItems").is_none());
     let r = req(json!({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}));
     let s = tools::forced_schema(&r.tools, &r.tool_choice, r.parallel_tool_calls);
-    let items = s["properties"]["tool_calls"]["items"]["anyOf"].as_array().unwrap();
+    let items = s["properties"]["tool_calls"]["items"]["anyOf"]
+        .as_array()
+        .unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["properties"]["name"]["const"], "get_time");
 }
@@ -600,7 +747,11 @@ async fn required_with_parallel_calls_answers_every_call() {
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[1]["function"]["name"], "get_weather");
     assert_ne!(calls[0]["id"], calls[1]["id"]);
-    assert!(b.seen()[0].messages[0].content.contains("You must call a tool now."));
+    assert!(
+        b.seen()[0].messages[0]
+            .content
+            .contains("You must call a tool now.")
+    );
     // parallel_tool_calls: false keeps only the first.
     let v = chat(
         b,
@@ -608,7 +759,13 @@ async fn required_with_parallel_calls_answers_every_call() {
                "tool_choice": "required", "parallel_tool_calls": false}),
     )
     .await;
-    assert_eq!(v["choices"][0]["message"]["tool_calls"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        v["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -650,7 +807,10 @@ async fn tool_choice_none_neither_describes_nor_parses_tools() {
     .await;
     assert_eq!(v["choices"][0]["message"]["content"], out);
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
-    assert_eq!(b.seen()[0].messages, vec![ChatMessage::new(Role::User, "x")]);
+    assert_eq!(
+        b.seen()[0].messages,
+        vec![ChatMessage::new(Role::User, "x")]
+    );
 }
 
 #[test]
@@ -667,7 +827,9 @@ fn tool_call_text_forms() {
         arguments: args.to_string(),
     };
     assert_eq!(
-        parse("<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"zone\": \"CET\"}}\n</tool_call>"),
+        parse(
+            "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"zone\": \"CET\"}}\n</tool_call>"
+        ),
         Some(vec![one("get_time", json!({"zone": "CET"}))])
     );
     assert_eq!(
@@ -688,9 +850,15 @@ fn tool_call_text_forms() {
     );
     assert_eq!(parse("Sure! {\"name\":\"get_time\"}"), None);
     assert_eq!(parse(r#"{"tool_calls":[]}"#), None);
-    assert_eq!(parse(r#"{"tool_calls":[{"name":"get_time","arguments":{}}"#), None);
+    assert_eq!(
+        parse(r#"{"tool_calls":[{"name":"get_time","arguments":{}}"#),
+        None
+    );
     assert_eq!(parse(r#"{"answer": 4}"#), None);
-    assert_eq!(parse("<tool_call>{\"name\":\"get_time\"}</tool_call> and more"), None);
+    assert_eq!(
+        parse("<tool_call>{\"name\":\"get_time\"}</tool_call> and more"),
+        None
+    );
     assert!(tools::may_be_call("  "));
     assert!(tools::may_be_call(" <tool"));
     assert!(tools::may_be_call("``"));
@@ -704,15 +872,21 @@ fn tool_call_text_forms() {
 async fn response_format_sets_a_grammar() {
     let run = |rf: Value| async move {
         let b = Fake::new(vec![says(&["{}"], 3)]);
-        chat(b.clone(), json!({"model": "m", "messages": user("x"), "response_format": rf})).await;
+        chat(
+            b.clone(),
+            json!({"model": "m", "messages": user("x"), "response_format": rf}),
+        )
+        .await;
         b.seen()[0].grammar.clone()
     };
     assert_eq!(run(json!({"type": "text"})).await, None);
     let g = run(json!({"type": "json_object"})).await.unwrap();
     assert!(g.contains("root ::="), "{g}");
-    let g = run(json!({"type": "json_schema", "json_schema": {"name": "p", "strict": true,
+    let g = run(
+        json!({"type": "json_schema", "json_schema": {"name": "p", "strict": true,
         "schema": {"type": "object", "properties": {"age": {"type": "integer"},
-            "colour": {"enum": ["red", "green"]}}, "required": ["age", "colour"]}}}))
+            "colour": {"enum": ["red", "green"]}}, "required": ["age", "colour"]}}}),
+    )
     .await
     .unwrap();
     assert!(g.contains("colour") && g.contains("green"), "{g}");
@@ -724,7 +898,10 @@ async fn chat_logprobs_whole_and_streamed() {
         vec![
             lps(vec![tok("Hi", -0.25, &[("Hi", -0.25), ("Hey", -1.5)])]),
             d("Hi"),
-            lps(vec![tok("!", -0.5, &[("!", -0.5), (".", -2.0)]), tok(" ", -1.0, &[(" ", -1.0), ("?", -3.0)])]),
+            lps(vec![
+                tok("!", -0.5, &[("!", -0.5), (".", -2.0)]),
+                tok(" ", -1.0, &[(" ", -1.0), ("?", -3.0)]),
+            ]),
             d("! "),
             fin(FinishReason::Stop, 4, 3),
         ]
@@ -762,14 +939,22 @@ async fn chat_logprobs_whole_and_streamed() {
     assert_eq!(toks, [vec!["Hi"], vec!["!", " "]]);
     // logprobs: true alone asks for no alternatives.
     let b = Fake::new(vec![says(&["a"], 1)]);
-    chat(b.clone(), json!({"model": "m", "messages": user("x"), "logprobs": true})).await;
+    chat(
+        b.clone(),
+        json!({"model": "m", "messages": user("x"), "logprobs": true}),
+    )
+    .await;
     assert_eq!(b.seen()[0].logprobs, Some(0));
 }
 
 #[tokio::test]
 async fn text_completions_prompt_echo_logprobs_and_n() {
     let b = Fake::new(vec![vec![
-        lps(vec![tok(" Paris", -0.1, &[(" Paris", -0.1), (" Lyon", -3.0)])]),
+        lps(vec![tok(
+            " Paris",
+            -0.1,
+            &[(" Paris", -0.1), (" Lyon", -3.0)],
+        )]),
         d(" Paris"),
         lps(vec![tok(".", -0.2, &[(".", -0.2)])]),
         d("."),
@@ -784,7 +969,9 @@ async fn text_completions_prompt_echo_logprobs_and_n() {
     )
     .await
     .unwrap();
-    let Answer::Whole(body) = resp else { panic!("whole expected") };
+    let Answer::Whole(body) = resp else {
+        panic!("whole expected")
+    };
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
     assert_eq!(v["object"], "text_completion");
@@ -804,7 +991,12 @@ async fn text_completions_prompt_echo_logprobs_and_n() {
     assert_eq!((p.logprobs, p.max_new_tokens), (Some(2), Some(5)));
 
     // Two prompts × n=2: indexes by prompt then choice; streamed.
-    let b = Fake::new(vec![says(&["a"], 2), says(&["b"], 2), says(&["c"], 3), says(&["d"], 3)]);
+    let b = Fake::new(vec![
+        says(&["a"], 2),
+        says(&["b"], 2),
+        says(&["c"], 3),
+        says(&["d"], 3),
+    ]);
     let ev = collect(
         completions(
             b.clone(),
@@ -821,7 +1013,11 @@ async fn text_completions_prompt_echo_logprobs_and_n() {
         .map(|e| {
             assert_eq!(e["object"], "text_completion");
             let c = &e["choices"][0];
-            (c["index"].as_u64().unwrap(), c["text"].as_str().unwrap().into(), c["finish_reason"].clone())
+            (
+                c["index"].as_u64().unwrap(),
+                c["text"].as_str().unwrap().into(),
+                c["finish_reason"].clone(),
+            )
         })
         .collect();
     assert_eq!(
@@ -843,15 +1039,23 @@ async fn text_completions_prompt_echo_logprobs_and_n() {
     );
     let prompts: Vec<_> = b.seen().iter().map(|p| p.prompt.clone().unwrap()).collect();
     assert_eq!(prompts, ["p1", "p1", "p2", "p2"]);
-    let e = completions(Fake::new(vec![]), br#"{"model":"m","prompt":["a","b","c"],"n":3}"#)
-        .await
-        .unwrap_err();
+    let e = completions(
+        Fake::new(vec![]),
+        br#"{"model":"m","prompt":["a","b","c"],"n":3}"#,
+    )
+    .await
+    .unwrap_err();
     assert_400(&e, "n");
-    let e = completions(Fake::new(vec![]), br#"{"model":"m","prompt":"a","logprobs":21}"#)
+    let e = completions(
+        Fake::new(vec![]),
+        br#"{"model":"m","prompt":"a","logprobs":21}"#,
+    )
+    .await
+    .unwrap_err();
+    assert_400(&e, "logprobs");
+    let e = completions(Fake::new(vec![]), br#"{"model":"m"}"#)
         .await
         .unwrap_err();
-    assert_400(&e, "logprobs");
-    let e = completions(Fake::new(vec![]), br#"{"model":"m"}"#).await.unwrap_err();
     assert_400(&e, "prompt");
 }
 
@@ -859,7 +1063,11 @@ async fn text_completions_prompt_echo_logprobs_and_n() {
 async fn streamed_echo_sends_the_prompt_first() {
     let b = Fake::new(vec![says(&[" world"], 2)]);
     let ev = collect(
-        completions(b, br#"{"model":"m","prompt":"hello","echo":true,"stream":true}"#).await,
+        completions(
+            b,
+            br#"{"model":"m","prompt":"hello","echo":true,"stream":true}"#,
+        )
+        .await,
     )
     .await;
     let texts: Vec<&str> = ev[..ev.len() - 1]
@@ -875,34 +1083,68 @@ async fn backend_failures_before_and_after_the_stream_starts() {
     let b = Fake::new(vec![vec![Err(BackendError::BadRequest(
         "prompt is 9 tokens but the model's context window is 8 tokens".into(),
     ))]]);
-    let e = chat_completions(b, json!({"model": "m", "messages": user("x"), "stream": true}).to_string().as_bytes())
-        .await
-        .unwrap_err();
+    let e = chat_completions(
+        b,
+        json!({"model": "m", "messages": user("x"), "stream": true})
+            .to_string()
+            .as_bytes(),
+    )
+    .await
+    .unwrap_err();
     assert_400(&e, "messages");
     assert!(e.message.contains("context window"));
     // The same refusal without streaming.
     let b = Fake::new(vec![vec![Err(BackendError::BadRequest("too long".into()))]]);
-    let e = chat_completions(b, json!({"model": "m", "messages": user("x")}).to_string().as_bytes())
-        .await
-        .unwrap_err();
+    let e = chat_completions(
+        b,
+        json!({"model": "m", "messages": user("x")})
+            .to_string()
+            .as_bytes(),
+    )
+    .await
+    .unwrap_err();
     assert_400(&e, "messages");
     // A failure mid-stream: an error event, then [DONE].
-    let b = Fake::new(vec![vec![d("par"), Err(BackendError::internal("decode failed"))]]);
-    let ev = chat_stream(b, json!({"model": "m", "messages": user("x"), "stream": true})).await;
+    let b = Fake::new(vec![vec![
+        d("par"),
+        Err(BackendError::internal("decode failed")),
+    ]]);
+    let ev = chat_stream(
+        b,
+        json!({"model": "m", "messages": user("x"), "stream": true}),
+    )
+    .await;
     assert_eq!(ev.len(), 4, "{ev:#?}");
     assert_eq!(ev[1]["choices"][0]["delta"]["content"], "par");
     assert_eq!(ev[2]["error"]["type"], "server_error");
-    assert!(ev[2]["error"]["message"].as_str().unwrap().contains("decode failed"));
+    assert!(
+        ev[2]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("decode failed")
+    );
     assert_eq!(ev[3], "[DONE]");
     // A stream that ends without a finish is an error too.
     let b = Fake::new(vec![vec![d("x")]]);
-    let e = chat_completions(b, json!({"model": "m", "messages": user("x")}).to_string().as_bytes())
-        .await
-        .unwrap_err();
+    let e = chat_completions(
+        b,
+        json!({"model": "m", "messages": user("x")})
+            .to_string()
+            .as_bytes(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
     // A failure of the second choice's start, mid-stream.
-    let b = Fake::new(vec![says(&["a"], 1), vec![Err(BackendError::internal("gone"))]]);
-    let ev = chat_stream(b, json!({"model": "m", "messages": user("x"), "stream": true, "n": 2})).await;
+    let b = Fake::new(vec![
+        says(&["a"], 1),
+        vec![Err(BackendError::internal("gone"))],
+    ]);
+    let ev = chat_stream(
+        b,
+        json!({"model": "m", "messages": user("x"), "stream": true, "n": 2}),
+    )
+    .await;
     assert_eq!(ev[ev.len() - 2]["error"]["code"], "model_error");
     assert_eq!(ev[ev.len() - 1], "[DONE]");
 }
@@ -916,7 +1158,11 @@ const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\
 
 fn template_opts(src: &str) -> ChatOptions {
     ChatOptions {
-        template: Some(Arc::new(ChatTemplate::new(src, "test").unwrap().with_tokens("<s>", "</s>"))),
+        template: Some(Arc::new(
+            ChatTemplate::new(src, "test")
+                .unwrap()
+                .with_tokens("<s>", "</s>"),
+        )),
     }
 }
 
@@ -930,13 +1176,20 @@ async fn a_custom_template_renders_the_prompt_with_tools() {
         {"role": "assistant", "tool_calls": [{"id": "c9", "type": "function",
             "function": {"name": "get_time", "arguments": "{\"zone\":\"CET\"}"}}]},
         {"role": "tool", "tool_call_id": "c9", "content": "10:00"}]});
-    let a = chat_completions_with(b.clone(), &template_opts(TEMPLATE), body.to_string().as_bytes())
-        .await
-        .unwrap();
+    let a = chat_completions_with(
+        b.clone(),
+        &template_opts(TEMPLATE),
+        body.to_string().as_bytes(),
+    )
+    .await
+    .unwrap();
     let Answer::Whole(w) = a else { panic!() };
     let v: Value = serde_json::from_slice(&w).unwrap();
     assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
-    assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_time");
+    assert_eq!(
+        v["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "get_time"
+    );
     let p = &b.seen()[0];
     assert!(p.messages.is_empty());
     assert_eq!(
@@ -948,22 +1201,40 @@ async fn a_custom_template_renders_the_prompt_with_tools() {
     let b = Fake::new(vec![says(&["ok"], 2)]);
     let body = json!({"model": "m", "tools": [time_tool()], "tool_choice": "none",
                       "messages": user("hi")});
-    chat_completions_with(b.clone(), &template_opts(TEMPLATE), body.to_string().as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(b.seen()[0].prompt.as_deref(), Some("<s><|user|>hi;<|assistant|>"));
+    chat_completions_with(
+        b.clone(),
+        &template_opts(TEMPLATE),
+        body.to_string().as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b.seen()[0].prompt.as_deref(),
+        Some("<s><|user|>hi;<|assistant|>")
+    );
 }
 
 #[tokio::test]
 async fn template_errors() {
     let raising = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with the user') }}{% endif %}x";
     let body = json!({"model": "m", "messages": [{"role": "system", "content": "s"}]});
-    let e = chat_completions_with(Fake::new(vec![]), &template_opts(raising), body.to_string().as_bytes())
-        .await
-        .unwrap_err();
+    let e = chat_completions_with(
+        Fake::new(vec![]),
+        &template_opts(raising),
+        body.to_string().as_bytes(),
+    )
+    .await
+    .unwrap_err();
     assert_400(&e, "messages");
-    assert!(e.message.contains("Conversation must start with the user"), "{}", e.message);
-    assert!(matches!(ChatTemplate::new("{% for %}", "bad.jinja"), Err(TemplateError::Syntax { .. })));
+    assert!(
+        e.message.contains("Conversation must start with the user"),
+        "{}",
+        e.message
+    );
+    assert!(matches!(
+        ChatTemplate::new("{% for %}", "bad.jinja"),
+        Err(TemplateError::Syntax { .. })
+    ));
     // A tokenizer_config.json carries the template and the special tokens.
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("tokenizer_config.json");
@@ -978,12 +1249,21 @@ async fn template_errors() {
         template: Some(Arc::new(ChatTemplate::load(&cfg).unwrap())),
     };
     let b = Fake::new(vec![says(&["x"], 1)]);
-    chat_completions_with(b.clone(), &opts, json!({"model": "m", "messages": user("q")}).to_string().as_bytes())
-        .await
-        .unwrap();
+    chat_completions_with(
+        b.clone(),
+        &opts,
+        json!({"model": "m", "messages": user("q")})
+            .to_string()
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     assert_eq!(b.seen()[0].prompt.as_deref(), Some("<B>q<E>"));
     let missing = dir.path().join("nope.jinja");
-    assert!(matches!(ChatTemplate::load(&missing), Err(TemplateError::Read { .. })));
+    assert!(matches!(
+        ChatTemplate::load(&missing),
+        Err(TemplateError::Read { .. })
+    ));
 }
 
 /// Tests against the real SmolLM2 GGUF: the grammar makes its output fit the schema.
@@ -1059,7 +1339,10 @@ mod real {
             "messages": [{"role": "user", "content": "What is the weather like in Paris, in celsius?"}],
             "tools": [time_tool(), tool.clone()],
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
-        let Answer::Whole(w) = chat_completions(smol(), body.to_string().as_bytes()).await.unwrap() else {
+        let Answer::Whole(w) = chat_completions(smol(), body.to_string().as_bytes())
+            .await
+            .unwrap()
+        else {
             panic!()
         };
         let v: Value = serde_json::from_slice(&w).unwrap();
@@ -1068,7 +1351,8 @@ mod real {
         assert_eq!(c["finish_reason"], "tool_calls", "{v}");
         let call = &c["message"]["tool_calls"][0];
         assert_eq!(call["function"]["name"], "get_weather");
-        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
         validate(&args, &tool["function"]["parameters"]).unwrap();
         assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
 
@@ -1079,14 +1363,25 @@ mod real {
         let mut name = String::new();
         let mut args = String::new();
         for e in &ev[..ev.len() - 1] {
-            for tc in e["choices"][0]["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            for tc in e["choices"][0]["delta"]["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
                 name.push_str(tc["function"]["name"].as_str().unwrap_or_default());
                 args.push_str(tc["function"]["arguments"].as_str().unwrap_or_default());
             }
         }
         assert_eq!(name, "get_weather");
-        validate(&serde_json::from_str(&args).unwrap(), &tool["function"]["parameters"]).unwrap();
-        assert_eq!(ev[ev.len() - 2]["choices"][0]["finish_reason"], "tool_calls");
+        validate(
+            &serde_json::from_str(&args).unwrap(),
+            &tool["function"]["parameters"],
+        )
+        .unwrap();
+        assert_eq!(
+            ev[ev.len() - 2]["choices"][0]["finish_reason"],
+            "tool_calls"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1099,7 +1394,10 @@ mod real {
             "messages": [{"role": "user", "content": "Describe a person as JSON: name, age, pet."}],
             "response_format": {"type": "json_schema",
                 "json_schema": {"name": "person", "strict": true, "schema": schema}}});
-        let Answer::Whole(w) = chat_completions(smol(), body.to_string().as_bytes()).await.unwrap() else {
+        let Answer::Whole(w) = chat_completions(smol(), body.to_string().as_bytes())
+            .await
+            .unwrap()
+        else {
             panic!()
         };
         let v: Value = serde_json::from_slice(&w).unwrap();

@@ -33,7 +33,9 @@ pub(crate) fn system_prompt(tools: &[Tool], choice: &ToolChoice, parallel: bool)
             }
             m.insert(
                 "parameters".into(),
-                t.parameters.clone().unwrap_or_else(|| json!({"type": "object"})),
+                t.parameters
+                    .clone()
+                    .unwrap_or_else(|| json!({"type": "object"})),
             );
             Value::Object(m)
         })
@@ -78,14 +80,19 @@ fn calls_json(m: &Message) -> String {
 /// assistant): developer messages become system ones, assistant tool calls the format's
 /// JSON, tool results user messages naming the call; `tools_prompt` (when tools are
 /// offered) joins the first system message or becomes one.
-pub(crate) fn generic_messages(messages: &[Message], tools_prompt: Option<String>) -> Vec<ChatMessage> {
+pub(crate) fn generic_messages(
+    messages: &[Message],
+    tools_prompt: Option<String>,
+) -> Vec<ChatMessage> {
     let mut out = Vec::with_capacity(messages.len() + 1);
     for (i, m) in messages.iter().enumerate() {
         let text = m.content.clone().unwrap_or_default();
         let msg = match m.role {
             MsgRole::System | MsgRole::Developer => ChatMessage::new(Role::System, text),
             MsgRole::User => ChatMessage::new(Role::User, text),
-            MsgRole::Assistant if m.tool_calls.is_empty() => ChatMessage::new(Role::Assistant, text),
+            MsgRole::Assistant if m.tool_calls.is_empty() => {
+                ChatMessage::new(Role::Assistant, text)
+            }
             MsgRole::Assistant => {
                 let calls = calls_json(m);
                 let content = if text.trim().is_empty() {
@@ -133,7 +140,10 @@ fn tool_name_for(earlier: &[Message], id: &str) -> Option<String> {
 /// undeclared keys unless the schema says otherwise).
 pub(crate) fn forced_schema(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Value {
     let one = |t: &Tool| {
-        let mut args = t.parameters.clone().unwrap_or_else(|| json!({"type": "object"}));
+        let mut args = t
+            .parameters
+            .clone()
+            .unwrap_or_else(|| json!({"type": "object"}));
         if let Value::Object(a) = &mut args
             && a.contains_key("properties")
             && !a.contains_key("additionalProperties")
