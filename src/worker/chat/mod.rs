@@ -60,6 +60,16 @@ pub struct ChatOptions {
     pub template: Option<Arc<ChatTemplate>>,
 }
 
+impl ChatOptions {
+    /// Options rendering prompts with the template in `path` (`--chat_template FILE`): Jinja
+    /// text, or a Hugging Face `tokenizer_config.json` carrying one.
+    pub fn with_template_file(path: &std::path::Path) -> Result<ChatOptions, TemplateError> {
+        Ok(ChatOptions {
+            template: Some(Arc::new(ChatTemplate::load(path)?)),
+        })
+    }
+}
+
 /// Answers a chat completion request body with the model's own chat template.
 pub async fn chat_completions(
     backend: Arc<dyn LlmBackend>,

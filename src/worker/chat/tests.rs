@@ -1407,4 +1407,93 @@ mod real {
             serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
         validate(&content, &schema).unwrap();
     }
+
+    /// The GGUF's own template rendered by minijinja gives the prompt llama.cpp renders:
+    /// Hugging Face templates work as operator templates.
+    #[test]
+    fn smollm2_template_renders_like_llama_cpp() {
+        let path = require_test_model("SmolLM2-135M-Instruct.Q4_1.gguf");
+        let model = LlamaCppBackend::load(LlamaCppConfig::new(path)).unwrap();
+        let src = model
+            .chat_template()
+            .expect("SmolLM2 has a template")
+            .to_string();
+        let t = ChatTemplate::new(src, "gguf").unwrap();
+        let body = json!({"model": "m", "messages": [
+            {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]});
+        let req = request::parse_chat(body.to_string().as_bytes()).unwrap();
+        let ours = t.render(&req.messages, None).unwrap();
+        let theirs = model
+            .render_prompt(&tools::generic_messages(&req.messages, None))
+            .unwrap();
+        assert_eq!(ours, theirs);
+        assert!(ours.ends_with("<|im_start|>assistant\n"), "{ours}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn smollm2_logprobs_n_and_usage_streamed() {
+        let body = json!({"model": "smol", "max_tokens": 6, "n": 2, "seed": 7, "temperature": 0.9,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}],
+            "logprobs": true, "top_logprobs": 3, "stream": true,
+            "stream_options": {"include_usage": true}});
+        let ev = collect(chat_completions(smol(), body.to_string().as_bytes()).await).await;
+        assert_eq!(ev[ev.len() - 1], "[DONE]");
+        let usage = &ev[ev.len() - 2]["usage"];
+        let mut text = [String::new(), String::new()];
+        let mut tokens = [0u64, 0];
+        for e in &ev[..ev.len() - 2] {
+            let c = &e["choices"][0];
+            let i = c["index"].as_u64().unwrap() as usize;
+            text[i].push_str(c["delta"]["content"].as_str().unwrap_or_default());
+            for t in c["logprobs"]["content"].as_array().into_iter().flatten() {
+                tokens[i] += 1;
+                let lp = t["logprob"].as_f64().unwrap();
+                assert!(lp <= 0.0, "{t}");
+                assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 3, "{t}");
+                let bytes: Vec<u8> = t["bytes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8)
+                    .collect();
+                assert_eq!(
+                    String::from_utf8_lossy(&bytes),
+                    t["token"].as_str().unwrap()
+                );
+            }
+        }
+        assert!(!text[0].is_empty() && !text[1].is_empty(), "{text:?}");
+        assert_eq!(
+            usage["completion_tokens"].as_u64().unwrap(),
+            tokens[0] + tokens[1],
+            "one logprobs entry per generated token: {ev:#?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn smollm2_text_completion_with_logprobs() {
+        let body = json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 4,
+                          "temperature": 0, "logprobs": 2, "echo": true});
+        let Answer::Whole(w) = completions(smol(), body.to_string().as_bytes())
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        let v: Value = serde_json::from_slice(&w).unwrap();
+        eprintln!("text completion: {v}");
+        let c = &v["choices"][0];
+        let text = c["text"].as_str().unwrap();
+        assert!(
+            text.starts_with("The capital of France is") && text.len() > 24,
+            "{text}"
+        );
+        let lp = &c["logprobs"];
+        let n = lp["tokens"].as_array().unwrap().len();
+        assert_eq!(n as u64, v["usage"]["completion_tokens"].as_u64().unwrap());
+        assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n);
+        assert_eq!(lp["text_offset"][0], 24);
+        assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+    }
 }
