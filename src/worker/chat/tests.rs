@@ -637,6 +637,8 @@ async fn auto_tools_streamed_call_is_held_then_sent_as_tool_call_deltas() {
     );
 }
 
+/// Forcing needs llama.cpp's grammar converter.
+#[cfg(feature = "local-models")]
 #[tokio::test]
 async fn named_tool_choice_forces_a_grammar_and_streams_the_call() {
     let out = r#"{"tool_calls":[{"name":"get_weather","arguments":{"city":"Oslo","unit":"c"}}]}"#;
@@ -733,6 +735,8 @@ fn forced_schema_lists_the_tools_and_limits_parallel_calls() {
     assert_eq!(items[0]["properties"]["name"]["const"], "get_time");
 }
 
+/// Forcing needs llama.cpp's grammar converter.
+#[cfg(feature = "local-models")]
 #[tokio::test]
 async fn required_with_parallel_calls_answers_every_call() {
     let out = r#"{"tool_calls":[{"name":"get_time","arguments":{"zone":"UTC"}},{"name":"get_weather","arguments":{"city":"Rome","unit":"f"}}]}"#;
@@ -1212,6 +1216,31 @@ async fn a_custom_template_renders_the_prompt_with_tools() {
         b.seen()[0].prompt.as_deref(),
         Some("<s><|user|>hi;<|assistant|>")
     );
+    // A required call with a template: the template gets the tools, the grammar forces
+    // the call.
+    #[cfg(feature = "local-models")]
+    {
+        let out = r#"{"tool_calls":[{"name":"get_time","arguments":{"zone":"UTC"}}]}"#;
+        let b = Fake::new(vec![says(&[out], 2)]);
+        let body = json!({"model": "m", "tools": [time_tool()], "tool_choice": "required",
+                          "messages": user("hi")});
+        let a = chat_completions_with(
+            b.clone(),
+            &template_opts(TEMPLATE),
+            body.to_string().as_bytes(),
+        )
+        .await
+        .unwrap();
+        let Answer::Whole(w) = a else { panic!() };
+        let v: Value = serde_json::from_slice(&w).unwrap();
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        let p = &b.seen()[0];
+        assert_eq!(
+            p.prompt.as_deref(),
+            Some("<s><|user|>hi;TOOLS: get_time;<|assistant|>")
+        );
+        assert!(p.grammar.as_deref().unwrap().contains("get_time"));
+    }
 }
 
 #[tokio::test]
