@@ -1153,6 +1153,73 @@ async fn backend_failures_before_and_after_the_stream_starts() {
     assert_eq!(ev[ev.len() - 1], "[DONE]");
 }
 
+/// A backend whose generation never ends, noting when its stream is dropped.
+struct Endless {
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl LlmBackend for Endless {
+    fn generate_stream(
+        &self,
+        _: GenerateParams,
+    ) -> BoxStream<'static, Result<GenerateEvent, BackendError>> {
+        let flag = DropFlag(self.dropped.clone());
+        futures::stream::iter([d("tick")])
+            .chain(futures::stream::pending())
+            .map(move |e| {
+                let _keep = &flag;
+                e
+            })
+            .boxed()
+    }
+
+    fn count_tokens(&self, _: &str) -> Result<usize, BackendError> {
+        Ok(0)
+    }
+
+    fn context_length(&self) -> usize {
+        2048
+    }
+}
+
+#[tokio::test]
+async fn dropping_the_stream_cancels_the_generation() {
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let b = Arc::new(Endless {
+        dropped: dropped.clone(),
+    });
+    let body = json!({"model": "m", "messages": user("x"), "stream": true});
+    let Answer::Stream(mut s) = chat_completions(b, body.to_string().as_bytes())
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let role = s.next().await.unwrap();
+    assert!(
+        std::str::from_utf8(&role)
+            .unwrap()
+            .contains(r#""role":"assistant""#)
+    );
+    let tick = s.next().await.unwrap();
+    assert!(
+        std::str::from_utf8(&tick)
+            .unwrap()
+            .contains(r#""content":"tick""#)
+    );
+    assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst));
+    drop(s);
+    assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+}
+
 const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\
 {% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}\
 {% elif m.role == 'tool' %}RESULT {{ m.tool_call_id }}: {{ m.content }}\
