@@ -50,7 +50,7 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn wrong_type(field: &str, want: &str, got: &Value) -> OpenAiError {
+pub(crate) fn wrong_type(field: &str, want: &str, got: &Value) -> OpenAiError {
     OpenAiError::invalid(
         field,
         "invalid_type",
@@ -59,7 +59,7 @@ fn wrong_type(field: &str, want: &str, got: &Value) -> OpenAiError {
 }
 
 /// A required field that is absent.
-fn missing(field: &str) -> OpenAiError {
+pub(crate) fn missing(field: &str) -> OpenAiError {
     OpenAiError::invalid(
         field,
         "missing_required_parameter",
@@ -86,7 +86,7 @@ fn too_many(field: &str, max: usize) -> OpenAiError {
 }
 
 /// A request body's top-level fields by name.
-trait FieldSource {
+pub(crate) trait FieldSource {
     fn field(&self, k: &str) -> Option<&Value>;
 }
 
@@ -301,14 +301,14 @@ fn parse_completion_fields(body: &[u8]) -> Result<CompletionFields, OpenAiError>
 }
 
 /// Field accessors that treat `null` as absent.
-struct Obj<'a>(&'a dyn FieldSource);
+pub(crate) struct Obj<'a>(pub(crate) &'a dyn FieldSource);
 
 impl<'a> Obj<'a> {
-    fn get(&self, k: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, k: &str) -> Option<&'a Value> {
         self.0.field(k).filter(|v| !v.is_null())
     }
 
-    fn model(&self) -> Result<String, OpenAiError> {
+    pub(crate) fn model(&self) -> Result<String, OpenAiError> {
         match self.get("model") {
             None => Err(OpenAiError::invalid(
                 "model",
@@ -325,7 +325,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn bool(&self, k: &str) -> Result<Option<bool>, OpenAiError> {
+    pub(crate) fn bool(&self, k: &str) -> Result<Option<bool>, OpenAiError> {
         match self.get(k) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -333,7 +333,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn float(&self, k: &str, lo: f64, hi: f64) -> Result<Option<f64>, OpenAiError> {
+    pub(crate) fn float(&self, k: &str, lo: f64, hi: f64) -> Result<Option<f64>, OpenAiError> {
         match self.get(k) {
             None => Ok(None),
             Some(Value::Number(n)) => {
@@ -351,7 +351,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn int(&self, k: &str, lo: i64, hi: i64) -> Result<Option<i64>, OpenAiError> {
+    pub(crate) fn int(&self, k: &str, lo: i64, hi: i64) -> Result<Option<i64>, OpenAiError> {
         match self.get(k) {
             None => Ok(None),
             Some(Value::Number(n)) => {
@@ -407,7 +407,7 @@ pub struct CompletionRequest {
     pub native_only: Option<String>,
 }
 
-fn sampling(o: &Obj) -> Result<Sampling, OpenAiError> {
+pub(crate) fn sampling(o: &Obj) -> Result<Sampling, OpenAiError> {
     let max_tokens = match o.int("max_completion_tokens", 1, 1 << 24)? {
         Some(m) => Some(m),
         None => o.int("max_tokens", 1, 1 << 24)?,

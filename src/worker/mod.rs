@@ -3,7 +3,8 @@
 //! controller.
 //!
 //! [`backends`] holds the inference engines (llama.cpp, candle embeddings, the
-//! OpenAI-compatible proxy); [`spec`] describes a model and loads it; [`manager`] owns the
+//! OpenAI-compatible proxy); [`chat`] answers OpenAI chat and text completion requests from a
+//! local backend; [`spec`] describes a model and loads it; [`manager`] owns the
 //! running models and their lifecycle; [`registration`] keeps the controller's registry in
 //! step; [`routes`] is the HTTP API and [`client`] its client; [`config`] reads the worker's
 //! flags and file; [`service`] wires the process together.
