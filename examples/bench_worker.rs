@@ -85,6 +85,7 @@ async fn main() {
             n_threads: None,
             concurrency: Some(4),
             proxy_timeouts: None,
+            chat_template: None,
         })
         .await
         .unwrap();
@@ -101,6 +102,7 @@ async fn main() {
             n_threads: None,
             concurrency: Some(4),
             proxy_timeouts: None,
+            chat_template: None,
         })
         .await
         .unwrap();

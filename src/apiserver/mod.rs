@@ -494,15 +494,22 @@ async fn run_completion(
         .tracer
         .start_with(span_name(kind), tracer::current(), || completion_meta(&r));
     // Our workers take the request as it is; DB-GPT's get it as PromptRequests below.
+    let legacy_ok = r.native_only.is_none();
     let native = s
         .upstream
-        .native(&r.model, &group, native_path(kind), &body, span.ctx())
+        .native(
+            &r.model,
+            &group,
+            (native_path(kind), &body),
+            legacy_ok,
+            span.ctx(),
+        )
         .await;
-    match native {
+    let first = match native {
         Ok(Native::Answer(a)) => return spliced(&s, a, (busy, span)),
-        Ok(Native::Legacy) => {}
+        Ok(Native::Legacy(first)) => first,
         Err(e) => return OpenAiError::from_upstream(e, prompt_field(kind)).into_response(),
-    }
+    };
     if let Some(field) = &r.native_only {
         return needs_native(&r.model, field);
     }
@@ -538,6 +545,7 @@ async fn run_completion(
         s: &s,
         model: &r.model,
         group: &group,
+        first: first.as_ref(),
         trace: span.ctx(),
     };
     if r.stream {
@@ -553,6 +561,8 @@ struct Call<'a> {
     s: &'a Shared,
     model: &'a str,
     group: &'a Group,
+    /// The instance the policy chose already (every call starts there).
+    first: Option<&'a Arc<discovery::Instance>>,
     trace: Option<tracer::SpanCtx>,
 }
 
@@ -579,7 +589,7 @@ async fn whole_completion(
     let results = futures::future::join_all(bodies.iter().map(|b| {
         call.s
             .upstream
-            .generate(call.model, call.group, b, call.trace)
+            .generate(call.model, (call.group, call.first.cloned()), b, call.trace)
     }))
     .await;
     let mut out = Vec::with_capacity(choices.len());
@@ -613,7 +623,7 @@ async fn stream_completion(
     let opened = futures::future::join_all(bodies.iter().map(|b| {
         call.s
             .upstream
-            .open_stream(call.model, call.group, b, call.trace)
+            .open_stream(call.model, (call.group, call.first.cloned()), b, call.trace)
     }))
     .await;
     let mut streams = Vec::with_capacity(opened.len());
@@ -738,28 +748,34 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         tracer::current(),
         || model_meta(&r.model),
     );
+    let legacy_ok = r.native_only.is_none();
     let native = s
         .upstream
         .native(
             &r.model,
             &group,
-            wire::OPENAI_EMBEDDINGS_PATH,
-            &body,
+            (wire::OPENAI_EMBEDDINGS_PATH, &body),
+            legacy_ok,
             span.ctx(),
         )
         .await;
-    match native {
+    let first = match native {
         Ok(Native::Answer(a)) => return spliced(&s, a, (busy, span)),
-        Ok(Native::Legacy) => drop(span),
+        Ok(Native::Legacy(first)) => {
+            drop(span);
+            first
+        }
         Err(e) => return OpenAiError::from_upstream(e, "input").into_response(),
-    }
+    };
     if let Some(field) = &r.native_only {
         return needs_native(&r.model, field);
     }
     let batches: Vec<&[String]> = r.input.chunks(s.embedding_batch_size).collect();
     // One span per worker call, as DB-GPT's `embeddings_generate`.
     let parent = tracer::current();
-    let results = futures::future::join_all(batches.iter().map(|b| {
+    let results = futures::future::join_all(batches.iter().enumerate().map(|(i, b)| {
+        // The first batch goes where the policy sent the request.
+        let first = if i == 0 { first.clone() } else { None };
         let span = s
             .tracer
             .start_with("dbgpt.model.apiserver.generate_embeddings", parent, || {
@@ -769,7 +785,14 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         async move {
             let res = s
                 .upstream
-                .embeddings(model, (group, WorkerType::Text2vec), b, None, span.ctx())
+                .embeddings(
+                    model,
+                    (group, WorkerType::Text2vec),
+                    first,
+                    b,
+                    None,
+                    span.ctx(),
+                )
                 .await;
             drop(span);
             res
@@ -888,6 +911,7 @@ async fn score_documents(
         .embeddings(
             model,
             (&group, worker_type),
+            None,
             documents,
             Some(query),
             span.ctx(),

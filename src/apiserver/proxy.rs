@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
-use super::discovery::{self, Discovery, Group, Lookup};
+use super::discovery::{self, Discovery, Group, Instance, Lookup};
 use super::policy::{self, InFlight, RoutingPolicy};
 use super::pool::{self, Target};
 use crate::http::error_chain;
@@ -113,8 +113,11 @@ pub enum Native {
     /// The worker's answer: a success, or a 4xx about the request (the worker's or its
     /// upstream's verdict, which every instance would give), to be relayed as it is.
     Answer(NativeAnswer),
-    /// The instances tried have no native routes (DB-GPT's workers): use DB-GPT's API.
-    Legacy,
+    /// The instance the policy chose has no native routes (a DB-GPT worker): use DB-GPT's
+    /// API, starting with that instance (so the policy's choice stands). `None` when the
+    /// request cannot go to such a worker (it has fields DB-GPT's API cannot carry) and no
+    /// other instance could take it.
+    Legacy(Option<Arc<Instance>>),
 }
 
 /// A worker's native answer: its head, and its body still to come (or already read, for an
@@ -257,7 +260,7 @@ impl Upstream {
     async fn with_retries<T, F, Fut>(
         &self,
         model: &str,
-        group: &Group,
+        (group, mut first): (&Group, Option<Arc<Instance>>),
         attempt: F,
     ) -> Result<T, UpstreamError>
     where
@@ -267,7 +270,11 @@ impl Upstream {
         let mut tried: Vec<String> = Vec::new();
         let mut last = String::new();
         for _ in 0..=self.max_retries {
-            let Some(inst) = policy::choose(self.policy, &self.discovery, group, &tried) else {
+            // The instance the policy already chose for this request (see `Native::Legacy`).
+            let chosen = first
+                .take()
+                .or_else(|| policy::choose(self.policy, &self.discovery, group, &tried));
+            let Some(inst) = chosen else {
                 break;
             };
             tried.push(inst.addr.clone());
@@ -384,11 +391,11 @@ impl Upstream {
     pub async fn open_stream(
         &self,
         model: &str,
-        group: &Group,
+        route: (&Group, Option<Arc<Instance>>),
         body: &Bytes,
         trace: Option<SpanCtx>,
     ) -> Result<(Frame, FrameStream), UpstreamError> {
-        self.with_retries(model, group, |guard| {
+        self.with_retries(model, route, |guard| {
             let body = body.clone();
             async move {
                 let target = endpoint(guard.instance())?;
@@ -466,25 +473,29 @@ impl Upstream {
     /// POSTs the client's OpenAI `body` to a worker's native route `path` and waits for the
     /// answer's head (bounded by the first-byte timeout), retrying other instances as
     /// [`Upstream::open_stream`] does. A 4xx other than a missing route or a model the
-    /// instance does not run is the answer; instances known to lack the routes are skipped.
+    /// instance does not run is the answer. An instance without the routes (known, or found
+    /// out now) ends it with [`Native::Legacy`] when `legacy_ok`, else is passed over.
     pub async fn native(
         &self,
         model: &str,
         group: &Group,
-        path: &'static str,
-        body: &Bytes,
+        (path, body): (&'static str, &Bytes),
+        legacy_ok: bool,
         trace: Option<SpanCtx>,
     ) -> Result<Native, UpstreamError> {
         let mut tried: Vec<String> = Vec::new();
         let mut last = String::new();
-        let mut legacy = false;
+        let mut passed_over = false;
         for _ in 0..=self.max_retries {
             let Some(inst) = policy::choose(self.policy, &self.discovery, group, &tried) else {
                 break;
             };
             tried.push(inst.addr.clone());
             if self.discovery.is_legacy(&inst) {
-                legacy = true;
+                if legacy_ok {
+                    return Ok(Native::Legacy(Some(inst)));
+                }
+                passed_over = true;
                 continue;
             }
             let guard = InFlight::new(inst.clone());
@@ -492,7 +503,10 @@ impl Upstream {
                 Ok(Some(answer)) => return Ok(Native::Answer(answer)),
                 Ok(None) => {
                     self.discovery.mark_legacy(&inst);
-                    legacy = true;
+                    if legacy_ok {
+                        return Ok(Native::Legacy(Some(inst)));
+                    }
+                    passed_over = true;
                     continue;
                 }
                 Err(Attempt::Fail(e)) => return Err(e),
@@ -501,8 +515,8 @@ impl Upstream {
             self.discovery.mark_suspect(&inst, &failed);
             last = format!("worker {} failed: {failed}", inst.addr);
         }
-        if legacy {
-            return Ok(Native::Legacy);
+        if passed_over && last.is_empty() {
+            return Ok(Native::Legacy(None));
         }
         let model = model.to_string();
         Err(if last.is_empty() {
@@ -571,11 +585,11 @@ impl Upstream {
     pub async fn generate(
         &self,
         model: &str,
-        group: &Group,
+        route: (&Group, Option<Arc<Instance>>),
         body: &Bytes,
         trace: Option<SpanCtx>,
     ) -> Result<Frame, UpstreamError> {
-        self.with_retries(model, group, |guard| {
+        self.with_retries(model, route, |guard| {
             let body = body.clone();
             async move {
                 let target = endpoint(guard.instance())?;
@@ -596,6 +610,7 @@ impl Upstream {
         &self,
         model: &str,
         (group, worker_type): (&Group, WorkerType),
+        first: Option<Arc<Instance>>,
         input: &[String],
         query: Option<&str>,
         trace: Option<SpanCtx>,
@@ -608,7 +623,7 @@ impl Upstream {
             req["worker_type"] = Value::String(worker_type.as_str().to_string());
         }
         let body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
-        self.with_retries(model, group, |guard| {
+        self.with_retries(model, (group, first), |guard| {
             let body = body.clone();
             async move {
                 let target = endpoint(guard.instance())?;

@@ -51,6 +51,11 @@ pub struct WorkerArgs {
     /// llama.cpp: context size in tokens [default: min(model's, 4096)]
     #[arg(long = "context_length", visible_alias = "context-length")]
     pub context_length: Option<u32>,
+    /// llama.cpp: a Jinja chat template file (or a Hugging Face tokenizer_config.json) for
+    /// the OpenAI routes, instead of the GGUF's own; it receives `tools`, so a model whose
+    /// own template cannot describe tools can be given one that does
+    #[arg(long = "chat_template", visible_alias = "chat-template")]
+    pub chat_template: Option<PathBuf>,
     /// llama.cpp: CPU threads [default: physical cores]
     #[arg(long = "n_threads", visible_alias = "n-threads")]
     pub n_threads: Option<usize>,
@@ -148,6 +153,7 @@ struct ModelFile {
     #[serde(alias = "proxyllm_backend")]
     backend: Option<String>,
     context_length: Option<u32>,
+    chat_template: Option<PathBuf>,
     n_threads: Option<usize>,
     concurrency: Option<usize>,
     /// Proxy: this model's own upstream timeouts (else the worker's).
@@ -253,13 +259,15 @@ fn model_from_file(
         ),
     };
     // Relative model paths are relative to the config file.
-    let path = m.path.map(|p| {
+    let relative = |p: PathBuf| {
         if p.is_relative() {
             file.parent().unwrap_or(Path::new(".")).join(p)
         } else {
             p
         }
-    });
+    };
+    let path = m.path.map(relative);
+    let chat_template = m.chat_template.map(relative);
     let spec = ModelSpec {
         name: m.name,
         worker_type: wt,
@@ -272,6 +280,7 @@ fn model_from_file(
         n_threads: m.n_threads,
         concurrency: m.concurrency,
         proxy_timeouts,
+        chat_template,
     };
     spec.validate()
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -351,6 +360,7 @@ impl WorkerArgs {
                 n_threads: self.n_threads,
                 concurrency: None,
                 proxy_timeouts: None,
+                chat_template: self.chat_template.clone(),
             };
             spec.validate().map_err(|e| {
                 anyhow::anyhow!(

@@ -20,6 +20,7 @@ use tracing::info;
 use crate::telemetry::Escaped;
 
 use super::backends::ProxyTimeouts;
+use super::chat::ChatOptions;
 use super::registration::Registrar;
 use super::spec::{Engine, ModelSpec};
 use crate::wire::worker::WorkerType;
@@ -46,6 +47,8 @@ pub enum ManagerError {
 pub struct RunningModel {
     pub spec: ModelSpec,
     pub engine: Engine,
+    /// How the OpenAI routes render this model's chats (its `chat_template`).
+    pub chat: ChatOptions,
     limit: Arc<Semaphore>,
     in_flight: AtomicUsize,
     pub loaded_at: Instant,
@@ -177,12 +180,23 @@ impl WorkerManager {
         {
             return Err(ManagerError::Starting(key));
         }
-        let loaded = spec.load(self.proxy_timeouts).await;
+        let chat = match &spec.chat_template {
+            None => Ok(ChatOptions::default()),
+            Some(p) => ChatOptions::with_template_file(p).map_err(|e| e.to_string()),
+        };
+        let loaded = match chat {
+            Ok(chat) => spec
+                .load(self.proxy_timeouts)
+                .await
+                .map(|engine| (engine, chat))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
         let result = match loaded {
-            Ok(engine) => Ok(self.insert(spec, engine)),
-            Err(e) => Err(ManagerError::Load {
+            Ok((engine, chat)) => Ok(self.insert(spec, engine, chat)),
+            Err(message) => Err(ManagerError::Load {
                 key: key.clone(),
-                message: e.to_string(),
+                message,
             }),
         };
         self.starting
@@ -198,9 +212,10 @@ impl WorkerManager {
     }
 
     /// Serves `engine` under `spec`'s key (not registered yet).
-    fn insert(&self, spec: ModelSpec, engine: Engine) -> Arc<RunningModel> {
+    fn insert(&self, spec: ModelSpec, engine: Engine, chat: ChatOptions) -> Arc<RunningModel> {
         let key = spec.key();
         let model = Arc::new(RunningModel {
+            chat,
             limit: Arc::new(Semaphore::new(
                 spec.concurrency.unwrap_or(self.default_concurrency),
             )),
@@ -223,7 +238,7 @@ impl WorkerManager {
     /// Serves an engine no spec can load (a test double) under `spec`'s key.
     #[cfg(test)]
     pub(crate) fn insert_engine(&self, spec: ModelSpec, engine: Engine) -> Arc<RunningModel> {
-        self.insert(spec, engine)
+        self.insert(spec, engine, ChatOptions::default())
     }
 
     /// Deregisters and stops a model; returns its spec.

@@ -114,7 +114,7 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
     }
     match (&model.engine, ep) {
         (Engine::Llm(b), Endpoint::Chat) => answer(
-            super::chat::chat_completions(b.clone(), &body).await,
+            super::chat::chat_completions_with(b.clone(), &model.chat, &body).await,
             guards,
         ),
         (Engine::Llm(b), Endpoint::Completions) => {

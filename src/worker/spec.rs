@@ -92,6 +92,10 @@ pub struct ModelSpec {
     pub concurrency: Option<usize>,
     /// Proxy: this model's own upstream timeouts (`None`: the worker's).
     pub proxy_timeouts: Option<ProxyTimeouts>,
+    /// llama.cpp: a Jinja chat template file (or a Hugging Face `tokenizer_config.json`)
+    /// that renders the prompts of the OpenAI routes instead of the GGUF's own template,
+    /// tools included.
+    pub chat_template: Option<PathBuf>,
 }
 
 /// Why a spec is invalid (the message names the field).
@@ -168,6 +172,12 @@ impl ModelSpec {
                     )));
                 }
             }
+        }
+        if self.chat_template.is_some() && self.model_type != ModelType::LlamaCpp {
+            return Err(SpecError(format!(
+                "model {}: chat_template applies to llama.cpp models only",
+                self.name
+            )));
         }
         if self.concurrency == Some(0) {
             return Err(SpecError(
@@ -332,6 +342,7 @@ impl ModelSpec {
                 .or(num("concurrency")?)
                 .map(|v| v as usize),
             proxy_timeouts: None,
+            chat_template: get("chat_template").map(PathBuf::from),
         };
         spec.validate()?;
         Ok(spec)
