@@ -710,10 +710,29 @@ pub struct EmbeddingsRequest {
     pub model: String,
     pub input: Vec<String>,
     pub base64: bool,
+    /// The vector size asked for (a positive integer); always `None` from
+    /// [`parse_embeddings`], which refuses the field.
+    pub dimensions: Option<usize>,
 }
 
-/// Validates `POST /v1/embeddings`.
+/// Validates `POST /v1/embeddings` for a server that cannot honour `dimensions` (the
+/// apiserver relaying to DB-GPT's worker API, which has no such field): sending it at all is
+/// a 400 naming it.
 pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
+    embeddings_request(body, false)
+}
+
+/// Validates `POST /v1/embeddings` accepting `dimensions` as a positive integer; whether the
+/// model can give that size is the caller's check (the worker's native route, which knows the
+/// model). Everything else as [`parse_embeddings`].
+pub fn parse_embeddings_with_dimensions(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
+    embeddings_request(body, true)
+}
+
+fn embeddings_request(
+    body: &[u8],
+    dimensions_allowed: bool,
+) -> Result<EmbeddingsRequest, OpenAiError> {
     let m = parse_body(body)?;
     let o = Obj(&m);
     let model = o.model()?;
@@ -748,17 +767,37 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
             ));
         }
     };
-    if o.get("dimensions").is_some() {
-        return Err(OpenAiError::invalid(
-            "dimensions",
-            "unsupported_parameter",
-            "'dimensions' is not supported by this server",
-        ));
-    }
+    let dimensions = match o.get("dimensions") {
+        None => None,
+        Some(_) if !dimensions_allowed => {
+            return Err(OpenAiError::invalid(
+                "dimensions",
+                "unsupported_parameter",
+                "'dimensions' is not supported by this server",
+            ));
+        }
+        Some(Value::Number(n)) => match n.as_u64().or_else(|| {
+            // 384.0 is the integer 384, as `Obj::int` reads numbers.
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && (1.0..=u32::MAX as f64).contains(f))
+                .map(|f| f as u64)
+        }) {
+            Some(d) if d > 0 => Some(usize::try_from(d).unwrap_or(usize::MAX)),
+            _ => {
+                return Err(OpenAiError::invalid(
+                    "dimensions",
+                    "invalid_value",
+                    format!("'dimensions' must be a positive integer, got {n}"),
+                ));
+            }
+        },
+        Some(v) => return Err(wrong_type("dimensions", "a positive integer", v)),
+    };
     Ok(EmbeddingsRequest {
         model,
         input,
         base64,
+        dimensions,
     })
 }
 
@@ -1051,6 +1090,31 @@ mod tests {
                 .as_deref(),
             Some("input")
         );
+        // The apiserver's parser refuses `dimensions` in any shape; the other accepts a
+        // positive integer.
+        for d in ["384", "0", "\"x\""] {
+            let body = format!(r#"{{"model":"e","input":"a","dimensions":{d}}}"#);
+            let e = parse_embeddings(body.as_bytes()).unwrap_err();
+            assert_eq!(
+                (e.param.as_deref(), e.code),
+                (Some("dimensions"), Some("unsupported_parameter")),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            parse_embeddings(br#"{"model":"e","input":"a","dimensions":null}"#)
+                .unwrap()
+                .dimensions,
+            None
+        );
+        let r = parse_embeddings_with_dimensions(br#"{"model":"e","input":"a","dimensions":384}"#)
+            .unwrap();
+        assert_eq!(r.dimensions, Some(384));
+        for d in ["0", "-1", "2.5", "\"384\""] {
+            let body = format!(r#"{{"model":"e","input":"a","dimensions":{d}}}"#);
+            let e = parse_embeddings_with_dimensions(body.as_bytes()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("dimensions"), "{body}");
+        }
         // 1.0f32 = 00 00 80 3f
         assert_eq!(base64_f32(&[1.0]), "AACAPw==");
         assert_eq!(base64_f32(&[1.0, 2.0]), "AACAPwAAAEA=");

@@ -5,11 +5,13 @@
 //! [`backends`] holds the inference engines (llama.cpp, candle embeddings, the
 //! OpenAI-compatible proxy); [`spec`] describes a model and loads it; [`manager`] owns the
 //! running models and their lifecycle; [`registration`] keeps the controller's registry in
-//! step; [`routes`] is the HTTP API and [`client`] its client; [`config`] reads the worker's
-//! flags and file; [`service`] wires the process together.
+//! step; [`embed`] answers OpenAI's embeddings requests with a local model; [`routes`] is
+//! the HTTP API and [`client`] its client; [`config`] reads the worker's flags and file;
+//! [`service`] wires the process together.
 pub mod backends;
 pub(crate) mod client;
 pub(crate) mod config;
+pub mod embed;
 pub mod manager;
 pub(crate) mod registration;
 pub mod routes;

@@ -256,9 +256,7 @@ pub enum GenerateEvent {
     },
     /// Only when [`GenerateParams::logprobs`] asked: the tokens whose text the next `Delta`
     /// carries, with their log-probabilities (a token cut by a stop string is still listed).
-    Logprobs {
-        tokens: Vec<TokenLogprob>,
-    },
+    Logprobs { tokens: Vec<TokenLogprob> },
     /// End of generation.
     Finish {
         /// Why generation ended.
@@ -363,6 +361,14 @@ pub trait EmbeddingBackend: Send + Sync {
     /// Vector dimension, when known (local models: always; proxy: after the
     /// first successful call, or when configured).
     fn dimension(&self) -> Option<usize>;
+
+    /// How many tokens the model reads for all of `texts` together: OpenAI's
+    /// `usage.prompt_tokens`. Counts what [`EmbeddingBackend::embed`] feeds the model:
+    /// special tokens included, each text after the truncation `embed` applies, padding
+    /// excluded. Blocking, and proportional to the size of the texts (it tokenizes them):
+    /// call it from `spawn_blocking`. A backend that cannot know (the proxy: the upstream's
+    /// tokenizer is not here) answers an error.
+    fn count_tokens(&self, texts: &[String]) -> Result<usize, BackendError>;
 }
 
 /// A reranker (cross-encoder): scores how relevant each document is to a query.
