@@ -748,7 +748,7 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         tracer::current(),
         || model_meta(&r.model),
     );
-    let legacy_ok = r.native_only.is_none();
+    let legacy_ok = r.dimensions.is_none();
     let native = s
         .upstream
         .native(
@@ -767,8 +767,8 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         }
         Err(e) => return OpenAiError::from_upstream(e, "input").into_response(),
     };
-    if let Some(field) = &r.native_only {
-        return needs_native(&r.model, field);
+    if r.dimensions.is_some() {
+        return needs_native(&r.model, "dimensions");
     }
     let batches: Vec<&[String]> = r.input.chunks(s.embedding_batch_size).collect();
     // One span per worker call, as DB-GPT's `embeddings_generate`.

@@ -788,12 +788,14 @@ pub struct EmbeddingsRequest {
     pub model: String,
     pub input: Vec<String>,
     pub base64: bool,
-    /// A field DB-GPT's worker API cannot carry (`dimensions`): such a request needs a
-    /// worker with the native OpenAI routes.
-    pub native_only: Option<String>,
+    /// The vector size asked for (a positive integer). DB-GPT's worker API cannot carry
+    /// it: a request with it needs a worker with the native OpenAI routes, which says
+    /// whether its model can give that size.
+    pub dimensions: Option<usize>,
 }
 
-/// Validates `POST /v1/embeddings`.
+/// Validates `POST /v1/embeddings`; `dimensions` must be a positive integer (whether the
+/// model can give that size is for the worker that serves it to say).
 pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
     let m = parse_body(body)?;
     let o = Obj(&m);
@@ -829,15 +831,30 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
             ));
         }
     };
-    // Whether the model can shorten its vectors is for the worker to say.
-    let native_only = o
-        .int("dimensions", 1, 1 << 20)?
-        .map(|_| "dimensions".to_string());
+    let dimensions = match o.get("dimensions") {
+        None => None,
+        Some(Value::Number(n)) => match n.as_u64().or_else(|| {
+            // 384.0 is the integer 384, as `Obj::int` reads numbers.
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && (1.0..=u32::MAX as f64).contains(f))
+                .map(|f| f as u64)
+        }) {
+            Some(d) if d > 0 => Some(usize::try_from(d).unwrap_or(usize::MAX)),
+            _ => {
+                return Err(OpenAiError::invalid(
+                    "dimensions",
+                    "invalid_value",
+                    format!("'dimensions' must be a positive integer, got {n}"),
+                ));
+            }
+        },
+        Some(v) => return Err(wrong_type("dimensions", "a positive integer", v)),
+    };
     Ok(EmbeddingsRequest {
         model,
         input,
         base64,
-        native_only,
+        dimensions,
     })
 }
 
@@ -1130,6 +1147,13 @@ mod tests {
                 .as_deref(),
             Some("input")
         );
+        let r = parse_embeddings(br#"{"model":"e","input":"a","dimensions":384}"#).unwrap();
+        assert_eq!(r.dimensions, Some(384));
+        for d in ["0", "-1", "2.5", "\"384\""] {
+            let body = format!(r#"{{"model":"e","input":"a","dimensions":{d}}}"#);
+            let e = parse_embeddings(body.as_bytes()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("dimensions"), "{body}");
+        }
         // 1.0f32 = 00 00 80 3f
         assert_eq!(base64_f32(&[1.0]), "AACAPw==");
         assert_eq!(base64_f32(&[1.0, 2.0]), "AACAPwAAAEA=");

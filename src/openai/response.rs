@@ -239,6 +239,71 @@ pub fn base64_f32(v: &[f32]) -> String {
     out
 }
 
+/// One vector of an embeddings answer, as the request's `encoding_format` asked.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum EmbeddingOut<'a> {
+    Float(&'a [f32]),
+    Base64(String),
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingItem<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: EmbeddingOut<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingsUsage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingsOut<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingItem<'a>>,
+    model: &'a str,
+    usage: EmbeddingsUsage,
+}
+
+/// OpenAI's embeddings answer, `{"object":"list","data":[{"object":"embedding","index",
+/// "embedding"}],"model","usage":{"prompt_tokens","total_tokens"}}`, one item per vector in
+/// order; `base64` writes each vector as [`base64_f32`] instead of a list of numbers.
+/// `total_tokens` equals `prompt_tokens` (an embedding generates nothing).
+pub fn embeddings_body(
+    model: &str,
+    vectors: &[Vec<f32>],
+    base64: bool,
+    prompt_tokens: usize,
+) -> Bytes {
+    let data = vectors
+        .iter()
+        .enumerate()
+        .map(|(index, v)| EmbeddingItem {
+            object: "embedding",
+            index,
+            embedding: if base64 {
+                EmbeddingOut::Base64(base64_f32(v))
+            } else {
+                EmbeddingOut::Float(v)
+            },
+        })
+        .collect();
+    let out = EmbeddingsOut {
+        object: "list",
+        data,
+        model,
+        usage: EmbeddingsUsage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+        },
+    };
+    // Serialising plain structs of strings and numbers cannot fail.
+    Bytes::from(serde_json::to_vec(&out).unwrap_or_default())
+}
+
 /// An OpenAI model card (DB-GPT's shape, which adds `root`, `parent`, `permission`).
 pub fn model_card(id: &str, created: i64) -> Value {
     json!({

@@ -6,8 +6,9 @@
 //! OpenAI-compatible proxy); [`chat`] answers OpenAI chat and text completion requests from a
 //! local backend; [`spec`] describes a model and loads it; [`manager`] owns the
 //! running models and their lifecycle; [`registration`] keeps the controller's registry in
-//! step; [`routes`] is the HTTP API and [`client`] its client; [`config`] reads the worker's
-//! flags and file; [`service`] wires the process together.
+//! step; [`embed`] answers OpenAI's embeddings requests with a local model; [`routes`] is
+//! the HTTP API and [`client`] its client; [`config`] reads the worker's flags and file;
+//! [`service`] wires the process together.
 pub mod backends;
 pub mod chat;
 pub(crate) mod client;

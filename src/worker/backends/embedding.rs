@@ -264,6 +264,23 @@ impl Inner {
         Ok(out)
     }
 
+    /// Tokens the model reads for `texts`: the same tokenizer (and so the same special tokens
+    /// and truncation at `max_length`) as [`Inner::embed_batch`], padding not counted.
+    fn count_tokens(&self, texts: &[String]) -> Result<usize, BackendError> {
+        let mut n = 0;
+        for chunk in texts.chunks(self.batch_size) {
+            let encodings = self
+                .tokenizer
+                .encode_batch(chunk.iter().map(String::as_str).collect::<Vec<_>>(), true)
+                .map_err(|e| BackendError::internal(format!("tokenisation failed: {e}")))?;
+            n += encodings
+                .iter()
+                .map(|e| e.get_attention_mask().iter().filter(|&&m| m != 0).count())
+                .sum::<usize>();
+        }
+        Ok(n)
+    }
+
     fn embed_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, BackendError> {
         let err =
             |e: candle_core::Error| BackendError::internal(format!("BERT forward failed: {e}"));
@@ -350,6 +367,10 @@ impl EmbeddingBackend for BertEmbeddingBackend {
 
     fn dimension(&self) -> Option<usize> {
         Some(self.inner.dimension)
+    }
+
+    fn count_tokens(&self, texts: &[String]) -> Result<usize, BackendError> {
+        self.inner.count_tokens(texts)
     }
 }
 
@@ -446,6 +467,9 @@ mod tests {
         let small = BertEmbeddingBackend::load_async(cfg).await.unwrap();
         let texts: Vec<String> = (0..5).map(|i| format!("sentence number {i}")).collect();
         let a = small.embed(texts.clone()).await.unwrap();
+        // Sub-batches count the same tokens: "sentence number i" is 3 tokens + [CLS], [SEP].
+        assert_eq!(small.count_tokens(&texts).unwrap(), 5 * 5);
+        assert_eq!(model().count_tokens(&texts).unwrap(), 5 * 5);
         let b = model().embed(texts).await.unwrap();
         assert_eq!(a.len(), 5);
         for (x, y) in a.iter().zip(&b) {
@@ -453,6 +477,14 @@ mod tests {
         }
         // A text far longer than 256 tokens is truncated, not an error.
         let long = "word ".repeat(2000);
+        // What the model reads: 256 tokens of the long text (special ones included), and
+        // [CLS] [SEP] for the empty one; the padding of the short one is not counted.
+        assert_eq!(
+            model()
+                .count_tokens(&[long.clone(), String::new()])
+                .unwrap(),
+            256 + 2
+        );
         let v = model().embed(vec![long, String::new()]).await.unwrap();
         assert_eq!(v.len(), 2);
         assert!(

@@ -394,6 +394,14 @@ pub trait EmbeddingBackend: Send + Sync {
     /// first successful call, or when configured).
     fn dimension(&self) -> Option<usize>;
 
+    /// How many tokens the model reads for all of `texts` together: OpenAI's
+    /// `usage.prompt_tokens`. Counts what [`EmbeddingBackend::embed`] feeds the model:
+    /// special tokens included, each text after the truncation `embed` applies, padding
+    /// excluded. Blocking, and proportional to the size of the texts (it tokenizes them):
+    /// call it from `spawn_blocking`. A backend that cannot know (the proxy: the upstream's
+    /// tokenizer is not here) answers an error.
+    fn count_tokens(&self, texts: &[String]) -> Result<usize, BackendError>;
+
     /// See [`LlmBackend::passthrough`].
     fn passthrough(&self) -> Option<&dyn OpenAiPassthrough> {
         None

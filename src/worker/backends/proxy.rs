@@ -854,6 +854,14 @@ impl EmbeddingBackend for OpenAiProxyBackend {
         }
     }
 
+    /// The upstream's tokenizer is not here, so the proxy cannot count: an error. Its
+    /// embeddings answers carry the upstream's own `usage`, passed through.
+    fn count_tokens(&self, _texts: &[String]) -> Result<usize, BackendError> {
+        Err(BackendError::internal(
+            "the proxy backend cannot count the upstream model's tokens",
+        ))
+    }
+
     fn passthrough(&self) -> Option<&dyn OpenAiPassthrough> {
         Some(self)
     }

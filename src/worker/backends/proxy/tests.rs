@@ -314,6 +314,8 @@ async fn non_streamed_json_answer_is_accepted() {
     );
     let e: Arc<dyn EmbeddingBackend> = Arc::new(backend(&base, "m"));
     assert_eq!(e.embed(vec!["x".into()]).await.unwrap().len(), 1);
+    // The upstream's tokenizer is not here: no made-up count.
+    assert!(e.count_tokens(&["x".into()]).is_err());
     assert_eq!(b.context_length(), 4096);
     assert!(b.count_tokens("hello there world").unwrap() >= 3);
 }
