@@ -357,24 +357,16 @@ fn one_trace_from_the_apiserver_into_the_worker() {
             .unwrap_or_else(|| panic!("no worker span continues {create:?}: {:#?}", ops(&wrk)));
         assert_eq!(wroot.op, "DB-GPT-ModelWorker");
         assert_eq!(wroot.trace_id, create.trace_id);
-        let path = if i == 0 {
-            "/api/worker/generate_stream"
-        } else {
-            "/api/worker/generate"
-        };
-        assert_eq!(wroot.metadata, json!({"path": path}));
+        // Our worker takes the request on its native OpenAI route, streamed or not.
+        assert_eq!(
+            wroot.metadata,
+            json!({"path": "/api/worker/openai/v1/chat/completions"})
+        );
         let op = wrk
             .iter()
             .find(|s| s.parent.as_ref() == Some(&wroot.span_id))
             .expect("a WorkerManager span under the worker's root");
-        assert_eq!(
-            op.op,
-            if i == 0 {
-                "WorkerManager.generate_stream"
-            } else {
-                "WorkerManager.generate"
-            }
-        );
+        assert_eq!(op.op, "WorkerManager.openai_chat_completions");
         assert_eq!(op.trace_id, create.trace_id);
         assert!(op.metadata.is_null());
     }
