@@ -142,7 +142,7 @@ fi
 # EXTRA_TARGETS is shell words: "--target 'label|url|pids|model'" …
 eval "TARGETS+=(${EXTRA_TARGETS:-})"
 
-echo "# $(nproc) cores, ${SECS}s per phase, 16-token replies (streamed: 19 events + [DONE]); CPU µs/req from /proc/<pid>/stat; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# $(nproc) cores, ${SECS}s per phase, 16-token replies (streamed: 19 events + [DONE]); CPU µs/req from /proc/<pid>/task/*/schedstat; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# pids: $PIDNOTE"
 "$EX/bench_apiserver" --model fake --secs "$SECS" --concurrency "$CONC" "${TARGETS[@]}" | tee "$WORK/table.md"
 # The whole path's CPU per request: every pid of the row but the fake's, summed.
