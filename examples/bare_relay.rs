@@ -10,7 +10,11 @@
 //! policy, OpenAI conversion, tracing or CORS — so it is not an OpenAI server, and its
 //! answers are the worker's frames.
 //!
-//! Usage: `bare_relay --port <port> --worker http://127.0.0.1:<worker port> --model <name>`
+//! With `--native` it relays to the worker's native OpenAI route instead, as the apiserver
+//! does for our workers: the client's body goes to `/api/worker/openai/v1/chat/completions`
+//! unchanged and the worker's answer comes back byte for byte.
+//!
+//! Usage: `bare_relay --port <port> --worker http://127.0.0.1:<worker port> --model <name> [--native]`
 //! (runs until killed).
 
 use std::convert::Infallible;
@@ -19,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser;
 use dbgpt_cluster::apiserver::pool::{Target, WorkerHttp};
-use dbgpt_cluster::wire::worker::{GENERATE_PATH, GENERATE_STREAM_PATH};
+use dbgpt_cluster::wire::worker::{GENERATE_PATH, GENERATE_STREAM_PATH, OPENAI_CHAT_PATH};
 use futures::StreamExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -40,6 +44,9 @@ struct Args {
     /// The model name to ask the worker for.
     #[arg(long)]
     model: String,
+    /// Relay the client's body to the worker's native OpenAI route, the answer as it is.
+    #[arg(long)]
+    native: bool,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -48,6 +55,7 @@ struct Relay {
     client: WorkerHttp,
     target: Target,
     prompt: Bytes,
+    native: bool,
 }
 
 fn error(status: StatusCode, msg: String) -> Response<Body> {
@@ -65,6 +73,18 @@ async fn handle(relay: &Relay, req: Request<Incoming>) -> Result<Response<Body>,
         Ok(b) => b.to_bytes(),
         Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e.to_string())),
     };
+    if relay.native {
+        let mut up = Request::new(Full::new(body));
+        *up.method_mut() = hyper::Method::POST;
+        *up.uri_mut() = hyper::Uri::from_static(OPENAI_CHAT_PATH);
+        let h = up.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(hyper::header::HOST, relay.target.host_header().clone());
+        return Ok(match relay.client.request(&relay.target, up).await {
+            Ok(r) => r.map(BodyExt::boxed),
+            Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+        });
+    }
     let stream = body.windows(13).any(|w| w == b"\"stream\":true");
     let mut up = Request::new(Full::new(relay.prompt.clone()));
     *up.method_mut() = hyper::Method::POST;
@@ -127,6 +147,7 @@ fn main() -> std::io::Result<()> {
                 client: WorkerHttp::new(Duration::from_secs(3), Duration::from_secs(90), 256),
                 target,
                 prompt: Bytes::from(serde_json::to_vec(&prompt).unwrap_or_default()),
+                native: args.native,
             }));
             serve::serve_forever(args.port, move |req| handle(relay, req)).await
         })

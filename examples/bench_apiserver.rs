@@ -1,12 +1,14 @@
 //! Load generator for the apiserver benchmark (not a test): drives OpenAI chat completions
 //! against several targets side by side and prints one table.
 //!
-//! A target is `label|base_url|pid,pid,…[|model]` — the base URL ends in `/v1` (or `/api/v1`) and the
-//! pids are the processes on that path whose CPU time is charged per request (read from
-//! `/proc/<pid>/stat`). Insert a middle hop (e.g. a proxy worker) by adding a target.
+//! A target is `label|base_url|pid,pid,…[|model[|JSON]]` — the base URL ends in `/v1` (or
+//! `/api/v1`) and the pids are the processes on that path whose CPU time is charged per
+//! request (every thread's `/proc/<pid>/task/<tid>/schedstat`, nanoseconds). Insert a middle hop (e.g. a proxy worker) by adding
+//! a target. The optional JSON object is merged into every request body of that target (after
+//! `--body-extra`, which applies to all), e.g. `tools`, `tool_choice` and `response_format`.
 //! For each target and concurrency: a non-stream phase (req/s, p50/p99 latency, CPU µs per
-//! request per pid) and a stream phase (time to first chunk p50/p99, full stream p50). Every
-//! phase is bounded by `--secs`.
+//! request per pid) and a stream phase (`stream_options.include_usage`; time to first chunk
+//! p50/p99, full stream p50, CPU µs per request per pid). Every phase is bounded by `--secs`.
 //!
 //! ```text
 //! cargo run --example bench_apiserver -- --model fake --secs 5 --concurrency 1,32,128 \
@@ -36,6 +38,9 @@ struct Args {
     /// Bearer key to send.
     #[arg(long)]
     api_key: Option<String>,
+    /// A JSON object merged into every request body (a target's own JSON goes on top).
+    #[arg(long)]
+    body_extra: Option<String>,
 }
 
 struct Target {
@@ -44,6 +49,61 @@ struct Target {
     model: Option<String>,
     url: String,
     pids: Vec<u32>,
+    /// Merged into every request body of this target.
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A JSON object given on the command line.
+fn json_object(what: &str, s: &str) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => anyhow::bail!("{what}: not a JSON object: {s}"),
+        Err(e) => anyhow::bail!("{what}: {e}: {s}"),
+    }
+}
+
+/// A process's CPU time so far: utime + stime from `/proc/<pid>/stat` (clock ticks, 10 ms
+/// here, so too coarse for a phase of a few dozen slow requests) and every thread's on-CPU
+/// nanoseconds from `/proc/<pid>/task/<tid>/schedstat`.
+struct CpuSample {
+    ticks_secs: f64,
+    threads: std::collections::HashMap<u32, u64>,
+}
+
+fn cpu_sample(pid: u32) -> CpuSample {
+    let mut threads = std::collections::HashMap::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in dir.flatten() {
+            let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ns = std::fs::read_to_string(e.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+            if let Some(ns) = ns {
+                threads.insert(tid, ns);
+            }
+        }
+    }
+    CpuSample {
+        ticks_secs: cpu_secs(pid),
+        threads,
+    }
+}
+
+/// CPU seconds between two samples: the threads' nanoseconds when every thread of the first
+/// sample is still there (a thread that ended took its count with it), else the ticks.
+fn cpu_between(a: &CpuSample, b: &CpuSample) -> f64 {
+    if !a.threads.is_empty() && a.threads.keys().all(|t| b.threads.contains_key(t)) {
+        let ns: u64 = b
+            .threads
+            .iter()
+            .map(|(t, &n)| n.saturating_sub(a.threads.get(t).copied().unwrap_or(0)))
+            .sum();
+        ns as f64 / 1e9
+    } else {
+        b.ticks_secs - a.ticks_secs
+    }
 }
 
 /// utime + stime of a process, in seconds.
@@ -83,14 +143,23 @@ struct Phase {
 }
 
 async fn phase(c: &reqwest::Client, t: &Target, args: &Args, conc: usize, stream: bool) -> Phase {
-    let body = Arc::new(
-        serde_json::to_vec(&json!({
-            "model": t.model.as_deref().unwrap_or(&args.model), "stream": stream, "max_tokens": 16,
-            "messages": [{"role": "user", "content": "Say something."}]
-        }))
-        .unwrap(),
-    );
-    let cpu0: Vec<f64> = t.pids.iter().map(|&p| cpu_secs(p)).collect();
+    let mut req = json!({
+        "model": t.model.as_deref().unwrap_or(&args.model), "stream": stream, "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Say something."}]
+    });
+    if stream {
+        req["stream_options"] = json!({"include_usage": true});
+    }
+    let global = args
+        .body_extra
+        .as_deref()
+        .map(|s| json_object("--body-extra", s).expect("checked in main"))
+        .unwrap_or_default();
+    for (k, v) in global.into_iter().chain(t.extra.clone()) {
+        req[k] = v;
+    }
+    let body = Arc::new(serde_json::to_vec(&req).unwrap());
+    let cpu0: Vec<CpuSample> = t.pids.iter().map(|&p| cpu_sample(p)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.secs);
@@ -174,13 +243,16 @@ async fn phase(c: &reqwest::Client, t: &Target, args: &Args, conc: usize, stream
         .pids
         .iter()
         .zip(cpu0)
-        .map(|(&pid, c0)| (cpu_secs(pid) - c0) / p.ok.max(1) as f64 * 1e6)
+        .map(|(&pid, c0)| cpu_between(&c0, &cpu_sample(pid)) / p.ok.max(1) as f64 * 1e6)
         .collect();
     p
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(s) = &args.body_extra {
+        json_object("--body-extra", s)?;
+    }
     let targets: Vec<Target> = args
         .targets
         .iter()
@@ -199,14 +271,20 @@ fn main() -> anyhow::Result<()> {
                 .filter_map(|p| p.trim().parse().ok())
                 .collect();
             let model = parts.next().filter(|m| !m.is_empty()).map(str::to_string);
-            Target {
+            let rest: Vec<&str> = parts.collect();
+            let extra = match rest.join("|") {
+                j if j.trim().is_empty() => serde_json::Map::new(),
+                j => json_object(&format!("target {label}"), &j)?,
+            };
+            Ok(Target {
                 label,
                 model,
                 url,
                 pids,
-            }
+                extra,
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -217,23 +295,24 @@ fn main() -> anyhow::Result<()> {
             .tcp_nodelay(true)
             .build()?;
         println!(
-            "| target | conc | req/s | p50 ms | p99 ms | stream req/s | TTFC p50 ms | TTFC p99 ms | stream p50 ms | CPU µs/req (per pid) | errors |"
+            "| target | conc | req/s | p50 ms | p99 ms | stream req/s | TTFC p50 ms | TTFC p99 ms | stream p50 ms | CPU µs/req (per pid) | stream CPU µs/req (per pid) | errors |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|");
         for &conc in &args.concurrency {
             for t in &targets {
                 // Warm the connection pool.
                 let _ = phase(&c, t, &Args { secs: 0.3, ..clone_args(&args) }, conc.min(8), false).await;
                 let mut plain = phase(&c, t, &args, conc, false).await;
                 let mut st = phase(&c, t, &args, conc, true).await;
-                let cpu: Vec<String> = plain
-                    .cpu
-                    .iter()
-                    .zip(&t.pids)
-                    .map(|(c, p)| format!("{p}: {c:.0}"))
-                    .collect();
+                let per_pid = |cpu: &[f64]| {
+                    cpu.iter()
+                        .zip(&t.pids)
+                        .map(|(c, p)| format!("{p}: {c:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
                 println!(
-                    "| {} | {} | {:.0} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} |",
+                    "| {} | {} | {:.0} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
                     t.label,
                     conc,
                     plain.ok as f64 / plain.elapsed,
@@ -243,7 +322,8 @@ fn main() -> anyhow::Result<()> {
                     pct(&mut st.ttfc, 0.5),
                     pct(&mut st.ttfc, 0.99),
                     pct(&mut st.lat, 0.5),
-                    cpu.join(", "),
+                    per_pid(&plain.cpu),
+                    per_pid(&st.cpu),
                     plain.errors + st.errors,
                 );
             }
@@ -259,5 +339,6 @@ fn clone_args(a: &Args) -> Args {
         concurrency: a.concurrency.clone(),
         secs: a.secs,
         api_key: a.api_key.clone(),
+        body_extra: a.body_extra.clone(),
     }
 }

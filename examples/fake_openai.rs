@@ -2,6 +2,12 @@
 //! and SSE) and DB-GPT's worker protocol (`POST /api/worker/generate_stream`, `/generate`)
 //! with a fixed reply of `--tokens` tokens, doing as little work as possible.
 //!
+//! It also answers what a gateway probes before it routes to an upstream: `GET /health`,
+//! `/health_generate`, `/v1/models`, and SGLang's `/model_info`, `/get_model_info`,
+//! `/server_info`, `/get_server_info` (the SGLang gateway row of `scripts/bench-apiserver.sh`).
+//! A streamed reply with `stream_options.include_usage` ends with OpenAI's usage chunk
+//! (`"choices": []`).
+//!
 //! With `--register <controller URL>` it also registers `<--model>@llm` with that controller
 //! and heartbeats, so an apiserver can route to it directly until a real proxy worker sits in
 //! between (then point the worker's proxy backend at `/v1` here instead).
@@ -15,7 +21,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use clap::Parser;
 use dbgpt_cluster::wire::worker::{GENERATE_PATH, GENERATE_STREAM_PATH};
 use serde_json::{Value, json};
@@ -41,16 +47,21 @@ fn words(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("w{i} ")).collect()
 }
 
-fn wants_stream(body: &[u8]) -> bool {
-    serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("stream").and_then(Value::as_bool))
-        .unwrap_or(false)
+/// `(stream, stream_options.include_usage)` of a request body.
+fn wants_stream(body: &[u8]) -> (bool, bool) {
+    let v = serde_json::from_slice::<Value>(body).unwrap_or(Value::Null);
+    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let usage = v
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    (stream, stream && usage)
 }
 
 async fn openai_chat(tokens: usize, body: Bytes) -> Response {
     let w = words(tokens);
-    if !wants_stream(&body) {
+    let (stream, include_usage) = wants_stream(&body);
+    if !stream {
         let v = json!({
             "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": "fake",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": w.concat()}, "finish_reason": "stop"}],
@@ -72,14 +83,37 @@ async fn openai_chat(tokens: usize, body: Bytes) -> Response {
         ))));
     }
     frames.push(Ok(Bytes::from(format!(
-        "data: {}\n\ndata: [DONE]\n\n",
+        "data: {}\n\n",
         json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": "fake",
                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     ))));
+    if include_usage {
+        frames.push(Ok(Bytes::from(format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                   "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}})
+        ))));
+    }
+    frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
     Response::builder()
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(futures::stream::iter(frames)))
         .unwrap()
+}
+
+/// What SGLang's gateway reads from `/model_info` and `/server_info` (and the deprecated
+/// `/get_…` spellings) when it registers a worker: the model's name.
+fn model_info(model: &str) -> Response {
+    axum::Json(
+        json!({"model_path": model, "tokenizer_path": null, "is_generation": true,
+                      "served_model_name": model}),
+    )
+    .into_response()
+}
+
+fn model_list(model: &str) -> Response {
+    axum::Json(json!({"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "fake"}]}))
+        .into_response()
 }
 
 fn worker_frame(text: &str, last: bool, tokens: usize) -> Bytes {
@@ -123,7 +157,16 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let n = args.tokens.max(1);
+        let m = args.model.clone();
+        let (m1, m2) = (m.clone(), m.clone());
         let app = Router::new()
+            .route("/health", get(|| async { "" }))
+            .route("/health_generate", get(|| async { "" }))
+            .route("/v1/models", get(move || std::future::ready(model_list(&m))))
+            .route("/model_info", get(move || std::future::ready(model_info(&m1))))
+            .route("/get_model_info", get(move || std::future::ready(model_info(&m2))))
+            .route("/server_info", get(|| async { axum::Json(json!({"version": "fake"})) }))
+            .route("/get_server_info", get(|| async { axum::Json(json!({"version": "fake"})) }))
             .route("/v1/chat/completions", post(move |b: Bytes| openai_chat(n, b)))
             .route(GENERATE_STREAM_PATH, post(move || worker_stream(n)))
             .route(GENERATE_PATH, post(move || worker_generate(n)));

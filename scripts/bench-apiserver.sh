@@ -5,6 +5,21 @@
 #   scripts/bench-apiserver.sh                 # 5 s per phase, concurrency 1,32,128
 #   SECS=3 CONC=1,32 scripts/bench-apiserver.sh
 #   BENCH_BIN_DIR=/tmp/old scripts/bench-apiserver.sh   # binaries of another build, no build
+#   BENCH_OLD_BIN=/tmp/old/dbgpt scripts/bench-apiserver.sh  # A/B: another build's apiserver
+#                                   # + proxy worker as extra rows ("old …"), same fake and client
+#   BENCH_SGLANG=1 scripts/bench-apiserver.sh   # pip install sglang-router==0.3.2 if missing
+#
+# Rows (each at every concurrency; a plain and a streamed phase, CPU µs/req for both):
+#   direct, apiserver, apiserver+worker, bare relay+worker (below), "apiserver+worker tools"
+#   (the same path, every request with a `tools` list, `tool_choice` and a json_schema
+#   `response_format`), and, when the wheel is installed (python3 -c 'import sglang_router'),
+#   "sglang" and "sglang tools": SGLang's Rust gateway (sglang-router 0.3.2,
+#   `python3 -m sglang_router.launch_router`, its defaults but --log-level warn; SGLANG_ARGS
+#   adds flags) in front of the same fake. The gateway probes the fake's /health,
+#   /server_info and /model_info first. Streamed requests carry
+#   stream_options.include_usage (19 events + [DONE]: role, 16 tokens, finish, usage).
+#   The last table sums each row's CPU per request over its pids except the fake's: the
+#   whole path (apiserver + proxy worker vs the gateway).
 #
 # Build: our crate optimised (CARGO_PROFILE_DEV_OPT_LEVEL=3), dependencies reused from the
 # dev cache (they are already opt-level 3); never --release.
@@ -14,10 +29,11 @@
 #             bench ──► apiserver ──► dbgpt proxy worker ──► fake_openai /v1   ("apiserver+worker")
 #             bench ──► bare_relay ──► dbgpt proxy worker ──► fake_openai /v1  ("bare relay+worker")
 # bare_relay (examples/bare_relay.rs) is the baseline for the apiserver's own cost: the same
-# HTTP stack (hyper server on one single-threaded runtime, hyper-util pooled client) relaying
-# a fixed worker request, with none of the apiserver's work. The last lines print the
+# HTTP stack (hyper server on one single-threaded runtime, the apiserver's worker pool)
+# passing the client's body to the worker's native OpenAI route and its answer back, with
+# none of the apiserver's work. The last lines print the
 # apiserver's CPU per request as a ratio of the bare relay's, per concurrency.
-# More targets can be passed in EXTRA_TARGETS ("--target 'label|url|pids|model'").
+# More targets can be passed in EXTRA_TARGETS ("--target 'label|url|pids|model|JSON'").
 #
 # Then, on a machine with at least two CPUs (BENCH_PIN=0 skips it), the hop's own CPU per
 # request again with the hop pinned to CPU 0 and the client, worker, fake and controller to
@@ -60,22 +76,92 @@ $BIN start worker --host 127.0.0.1 --port "$WRK" --controller_addr "http://127.0
   --log_level warn >"$WORK/worker.log" 2>&1 & WRK_PID=$!; PIDS+=($WRK_PID)
 $BIN start apiserver --host 127.0.0.1 --port "$API" --controller_addr "http://127.0.0.1:$CTL" --log_level warn >"$WORK/api.log" 2>&1 & API_PID=$!; PIDS+=($API_PID)
 wait_http "http://127.0.0.1:$API/api/health"
-"$EX/bare_relay" --port "$RELAY" --worker "http://127.0.0.1:$WRK" --model viaworker >"$WORK/relay.log" 2>&1 & RELAY_PID=$!; PIDS+=($RELAY_PID)
+# The relay takes the worker's native route, as the apiserver does (BENCH_RELAY_LEGACY=1: the
+# DB-GPT worker API, as before the native routes, e.g. for an older BENCH_BIN_DIR).
+RELAY_ARGS=(--native); [ "${BENCH_RELAY_LEGACY:-0}" = 1 ] && RELAY_ARGS=()
+"$EX/bare_relay" --port "$RELAY" --worker "http://127.0.0.1:$WRK" --model viaworker "${RELAY_ARGS[@]}" >"$WORK/relay.log" 2>&1 & RELAY_PID=$!; PIDS+=($RELAY_PID)
 for _ in $(seq 100); do curl -s "http://127.0.0.1:$API/v1/models" | grep -q '"viaworker"' && curl -s "http://127.0.0.1:$API/v1/models" | grep -q '"fake"' && break; sleep 0.1; done
 
-echo "# $(nproc) cores, ${SECS}s per phase, 16-token replies; CPU µs/req from /proc/<pid>/stat (non-stream phase)"
-echo "# pids: fake=$FAKE_PID apiserver=$API_PID worker=$WRK_PID bare_relay=$RELAY_PID"
-eval "$EX/bench_apiserver" --model fake --secs "$SECS" --concurrency "$CONC" \
-  --target "'direct|http://127.0.0.1:$FAKE/v1|$FAKE_PID'" \
-  --target "'apiserver|http://127.0.0.1:$API/v1|$API_PID,$FAKE_PID'" \
-  --target "'apiserver+worker|http://127.0.0.1:$API/v1|$API_PID,$WRK_PID,$FAKE_PID|viaworker'" \
-  --target "'bare relay+worker|http://127.0.0.1:$RELAY/v1|$RELAY_PID,$WRK_PID,$FAKE_PID|viaworker'" \
-  "${EXTRA_TARGETS:-}" | tee "$WORK/table.md"
+# The tools + response_format row: what a function-calling, structured-output client sends.
+TOOLS_JSON='{"tools":[{"type":"function","function":{"name":"get_weather","description":"Current weather in a city","parameters":{"type":"object","properties":{"city":{"type":"string"},"unit":{"type":"string","enum":["c","f"]}},"required":["city"]}}}],"tool_choice":"auto","response_format":{"type":"json_schema","json_schema":{"name":"answer","strict":true,"schema":{"type":"object","properties":{"answer":{"type":"string"}},"required":["answer"],"additionalProperties":false}}}}'
+TARGETS=(
+  --target "direct|http://127.0.0.1:$FAKE/v1|$FAKE_PID"
+  --target "apiserver|http://127.0.0.1:$API/v1|$API_PID,$FAKE_PID"
+  --target "apiserver+worker|http://127.0.0.1:$API/v1|$API_PID,$WRK_PID,$FAKE_PID|viaworker"
+  --target "apiserver+worker tools|http://127.0.0.1:$API/v1|$API_PID,$WRK_PID,$FAKE_PID|viaworker|$TOOLS_JSON"
+  --target "bare relay+worker|http://127.0.0.1:$RELAY/v1|$RELAY_PID,$WRK_PID,$FAKE_PID|viaworker"
+)
+PIDNOTE="fake=$FAKE_PID apiserver=$API_PID worker=$WRK_PID bare_relay=$RELAY_PID"
+
+# A/B in one run: another build's apiserver and proxy worker (model "viaold"), same controller,
+# fake and client.
+if [ -n "${BENCH_OLD_BIN:-}" ]; then
+  OLD_LABEL=${BENCH_OLD_LABEL:-old}
+  OAPI=$(port); OWRK=$(port)
+  "$BENCH_OLD_BIN" start worker --host 127.0.0.1 --port "$OWRK" --controller_addr "http://127.0.0.1:$CTL" --model_name viaold \
+    --model_type proxy --proxy_api_base "http://127.0.0.1:$FAKE/v1" --proxyllm_backend fake --limit_model_concurrency 512 \
+    --log_level warn >"$WORK/oldworker.log" 2>&1 & OWRK_PID=$!; PIDS+=($OWRK_PID)
+  "$BENCH_OLD_BIN" start apiserver --host 127.0.0.1 --port "$OAPI" --controller_addr "http://127.0.0.1:$CTL" --log_level warn >"$WORK/oldapi.log" 2>&1 & OAPI_PID=$!; PIDS+=($OAPI_PID)
+  wait_http "http://127.0.0.1:$OAPI/api/health"
+  for _ in $(seq 100); do curl -s "http://127.0.0.1:$OAPI/v1/models" | grep -q '"viaold"' && break; sleep 0.1; done
+  TARGETS+=(--target "$OLD_LABEL apiserver+worker|http://127.0.0.1:$OAPI/v1|$OAPI_PID,$OWRK_PID,$FAKE_PID|viaold")
+  PIDNOTE="$PIDNOTE $OLD_LABEL-apiserver=$OAPI_PID $OLD_LABEL-worker=$OWRK_PID ($BENCH_OLD_BIN)"
+fi
+
+# SGLang's Rust gateway (a PyPI wheel; its Rust router runs inside the python process) in
+# front of the same fake: only if installed, or BENCH_SGLANG=1 installs it.
+PY=${PYTHON:-python3}
+if [ "${BENCH_SGLANG:-0}" = 1 ] && ! "$PY" -c 'import sglang_router.router' 2>/dev/null; then
+  "$PY" -m pip install -q sglang-router==0.3.2
+fi
+# A process and all its descendants, comma-separated.
+tree_pids() { local p=$1 c; printf '%s' "$p"; for c in $(pgrep -P "$p" 2>/dev/null); do printf ','; tree_pids "$c"; done; }
+if "$PY" -c 'import sglang_router.router' 2>/dev/null; then
+  SGL=$(port); SGLPROM=$(port)
+  # shellcheck disable=SC2086
+  "$PY" -m sglang_router.launch_router --host 127.0.0.1 --port "$SGL" --worker-urls "http://127.0.0.1:$FAKE" \
+    --prometheus-host 127.0.0.1 --prometheus-port "$SGLPROM" --log-level warn ${SGLANG_ARGS:-} >"$WORK/sglang.log" 2>&1 & SGL_PID=$!; PIDS+=($SGL_PID)
+  ok=
+  for _ in $(seq 300); do
+    curl -sf -m 2 "http://127.0.0.1:$SGL/v1/chat/completions" -H 'content-type: application/json' \
+      -d '{"model":"fake","messages":[{"role":"user","content":"hi"}]}' >/dev/null 2>&1 && { ok=1; break; }
+    sleep 0.1
+  done
+  if [ -n "$ok" ]; then
+    SGL_PIDS=$(tree_pids "$SGL_PID")
+    TARGETS+=(--target "sglang|http://127.0.0.1:$SGL/v1|$SGL_PIDS,$FAKE_PID"
+              --target "sglang tools|http://127.0.0.1:$SGL/v1|$SGL_PIDS,$FAKE_PID||$TOOLS_JSON")
+    PIDNOTE="$PIDNOTE sglang=$SGL_PIDS"
+  else
+    echo "# sglang-router did not answer within 30 s; no sglang row (log: $(tail -3 "$WORK/sglang.log"))"
+  fi
+else
+  echo "# sglang-router is not installed (pip install sglang-router==0.3.2, or BENCH_SGLANG=1): no sglang row"
+fi
+
+# EXTRA_TARGETS is shell words: "--target 'label|url|pids|model'" …
+eval "TARGETS+=(${EXTRA_TARGETS:-})"
+
+echo "# $(nproc) cores, ${SECS}s per phase, 16-token replies (streamed: 19 events + [DONE]); CPU µs/req from /proc/<pid>/task/*/schedstat; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# pids: $PIDNOTE"
+"$EX/bench_apiserver" --model fake --secs "$SECS" --concurrency "$CONC" "${TARGETS[@]}" | tee "$WORK/table.md"
+# The whole path's CPU per request: every pid of the row but the fake's, summed.
+echo
+awk -F'|' -v fake="$FAKE_PID" '
+  function path(cell,   n, i, kv, sum, parts) {
+    n = split(cell, parts, ","); sum = 0
+    for (i = 1; i <= n; i++) { split(parts[i], kv, ":"); if (kv[1] + 0 != fake + 0) sum += kv[2] }
+    return sum
+  }
+  BEGIN { print "| path (CPU µs/req summed over its pids, fake excluded) | conc | plain | stream |"; print "|---|---:|---:|---:|" }
+  $3 + 0 > 0 && $2 !~ /direct/ { printf "| %s | %d | %.0f | %.0f |\n", substr($2, 2, length($2) - 2), $3, path($11), path($12) }
+' "$WORK/table.md"
+echo
 # The hop's own CPU (first pid of the row) in front of the same worker: apiserver vs bare relay.
 awk -F'|' -v api="$API_PID" -v relay="$RELAY_PID" '
   function cpu(cell, pid,   m) { return match(cell, pid ": [0-9.]+") ? substr(cell, RSTART + length(pid) + 2, RLENGTH - length(pid) - 2) : "" }
-  $2 ~ /apiserver\+worker/ { a[$3 + 0] = cpu($11, api) }
-  $2 ~ /bare relay\+worker/ { r[$3 + 0] = cpu($11, relay) }
+  $2 == " apiserver+worker " { a[$3 + 0] = cpu($11, api) }
+  $2 == " bare relay+worker " { r[$3 + 0] = cpu($11, relay) }
   END { for (c in a) if (r[c] > 0) printf "# c=%d: apiserver %s µs/req, bare relay %s µs/req: %.2fx\n", c, a[c], r[c], a[c] / r[c] }
 ' "$WORK/table.md" | sort -t= -k2 -n
 
