@@ -354,3 +354,208 @@ fn dbgpt_style_worker() -> (tokio::runtime::Runtime, u16) {
     rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
     (rt, port)
 }
+
+/// The real SmolLM2 GGUF behind the whole cluster: tools forced by a grammar (the model's
+/// own template cannot describe them), structured output, log-probabilities, `n`, the
+/// usage chunk, content parts, and the 400s for what a local model cannot take. The model
+/// is tiny: shapes and constraints are checked, not wisdom.
+#[test]
+fn local_model_tools_structured_output_and_logprobs_end_to_end() {
+    let env = TestEnv::new();
+    let c = env.controller(&[]);
+    let _w = worker(
+        &env,
+        &c.url(),
+        &[
+            "--model_name",
+            "smollm2",
+            "--model_path",
+            &crate::worker::gguf(),
+        ],
+    );
+    let api = apiserver(&env, &c.url(), &[]);
+    assert!(wait_until(std::time::Duration::from_secs(20), || {
+        json_req(api.port, "GET", "/v1/models", None).1["data"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty())
+    }));
+    let chat = |body: Value| {
+        let r = post(
+            api.port,
+            "/v1/chat/completions",
+            &serde_json::to_vec(&body).unwrap(),
+        );
+        (r.0, r.2)
+    };
+    let weather = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+            "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city", "unit"]}}}]);
+    let ask = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+
+    // A named tool choice: the call is forced, its arguments parse and fit the schema.
+    let (s, b) = chat(
+        json!({"model": "smollm2", "messages": ask, "tools": weather,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 60}),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert!(call["id"].as_str().is_some_and(|i| !i.is_empty()));
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap())
+        .expect("the arguments are a JSON string");
+    assert!(args["city"].is_string(), "{args}");
+    assert!(
+        ["c", "f"].contains(&args["unit"].as_str().unwrap()),
+        "{args}"
+    );
+    let first_call = choice["message"].clone();
+
+    // Streamed, with `required`: tool-call fragments, one finish, a usage chunk.
+    let (s, b) = chat(
+        json!({"model": "smollm2", "messages": ask, "tools": weather,
+        "tool_choice": "required", "stream": true, "stream_options": {"include_usage": true},
+        "max_tokens": 60}),
+    );
+    assert_eq!(s, 200);
+    let text = String::from_utf8_lossy(&b).to_string();
+    let chunks: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let mut name = String::new();
+    let mut arguments = String::new();
+    for c in &chunks {
+        for tc in c["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            assert_eq!(tc["index"], 0);
+            name.push_str(tc["function"]["name"].as_str().unwrap_or(""));
+            arguments.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(name, "get_weather", "{text}");
+    let args: Value = serde_json::from_str(&arguments).expect("streamed arguments parse");
+    assert!(
+        args["city"].is_string() && args["unit"].is_string(),
+        "{args}"
+    );
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["finish_reason"].as_str().map(|_| c))
+        .collect();
+    assert_eq!(finishes.len(), 1, "{text}");
+    assert_eq!(finishes[0]["choices"][0]["finish_reason"], "tool_calls");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert!(
+        last["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+
+    // The follow-up turn with the assistant's call and the tool's answer.
+    let mut turn = ask.as_array().unwrap().clone();
+    turn.push(first_call.clone());
+    turn.push(json!({"role": "tool", "tool_call_id": first_call["tool_calls"][0]["id"], "content": "18C and sunny"}));
+    let (s, b) =
+        chat(json!({"model": "smollm2", "messages": turn, "tools": weather, "max_tokens": 20}));
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+
+    // Structured output: the answer parses and fits the schema.
+    let schema = json!({"type": "object", "properties": {"name": {"type": "string"},
+        "age": {"type": "integer"}}, "required": ["name", "age"], "additionalProperties": false});
+    let (s, b) = chat(json!({"model": "smollm2", "max_tokens": 60,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe a person "}, {"type": "text", "text": "as JSON."}]}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}}}));
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    let person: Value =
+        serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap())
+            .expect("the content parses");
+    assert!(
+        person["name"].is_string() && person["age"].is_i64(),
+        "{person}"
+    );
+    assert_eq!(person.as_object().unwrap().len(), 2, "{person}");
+
+    // Log-probabilities and n = 2.
+    let (s, b) = chat(
+        json!({"model": "smollm2", "messages": ask, "max_tokens": 5, "n": 2,
+        "temperature": 0.8, "seed": 7, "logprobs": true, "top_logprobs": 3}),
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let content = c["logprobs"]["content"].as_array().unwrap();
+        assert!(!content.is_empty());
+        let mut bytes = Vec::new();
+        for t in content {
+            assert!(t["logprob"].as_f64().unwrap() <= 0.0, "{t}");
+            assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 3, "{t}");
+            bytes.extend(
+                t["bytes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8),
+            );
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            c["message"]["content"].as_str().unwrap(),
+            "the tokens' bytes make the text"
+        );
+    }
+    assert_eq!(
+        v["usage"]["completion_tokens"],
+        choices
+            .iter()
+            .map(|c| c["logprobs"]["content"].as_array().unwrap().len())
+            .sum::<usize>()
+    );
+
+    // What a local text model cannot take is a 400 naming the field.
+    for (body, param) in [
+        (
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}),
+            "messages[0].content[0]",
+        ),
+        (
+            json!({"model": "smollm2", "messages": ask, "top_logprobs": 21, "logprobs": true}),
+            "top_logprobs",
+        ),
+        (
+            json!({"model": "smollm2", "messages": ask, "tools": weather, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice.function.name",
+        ),
+        (
+            json!({"model": "smollm2", "messages": ask, "tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"model": "smollm2", "messages": ask, "response_format": {"type": "xml"}}),
+            "response_format.type",
+        ),
+    ] {
+        let (s, b) = chat(body.clone());
+        let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+        assert_eq!(
+            (s, v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{body}: {v}"
+        );
+    }
+}
