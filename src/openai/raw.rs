@@ -28,6 +28,13 @@ pub struct ModelField {
 /// Finds the top-level `model` of a JSON object body: 400 naming `body` for a body that is
 /// not a JSON object, `model` when it is missing or not a non-empty string.
 pub fn model_field(body: &[u8]) -> Result<ModelField, OpenAiError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(OpenAiError::invalid(
+            "body",
+            "invalid_json",
+            "The request body must be a JSON object",
+        ));
+    }
     let head: Head<'_> = serde_json::from_slice(body).map_err(|e| {
         OpenAiError::invalid(
             "body",

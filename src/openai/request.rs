@@ -1019,7 +1019,7 @@ mod tests {
             (br#"{"model":"m"}"#, "messages"),
             (br#"{"model":"m","messages":[]}"#, "messages"),
             (
-                br#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#,
+                br#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#,
                 "messages[0].role",
             ),
             (
@@ -1038,7 +1038,18 @@ mod tests {
                 br#"{"model":"m","messages":"x","stream_options":{}}"#,
                 "stream_options",
             ),
-            (br#"{"model":"m","messages":"x","tools":[]}"#, "tools"),
+            (
+                br#"{"model":"m","messages":"x","response_format":{"type":"xml"}}"#,
+                "response_format.type",
+            ),
+            (
+                br#"{"model":"m","messages":"x","logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
+            ),
+            (
+                br#"{"model":"m","messages":"x","logprobs":"yes"}"#,
+                "logprobs",
+            ),
         ];
         for (body, field) in cases {
             let e = parse_chat(body).unwrap_err();
@@ -1050,6 +1061,29 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn fields_only_a_native_worker_can_serve_are_named() {
+        let native_only = |b: &[u8]| parse_chat(b).unwrap().native_only;
+        for (body, field) in [
+            (&br#"{"model":"m","messages":"x"}"#[..], None),
+            (br#"{"model":"m","messages":"x","response_format":{"type":"text"},"logprobs":false}"#, None),
+            (br#"{"model":"m","messages":"x","tools":[]}"#, Some("tools")),
+            (br#"{"model":"m","messages":"x","tool_choice":"auto"}"#, Some("tool_choice")),
+            (br#"{"model":"m","messages":"x","logprobs":true}"#, Some("logprobs")),
+            (br#"{"model":"m","messages":"x","top_logprobs":2}"#, Some("top_logprobs")),
+            (br#"{"model":"m","messages":"x","response_format":{"type":"json_object"}}"#, Some("response_format")),
+            (br#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"tool","tool_call_id":"c","content":"1"}]}"#, Some("messages[1].role")),
+            (br#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c"}]}]}"#, Some("messages[0].tool_calls")),
+            (br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"u"}}]}]}"#, Some("messages[0].content[1]")),
+            // Top-level fields are named before message fields.
+            (br#"{"model":"m","messages":[{"role":"tool","content":"1"}],"tools":[]}"#, Some("tools")),
+        ] {
+            assert_eq!(native_only(body).as_deref(), field, "{}", String::from_utf8_lossy(body));
+        }
+        let r = parse_completion(br#"{"model":"m","prompt":"p","logprobs":3}"#).unwrap();
+        assert_eq!(r.native_only.as_deref(), Some("logprobs"));
     }
 
     #[test]
@@ -1113,11 +1147,6 @@ mod tests {
                 br#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
                 "messages[0].content",
                 "got a number",
-            ),
-            (
-                br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
-                "messages[0].content[0].type",
-                "image_url",
             ),
             (
                 br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text"}]}]}"#,
