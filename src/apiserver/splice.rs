@@ -27,7 +27,10 @@ pub enum SpliceError {
 pub struct Spliced<G> {
     inner: pool::Body,
     idle: Duration,
+    /// Armed once; every frame only notes its time, and the timer, when it fires early,
+    /// re-arms itself from the last frame (a reset per frame costs a timer-wheel update).
     timer: Pin<Box<tokio::time::Sleep>>,
+    last: tokio::time::Instant,
     _guards: G,
 }
 
@@ -37,6 +40,7 @@ impl<G> Spliced<G> {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            last: tokio::time::Instant::now(),
             _guards: guards,
         }
     }
@@ -53,15 +57,18 @@ impl<G: Unpin> Body for Spliced<G> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                this.last = tokio::time::Instant::now();
                 Poll::Ready(frame.map(|f| f.map_err(SpliceError::from)))
             }
-            Poll::Pending => {
+            Poll::Pending => loop {
                 ready!(this.timer.as_mut().poll(cx));
-                tracing::warn!(idle = ?this.idle, "the worker went silent; the answer is cut short");
-                Poll::Ready(Some(Err(SpliceError::Idle(this.idle))))
-            }
+                let due = this.last + this.idle;
+                if tokio::time::Instant::now() >= due {
+                    tracing::warn!(idle = ?this.idle, "the worker went silent; the answer is cut short");
+                    return Poll::Ready(Some(Err(SpliceError::Idle(this.idle))));
+                }
+                this.timer.as_mut().reset(due);
+            },
         }
     }
 

@@ -559,3 +559,64 @@ fn local_model_tools_structured_output_and_logprobs_end_to_end() {
         );
     }
 }
+
+/// A worker whose native stream goes silent after its first event: the apiserver cuts the
+/// answer short after the request timeout instead of holding the client forever, and a
+/// later request is served.
+#[test]
+fn a_native_stream_that_goes_silent_is_cut_short() {
+    use axum::routing::post as route_post;
+    let env = TestEnv::new();
+    let c = env.controller(&[]);
+    let app = axum::Router::new().route(
+        "/api/worker/openai/v1/chat/completions",
+        route_post(|| async {
+            let first = futures::stream::once(async {
+                Ok::<_, std::convert::Infallible>(Bytes::from_static(
+                    b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
+                ))
+            });
+            let stall = futures::stream::once(async {
+                tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+                Ok(Bytes::from_static(b"data: [DONE]\n\n"))
+            });
+            (
+                [("content-type", "text/event-stream")],
+                axum::body::Body::from_stream(futures::StreamExt::chain(first, stall)),
+            )
+        }),
+    );
+    let rt = runtime(1);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (s, _) = json_req(
+        c.port,
+        "POST",
+        "/api/controller/models",
+        Some(&instance("stall@llm", port)),
+    );
+    assert_eq!(s, 200);
+    let api = apiserver(&env, &c.url(), &["--request_timeout_secs", "2"]);
+    let body =
+        json!({"model": "stall", "stream": true, "messages": [{"role": "user", "content": "x"}]});
+    let started = std::time::Instant::now();
+    let r = post(
+        api.port,
+        "/v1/chat/completions",
+        &serde_json::to_vec(&body).unwrap(),
+    );
+    assert_eq!(r.0, 200);
+    let text = String::from_utf8_lossy(&r.2);
+    assert!(text.contains("\"hi\""), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    // A liveness bound (the worker would hold it for 120 s), not a timing check.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert!(
+        api.logs().contains("the worker went silent"),
+        "{}",
+        api.logs()
+    );
+}
