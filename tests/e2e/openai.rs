@@ -396,7 +396,7 @@ fn local_model_tools_structured_output_and_logprobs_end_to_end() {
     // A named tool choice: the call is forced, its arguments parse and fit the schema.
     let (s, b) = chat(
         json!({"model": "smollm2", "messages": ask, "tools": weather,
-        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 60}),
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 150, "temperature": 0}),
     );
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     let v: Value = serde_json::from_slice(&b).unwrap();
@@ -416,11 +416,13 @@ fn local_model_tools_structured_output_and_logprobs_end_to_end() {
     );
     let first_call = choice["message"].clone();
 
-    // Streamed, with `required`: tool-call fragments, one finish, a usage chunk.
+    // Streamed, with `required` and one call at most (with parallel calls allowed, greedy
+    // SmolLM2 repeats the call until max_tokens): tool-call fragments, one finish, a usage
+    // chunk.
     let (s, b) = chat(
         json!({"model": "smollm2", "messages": ask, "tools": weather,
-        "tool_choice": "required", "stream": true, "stream_options": {"include_usage": true},
-        "max_tokens": 60}),
+        "tool_choice": "required", "parallel_tool_calls": false, "stream": true, "stream_options": {"include_usage": true},
+        "max_tokens": 150, "temperature": 0}),
     );
     assert_eq!(s, 200);
     let text = String::from_utf8_lossy(&b).to_string();
@@ -474,9 +476,11 @@ fn local_model_tools_structured_output_and_logprobs_end_to_end() {
     // Structured output: the answer parses and fits the schema.
     let schema = json!({"type": "object", "properties": {"name": {"type": "string"},
         "age": {"type": "integer"}}, "required": ["name", "age"], "additionalProperties": false});
-    let (s, b) = chat(json!({"model": "smollm2", "max_tokens": 60,
+    let (s, b) = chat(
+        json!({"model": "smollm2", "max_tokens": 150, "temperature": 0,
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe a person "}, {"type": "text", "text": "as JSON."}]}],
-        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}}}));
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}}}),
+    );
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     let v: Value = serde_json::from_slice(&b).unwrap();
     let person: Value =
@@ -619,4 +623,89 @@ fn a_native_stream_that_goes_silent_is_cut_short() {
         "{}",
         api.logs()
     );
+}
+
+/// `--chat_template FILE`: an operator's Jinja template renders the prompts of the native
+/// chat route (tools included), and a template that does not parse fails the start, naming
+/// the file.
+#[test]
+fn an_operator_chat_template_renders_the_prompt() {
+    let env = TestEnv::new();
+    // ChatML, as SmolLM2 expects, plus a tools section the GGUF's own template lacks and a
+    // long preamble that shows in the prompt's token count.
+    let template = env.path("chatml-tools.jinja");
+    std::fs::write(
+        &template,
+        "<|im_start|>system\n{% for i in range(300) %}note {% endfor %}<|im_end|>\n{% if tools %}<|im_start|>system\nYou can call these tools by answering {\"tool_calls\":[{\"name\":...,\"arguments\":{...}}]}:\n{% for t in tools %}{{ t.function.name }}: {{ t.function.parameters | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}\
+         {% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+         {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .unwrap();
+    let w = worker(
+        &env,
+        "http://127.0.0.1:1",
+        &[
+            "--no_register",
+            "--model_name",
+            "smollm2",
+            "--model_path",
+            &crate::worker::gguf(),
+            "--chat_template",
+            template.to_str().unwrap(),
+        ],
+    );
+    let body = json!({"model": "smollm2", "max_tokens": 150,
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+        "tool_choice": "required"});
+    let r = post(
+        w.port,
+        "/api/worker/openai/v1/chat/completions",
+        &serde_json::to_vec(&body).unwrap(),
+    );
+    assert_eq!(r.0, 200, "{}", String::from_utf8_lossy(&r.2));
+    let v: Value = serde_json::from_slice(&r.2).unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let args = v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .unwrap();
+    assert!(serde_json::from_str::<Value>(args).unwrap()["city"].is_string());
+    // The template, not the GGUF's, made the prompt: its 300-word preamble is in the count
+    // (the GGUF's own template makes about 20 tokens of this question).
+    let plain = json!({"model": "smollm2", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}]});
+    let r = post(
+        w.port,
+        "/api/worker/openai/v1/chat/completions",
+        &serde_json::to_vec(&plain).unwrap(),
+    );
+    let p: Value = serde_json::from_slice(&r.2).unwrap();
+    assert!(p["usage"]["prompt_tokens"].as_u64().unwrap() > 300, "{p}");
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64() > p["usage"]["prompt_tokens"].as_u64(),
+        "the tools section adds to it: {v} {p}"
+    );
+    drop(w);
+
+    let broken = env.path("broken.jinja");
+    std::fs::write(&broken, "{% for m in messages %}{{ m.content").unwrap();
+    let out = env.run(&[
+        "start",
+        "worker",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &free_port().to_string(),
+        "--no_register",
+        "--model_name",
+        "smollm2",
+        "--model_path",
+        &crate::worker::gguf(),
+        "--chat_template",
+        broken.to_str().unwrap(),
+        "--daemon",
+    ]);
+    assert!(!out.status.success());
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(said.contains("broken.jinja"), "{said}");
 }
