@@ -75,6 +75,20 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A `text/event-stream` answer with `body` as its events, never cached or buffered by a
+/// proxy in between.
+pub fn sse_response(body: axum::body::Body) -> Response {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
 /// Serialises `body` as a JSON response (compact, `application/json`).
 pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response {
     json_response_sized(status, body, 128)

@@ -47,7 +47,7 @@ use tracing::debug;
 use self::discovery::Group;
 use self::proxy::{FrameStream, Native, NativeAnswer, NativeBody, Upstream, UpstreamError};
 use self::splice::Spliced;
-use crate::http::{json_response, json_response_sized};
+use crate::http::{json_response, json_response_sized, sse_response};
 use crate::openai::response::{DONE, Envelope, Kind, sse};
 use crate::openai::{self, CompletionRequest, OpenAiError};
 use crate::tracer::{self, Meta, Tracer};
@@ -353,14 +353,7 @@ async fn responses(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
         ))
     })
     .filter(|r| futures::future::ready(r.as_ref().map_or(true, |b| !b.is_empty())));
-    let mut resp = Response::new(Body::from_stream(events));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
+    sse_response(Body::from_stream(events))
 }
 
 /// A JSON body as it is.
@@ -643,16 +636,9 @@ async fn stream_completion(
             _ = tx.closed() => debug!("client went away; cancelling the worker stream"),
         }
     });
-    let body = Body::from_stream(tokio_stream_from(rx).map(Ok::<Bytes, std::convert::Infallible>));
-    let mut resp = Response::new(body);
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    resp
+    sse_response(Body::from_stream(
+        tokio_stream_from(rx).map(Ok::<Bytes, std::convert::Infallible>),
+    ))
 }
 
 /// An mpsc receiver as a stream.

@@ -39,7 +39,8 @@ pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, OpenAiError> {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How an error message names the JSON type of `v` ("a string", "null", …).
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -472,8 +473,8 @@ struct Common {
     native_only: Option<String>,
 }
 
-fn common(o: &Obj) -> Result<Common, OpenAiError> {
-    let n = o.int("n", 1, 128)?.unwrap_or(1) as usize;
+/// `stream` and `stream_options.include_usage` of a chat or text completion request.
+pub(crate) fn stream_flags(o: &Obj) -> Result<(bool, bool), OpenAiError> {
     let stream = o.bool("stream")?.unwrap_or(false);
     let include_usage = match o.get("stream_options") {
         None => false,
@@ -493,6 +494,12 @@ fn common(o: &Obj) -> Result<Common, OpenAiError> {
         }
         Some(v) => return Err(wrong_type("stream_options", "an object", v)),
     };
+    Ok((stream, include_usage))
+}
+
+fn common(o: &Obj) -> Result<Common, OpenAiError> {
+    let n = o.int("n", 1, 128)?.unwrap_or(1) as usize;
+    let (stream, include_usage) = stream_flags(o)?;
     // Shapes are checked by whoever serves them (our workers, an upstream); here only what
     // decides the route, and the bounds OpenAI itself sets.
     let mut native_only = None;

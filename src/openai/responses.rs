@@ -19,7 +19,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::OpenAiError;
-use super::request::parse_body;
+use super::request::{missing, parse_body, wrong_type};
 use super::response::{new_id, unix_now};
 
 /// What answering one Responses request needs from the request: the response's identity
@@ -65,33 +65,6 @@ impl ResponsesCtx {
 // ---------------------------------------------------------------------------------------
 // Request: Responses → chat completions
 // ---------------------------------------------------------------------------------------
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn wrong_type(field: &str, want: &str, got: &Value) -> OpenAiError {
-    OpenAiError::invalid(
-        field,
-        "invalid_type",
-        format!("'{field}' must be {want}, got {}", type_name(got)),
-    )
-}
-
-fn missing(field: &str) -> OpenAiError {
-    OpenAiError::invalid(
-        field,
-        "missing_required_parameter",
-        format!("Missing required parameter: '{field}'"),
-    )
-}
 
 /// A field this stateless server cannot honour.
 fn unsupported(field: &str, msg: impl Into<String>) -> OpenAiError {

@@ -25,7 +25,7 @@ use super::backends::{BackendError, OpenAiPassthrough};
 use super::manager::RunningModel;
 use super::routes::WorkerState;
 use super::spec::Engine;
-use crate::http::{CappedBody, MAX_MODEL_BODY_BYTES};
+use crate::http::{CappedBody, MAX_MODEL_BODY_BYTES, sse_response};
 use crate::openai::OpenAiError;
 use crate::openai::raw::model_field;
 use crate::tracer;
@@ -183,14 +183,7 @@ fn answer<G: Send + 'static>(a: Result<super::chat::Answer, OpenAiError>, guards
                 let _held = &guards;
                 Ok::<_, Infallible>(b)
             });
-            let mut resp = Response::new(Body::from_stream(body));
-            let h = resp.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            resp
+            sse_response(Body::from_stream(body))
         }
     }
 }

@@ -6,7 +6,9 @@
 use serde_json::{Map, Value};
 
 use crate::openai::OpenAiError;
-use crate::openai::request::{Obj, Sampling, missing, parse_body, sampling, wrong_type};
+use crate::openai::request::{
+    Obj, Sampling, missing, parse_body, sampling, stream_flags, wrong_type,
+};
 
 /// Most choices (`n`) one request may ask for.
 pub(crate) const MAX_N: i64 = 8;
@@ -140,24 +142,7 @@ fn invalid(param: &str, msg: impl Into<String>) -> OpenAiError {
 /// `n`, `stream` and `stream_options` of either request.
 fn stream_and_n(o: &Obj) -> Result<(usize, bool, bool), OpenAiError> {
     let n = o.int("n", 1, MAX_N)?.unwrap_or(1) as usize;
-    let stream = o.bool("stream")?.unwrap_or(false);
-    let include_usage = match o.get("stream_options") {
-        None => false,
-        Some(Value::Object(so)) => {
-            if !stream {
-                return Err(invalid(
-                    "stream_options",
-                    "'stream_options' is only allowed when 'stream' is true",
-                ));
-            }
-            match so.get("include_usage") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(v) => return Err(wrong_type("stream_options.include_usage", "a boolean", v)),
-            }
-        }
-        Some(v) => return Err(wrong_type("stream_options", "an object", v)),
-    };
+    let (stream, include_usage) = stream_flags(o)?;
     Ok((n, stream, include_usage))
 }
 
