@@ -850,6 +850,32 @@ fn proxy_worker_times_out_a_silent_upstream_and_keeps_serving() {
             assert!(text.contains(&shown), "{m}: {text}");
             assert!(!text.contains("hunter2"), "{m}: {text}");
         }
+        // The native route (the apiserver's way): a silent upstream is a 502 naming the
+        // timeout; one that stalls mid-answer has its answer cut short after "Hello".
+        let native = |m: &str| {
+            raw_http(
+                w.port,
+                "POST",
+                "/api/worker/openai/v1/chat/completions",
+                &[("Content-Type", "application/json")],
+                &serde_json::to_vec(
+                    &json!({"model": m, "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+                )
+                .unwrap(),
+            )
+            .expect("no HTTP answer")
+        };
+        let (status, _, body) = native("hang");
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, 502, "{text}");
+        assert!(
+            text.contains("first-byte timeout") && !text.contains("hunter2"),
+            "{text}"
+        );
+        let (status, _, body) = native("stall");
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, 200);
+        assert!(text.contains("Hello") && !text.contains("[DONE]"), "{text}");
         assert_eq!(http_get_status(w.port, "/api/health"), Some(200));
         let frames = ask("ok");
         let last = frames.last().unwrap();

@@ -123,6 +123,9 @@ pub struct OpenAiProxyBackend {
 struct Inner {
     client: reqwest::Client,
     api_base: String,
+    /// The upstream URLs of the OpenAI endpoints, parsed once (a string URL is parsed on
+    /// every request).
+    urls: Vec<(&'static str, reqwest::Url)>,
     /// `api_base` without credentials or query: what errors and logs name.
     shown_base: String,
     api_key: Option<String>,
@@ -245,6 +248,10 @@ impl OpenAiProxyBackend {
         Ok(OpenAiProxyBackend {
             inner: Arc::new(Inner {
                 client,
+                urls: ["chat/completions", "completions", "embeddings"]
+                    .into_iter()
+                    .filter_map(|p| Some((p, format!("{base}/{p}").parse().ok()?)))
+                    .collect(),
                 api_base: base,
                 shown_base,
                 api_key,
@@ -259,7 +266,10 @@ impl OpenAiProxyBackend {
 
 impl Inner {
     fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.client.post(format!("{}/{}", self.api_base, path));
+        let rb = match self.urls.iter().find(|(p, _)| *p == path) {
+            Some((_, url)) => self.client.post(url.clone()),
+            None => self.client.post(format!("{}/{}", self.api_base, path)),
+        };
         match &self.api_key {
             Some(k) => rb.bearer_auth(k),
             None => rb,
@@ -759,26 +769,12 @@ impl OpenAiPassthrough for OpenAiProxyBackend {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             let bytes = resp.bytes_stream().boxed();
-            let body = stream::unfold(Some((bytes, inner)), |state| async move {
-                let (mut bytes, inner) = state?;
-                let wait = inner.timeouts.between_chunks;
-                match tokio::time::timeout(wait, bytes.next()).await {
-                    Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some((bytes, inner)))),
-                    Ok(None) => None,
-                    Ok(Some(Err(e))) => {
-                        let e = BackendError::Upstream {
-                            status: None,
-                            message: format!(
-                                "reading the answer of upstream {}: {}",
-                                inner.shown_base,
-                                error_chain(&e.without_url())
-                            ),
-                        };
-                        Some((Err(e), None))
-                    }
-                    Err(_) => Some((Err(inner.timed_out(Waited::BetweenChunks)), None)),
-                }
-            })
+            let body = Relayed {
+                timer: Box::pin(tokio::time::sleep(inner.timeouts.between_chunks)),
+                last: tokio::time::Instant::now(),
+                bytes,
+                inner: Some(inner),
+            }
             .boxed();
             Ok(Passthrough {
                 status,
@@ -864,6 +860,64 @@ impl EmbeddingBackend for OpenAiProxyBackend {
 
     fn passthrough(&self) -> Option<&dyn OpenAiPassthrough> {
         Some(self)
+    }
+}
+
+/// A passthrough answer with the between-chunks bound. Its timer is armed once: a chunk only
+/// notes its time, and the timer, when it fires early, re-arms itself from the last chunk
+/// (a `timeout` around every chunk would update the timer wheel per chunk).
+struct Relayed {
+    bytes: BoxStream<'static, reqwest::Result<Bytes>>,
+    /// `None` once the body ended or failed.
+    inner: Option<Arc<Inner>>,
+    last: tokio::time::Instant,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl futures::Stream for Relayed {
+    type Item = Result<Bytes, BackendError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let Some(inner) = &this.inner else {
+            return Poll::Ready(None);
+        };
+        match this.bytes.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.last = tokio::time::Instant::now();
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let e = BackendError::Upstream {
+                    status: None,
+                    message: format!(
+                        "reading the answer of upstream {}: {}",
+                        inner.shown_base,
+                        error_chain(&e.without_url())
+                    ),
+                };
+                this.inner = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.inner = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => loop {
+                std::task::ready!(this.timer.as_mut().poll(cx));
+                let due = this.last + inner.timeouts.between_chunks;
+                if tokio::time::Instant::now() >= due {
+                    let e = inner.timed_out(Waited::BetweenChunks);
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                this.timer.as_mut().reset(due);
+            },
+        }
     }
 }
 
