@@ -406,6 +406,21 @@ async fn model_metadata(
     // is DB-GPT's `ModelMetadata`/`ModelExtraMedata` defaults on purpose: every engine here
     // is a chat model, none advertises function calling, `metadata` is empty, and DB-GPT's
     // roles and round separator apply (the worker maps them onto the model's template).
+    // Ours: what the native OpenAI routes take for this model (`openai_capabilities`): a
+    // proxied model everything its upstream takes, passed through; a local one the engine's
+    // list (image and audio parts it refuses, naming them).
+    let capabilities: &[&str] = if b.passthrough().is_some() {
+        &["passthrough"]
+    } else {
+        &[
+            "tools",
+            "tool_choice",
+            "json_object",
+            "json_schema",
+            "logprobs",
+            "n",
+        ]
+    };
     Ok(json_response(
         StatusCode::OK,
         &ModelMetadata {
@@ -414,7 +429,7 @@ async fn model_metadata(
             chat_model: true,
             is_function_calling_model: false,
             metadata: json!({}),
-            ext_metadata: json!({"prompt_roles": ["system", "human", "ai"], "prompt_sep": "\n", "prompt_chat_template": b.chat_template()}),
+            ext_metadata: json!({"prompt_roles": ["system", "human", "ai"], "prompt_sep": "\n", "prompt_chat_template": b.chat_template(), "openai_capabilities": capabilities}),
         },
     ))
 }
@@ -793,6 +808,17 @@ mod tests {
         assert_eq!(status, StatusCode::OK, "{v}");
         assert_eq!(v["context_length"], 1234);
         assert_eq!(v["ext_metadata"]["prompt_chat_template"], template);
+        assert_eq!(
+            v["ext_metadata"]["openai_capabilities"],
+            json!([
+                "tools",
+                "tool_choice",
+                "json_object",
+                "json_schema",
+                "logprobs",
+                "n"
+            ])
+        );
         let (_, v) = call(
             &s,
             "/api/worker/model_metadata",

@@ -133,7 +133,19 @@ fn proxy_models_pass_every_field_through_both_ways() {
         ),
     )
     .unwrap();
-    let _w = worker(&env, &c.url(), &["--config", cfg.to_str().unwrap()]);
+    let w = worker(&env, &c.url(), &["--config", cfg.to_str().unwrap()]);
+    // The worker says what its native route takes for this model.
+    let (_, meta) = json_req(
+        w.port,
+        "POST",
+        "/api/worker/model_metadata",
+        Some(&json!({"model": "gpt-4o"})),
+    );
+    assert_eq!(
+        meta["ext_metadata"]["openai_capabilities"],
+        json!(["passthrough"]),
+        "{meta}"
+    );
     let api = apiserver(&env, &c.url(), &[]);
     assert!(
         wait_until(std::time::Duration::from_secs(20), || {
