@@ -67,6 +67,19 @@ pub fn model_field(body: &[u8]) -> Result<ModelField, OpenAiError> {
     })
 }
 
+/// Whether a (valid) request body asks for a stream (`"stream": true` at the top level).
+pub fn asks_stream(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Stream<'a> {
+        #[serde(borrow, default)]
+        stream: Option<&'a RawValue>,
+    }
+    serde_json::from_slice::<Stream<'_>>(body)
+        .ok()
+        .and_then(|s| s.stream)
+        .is_some_and(|v| v.get() == "true")
+}
+
 /// `body` with the `model` value at `field` replaced by `model` (every other byte kept).
 pub fn with_model(body: &Bytes, field: &ModelField, model: &str) -> Bytes {
     if field.name == model {
@@ -100,6 +113,14 @@ mod tests {
         // Same name: the very same bytes.
         let same = with_model(&body, &f, "gpt4");
         assert_eq!(same.as_ptr(), body.as_ptr());
+    }
+
+    #[test]
+    fn the_stream_flag_is_read() {
+        assert!(asks_stream(br#"{"x":{"stream":false},"stream" : true}"#));
+        assert!(!asks_stream(br#"{"x":{"stream":true},"stream":false}"#));
+        assert!(!asks_stream(br#"{"model":"m"}"#));
+        assert!(!asks_stream(br#"{"stream":"true"}"#));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use super::routes::WorkerState;
 use super::spec::Engine;
 use crate::http::{CappedBody, MAX_MODEL_BODY_BYTES, sse_response};
 use crate::openai::OpenAiError;
-use crate::openai::raw::model_field;
+use crate::openai::raw::{asks_stream, model_field};
 use crate::tracer;
 use crate::wire::worker::WorkerType;
 
@@ -113,12 +113,19 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
         };
     }
     match (&model.engine, ep) {
-        (Engine::Llm(b), Endpoint::Chat) => answer(
-            super::chat::chat_completions_with(b.clone(), &model.chat, &body).await,
-            guards,
-        ),
-        (Engine::Llm(b), Endpoint::Completions) => {
-            answer(super::chat::completions(b.clone(), &body).await, guards)
+        (Engine::Llm(b), Endpoint::Chat | Endpoint::Completions) => {
+            let (b, chat, stream) = (b.clone(), model.chat.clone(), asks_stream(&body));
+            let engine = async move {
+                match ep {
+                    Endpoint::Chat => super::chat::chat_completions_with(b, &chat, &body).await,
+                    _ => super::chat::completions(b, &body).await,
+                }
+            };
+            if stream {
+                answer(engine.await, guards)
+            } else {
+                whole_within(Box::pin(engine), guards).await
+            }
         }
         (Engine::Embedding(b), Endpoint::Embeddings) => {
             match super::embed::embeddings(b.clone(), &body).await {
@@ -184,6 +191,45 @@ fn answer<G: Send + 'static>(a: Result<super::chat::Answer, OpenAiError>, guards
                 Ok::<_, Infallible>(b)
             });
             sse_response(Body::from_stream(body))
+        }
+    }
+}
+
+/// How long a non-stream answer may hold back its headers hoping to go out whole.
+const WHOLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A non-stream local answer: complete within [`WHOLE_WITHIN`] (most are), it goes out whole
+/// with its Content-Length; a longer one gets its headers now and its JSON when it is done,
+/// so that the apiserver can tell a working model from a frozen worker (its first-byte
+/// timeout) during a long generation. A failure after the headers is the error object as the
+/// body (the status is already sent).
+async fn whole_within<G: Send + 'static>(
+    mut engine: futures::future::BoxFuture<'static, Result<super::chat::Answer, OpenAiError>>,
+    guards: G,
+) -> Response {
+    match tokio::time::timeout(WHOLE_WITHIN, &mut engine).await {
+        Ok(a) => answer(a, guards),
+        Err(_) => {
+            let body = futures::stream::once(async move {
+                let _held = guards;
+                let json = match engine.await {
+                    Ok(super::chat::Answer::Whole(json)) => json,
+                    Ok(super::chat::Answer::Stream(events)) => {
+                        Bytes::from(events.collect::<Vec<Bytes>>().await.concat())
+                    }
+                    Err(e) => Bytes::from(serde_json::to_vec(&e.body()).unwrap_or_default()),
+                };
+                Ok::<_, Infallible>(json)
+            });
+            (
+                StatusCode::OK,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                Body::from_stream(body),
+            )
+                .into_response()
         }
     }
 }

@@ -765,6 +765,43 @@ mod tests {
         assert_eq!(v["text"], "a", "{v}");
     }
 
+    /// The native chat route's answer to a non-stream request, with its Content-Length.
+    async fn native_answer(s: &WorkerState, model: &str) -> (Option<u64>, Value) {
+        let req = Request::post(wire::OPENAI_CHAT_PATH)
+            .header("content-type", "application/json")
+            .body(Body::from(
+                json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+                    .to_string(),
+            ))
+            .unwrap();
+        let resp = router(s.clone()).oneshot(req).await.unwrap();
+        let len = hyper::body::Body::size_hint(resp.body()).exact();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (len, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_slow_native_answer_sends_its_headers_first() {
+        let (s, _l) = state(&[]);
+        let spec = ModelSpec::from_params(
+            "slow",
+            WorkerType::Llm,
+            &json!({"model_type": "proxy", "proxy_api_base": "http://127.0.0.1:1/v1"}),
+        )
+        .unwrap();
+        s.manager.insert_engine(spec, Engine::Llm(Arc::new(Slow)));
+        // Refused at once (an unknown model): one body with its length.
+        let (len, v) = native_answer(&s, "nope").await;
+        assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+        assert_eq!(len, Some(serde_json::to_vec(&v).unwrap().len() as u64));
+        // Still generating after the window: headers first, the JSON when it is done.
+        let (len, v) = native_answer(&s, "slow").await;
+        assert_eq!(len, None, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], "a", "{v}");
+    }
+
     #[tokio::test]
     async fn supports_reports_the_bound_address_without_a_controller() {
         let (s, listener) = state(&[("m", None)]);
