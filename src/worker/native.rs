@@ -107,7 +107,19 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
     let slot = model.acquire().await;
     let guards = (slot, span);
     if let Some(p) = passthrough(&model) {
-        return match p.forward(ep.upstream_path(), body, field).await {
+        let stream = asks_stream(&body);
+        let mut forward = p.forward(ep.upstream_path(), body, field);
+        let forwarded = if stream {
+            forward.await
+        } else {
+            // A non-stream upstream answers its head only when the whole answer is ready:
+            // past WHOLE_WITHIN our headers go first (see `whole_within`).
+            match tokio::time::timeout(WHOLE_WITHIN, &mut forward).await {
+                Ok(r) => r,
+                Err(_) => return relay_late(forward, guards),
+            }
+        };
+        return match forwarded {
             Ok(answer) => relay(answer, guards),
             Err(e) => upstream_failed(e),
         };
@@ -178,6 +190,48 @@ fn relay<G: Send + 'static>(answer: super::backends::Passthrough, guards: G) -> 
         resp.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     resp
+}
+
+/// A non-stream upstream answer still pending after [`WHOLE_WITHIN`]: 200 and JSON now, the
+/// upstream's body when it comes. Its status is lost then (an upstream that fails this late
+/// is rare: a refusal comes at once); the body is the upstream's error object, or ours.
+fn relay_late<G: Send + 'static>(
+    forward: futures::future::BoxFuture<
+        'static,
+        Result<super::backends::Passthrough, BackendError>,
+    >,
+    guards: G,
+) -> Response {
+    let body = futures::stream::once(forward)
+        .flat_map(move |res| {
+            let _held = &guards;
+            match res {
+                Ok(answer) => {
+                    if answer.status >= 400 {
+                        tracing::warn!(
+                            status = answer.status,
+                            "the upstream failed after the headers were sent; its error is the body"
+                        );
+                    }
+                    answer.body
+                }
+                Err(e) => {
+                    let json = serde_json::to_vec(&OpenAiError::bad_gateway(e.to_string()).body())
+                        .unwrap_or_default();
+                    futures::stream::once(async move { Ok(Bytes::from(json)) }).boxed()
+                }
+            }
+        })
+        .map(|item| item.map_err(|e| std::io::Error::other(e.to_string())));
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// A local engine's answer: one JSON body, or an SSE stream holding `guards` to its end.

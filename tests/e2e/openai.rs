@@ -55,6 +55,10 @@ impl RecordingUpstream {
                     .unwrap()
                     .push((uri.path().to_string(), body.clone()));
                 let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                if v["model"] == "slow-up" {
+                    // A long non-stream generation: the head comes with the whole answer.
+                    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+                }
                 if v["model"] == "reject" {
                     let err = r#"{"error":{"message":"Invalid schema for function 'f': 3 is not of type 'object'","type":"invalid_request_error","param":"tools[0].function.parameters","code":"invalid_function_parameters"}}"#;
                     return (
@@ -129,6 +133,7 @@ fn proxy_models_pass_every_field_through_both_ways() {
         format!(
             "[[models.llms]]\nname = \"gpt-4o\"\nmodel_type = \"proxy\"\napi_base = \"{base}\"\nbackend = \"upstream-model\"\n\n\
              [[models.llms]]\nname = \"reject\"\nmodel_type = \"proxy\"\napi_base = \"{base}\"\n\n\
+             [[models.llms]]\nname = \"slow\"\nmodel_type = \"proxy\"\napi_base = \"{base}\"\nbackend = \"slow-up\"\n\n\
              [[models.embeddings]]\nname = \"emb\"\nmodel_type = \"proxy\"\napi_base = \"{base}\"\nbackend = \"emb-up\"\n"
         ),
     )
@@ -151,9 +156,9 @@ fn proxy_models_pass_every_field_through_both_ways() {
         wait_until(std::time::Duration::from_secs(20), || {
             json_req(api.port, "GET", "/v1/models", None).1["data"]
                 .as_array()
-                .is_some_and(|d| d.len() == 3)
+                .is_some_and(|d| d.len() == 4)
         }),
-        "the three models never showed up"
+        "the four models never showed up"
     );
 
     // Every field the client sent reaches the upstream, byte for byte: tools, tool_choice,
@@ -288,6 +293,19 @@ fn proxy_models_pass_every_field_through_both_ways() {
         text.contains(r#""arguments":"{\"city\":\"Paris\"}""#),
         "{text}"
     );
+
+    // A non-stream answer that takes longer than the apiserver's first-byte timeout: the
+    // worker sends its headers first, so it is not taken for a frozen worker.
+    let patient = apiserver(&env, &c.url(), &["--first_byte_timeout_secs", "2"]);
+    assert!(wait_until(std::time::Duration::from_secs(20), || {
+        json_req(patient.port, "GET", "/v1/models", None).1["data"]
+            .as_array()
+            .is_some_and(|d| d.len() == 4)
+    }));
+    let sent = r#"{"model":"slow","messages":[{"role":"user","content":"take your time"}]}"#;
+    let r = post(patient.port, "/v1/chat/completions", sent.as_bytes());
+    assert_eq!(r.0, 200, "{}", String::from_utf8_lossy(&r.2));
+    assert_eq!(String::from_utf8_lossy(&r.2), WHOLE);
 }
 
 /// A worker without the native routes (DB-GPT's own, played by a test double that answers
