@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::backends::{BackendError, OpenAiPassthrough};
+use super::backends::{BackendError, LlmBackend, OpenAiPassthrough};
 use super::manager::RunningModel;
 use super::routes::WorkerState;
 use super::spec::Engine;
@@ -126,7 +126,17 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
     }
     match (&model.engine, ep) {
         (Engine::Llm(b), Endpoint::Chat | Endpoint::Completions) => {
-            let (b, chat, stream) = (b.clone(), model.chat.clone(), asks_stream(&body));
+            let (chat, stream) = (model.chat.clone(), asks_stream(&body));
+            let started = Arc::new(tokio::sync::Notify::new());
+            // A non-stream answer learns when the model has started (see `whole_within`).
+            let b: Arc<dyn LlmBackend> = if stream {
+                b.clone()
+            } else {
+                Arc::new(Started {
+                    inner: b.clone(),
+                    started: started.clone(),
+                })
+            };
             let engine = async move {
                 match ep {
                     Endpoint::Chat => super::chat::chat_completions_with(b, &chat, &body).await,
@@ -136,7 +146,7 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
             if stream {
                 answer(engine.await, guards)
             } else {
-                whole_within(Box::pin(engine), guards).await
+                whole_within(Box::pin(engine), &started, guards).await
             }
         }
         (Engine::Embedding(b), Endpoint::Embeddings) => {
@@ -252,18 +262,64 @@ fn answer<G: Send + 'static>(a: Result<super::chat::Answer, OpenAiError>, guards
 /// How long a non-stream answer may hold back its headers hoping to go out whole.
 const WHOLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A local model that tells when it has produced its first output: the moment a non-stream
+/// answer may commit to a 200 (a prompt the model refuses is refused before that).
+struct Started {
+    inner: Arc<dyn LlmBackend>,
+    started: Arc<tokio::sync::Notify>,
+}
+
+impl LlmBackend for Started {
+    fn generate_stream(
+        &self,
+        params: super::backends::GenerateParams,
+    ) -> futures::stream::BoxStream<'static, Result<super::backends::GenerateEvent, BackendError>>
+    {
+        let started = self.started.clone();
+        self.inner
+            .generate_stream(params)
+            .inspect(move |ev| {
+                if ev.is_ok() {
+                    started.notify_one();
+                }
+            })
+            .boxed()
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize, BackendError> {
+        self.inner.count_tokens(text)
+    }
+
+    fn context_length(&self) -> usize {
+        self.inner.context_length()
+    }
+
+    fn chat_template(&self) -> Option<&str> {
+        self.inner.chat_template()
+    }
+}
+
 /// A non-stream local answer: complete within [`WHOLE_WITHIN`] (most are), it goes out whole
-/// with its Content-Length; a longer one gets its headers now and its JSON when it is done,
-/// so that the apiserver can tell a working model from a frozen worker (its first-byte
-/// timeout) during a long generation. A failure after the headers is the error object as the
-/// body (the status is already sent).
+/// with its Content-Length. A longer one gets its headers once the model has `started`
+/// producing output (a refusal, such as a prompt over the context window, comes before that
+/// and keeps its 4xx, however long the check took) and its JSON when it is done, so that the
+/// apiserver can tell a working model from a frozen worker (its first-byte timeout) during a
+/// long generation. A failure after the headers is the error object as the body.
 async fn whole_within<G: Send + 'static>(
     mut engine: futures::future::BoxFuture<'static, Result<super::chat::Answer, OpenAiError>>,
+    started: &tokio::sync::Notify,
     guards: G,
 ) -> Response {
-    match tokio::time::timeout(WHOLE_WITHIN, &mut engine).await {
-        Ok(a) => answer(a, guards),
-        Err(_) => {
+    let early = match tokio::time::timeout(WHOLE_WITHIN, &mut engine).await {
+        Ok(a) => Some(a),
+        Err(_) => tokio::select! {
+            a = &mut engine => Some(a),
+            _ = started.notified() => None,
+        },
+    };
+    match early {
+        Some(a) => answer(a, guards),
+        None => {
             let body = futures::stream::once(async move {
                 let _held = guards;
                 let json = match engine.await {

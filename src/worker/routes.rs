@@ -766,7 +766,7 @@ mod tests {
     }
 
     /// The native chat route's answer to a non-stream request, with its Content-Length.
-    async fn native_answer(s: &WorkerState, model: &str) -> (Option<u64>, Value) {
+    async fn native_answer(s: &WorkerState, model: &str) -> (StatusCode, Option<u64>, Value) {
         let req = Request::post(wire::OPENAI_CHAT_PATH)
             .header("content-type", "application/json")
             .body(Body::from(
@@ -775,11 +775,34 @@ mod tests {
             ))
             .unwrap();
         let resp = router(s.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
         let len = hyper::body::Body::size_hint(resp.body()).exact();
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
             .await
             .unwrap();
-        (len, serde_json::from_slice(&bytes).unwrap())
+        (status, len, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    /// An LLM that takes 1.5 s to refuse every prompt (a huge prompt's tokenization).
+    struct SlowRefusal;
+
+    impl LlmBackend for SlowRefusal {
+        fn generate_stream(
+            &self,
+            _: GenerateParams,
+        ) -> BoxStream<'static, Result<GenerateEvent, BackendError>> {
+            futures::stream::once(async {
+                tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                Err(BackendError::BadRequest("prompt too long".into()))
+            })
+            .boxed()
+        }
+        fn count_tokens(&self, _: &str) -> Result<usize, BackendError> {
+            Ok(1)
+        }
+        fn context_length(&self) -> usize {
+            1234
+        }
     }
 
     #[tokio::test]
@@ -792,14 +815,31 @@ mod tests {
         )
         .unwrap();
         s.manager.insert_engine(spec, Engine::Llm(Arc::new(Slow)));
+        let spec = ModelSpec::from_params(
+            "refuses",
+            WorkerType::Llm,
+            &json!({"model_type": "proxy", "proxy_api_base": "http://127.0.0.1:1/v1"}),
+        )
+        .unwrap();
+        s.manager
+            .insert_engine(spec, Engine::Llm(Arc::new(SlowRefusal)));
         // Refused at once (an unknown model): one body with its length.
-        let (len, v) = native_answer(&s, "nope").await;
+        let (status, len, v) = native_answer(&s, "nope").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(v["error"]["code"], "model_not_found", "{v}");
         assert_eq!(len, Some(serde_json::to_vec(&v).unwrap().len() as u64));
         // Still generating after the window: headers first, the JSON when it is done.
-        let (len, v) = native_answer(&s, "slow").await;
+        let (status, len, v) = native_answer(&s, "slow").await;
+        assert_eq!(status, StatusCode::OK);
         assert_eq!(len, None, "{v}");
         assert_eq!(v["choices"][0]["message"]["content"], "a", "{v}");
+        // Refused after the window, but before any output: still the 400.
+        let (status, _, v) = native_answer(&s, "refuses").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("too long"),
+            "{v}"
+        );
     }
 
     #[tokio::test]
