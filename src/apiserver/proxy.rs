@@ -134,6 +134,17 @@ pub enum NativeBody {
     Whole(Bytes),
 }
 
+/// What a call that ran out of instances answers: none could be tried, or every one tried
+/// failed (`last` is the last failure; empty when none was tried).
+fn out_of_instances(model: &str, tried: usize, last: String) -> UpstreamError {
+    let model = model.to_string();
+    if last.is_empty() {
+        UpstreamError::NoInstance { model }
+    } else {
+        UpstreamError::Exhausted { model, tried, last }
+    }
+}
+
 /// The worker-facing side of the apiserver.
 #[derive(Clone)]
 pub struct Upstream {
@@ -287,16 +298,7 @@ impl Upstream {
                 }
             }
         }
-        let model = model.to_string();
-        Err(if last.is_empty() {
-            UpstreamError::NoInstance { model }
-        } else {
-            UpstreamError::Exhausted {
-                model,
-                tried: tried.len(),
-                last,
-            }
-        })
+        Err(out_of_instances(model, tried.len(), last))
     }
 
     /// POSTs `req` and waits for the status line and headers, bounded by the first-byte
@@ -518,16 +520,7 @@ impl Upstream {
         if passed_over && last.is_empty() {
             return Ok(Native::Legacy(None));
         }
-        let model = model.to_string();
-        Err(if last.is_empty() {
-            UpstreamError::NoInstance { model }
-        } else {
-            UpstreamError::Exhausted {
-                model,
-                tried: tried.len(),
-                last,
-            }
-        })
+        Err(out_of_instances(model, tried.len(), last))
     }
 
     /// One native call: `Ok(None)` when the instance has no such route.

@@ -77,6 +77,24 @@ fn empty_list(field: &str) -> OpenAiError {
     )
 }
 
+/// A field that is a string or a non-empty list of strings (`prompt`, `input`), as a list.
+pub(crate) fn string_list(o: &Obj, field: &str) -> Result<Vec<String>, OpenAiError> {
+    match o.get(field) {
+        None => Err(missing(field)),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(a)) if a.is_empty() => Err(empty_list(field)),
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => Ok(a
+            .iter()
+            .map(|s| s.as_str().unwrap_or_default().to_string())
+            .collect()),
+        Some(v) => Err(wrong_type(
+            field,
+            "a string or a list of strings (token arrays are not supported)",
+            v,
+        )),
+    }
+}
+
 /// A list field with more than `max` items.
 fn too_many(field: &str, max: usize) -> OpenAiError {
     OpenAiError::invalid(
@@ -694,34 +712,7 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, OpenAiError> {
     let m = parse_completion_fields(body)?;
     let o = Obj(&m);
     let model = o.model()?;
-    let prompts: Vec<String> = match o.get("prompt") {
-        None => {
-            return Err(OpenAiError::invalid(
-                "prompt",
-                "missing_required_parameter",
-                "Missing required parameter: 'prompt'",
-            ));
-        }
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => a
-            .iter()
-            .map(|s| s.as_str().unwrap_or_default().to_string())
-            .collect(),
-        Some(Value::Array(a)) if a.is_empty() => {
-            return Err(OpenAiError::invalid(
-                "prompt",
-                "invalid_value",
-                "'prompt' must not be an empty list",
-            ));
-        }
-        Some(v) => {
-            return Err(wrong_type(
-                "prompt",
-                "a string or a list of strings (token arrays are not supported)",
-                v,
-            ));
-        }
-    };
+    let prompts = string_list(&o, "prompt")?;
     if prompts.len() > 128 {
         return Err(OpenAiError::invalid(
             "prompt",
@@ -807,22 +798,7 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, OpenAiError> {
     let m = parse_body(body)?;
     let o = Obj(&m);
     let model = o.model()?;
-    let input = match o.get("input") {
-        None => return Err(missing("input")),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if a.is_empty() => return Err(empty_list("input")),
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
-            .iter()
-            .map(|s| s.as_str().unwrap_or_default().to_string())
-            .collect(),
-        Some(v) => {
-            return Err(wrong_type(
-                "input",
-                "a string or a list of strings (token arrays are not supported)",
-                v,
-            ));
-        }
-    };
+    let input = string_list(&o, "input")?;
     if input.len() > 2048 {
         return Err(too_many("input", 2048));
     }

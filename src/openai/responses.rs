@@ -19,7 +19,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::OpenAiError;
-use super::request::{missing, parse_body, wrong_type};
+use super::request::{Obj, missing, parse_body, wrong_type};
 use super::response::{new_id, unix_now};
 
 /// What answering one Responses request needs from the request: the response's identity
@@ -114,21 +114,8 @@ fn opt_object<'a>(
 
 /// A number in `lo..=hi`, kept as sent.
 fn opt_number(m: &Map<String, Value>, k: &str, lo: f64, hi: f64) -> Result<Value, OpenAiError> {
-    match get(m, k) {
-        None => Ok(Value::Null),
-        Some(Value::Number(n)) => {
-            let x = n.as_f64().unwrap_or(f64::NAN);
-            if !(lo..=hi).contains(&x) {
-                return Err(OpenAiError::invalid(
-                    k,
-                    "invalid_value",
-                    format!("'{k}' must be between {lo} and {hi}, got {x}"),
-                ));
-            }
-            Ok(Value::Number(n.clone()))
-        }
-        Some(v) => Err(wrong_type(k, "a number", v)),
-    }
+    Obj(m).float(k, lo, hi)?;
+    Ok(get(m, k).cloned().unwrap_or(Value::Null))
 }
 
 /// Converts a Responses request body into a chat completions request (a JSON object with

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::openai::OpenAiError;
 use crate::openai::request::{
-    Obj, Sampling, missing, parse_body, sampling, stream_flags, wrong_type,
+    Obj, Sampling, missing, parse_body, sampling, stream_flags, string_list, wrong_type,
 };
 
 /// Most choices (`n`) one request may ask for.
@@ -574,24 +574,7 @@ pub(crate) fn parse_text(body: &[u8]) -> Result<TextRequest, OpenAiError> {
     let m = parse_body(body)?;
     let o = Obj(&m);
     let model = o.model()?;
-    let prompts: Vec<String> = match o.get("prompt") {
-        None => return Err(missing("prompt")),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if a.is_empty() => {
-            return Err(invalid("prompt", "'prompt' must not be an empty list"));
-        }
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
-            .iter()
-            .map(|s| s.as_str().unwrap_or_default().to_string())
-            .collect(),
-        Some(v) => {
-            return Err(wrong_type(
-                "prompt",
-                "a string or a list of strings (token arrays are not supported)",
-                v,
-            ));
-        }
-    };
+    let prompts = string_list(&o, "prompt")?;
     let (n, stream, include_usage) = stream_and_n(&o)?;
     if prompts.len() * n > MAX_N as usize {
         return Err(invalid(
