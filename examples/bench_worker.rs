@@ -86,6 +86,7 @@ async fn main() {
             concurrency: Some(4),
             proxy_timeouts: None,
             chat_template: None,
+            llama: Default::default(),
         })
         .await
         .unwrap();
@@ -103,6 +104,7 @@ async fn main() {
             concurrency: Some(4),
             proxy_timeouts: None,
             chat_template: None,
+            llama: Default::default(),
         })
         .await
         .unwrap();

@@ -97,6 +97,15 @@ pub enum UpstreamError {
     /// A stream failed after its first frame (the client already has a 200).
     #[error("the worker stream broke: {0}")]
     MidStream(Box<UpstreamError>),
+    /// Every instance tried was overloaded (HTTP 503 with `Retry-After`: its slots and wait
+    /// queue full); `retry_after` is the last one's advice in seconds.
+    #[error("every worker tried for model `{model}` is overloaded ({tried} tried); last: {last}")]
+    Overloaded {
+        model: String,
+        tried: usize,
+        last: String,
+        retry_after: u32,
+    },
 }
 
 /// Why an attempt failed.
@@ -104,6 +113,9 @@ enum Attempt {
     /// Try another instance (this one is marked suspect); the reason is for the log and the
     /// final error.
     Retry(String),
+    /// The instance is healthy but full (503 with `Retry-After`): try another one without
+    /// marking it suspect.
+    Busy { reason: String, retry_after: u32 },
     /// Give up with this error.
     Fail(UpstreamError),
 }
@@ -136,9 +148,16 @@ pub enum NativeBody {
 
 /// What a call that ran out of instances answers: none could be tried, or every one tried
 /// failed (`last` is the last failure; empty when none was tried).
-fn out_of_instances(model: &str, tried: usize, last: String) -> UpstreamError {
+fn out_of_instances(model: &str, tried: usize, last: String, busy: Option<u32>) -> UpstreamError {
     let model = model.to_string();
-    if last.is_empty() {
+    if let Some(retry_after) = busy {
+        UpstreamError::Overloaded {
+            model,
+            tried,
+            last,
+            retry_after,
+        }
+    } else if last.is_empty() {
         UpstreamError::NoInstance { model }
     } else {
         UpstreamError::Exhausted { model, tried, last }
@@ -223,6 +242,23 @@ fn endpoint(inst: &discovery::Instance) -> Result<&Target, Attempt> {
 }
 
 /// The message of a worker's `{"detail": "…"}` error body (else the body's start).
+/// A full worker's advice: `Retry-After` seconds on a 503 or 429 (an overloaded model).
+fn retry_after<B>(resp: &http::Response<B>) -> Option<u32> {
+    if !matches!(
+        resp.status(),
+        http::StatusCode::SERVICE_UNAVAILABLE | http::StatusCode::TOO_MANY_REQUESTS
+    ) {
+        return None;
+    }
+    resp.headers()
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn detail(b: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Detail {
@@ -280,6 +316,7 @@ impl Upstream {
     {
         let mut tried: Vec<String> = Vec::new();
         let mut last = String::new();
+        let mut busy = None;
         for _ in 0..=self.max_retries {
             // The instance the policy already chose for this request (see `Native::Legacy`).
             let chosen = first
@@ -295,10 +332,18 @@ impl Upstream {
                 Err(Attempt::Retry(reason)) => {
                     self.discovery.mark_suspect(&inst, &reason);
                     last = format!("worker {} failed: {reason}", inst.addr);
+                    busy = None;
+                }
+                Err(Attempt::Busy {
+                    reason,
+                    retry_after,
+                }) => {
+                    last = format!("worker {} is overloaded: {reason}", inst.addr);
+                    busy = Some(retry_after);
                 }
             }
         }
-        Err(out_of_instances(model, tried.len(), last))
+        Err(out_of_instances(model, tried.len(), last, busy))
     }
 
     /// POSTs `req` and waits for the status line and headers, bounded by the first-byte
@@ -339,6 +384,7 @@ impl Upstream {
         if status.is_success() {
             return Ok(resp);
         }
+        let busy_for = retry_after(&resp);
         // The error body (bounded by the caller's timeout).
         let body = resp
             .into_body()
@@ -346,6 +392,12 @@ impl Upstream {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        if let Some(retry_after) = busy_for {
+            return Err(Attempt::Busy {
+                reason: format!("HTTP {status}: {}", snippet(&body)),
+                retry_after,
+            });
+        }
         if status.is_server_error() {
             return Err(Attempt::Retry(format!("HTTP {status}: {}", snippet(&body))));
         }
@@ -488,6 +540,7 @@ impl Upstream {
         let mut tried: Vec<String> = Vec::new();
         let mut last = String::new();
         let mut passed_over = false;
+        let mut busy = None;
         for _ in 0..=self.max_retries {
             let Some(inst) = policy::choose(self.policy, &self.discovery, group, &tried) else {
                 break;
@@ -513,14 +566,23 @@ impl Upstream {
                 }
                 Err(Attempt::Fail(e)) => return Err(e),
                 Err(Attempt::Retry(reason)) => reason,
+                Err(Attempt::Busy {
+                    reason,
+                    retry_after,
+                }) => {
+                    last = format!("worker {} is overloaded: {reason}", inst.addr);
+                    busy = Some(retry_after);
+                    continue;
+                }
             };
             self.discovery.mark_suspect(&inst, &failed);
             last = format!("worker {} failed: {failed}", inst.addr);
+            busy = None;
         }
         if passed_over && last.is_empty() {
             return Ok(Native::Legacy(None));
         }
-        Err(out_of_instances(model, tried.len(), last))
+        Err(out_of_instances(model, tried.len(), last, busy))
     }
 
     /// One native call: `Ok(None)` when the instance has no such route.
@@ -546,6 +608,7 @@ impl Upstream {
         };
         let status = resp.status();
         let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
+        let busy_for = retry_after(&resp);
         let answer = |body, guard| NativeAnswer {
             status,
             content_type,
@@ -562,6 +625,12 @@ impl Upstream {
         };
         if is_route_missing(status.as_u16(), &bytes) {
             return Ok(None);
+        }
+        if let Some(retry_after) = busy_for {
+            return Err(Attempt::Busy {
+                reason: format!("HTTP {status}: {}", snippet(&bytes)),
+                retry_after,
+            });
         }
         // 5xx (the worker, or its upstream unreachable) and 404 (the model is not running on
         // this instance any more) are worth another instance; any other 4xx is the answer.

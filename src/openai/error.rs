@@ -16,6 +16,8 @@ pub struct OpenAiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header (an overloaded model).
+    pub retry_after: Option<u32>,
 }
 
 impl OpenAiError {
@@ -26,6 +28,7 @@ impl OpenAiError {
             kind,
             param: None,
             code: Some(code),
+            retry_after: None,
         }
     }
 
@@ -43,6 +46,7 @@ impl OpenAiError {
             kind: "invalid_request_error",
             param: Some(param.to_string()),
             code: Some(code),
+            retry_after: None,
         }
     }
 
@@ -77,6 +81,19 @@ impl OpenAiError {
             "no_healthy_instance",
             msg,
         )
+    }
+
+    /// 503 with `Retry-After`: the model's slots and wait queue are full (or the request
+    /// waited past the queue's deadline); another instance, or a later try, may take it.
+    pub fn overloaded(msg: String, retry_after_secs: u32) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "model_overloaded",
+            msg,
+        );
+        e.retry_after = Some(retry_after_secs);
+        e
     }
 
     pub fn bad_gateway(msg: String) -> Self {
@@ -137,6 +154,10 @@ impl From<UpstreamError> for OpenAiError {
                     format!("The model refused the request: {detail}"),
                 )
             }
+            UpstreamError::Overloaded { retry_after, .. } => {
+                let msg = e.to_string();
+                OpenAiError::overloaded(msg, retry_after)
+            }
             UpstreamError::NoInstance { .. }
             | UpstreamError::Exhausted { .. }
             | UpstreamError::Rejected { .. }
@@ -166,7 +187,12 @@ impl IntoResponse for UpstreamError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        crate::http::json_response(self.status, &self.body())
+        let mut resp = crate::http::json_response(self.status, &self.body());
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 

@@ -110,6 +110,18 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// `prompt_tokens + completion_tokens` unless an upstream said otherwise.
     pub total_tokens: u32,
+    /// OpenAI's `prompt_tokens_details`: how many prompt tokens came from the prefix cache
+    /// (llama.cpp models always report it; absent when unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV cells were reused rather than computed.
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 impl Usage {
@@ -119,7 +131,24 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: None,
         }
+    }
+
+    /// The same usage reporting `cached` prompt tokens from the prefix cache.
+    pub fn with_cached(mut self, cached: u32) -> Self {
+        self.prompt_tokens_details = Some(PromptTokensDetails {
+            cached_tokens: cached,
+        });
+        self
+    }
+
+    /// Adds `cached` prompt tokens from the prefix cache (reported from then on).
+    pub fn add_cached(&mut self, cached: u32) {
+        let d = self
+            .prompt_tokens_details
+            .get_or_insert_with(Default::default);
+        d.cached_tokens = d.cached_tokens.saturating_add(cached);
     }
 
     /// Adds `other`'s counts (saturating), total included.

@@ -11,7 +11,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::backends::ProxyTimeouts;
-use super::spec::{ModelSpec, ModelType, default_model_type};
+use super::spec::{LlamaSpec, ModelSpec, ModelType, default_model_type};
 use crate::config::{
     CommonServerArgs, TraceSection, TracerConfig, load_section, resolve_log_file, resolve_tracer,
 };
@@ -59,6 +59,21 @@ pub struct WorkerArgs {
     /// llama.cpp: CPU threads [default: physical cores]
     #[arg(long = "n_threads", visible_alias = "n-threads")]
     pub n_threads: Option<usize>,
+    /// llama.cpp: sequence slots decoded together in one batch (continuous batching) [default: 4]
+    #[arg(long = "parallel", visible_alias = "n_parallel")]
+    pub parallel: Option<usize>,
+    /// llama.cpp: total KV-cache tokens, split evenly among the --parallel slots (each slot's window is ctx_size / parallel) [default: --context_length × --parallel]
+    #[arg(long = "ctx_size", visible_alias = "ctx-size")]
+    pub ctx_size: Option<u32>,
+    /// llama.cpp: most tokens per decode step; prompts are read in chunks within it so running streams keep flowing [default: 512]
+    #[arg(long = "batch_size", visible_alias = "batch-size")]
+    pub batch_size: Option<u32>,
+    /// llama.cpp: requests that may wait for a free slot; more get HTTP 503 with Retry-After [default: 32]
+    #[arg(long = "max_queue", visible_alias = "max-queue")]
+    pub max_queue: Option<usize>,
+    /// llama.cpp: seconds a request may wait for a free slot before it gets HTTP 503 with Retry-After [default: 20]
+    #[arg(long = "queue_timeout", visible_alias = "queue-timeout")]
+    pub queue_timeout: Option<f64>,
     /// Address to bind [default: 0.0.0.0]
     #[arg(long, env = "WORKER_HOST")]
     pub host: Option<String>,
@@ -156,6 +171,16 @@ struct ModelFile {
     chat_template: Option<PathBuf>,
     n_threads: Option<usize>,
     concurrency: Option<usize>,
+    /// llama.cpp scheduler settings (see `LlamaSpec`).
+    #[serde(alias = "n_parallel")]
+    parallel: Option<usize>,
+    #[serde(alias = "n_ctx")]
+    ctx_size: Option<u32>,
+    #[serde(alias = "n_batch")]
+    batch_size: Option<u32>,
+    max_queue: Option<usize>,
+    #[serde(alias = "queue_timeout")]
+    queue_timeout_secs: Option<f64>,
     /// Proxy: this model's own upstream timeouts (else the worker's).
     #[serde(alias = "proxy_connect_timeout_secs")]
     connect_timeout_secs: Option<f64>,
@@ -281,6 +306,13 @@ fn model_from_file(
         concurrency: m.concurrency,
         proxy_timeouts,
         chat_template,
+        llama: LlamaSpec {
+            parallel: m.parallel,
+            ctx_size: m.ctx_size,
+            batch_size: m.batch_size,
+            max_queue: m.max_queue,
+            queue_timeout_secs: m.queue_timeout_secs,
+        },
     };
     spec.validate()
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -361,12 +393,23 @@ impl WorkerArgs {
                 concurrency: None,
                 proxy_timeouts: None,
                 chat_template: self.chat_template.clone(),
+                llama: LlamaSpec {
+                    parallel: self.parallel,
+                    ctx_size: self.ctx_size,
+                    batch_size: self.batch_size,
+                    max_queue: self.max_queue,
+                    queue_timeout_secs: self.queue_timeout,
+                },
             };
             spec.validate().map_err(|e| {
                 anyhow::anyhow!(
                     "{}",
                     e.0.replace("model_path", "--model_path")
                         .replace("proxy_api_base", "--proxy_api_base")
+                        .replace("parallel must", "--parallel must")
+                        .replace("ctx_size ", "--ctx_size ")
+                        .replace("batch_size must", "--batch_size must")
+                        .replace("queue_timeout must", "--queue_timeout must")
                 )
             })?;
             models.push(spec);

@@ -110,6 +110,10 @@ fn backend_error(e: BackendError) -> OpenAiError {
         )
         .with_param("input"),
         e @ BackendError::Upstream { .. } => OpenAiError::bad_gateway(e.to_string()),
+        BackendError::Overloaded {
+            message,
+            retry_after_secs,
+        } => OpenAiError::overloaded(message, retry_after_secs),
         e @ (BackendError::Internal(_) | BackendError::Load { .. }) => internal(e.to_string()),
     }
 }

@@ -7,7 +7,10 @@
 //! handle. Restart is stop + start of the *same* spec and leaves the model registered and
 //! healthy (DB-GPT's restart loses the spec and fails); a stopped model restarts with the
 //! spec it last ran with, as stop-then-start would. Each model has a fair semaphore of
-//! `concurrency` permits: excess requests wait, they are not rejected.
+//! `concurrency` permits: excess requests wait, they are not rejected. A model that
+//! schedules its own requests (llama.cpp: sequence slots and a bounded wait queue that
+//! refuses the excess as overloaded, [`crate::worker::backends::LlmBackend::engine_status`])
+//! gets no limit here, so that its queue is the only one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,7 +22,7 @@ use tracing::info;
 
 use crate::telemetry::Escaped;
 
-use super::backends::ProxyTimeouts;
+use super::backends::{EngineStatus, ProxyTimeouts};
 use super::chat::ChatOptions;
 use super::registration::Registrar;
 use super::spec::{Engine, ModelSpec};
@@ -85,6 +88,18 @@ impl RunningModel {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
+
+    /// The engine's slot and queue usage, when it schedules its own requests.
+    pub fn engine_status(&self) -> Option<EngineStatus> {
+        match &self.engine {
+            Engine::Llm(b) => b.engine_status(),
+            _ => None,
+        }
+    }
+}
+
+fn model_schedules_itself(engine: &Engine) -> bool {
+    matches!(engine, Engine::Llm(b) if b.engine_status().is_some())
 }
 
 /// All models of this worker.
@@ -214,11 +229,14 @@ impl WorkerManager {
     /// Serves `engine` under `spec`'s key (not registered yet).
     fn insert(&self, spec: ModelSpec, engine: Engine, chat: ChatOptions) -> Arc<RunningModel> {
         let key = spec.key();
+        let permits = if model_schedules_itself(&engine) {
+            Semaphore::MAX_PERMITS
+        } else {
+            spec.concurrency.unwrap_or(self.default_concurrency)
+        };
         let model = Arc::new(RunningModel {
             chat,
-            limit: Arc::new(Semaphore::new(
-                spec.concurrency.unwrap_or(self.default_concurrency),
-            )),
+            limit: Arc::new(Semaphore::new(permits)),
             spec,
             engine,
             in_flight: AtomicUsize::new(0),

@@ -108,6 +108,7 @@ fn backend_error(e: BackendError) -> ApiError {
     let status = match &e {
         BackendError::BadRequest(_) => StatusCode::BAD_REQUEST,
         BackendError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        BackendError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError::Status(status, e.to_string())
@@ -206,6 +207,13 @@ async fn generation(
         && let Some(status) = refusal(e)
     {
         return Err(ApiError::Status(status, e.to_string()));
+    }
+    // A full model is a 503 (the apiserver tries another instance), not an error frame.
+    if let Some(Err(e @ BackendError::Overloaded { .. })) = &first {
+        return Err(ApiError::Status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        ));
     }
     let events = futures::stream::iter(first).chain(events);
     let frames = events

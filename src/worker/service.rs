@@ -56,6 +56,12 @@ impl Daemon for Worker {
                 ),
                 ("in_flight".to_string(), manager.in_flight().to_string()),
             ];
+            // Slot and queue usage of the models that schedule their own requests.
+            for m in &running {
+                if let Some(st) = m.engine_status() {
+                    details.push((format!("engine {}", m.spec.key()), st.to_string()));
+                }
+            }
             if let Some(r) = manager.registrar() {
                 details.push(("controller".to_string(), r.controllers()));
                 let (h, p) = r.address();

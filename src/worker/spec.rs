@@ -96,6 +96,64 @@ pub struct ModelSpec {
     /// that renders the prompts of the OpenAI routes instead of the GGUF's own template,
     /// tools included.
     pub chat_template: Option<PathBuf>,
+    /// llama.cpp: the scheduler's slots, batch and wait queue.
+    pub llama: LlamaSpec,
+}
+
+/// A llama.cpp model's scheduler settings (`None`: the default; see
+/// `backends::llama::LlamaCppConfig`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LlamaSpec {
+    /// Sequence slots decoded together (`--parallel`) [default: the model's `concurrency`
+    /// when set, else 4].
+    pub parallel: Option<usize>,
+    /// Total KV-cache tokens, split among the slots (`--ctx_size`).
+    pub ctx_size: Option<u32>,
+    /// Most tokens per decode step (`--batch_size`).
+    pub batch_size: Option<u32>,
+    /// Requests that may wait for a slot (`--max_queue`).
+    pub max_queue: Option<usize>,
+    /// Longest wait for a slot, in seconds (`--queue_timeout`).
+    pub queue_timeout_secs: Option<f64>,
+}
+
+impl LlamaSpec {
+    /// Checks the values; errors name the field.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        #[cfg(feature = "local-models")]
+        use super::backends::llama::{MAX_PARALLEL, MIN_SLOT_CONTEXT};
+        #[cfg(not(feature = "local-models"))]
+        const MAX_PARALLEL: usize = 64;
+        #[cfg(not(feature = "local-models"))]
+        const MIN_SLOT_CONTEXT: u32 = 16;
+        if let Some(p) = self.parallel
+            && !(1..=MAX_PARALLEL).contains(&p)
+        {
+            return Err(SpecError(format!(
+                "parallel must be between 1 and {MAX_PARALLEL}, got {p}"
+            )));
+        }
+        if let Some(c) = self.ctx_size {
+            let slots = self.parallel.unwrap_or(1) as u32;
+            if c / slots.max(1) < MIN_SLOT_CONTEXT {
+                return Err(SpecError(format!(
+                    "ctx_size {c} leaves fewer than {MIN_SLOT_CONTEXT} tokens per slot \
+                     (split among {slots} parallel slots)"
+                )));
+            }
+        }
+        if self.batch_size == Some(0) {
+            return Err(SpecError("batch_size must be at least 1".into()));
+        }
+        if let Some(t) = self.queue_timeout_secs
+            && !(t.is_finite() && t > 0.0 && t <= 86_400.0)
+        {
+            return Err(SpecError(format!(
+                "queue_timeout must be a number of seconds between 0 and 86400, got {t}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Why a spec is invalid (the message names the field).
@@ -184,6 +242,7 @@ impl ModelSpec {
                 "limit_model_concurrency must be at least 1".into(),
             ));
         }
+        self.llama.validate()?;
         Ok(())
     }
 
@@ -244,8 +303,13 @@ impl ModelSpec {
                 let mut cfg = LlamaCppConfig::new(self.path.clone().unwrap_or_default());
                 cfg.context_length = self.context_length;
                 cfg.n_threads = self.n_threads;
-                if let Some(c) = self.concurrency {
-                    cfg.parallel = cfg.parallel.min(c).max(1);
+                let l = &self.llama;
+                cfg.parallel = l.parallel.or(self.concurrency).unwrap_or(cfg.parallel);
+                cfg.ctx_size = l.ctx_size;
+                cfg.n_batch = l.batch_size.unwrap_or(cfg.n_batch);
+                cfg.max_queue = l.max_queue.unwrap_or(cfg.max_queue);
+                if let Some(t) = l.queue_timeout_secs {
+                    cfg.queue_timeout = Duration::from_secs_f64(t);
                 }
                 Ok(Engine::Llm(Arc::new(
                     LlamaCppBackend::load_async(cfg).await?,
@@ -343,6 +407,20 @@ impl ModelSpec {
                 .map(|v| v as usize),
             proxy_timeouts: None,
             chat_template: get("chat_template").map(PathBuf::from),
+            llama: LlamaSpec {
+                parallel: num("parallel")?.or(num("n_parallel")?).map(|v| v as usize),
+                ctx_size: num("ctx_size")?.or(num("n_ctx")?).map(|v| v as u32),
+                batch_size: num("batch_size")?.or(num("n_batch")?).map(|v| v as u32),
+                max_queue: num("max_queue")?.map(|v| v as usize),
+                queue_timeout_secs: match get("queue_timeout") {
+                    None => None,
+                    Some(t) => Some(t.parse::<f64>().map_err(|_| {
+                        SpecError(format!(
+                            "params.queue_timeout must be a number of seconds, got {t:?}"
+                        ))
+                    })?),
+                },
+            },
         };
         spec.validate()?;
         Ok(spec)

@@ -7,6 +7,7 @@ mod apiserver;
 mod cli;
 mod common;
 mod controller;
+mod engine;
 mod http_limits;
 mod openai;
 mod registry;

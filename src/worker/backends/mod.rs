@@ -289,6 +289,15 @@ pub enum BackendError {
     /// The model failed while running (decode failure, tensor error, ...).
     #[error("model error: {0}")]
     Internal(String),
+    /// The model is busy: every sequence slot is taken and its wait queue is full, or the
+    /// request waited for a slot past the queue's deadline. Nothing was generated; the
+    /// request may be retried later or on another instance (HTTP 503 with `Retry-After`).
+    #[error("model overloaded: {message}")]
+    Overloaded {
+        message: String,
+        /// Seconds the client should wait before trying again.
+        retry_after_secs: u32,
+    },
     /// The model could not be loaded. The message names the offending path.
     #[error("cannot load model from {}: {message}", .path.display())]
     Load {
@@ -322,6 +331,49 @@ pub(crate) fn error_stream(
     futures::stream::iter([Err(e)]).boxed()
 }
 
+/// Slot and queue usage of a local model's scheduler (see `llama::scheduler`), for the
+/// worker's status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStatus {
+    /// Sequence slots (`--parallel`).
+    pub slots: usize,
+    /// Slots running a generation.
+    pub busy: usize,
+    /// Requests waiting for a slot, and how many may (`--max_queue`).
+    pub queued: usize,
+    pub max_queue: usize,
+    /// Context window of one slot, in tokens.
+    pub slot_context: usize,
+    /// Idle slots whose KV cells hold a cached prompt, and the tokens they hold.
+    pub cached_slots: usize,
+    pub cached_tokens: usize,
+    /// Since load: tokens generated, prompt tokens admitted, and how many of those came
+    /// from the prefix cache.
+    pub generated_tokens: u64,
+    pub prompt_tokens: u64,
+    pub reused_prompt_tokens: u64,
+}
+
+impl fmt::Display for EngineStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "slots {}/{} busy, queued {}/{}, slot context {}, cached {} slots ({} tokens), \
+             prompt tokens {} ({} from cache), generated {}",
+            self.busy,
+            self.slots,
+            self.queued,
+            self.max_queue,
+            self.slot_context,
+            self.cached_slots,
+            self.cached_tokens,
+            self.prompt_tokens,
+            self.reused_prompt_tokens,
+            self.generated_tokens
+        )
+    }
+}
+
 /// A chat model. Streams and futures returned by backends must be polled
 /// inside a tokio runtime (the proxy uses reqwest, the embedding model uses
 /// `spawn_blocking`).
@@ -353,6 +405,13 @@ pub trait LlmBackend: Send + Sync {
     /// The OpenAI-compatible upstream this model forwards whole OpenAI requests to (the
     /// proxy backend), or `None` for a model that runs here.
     fn passthrough(&self) -> Option<&dyn OpenAiPassthrough> {
+        None
+    }
+
+    /// Slot and queue usage, for a backend that schedules its own requests (llama.cpp:
+    /// its slots and bounded queue admit requests, so the worker puts no limit of its own
+    /// in front). `None` for the others.
+    fn engine_status(&self) -> Option<EngineStatus> {
         None
     }
 }

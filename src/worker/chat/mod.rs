@@ -261,6 +261,10 @@ fn backend_error(e: BackendError, field: &str) -> OpenAiError {
             "upstream_error",
             message,
         ),
+        BackendError::Overloaded {
+            message,
+            retry_after_secs,
+        } => OpenAiError::overloaded(message, retry_after_secs),
         e @ (BackendError::Internal(_) | BackendError::Load { .. }) => OpenAiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -292,6 +296,11 @@ impl Tally {
         };
         self.last_group = Some(group);
         self.usage.add(prompt, u.completion_tokens);
+        if prompt > 0
+            && let Some(d) = u.prompt_tokens_details
+        {
+            self.usage.add_cached(d.cached_tokens);
+        }
     }
 }
 

@@ -196,7 +196,8 @@ async fn sampling_params_reach_upstream_and_deltas_stream_in_order() {
                 usage: Some(Usage {
                     prompt_tokens: 11,
                     completion_tokens: 3,
-                    total_tokens: 14
+                    total_tokens: 14,
+                    prompt_tokens_details: None,
                 }),
             },
         ]
