@@ -14,16 +14,28 @@
 //! stop (SIGTERM, SIGINT or admin `Stop`, which all cancel one token) → `STOPPING=1` → drain
 //! in-flight requests (bounded) → flush → remove socket and pid file. A service supplies only
 //! what differs, through the [`Daemon`] hooks.
+//!
+//! Draining ([`crate::http::Drain`]): a stop first makes `/api/ready` answer 503 and every
+//! response carry `Connection: close` (and, when the daemon leaves for good, the
+//! `x-dbgpt-draining` header the apiserver acts on), keeps serving for [`DRAIN_GRACE`] so
+//! busy keep-alive clients move to new connections, then stops accepting and waits for
+//! in-flight requests and streams. The listening socket may come from systemd
+//! ([`activation`]) or from the process this one replaces ([`handover`]); after a handover
+//! the old process neither deregisters nor removes the pid file and admin socket, which
+//! now belong to its successor.
+
+pub mod activation;
+pub mod handover;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use nix::fcntl::{Flock, FlockArg};
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -80,57 +92,100 @@ pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create directory {}", dir.display()))
 }
 
-/// An exclusively locked pid file; removed on drop.
+/// An exclusively locked pid file; removed on drop while this process owns it.
+///
+/// The lock is a `flock` on the open file, so a process that is handed the descriptor (an
+/// upgrade's successor) shares it: the file stays locked across the handover and the old
+/// process's exit.
 pub struct PidFile {
     path: PathBuf,
-    _lock: Flock<File>,
+    file: File,
+    owned: Arc<AtomicBool>,
+}
+
+fn flock_exclusive(file: &File) -> Result<(), nix::errno::Errno> {
+    // SAFETY: flock on a descriptor this process holds.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last())
+    }
 }
 
 impl PidFile {
-    /// Locks `path` and writes our pid. Fails at once, naming the running pid, if another
-    /// process holds the lock.
-    pub fn acquire(path: &Path, what: &str) -> anyhow::Result<Self> {
-        let file = OpenOptions::new()
+    /// Locks `path` and writes our pid; the file is removed on drop while `owned` is set.
+    /// Fails at once, naming the running pid, if another process holds the lock.
+    pub fn acquire(path: &Path, what: &str, owned: Arc<AtomicBool>) -> anyhow::Result<Self> {
+        let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(path)
             .with_context(|| format!("cannot open pid file {}", path.display()))?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((mut f, errno)) => {
-                if errno == nix::errno::Errno::EWOULDBLOCK {
-                    let mut s = String::new();
-                    let _ = f.read_to_string(&mut s);
-                    let pid = s.trim();
-                    bail!(
-                        "{what} is already running{} (lock held on {})",
-                        if pid.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" with pid {pid}")
-                        },
-                        path.display()
-                    );
-                }
-                bail!("cannot lock pid file {}: {errno}", path.display());
+        if let Err(errno) = flock_exclusive(&file) {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                let mut s = String::new();
+                let _ = file.read_to_string(&mut s);
+                let pid = s.trim();
+                bail!(
+                    "{what} is already running{} (lock held on {})",
+                    if pid.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" with pid {pid}")
+                    },
+                    path.display()
+                );
             }
+            bail!("cannot lock pid file {}: {errno}", path.display());
+        }
+        let pid = PidFile {
+            path: path.to_path_buf(),
+            file,
+            owned,
         };
-        lock.set_len(0)?;
-        writeln!(&mut *lock, "{}", std::process::id())?;
-        lock.flush()?;
+        pid.write_pid()?;
+        Ok(pid)
+    }
+
+    /// The pid file handed over by the process this one replaces (already locked by the
+    /// shared open file); removed on drop only while `owned` is set.
+    fn inherited(fd: OwnedFd, path: &Path, owned: Arc<AtomicBool>) -> anyhow::Result<Self> {
+        let file = File::from(fd);
+        flock_exclusive(&file).map_err(|e| {
+            anyhow::anyhow!(
+                "the pid file handed over is not the locked {}: {e}",
+                path.display()
+            )
+        })?;
         Ok(PidFile {
             path: path.to_path_buf(),
-            _lock: lock,
+            file,
+            owned,
         })
     }
+
+    /// Writes this process's pid into the file.
+    fn write_pid(&self) -> std::io::Result<()> {
+        write_pid_to(&self.file, std::process::id())
+    }
+}
+
+/// Replaces the content of the pid file `file` by `pid`.
+fn write_pid_to(file: &File, pid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.set_len(0)?;
+    file.write_all_at(format!("{pid}\n").as_bytes(), 0)
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
         // Unlink while still holding the lock, so nobody can lock a file about to vanish.
-        let _ = std::fs::remove_file(&self.path);
+        if self.owned.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -156,11 +211,13 @@ impl Readiness {
         }
     }
 
-    /// Start-up failed; `reason` is shown to the user who ran `--daemon`.
+    /// Start-up failed; `reason` is shown to the user who ran `--daemon` (or `dbgpt ctl
+    /// upgrade`, through the process this one was to replace).
     pub fn failed(&mut self, reason: &str) {
         if let Some(mut p) = self.pipe.take() {
             let _ = writeln!(p, "ERR {}", reason.replace('\n', " "));
         }
+        handover::report_failure(reason);
         let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {reason}"))]);
     }
 }
@@ -334,21 +391,50 @@ pub struct DaemonBase {
     pub started: std::time::Instant,
     pub started_unix_ms: u64,
     pub shutdown: CancellationToken,
-    _pid: PidFile,
+    /// The HTTP server's drain state (readiness, `Connection: close`, accepting).
+    pub drain: crate::http::Drain,
+    /// Set while this process owns the pid file and the admin socket's path (cleared once
+    /// handed over to a successor; set by a successor once its predecessor let go).
+    owns_files: Arc<AtomicBool>,
+    /// The listener and admin socket handed over by the process this one replaces, until
+    /// bound.
+    inherited: Option<(std::net::TcpListener, std::os::unix::net::UnixListener)>,
+    /// A successor whose predecessor has not been released yet.
+    taking_over: AtomicBool,
+    pid: PidFile,
 }
 
 impl DaemonBase {
-    /// Creates the runtime directory and takes the pid lock.
-    pub fn acquire(service: Service, port: u16) -> anyhow::Result<Self> {
+    /// Creates the runtime directory and takes the pid lock — or, in a process started by
+    /// `dbgpt ctl upgrade`, takes the sockets and the locked pid file of the process it
+    /// replaces ([`handover`]).
+    pub async fn acquire(service: Service, port: u16) -> anyhow::Result<Self> {
         if port == 0 {
             bail!("--port must be between 1 and 65535");
         }
         let runtime_dir = crate::admin::runtime_dir();
         ensure_private_dir(&runtime_dir)?;
-        let pid = PidFile::acquire(
-            &runtime_dir.join(crate::admin::pid_name(service.as_str(), port)),
-            &format!("{service} on port {port}"),
-        )?;
+        let pid_path = runtime_dir.join(crate::admin::pid_name(service.as_str(), port));
+        let inherited = handover::take_over(port).await?;
+        let owns_files = Arc::new(AtomicBool::new(inherited.is_none()));
+        let (pid, inherited) = match inherited {
+            Some(handover::Inherited {
+                listener,
+                pid_file,
+                admin,
+            }) => (
+                PidFile::inherited(pid_file, &pid_path, owns_files.clone())?,
+                Some((listener, admin)),
+            ),
+            None => (
+                PidFile::acquire(
+                    &pid_path,
+                    &format!("{service} on port {port}"),
+                    owns_files.clone(),
+                )?,
+                None,
+            ),
+        };
         Ok(DaemonBase {
             service,
             port,
@@ -356,8 +442,32 @@ impl DaemonBase {
             started: std::time::Instant::now(),
             started_unix_ms: unix_ms(),
             shutdown: CancellationToken::new(),
-            _pid: pid,
+            drain: crate::http::Drain::new(),
+            owns_files,
+            taking_over: AtomicBool::new(inherited.is_some()),
+            inherited,
+            pid,
         })
+    }
+
+    /// In a successor: lets the process it replaces go (see [`handover`]) and takes the pid
+    /// file and socket path. Called once this process serves — or, for a daemon whose state
+    /// two processes cannot share, before opening it. Does nothing the second time.
+    pub async fn release_predecessor(&self) -> anyhow::Result<()> {
+        if !self.taking_over.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let r = handover::release_predecessor().await;
+        // Released, or gone: either way the files are ours now.
+        self.owns_files.store(true, Ordering::SeqCst);
+        self.pid.write_pid()?;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "the old process did not confirm the handover; serving anyway");
+                Ok(())
+            }
+        }
     }
 
     /// Path of this daemon's admin socket.
@@ -427,15 +537,42 @@ pub(crate) struct Started<D> {
     pub daemon: D,
 }
 
-/// Binds the daemon's HTTP port on `host`, then its admin socket.
+/// The daemon's HTTP listener and admin socket: those handed over by the process it
+/// replaces; else the listener systemd passed (socket activation) or a new one on `host`,
+/// and a new admin socket.
 pub(crate) async fn bind(
-    base: &DaemonBase,
+    base: &mut DaemonBase,
     host: &str,
 ) -> anyhow::Result<(TcpListener, crate::admin::server::AdminSocket)> {
-    let listener = crate::http::bind(host, base.port).await?;
-    let admin = crate::admin::server::bind(&base.socket_path()).await?;
+    if let Some((listener, admin)) = base.inherited.take() {
+        let listener = TcpListener::from_std(listener)?;
+        let admin = crate::admin::server::AdminSocket::inherited(
+            admin,
+            &base.socket_path(),
+            base.owns_files.clone(),
+        )?;
+        return Ok((listener, admin));
+    }
+    let listener = match activation::systemd_listener(base.port)? {
+        Some(l) => {
+            info!(
+                addr = %l.local_addr()?,
+                "serving on the socket systemd passed (socket activation)"
+            );
+            TcpListener::from_std(l)?
+        }
+        None => crate::http::bind(host, base.port).await?,
+    };
+    let mut admin = crate::admin::server::bind(&base.socket_path()).await?;
+    admin.owned_while(base.owns_files.clone());
     Ok((listener, admin))
 }
+
+/// How long a stopping daemon keeps serving (with `Connection: close` on every response)
+/// before it stops accepting and closes idle connections: long enough for a busy
+/// keep-alive client to finish its next request on its old connection and open a new one,
+/// instead of having its idle connection closed under a request it is sending.
+pub const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 /// Where the daemons differ; [`run`] does everything else, in the same order for all.
 pub(crate) trait Daemon {
@@ -443,6 +580,9 @@ pub(crate) trait Daemon {
     const DRAIN_TIMEOUT: Duration;
     /// Logged when a stop begins.
     const STOPPING: &'static str = "stopping: draining in-flight requests";
+    /// Whether two processes cannot run at once (state only one may open): an upgrade's
+    /// old process then drains and closes it before the new one starts serving.
+    const SEQUENTIAL_HANDOVER: bool = false;
 
     /// The service's own status fields, computed on the admin socket's task.
     fn health(&self) -> impl Fn() -> Health + Send + Sync + 'static;
@@ -453,17 +593,20 @@ pub(crate) trait Daemon {
         Ok(())
     }
 
-    /// Starts serving HTTP on `listener` until `shutdown`; the task ends once drained.
+    /// Starts serving HTTP on `listener` until `drain` closes; the task ends once drained.
+    /// `shutdown` is cancelled when the stop begins.
     fn serve(
         &mut self,
         listener: TcpListener,
+        drain: crate::http::Drain,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<JoinHandle<std::io::Result<()>>>;
 
     /// The status line logged and sent to systemd with `READY=1`.
     fn ready_status(&self) -> String;
 
-    /// Runs when a stop begins, before draining (the worker deregisters here).
+    /// Runs when a stop begins, before draining (the worker deregisters here). Not run
+    /// when the daemon hands over to a successor (which keeps its registrations).
     async fn stopping(&mut self) {}
 
     /// Runs after draining (`drained` is false if in-flight requests were abandoned): waits
@@ -486,8 +629,27 @@ pub(crate) async fn run<D: Daemon>(
     } = report_startup(&mut readiness, start.await)?;
     let base = Arc::new(base);
     let token = base.shutdown.clone();
+    let drain = base.drain.clone();
     spawn_signal_handler(token.clone())?;
 
+    let upgrades = report_startup(
+        &mut readiness,
+        (|| {
+            let fds = [
+                listener.as_fd().try_clone_to_owned()?,
+                base.pid.file.as_fd().try_clone_to_owned()?,
+                admin.as_fd().try_clone_to_owned()?,
+            ];
+            handover::Upgrades::new(
+                base.socket_path(),
+                fds,
+                token.clone(),
+                D::SEQUENTIAL_HANDOVER,
+                base.owns_files.clone(),
+                base.taking_over.load(Ordering::SeqCst),
+            )
+        })(),
+    )?;
     let health = daemon.health();
     let b = base.clone();
     let status = move || b.status(health());
@@ -495,16 +657,22 @@ pub(crate) async fn run<D: Daemon>(
         admin,
         Arc::new(status),
         token.clone(),
+        Some(upgrades.clone()),
     ));
     let serving = async {
         daemon.prepare(&token).await?;
-        daemon.serve(listener, &token)
+        let http = daemon.serve(listener, drain.clone(), &token)?;
+        // A successor serves now: its predecessor may go.
+        base.release_predecessor().await?;
+        upgrades.took_over();
+        anyhow::Ok(http)
     }
     .await;
     let http = match report_startup(&mut readiness, serving) {
         Ok(http) => http,
         Err(e) => {
             token.cancel();
+            drain.close();
             let _ = admin_task.await;
             return Err(e);
         }
@@ -515,12 +683,25 @@ pub(crate) async fn run<D: Daemon>(
     spawn_watchdog(token.clone());
 
     token.cancelled().await;
-    notify_stopping();
-    info!("{}", D::STOPPING);
-    daemon.stopping().await;
+    let handed_over = upgrades.handed_over();
+    if handed_over {
+        info!("handed over to the new process: draining in-flight requests");
+        // The successor accepts on the same socket from now on.
+        drain.begin(false);
+        drain.stop_accepting();
+    } else {
+        upgrades.close_fds();
+        notify_stopping();
+        info!("{}", D::STOPPING);
+        drain.begin(true);
+        daemon.stopping().await;
+    }
+    tokio::time::sleep(DRAIN_GRACE).await;
+    drain.close();
     let drained = drain_http(http, D::DRAIN_TIMEOUT).await;
     let _ = admin_task.await;
     daemon.finish(drained).await;
+    upgrades.finished().await;
     info!("{} stopped", base.service);
     drop(base);
     Ok(())

@@ -6,6 +6,7 @@
 //! bad input the same way: 422 with pydantic-style entries, 413 for oversized bodies, JSON
 //! 404/405 — never a 500 or a dropped connection.
 
+mod drain;
 mod limits;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
 
+pub use self::drain::{DRAINING_HEADER, Drain, Drained};
 pub use self::limits::{BodyTimeout, HttpLimits};
 use crate::validate::ValidationErrors;
 
@@ -156,7 +158,9 @@ pub fn with_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Ro
 
 /// Paths that are neither traced nor logged (DB-GPT filters these too: they are hot).
 pub(crate) fn is_quiet(path: &str) -> bool {
-    path == crate::wire::controller::HEARTBEAT_PATH || path == crate::wire::HEALTH_PATH
+    path == crate::wire::controller::HEARTBEAT_PATH
+        || path == crate::wire::HEALTH_PATH
+        || path == crate::wire::READY_PATH
 }
 
 /// Middleware: one `tracing` span and one log line per request, except heartbeats and
@@ -205,9 +209,10 @@ pub async fn bind(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpListen
     })
 }
 
-/// Serves `app` on the calling runtime until `shutdown` is cancelled, then stops accepting
-/// and lets every connection finish its in-flight request (idle keep-alive connections
-/// close at once). Connections are limited as `limits` says (see [`limits`]).
+/// Serves `app` on the calling runtime until `drain` closes, then lets every connection
+/// finish its in-flight request (idle keep-alive connections close at once). Connections
+/// are limited as `limits` says (see [`limits`]); `drain` also decides readiness and
+/// response headers while draining (see [`drain`]).
 ///
 /// Accepted connections get `TCP_NODELAY` (axum 0.8 leaves Nagle on): every response is
 /// written in one go, and with Nagle a keep-alive client pays delayed-ACK stalls and the
@@ -216,17 +221,26 @@ pub async fn serve<S>(
     listener: tokio::net::TcpListener,
     app: S,
     limits: HttpLimits,
-    shutdown: CancellationToken,
+    drain: Drain,
 ) -> std::io::Result<()>
 where
     S: AppService,
-    S::Future: Send,
+    S::Future: Send + 'static,
 {
+    let app = drain.layer(app);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    accept_loop(listener, limits, shutdown, |tcp, permit| {
-        limits::spawn_connection(tcp, app.clone(), limits, &graceful, permit);
-    })
+    accept_loop(
+        listener,
+        limits,
+        drain.accept_token().clone(),
+        |tcp, permit| {
+            limits::spawn_connection(tcp, app.clone(), limits, &graceful, permit);
+        },
+    )
     .await;
+    // Accepting may stop before closing (a successor accepts on the same socket while
+    // this process's connections drain).
+    drain.close_token().cancelled().await;
     graceful.shutdown().await;
     Ok(())
 }
@@ -296,7 +310,7 @@ impl<S> AppService for S where
 }
 
 /// Serves `listener` on one OS thread per router, each running a single-threaded tokio
-/// runtime. The accept loop runs on the calling runtime and deals new connections out to
+/// runtime, until `drain` closes (see [`serve`]). The accept loop runs on the calling runtime and deals new connections out to
 /// the threads in turn (with `TCP_NODELAY`); a connection then stays on its thread, so its
 /// requests never cross threads: on a shared multi-threaded runtime every request woke
 /// other threads several times, which at low load cost more CPU than the request itself.
@@ -306,11 +320,11 @@ pub fn serve_on_threads<S>(
     listener: tokio::net::TcpListener,
     routers: Vec<S>,
     limits: HttpLimits,
-    shutdown: CancellationToken,
+    drain: Drain,
 ) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>>
 where
     S: AppService,
-    S::Future: Send,
+    S::Future: Send + 'static,
 {
     let mut senders = Vec::with_capacity(routers.len());
     let mut threads = Vec::with_capacity(routers.len());
@@ -320,7 +334,8 @@ where
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let token = shutdown.clone();
+        let token = drain.close_token().clone();
+        let app = drain.layer(app);
         let thread = std::thread::Builder::new()
             .name(format!("dbgpt-http-{i}"))
             .spawn(move || rt.block_on(serve_handoff(rx, app, limits, token)))?;
@@ -330,7 +345,7 @@ where
     tokio::spawn(accept_loop(
         listener,
         limits,
-        shutdown,
+        drain.accept_token().clone(),
         move |tcp, permit| {
             match tcp.into_std() {
                 Ok(std) => {

@@ -164,6 +164,14 @@ impl AdminClient {
     }
 
     async fn call(&mut self, req: Request) -> Result<Response, AdminError> {
+        self.call_within(req, TIMEOUT).await
+    }
+
+    async fn call_within(
+        &mut self,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<Response, AdminError> {
         let fut = async {
             self.framed.send(Bytes::from(proto::encode(&req))).await?;
             match self.framed.next().await {
@@ -171,9 +179,9 @@ impl AdminClient {
                 Some(frame) => Ok(proto::decode::<Response>(&frame?)?),
             }
         };
-        tokio::time::timeout(TIMEOUT, fut)
+        tokio::time::timeout(timeout, fut)
             .await
-            .map_err(|_| AdminError::Timeout(TIMEOUT))?
+            .map_err(|_| AdminError::Timeout(timeout))?
     }
 
     /// The daemon's status.
@@ -188,6 +196,18 @@ impl AdminClient {
     pub async fn stop(&mut self) -> Result<(), AdminError> {
         match self.call(Request::Stop).await? {
             Response::Stopping => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+impl AdminClient {
+    /// Asks the daemon to replace itself by the binary now on disk (see
+    /// [`crate::daemon::handover`]); returns the new process's pid once it serves, waiting
+    /// up to `timeout` (a worker loads its models first).
+    pub async fn upgrade(&mut self, timeout: Duration) -> Result<u32, AdminError> {
+        match self.call_within(Request::Upgrade, timeout).await? {
+            Response::Upgraded { pid } => Ok(pid),
             other => Err(unexpected(other)),
         }
     }

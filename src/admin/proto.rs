@@ -21,6 +21,19 @@ pub enum Request {
     Status,
     /// Graceful stop (same path as SIGTERM). Answered with [`Response::Stopping`].
     Stop,
+    /// Replace the daemon by the binary now on disk, handing over its sockets (see
+    /// [`crate::daemon::handover`]). Answered with [`Response::Upgraded`] once the new
+    /// process serves, or an error saying why not (this daemon then keeps serving).
+    Upgrade,
+    /// From the new process of an upgrade: send the descriptors. Answered with
+    /// [`Response::HandingOver`], which carries them (SCM_RIGHTS).
+    HandOver,
+    /// From the new process of an upgrade: it serves; the old one may go. Answered with
+    /// [`Response::Released`].
+    Release,
+    /// From the new process of an upgrade: it gives up (the old one keeps serving).
+    /// Answered with [`Response::Noted`].
+    Failed { reason: String },
 }
 
 /// Daemon → client.
@@ -36,6 +49,16 @@ pub enum Response {
     Error {
         message: String,
     },
+    /// The upgrade is done: the new process (`pid`) serves, this one drains and exits.
+    Upgraded {
+        pid: u32,
+    },
+    /// The descriptors of an upgrade travel with this frame.
+    HandingOver,
+    /// The old process of an upgrade has let go of its sockets.
+    Released,
+    /// Acknowledges [`Request::Failed`].
+    Noted,
 }
 
 /// What `dbgpt ctl status` shows for one daemon.
@@ -94,6 +117,18 @@ mod tests {
         assert_eq!(encode(&Request::Status), [1]);
         assert_eq!(encode(&Request::Stop), [2]);
         assert_eq!(encode(&Response::Stopping), [2]);
+        // Upgrades (appended after version 1's variants: old peers see an unknown request).
+        assert_eq!(encode(&Request::Upgrade), [3]);
+        assert_eq!(encode(&Request::HandOver), [4]);
+        assert_eq!(encode(&Request::Release), [5]);
+        assert_eq!(
+            encode(&Request::Failed { reason: "x".into() }),
+            [6, 1, b'x']
+        );
+        assert_eq!(encode(&Response::Upgraded { pid: 300 }), [4, 172, 2]);
+        assert_eq!(encode(&Response::HandingOver), [5]);
+        assert_eq!(encode(&Response::Released), [6]);
+        assert_eq!(encode(&Response::Noted), [7]);
         assert_eq!(
             decode::<Response>(&[3, 2, b'n', b'o']).unwrap(),
             Response::Error {

@@ -11,6 +11,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::proto::{self, PROTOCOL_VERSION, Request, Response, Status};
+use crate::daemon::handover::Upgrades;
 
 /// How long a client may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,15 +43,46 @@ impl<F: Fn() -> Status + Send + Sync + 'static> AdminHandler for F {
     }
 }
 
-/// A bound admin socket; removes its file when dropped.
+/// A bound admin socket; removes its file when dropped, unless it belongs to another
+/// process by then (handed over in an upgrade, or not yet taken over).
 pub struct AdminSocket {
     listener: UnixListener,
     path: PathBuf,
+    owned: Arc<AtomicBool>,
+}
+
+impl AdminSocket {
+    /// A listening socket handed over by the process this one replaces; its file is
+    /// removed on drop only while `owned` is set.
+    pub(crate) fn inherited(
+        listener: std::os::unix::net::UnixListener,
+        path: &Path,
+        owned: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
+        Ok(AdminSocket {
+            listener: UnixListener::from_std(listener)?,
+            path: path.to_path_buf(),
+            owned,
+        })
+    }
+
+    /// Ties the removal of the socket file to `owned` (set while this process owns it).
+    pub(crate) fn owned_while(&mut self, owned: Arc<AtomicBool>) {
+        self.owned = owned;
+    }
+
+    /// The listening socket, for handing over.
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
 }
 
 impl Drop for AdminSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.owned.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -83,11 +116,18 @@ pub async fn bind(path: &Path) -> anyhow::Result<AdminSocket> {
     Ok(AdminSocket {
         listener,
         path: path.to_path_buf(),
+        owned: Arc::new(AtomicBool::new(true)),
     })
 }
 
-/// Accepts connections until `shutdown` is cancelled; an admin `Stop` cancels it.
-pub async fn serve(sock: AdminSocket, handler: Arc<dyn AdminHandler>, shutdown: CancellationToken) {
+/// Accepts connections until `shutdown` is cancelled; an admin `Stop` cancels it. With
+/// `upgrades`, the daemon can be upgraded in place (`Upgrade`, `HandOver`, `Release`).
+pub async fn serve(
+    sock: AdminSocket,
+    handler: Arc<dyn AdminHandler>,
+    shutdown: CancellationToken,
+    upgrades: Option<Arc<Upgrades>>,
+) {
     let me = nix::unistd::geteuid().as_raw();
     loop {
         let stream = tokio::select! {
@@ -103,8 +143,9 @@ pub async fn serve(sock: AdminSocket, handler: Arc<dyn AdminHandler>, shutdown: 
         };
         let handler = handler.clone();
         let shutdown = shutdown.clone();
+        let upgrades = upgrades.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, handler, shutdown, me).await {
+            if let Err(e) = connection(stream, handler, shutdown, upgrades, me).await {
                 debug!(error = %e, "admin connection ended");
             }
         });
@@ -129,6 +170,7 @@ async fn connection(
     stream: UnixStream,
     handler: Arc<dyn AdminHandler>,
     shutdown: CancellationToken,
+    upgrades: Option<Arc<Upgrades>>,
     me: u32,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
@@ -148,8 +190,14 @@ async fn connection(
         .await;
     }
     let mut greeted = false;
+    // The new process of an upgrade, once it has the descriptors: it says `Release` when it
+    // serves, which may take as long as loading its models.
+    let mut successor = false;
+    let peer = cred.pid().and_then(|p| u32::try_from(p).ok());
     loop {
-        let (limit, waiting_for) = if greeted {
+        let (limit, waiting_for) = if successor {
+            (Duration::MAX, "Release")
+        } else if greeted {
             (FRAME_TIMEOUT, "a request")
         } else {
             (HELLO_TIMEOUT, "Hello")
@@ -220,6 +268,61 @@ async fn connection(
                 send(&mut framed, &Response::Stopping).await?;
                 shutdown.cancel();
                 return Ok(());
+            }
+            (true, req @ (Request::Upgrade | Request::HandOver | Request::Release)) => {
+                let Some(u) = upgrades.as_ref() else {
+                    send(
+                        &mut framed,
+                        &error("this daemon cannot be upgraded in place"),
+                    )
+                    .await?;
+                    continue;
+                };
+                match req {
+                    Request::Upgrade => {
+                        info!(
+                            peer_uid = cred.uid(),
+                            peer_pid = cred.pid(),
+                            "upgrade requested over the admin socket"
+                        );
+                        let r = match u.clone().upgrade().await {
+                            Ok(pid) => Response::Upgraded { pid },
+                            Err(message) => Response::Error { message },
+                        };
+                        send(&mut framed, &r).await?;
+                    }
+                    Request::HandOver => match u.hand_over(peer) {
+                        Ok(fds) => {
+                            SinkExt::<Bytes>::flush(&mut framed).await?;
+                            debug_assert!(framed.read_buffer().is_empty());
+                            crate::daemon::handover::send_with_fds(
+                                framed.get_ref(),
+                                &Response::HandingOver,
+                                &fds,
+                            )
+                            .await?;
+                            successor = true;
+                        }
+                        Err(m) => send(&mut framed, &error(m)).await?,
+                    },
+                    _ => {
+                        // The last request of the connection. A sequential daemon answers
+                        // once it has closed its state, which this must not hold open.
+                        drop(handler);
+                        let r = match u.release(peer).await {
+                            Ok(()) => send(&mut framed, &Response::Released).await,
+                            Err(m) => send(&mut framed, &error(m)).await,
+                        };
+                        u.answered();
+                        return r;
+                    }
+                }
+            }
+            (true, Request::Failed { reason }) => {
+                if let Some(u) = upgrades.as_ref() {
+                    u.failed(peer, reason);
+                }
+                send(&mut framed, &Response::Noted).await?;
             }
         }
     }

@@ -246,6 +246,19 @@ impl Discovery {
         self.request_refresh();
     }
 
+    /// Notes that a worker answered with [`crate::http::DRAINING_HEADER`] (it is stopping):
+    /// new requests avoid it as they avoid a suspect instance (it is used only when no other
+    /// is left) for [`SUSPECT_FOR`] or until a refresh shows it registered again, and the
+    /// view is refreshed now.
+    pub fn mark_draining(&self, i: &Instance) {
+        let now = self.now_ms();
+        let until = now + SUSPECT_FOR.as_millis() as u64;
+        if i.state.suspect_until_ms.swap(until, Ordering::Relaxed) <= now {
+            info!(instance = %crate::telemetry::Escaped(&i.addr), "worker is draining: new requests go to other instances");
+            self.request_refresh();
+        }
+    }
+
     /// Asks the refresh loop to run now (coalesced, at most every 200 ms).
     pub fn request_refresh(&self) {
         let mut last = self.last_trigger.lock().unwrap_or_else(|e| e.into_inner());

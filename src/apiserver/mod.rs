@@ -99,6 +99,8 @@ pub fn router(state: Shared) -> Router {
     }
     let app = Router::new()
         .route(crate::wire::HEALTH_PATH, get(health))
+        // 503 while draining, answered by the drain layer (crate::http::Drain).
+        .route(crate::wire::READY_PATH, get(health))
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);

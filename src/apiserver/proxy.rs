@@ -276,6 +276,13 @@ fn snippet(b: &[u8]) -> String {
 }
 
 impl Upstream {
+    /// A worker that answers with the draining header is stopping: choose others from now.
+    fn note_draining(&self, inst: &Instance, headers: &http::HeaderMap) {
+        if headers.contains_key(&crate::http::DRAINING_HEADER) {
+            self.discovery.mark_draining(inst);
+        }
+    }
+
     /// Resolves `name@worker_type` to its group or the right 404/503. A miss refreshes the
     /// view once first ([`Discovery::refresh_after_miss`]), so a model registered a moment
     /// ago is found.
@@ -455,6 +462,7 @@ impl Upstream {
                 let target = endpoint(guard.instance())?;
                 let req = self.post(target, GENERATE_STREAM_PATH, body, trace);
                 let resp = self.send(target, req).await?;
+                self.note_draining(guard.instance(), resp.headers());
                 let mut fs = FrameStream {
                     body: resp.into_body(),
                     buf: BytesMut::new(),
@@ -483,7 +491,7 @@ impl Upstream {
     /// the model has started, not when the answer is complete).
     async fn post_and_read(
         &self,
-        target: &Target,
+        (inst, target): (&Instance, &Target),
         path: &'static str,
         body: Bytes,
         trace: Option<SpanCtx>,
@@ -511,6 +519,7 @@ impl Upstream {
                 });
             }
         };
+        self.note_draining(inst, resp.headers());
         if first < self.timeout {
             timer.as_mut().reset(start + self.timeout);
         }
@@ -606,6 +615,7 @@ impl Upstream {
             }
             Err(_) => return Err(self.no_answer()),
         };
+        self.note_draining(guard.instance(), resp.headers());
         let status = resp.status();
         let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
         let busy_for = retry_after(&resp);
@@ -656,7 +666,13 @@ impl Upstream {
             async move {
                 let target = endpoint(guard.instance())?;
                 let bytes = self
-                    .post_and_read(target, GENERATE_PATH, body, trace, true)
+                    .post_and_read(
+                        (guard.instance().as_ref(), target),
+                        GENERATE_PATH,
+                        body,
+                        trace,
+                        true,
+                    )
                     .await?;
                 drop(guard);
                 parse_frame(&bytes).map_err(|e| Attempt::Fail(e.into()))
@@ -690,7 +706,13 @@ impl Upstream {
             async move {
                 let target = endpoint(guard.instance())?;
                 let bytes = self
-                    .post_and_read(target, EMBEDDINGS_PATH, body, trace, false)
+                    .post_and_read(
+                        (guard.instance(), target),
+                        EMBEDDINGS_PATH,
+                        body,
+                        trace,
+                        false,
+                    )
                     .await?;
                 serde_json::from_slice::<Vec<Vec<f32>>>(&bytes)
                     .map_err(|_| Attempt::Fail(UpstreamError::NotVectors(snippet(&bytes))))

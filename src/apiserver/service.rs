@@ -121,9 +121,10 @@ impl Daemon for Apiserver {
     fn serve(
         &mut self,
         listener: TcpListener,
-        shutdown: &CancellationToken,
+        drain: crate::http::Drain,
+        _shutdown: &CancellationToken,
     ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
-        serve_on_threads(&self.cfg, &self.state, listener, shutdown.clone())
+        serve_on_threads(&self.cfg, &self.state, listener, drain)
     }
 
     fn ready_status(&self) -> String {
@@ -259,7 +260,7 @@ fn serve_on_threads(
     cfg: &ApiserverConfig,
     state: &Arc<AppState>,
     listener: TcpListener,
-    shutdown: CancellationToken,
+    drain: crate::http::Drain,
 ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
     let mut routers = Vec::with_capacity(cfg.threads);
     for i in 0..cfg.threads {
@@ -273,18 +274,18 @@ fn serve_on_threads(
         routers.push(cors(&cfg.cors_allow_origins).layer(traced));
     }
     Ok(crate::http::serve_on_threads(
-        listener, routers, cfg.http, shutdown,
+        listener, routers, cfg.http, drain,
     )?)
 }
 
 async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
-    let base = DaemonBase::acquire(Service::Apiserver, cfg.port)?;
+    let mut base = DaemonBase::acquire(Service::Apiserver, cfg.port).await?;
     let (tracer, flusher) = cfg.tracer.open(crate::tracer::APISERVER_ROOT);
     let state = build_state(&cfg, tracer)?;
     if !state.upstream.discovery.refresh().await {
         warn!("no controller answered at start-up; models appear once one does");
     }
-    let (listener, admin) = daemon::bind(&base, &cfg.host).await?;
+    let (listener, admin) = daemon::bind(&mut base, &cfg.host).await?;
     Ok(Started {
         base,
         listener,

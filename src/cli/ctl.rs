@@ -1,4 +1,4 @@
-//! `dbgpt ctl status|stop` and `dbgpt stop …`: the client side of the admin sockets.
+//! `dbgpt ctl status|stop|upgrade` and `dbgpt stop …`: the client side of the admin sockets.
 //!
 //! Daemons are found by listing their runtime directories (see [`crate::admin`]) and
 //! asking each socket; nothing ever matches process names. A stop waits until the daemon
@@ -35,6 +35,24 @@ pub enum CtlCommand {
         #[command(flatten)]
         opts: StopOpts,
     },
+    /// Replace the daemon listening on a port by the `dbgpt` binary now on disk, with the
+    /// same arguments, without refusing a connection or dropping a request: the new process
+    /// takes over the listening socket, pid file and admin socket, serves (a worker loads and
+    /// registers its models first), then the old one finishes its in-flight requests and
+    /// streams and exits. Exits 0 once the new process serves; on failure the old one keeps
+    /// serving.
+    Upgrade {
+        /// HTTP port of the daemon to upgrade (may be left out when only one daemon runs
+        /// here, as in a systemd unit's runtime directory: `ExecReload=dbgpt ctl upgrade`).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only a daemon of this kind (controller, worker, apiserver).
+        #[arg(long)]
+        service: Option<String>,
+        /// Seconds to wait for the new process to serve.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
 }
 
 /// Runs a `ctl` subcommand.
@@ -57,6 +75,62 @@ pub async fn run(cmd: CtlCommand) -> anyhow::Result<ExitCode> {
                 );
             }
             stop_all(found, &opts, true).await
+        }
+        CtlCommand::Upgrade {
+            port,
+            service,
+            timeout,
+        } => upgrade(port, service, Duration::from_secs(timeout)).await,
+    }
+}
+
+async fn upgrade(
+    port: Option<u16>,
+    service: Option<String>,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let mut found: Vec<_> = admin::discover()
+        .into_iter()
+        .filter(|s| {
+            port.is_none_or(|p| p == s.port) && service.as_ref().is_none_or(|x| *x == s.service)
+        })
+        .collect();
+    let which = match port {
+        Some(p) => format!("--port {p}"),
+        None => "upgrade".to_string(),
+    };
+    let s = match found.len() {
+        0 => bail!(
+            "no dbgpt daemon found for {which} (looked in {})",
+            looked_in()
+        ),
+        1 => found.remove(0),
+        _ => bail!(
+            "several daemons found ({}): say which with --port (and --service)",
+            found
+                .iter()
+                .map(|f| format!("{} on port {}", f.service, f.port))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let port = s.port;
+    let mut c = AdminClient::connect(&s.path).await?;
+    let old = c.status().await?.pid;
+    match c.upgrade(timeout).await {
+        Ok(new) => {
+            println!(
+                "Upgraded {} on port {port}: pid {new} serves; pid {old} finishes its in-flight requests and exits",
+                s.service
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!(
+                "error: {} on port {port} (pid {old}) was not upgraded: {e}",
+                s.service
+            );
+            Ok(ExitCode::FAILURE)
         }
     }
 }

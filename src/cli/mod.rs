@@ -127,7 +127,7 @@ pub fn run(cli: Cli) -> ExitCode {
 
 fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
-    let readiness = if cfg.daemon {
+    let readiness = if cfg.daemon && !daemon::handover::is_successor() {
         daemon::daemonize(Service::Controller.label(), &cfg.log_file)?
     } else {
         Readiness::foreground()
@@ -140,7 +140,7 @@ fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
 fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
     let label = format!("{}-{}", Service::Worker.label(), cfg.port);
-    let readiness = if cfg.daemon {
+    let readiness = if cfg.daemon && !daemon::handover::is_successor() {
         daemon::daemonize(&label, &cfg.log_file)?
     } else {
         Readiness::foreground()
@@ -152,7 +152,7 @@ fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
 
 fn start_apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
-    let readiness = if cfg.daemon {
+    let readiness = if cfg.daemon && !daemon::handover::is_successor() {
         daemon::daemonize(Service::Apiserver.label(), &cfg.log_file)?
     } else {
         Readiness::foreground()

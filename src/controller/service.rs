@@ -18,7 +18,8 @@ use tracing::error;
 use super::config::{ControllerConfig, RegistryType};
 use super::{ControllerState, router, spawn_background};
 use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
-use crate::registry::{RedbRegistry, Registry, SqlRegistry};
+use crate::http::Drain;
+use crate::registry::{RedbRegistry, Registry, RegistryError, SqlRegistry};
 use crate::tracer::{Flusher, Tracer};
 
 /// The controller's part of the lifecycle.
@@ -32,6 +33,9 @@ struct Controller {
 
 impl Daemon for Controller {
     const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// The redb registry is one process's at a time: an upgrade's new process opens it once
+    /// the old one has drained and closed it (connections wait in the listen queue).
+    const SEQUENTIAL_HANDOVER: bool = true;
 
     fn health(&self) -> impl Fn() -> Health + Send + Sync + 'static {
         let registry = self.registry.clone();
@@ -48,7 +52,8 @@ impl Daemon for Controller {
     fn serve(
         &mut self,
         listener: TcpListener,
-        shutdown: &CancellationToken,
+        drain: Drain,
+        _shutdown: &CancellationToken,
     ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
         let app = router(ControllerState {
             registry: self.registry.clone(),
@@ -58,7 +63,7 @@ impl Daemon for Controller {
             listener,
             app,
             self.cfg.http,
-            shutdown.clone(),
+            drain,
         )))
     }
 
@@ -89,14 +94,29 @@ pub async fn run(cfg: ControllerConfig, readiness: Readiness) -> anyhow::Result<
 }
 
 async fn start(cfg: ControllerConfig) -> anyhow::Result<Started<Controller>> {
-    let base = DaemonBase::acquire(Service::Controller, cfg.port)?;
+    let mut base = DaemonBase::acquire(Service::Controller, cfg.port).await?;
+    // After an upgrade, the old process must have closed the registry first.
+    base.release_predecessor().await?;
     let registry: Arc<dyn Registry> = match cfg.registry_type {
         RegistryType::Embedded => {
-            let path = cfg.registry_path.clone();
-            let timeout = cfg.heartbeat_timeout;
-            Arc::new(
-                tokio::task::spawn_blocking(move || RedbRegistry::open(&path, timeout)).await??,
-            )
+            // After an upgrade's handover the old process may still be closing the file: a
+            // successor waits for its lock (bounded).
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let path = cfg.registry_path.clone();
+                let timeout = cfg.heartbeat_timeout;
+                match tokio::task::spawn_blocking(move || RedbRegistry::open(&path, timeout))
+                    .await?
+                {
+                    Err(RegistryError::Locked { .. })
+                        if daemon::handover::is_successor()
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    r => break Arc::new(r?),
+                }
+            }
         }
         RegistryType::Database => {
             let Some(db) = cfg.registry_db.as_ref() else {
@@ -105,7 +125,7 @@ async fn start(cfg: ControllerConfig) -> anyhow::Result<Started<Controller>> {
             Arc::new(SqlRegistry::open(db, cfg.heartbeat_timeout).await?)
         }
     };
-    let (listener, admin) = daemon::bind(&base, &cfg.host).await?;
+    let (listener, admin) = daemon::bind(&mut base, &cfg.host).await?;
     let background = spawn_background(
         registry.clone(),
         cfg.heartbeat_interval,

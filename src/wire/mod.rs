@@ -10,5 +10,6 @@ pub mod worker;
 /// `GET`: liveness of any of our HTTP services (`{"status": "ok"}`).
 pub const HEALTH_PATH: &str = "/api/health";
 /// Readiness (ours, not DB-GPT's): 503 while the daemon cannot do its work (e.g. the
-/// controller's registry cannot write), while liveness stays on [`HEALTH_PATH`].
+/// controller's registry cannot write) or is draining to stop or hand over
+/// ([`crate::http::Drain`]), while liveness stays on [`HEALTH_PATH`].
 pub const READY_PATH: &str = "/api/ready";

@@ -68,6 +68,12 @@ pub fn router(state: WorkerState) -> Router {
             HEALTH_PATH,
             get(|| async { json_response(StatusCode::OK, &json!({"status": "ok"})) }),
         )
+        // Ready once serving (the models are loaded first); 503 while draining, answered by
+        // the drain layer (crate::http::Drain).
+        .route(
+            crate::wire::READY_PATH,
+            get(|| async { json_response(StatusCode::OK, &json!({"status": "ok"})) }),
+        )
         .route(wire::GENERATE_STREAM_PATH, post(generate_stream))
         .route(wire::GENERATE_PATH, post(generate))
         .route(wire::EMBEDDINGS_PATH, post(embeddings))

@@ -29,9 +29,6 @@ use crate::wire::controller::manager_key;
 struct Worker {
     cfg: WorkerConfig,
     manager: Arc<WorkerManager>,
-    /// Stops HTTP; separate from the shutdown token, so that requests are still answered
-    /// until every entry is deregistered.
-    http_shutdown: CancellationToken,
     heartbeat: Option<JoinHandle<()>>,
     flusher: Option<Flusher>,
 }
@@ -90,6 +87,7 @@ impl Daemon for Worker {
     fn serve(
         &mut self,
         listener: TcpListener,
+        drain: crate::http::Drain,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
         let (tracer, flusher) = self.cfg.tracer.open(crate::tracer::WORKER_ROOT);
@@ -100,12 +98,9 @@ impl Daemon for Worker {
             tracer,
             bind,
         });
-        let http = tokio::spawn(crate::http::serve(
-            listener,
-            app,
-            self.cfg.http,
-            self.http_shutdown.clone(),
-        ));
+        // HTTP closes after the stop's deregistration (the lifecycle drains after
+        // `stopping`), so requests are answered until every entry is deregistered.
+        let http = tokio::spawn(crate::http::serve(listener, app, self.cfg.http, drain));
         self.heartbeat = self.manager.registrar().cloned().map(|r| {
             let r2 = r.clone();
             tokio::spawn(async move {
@@ -132,7 +127,6 @@ impl Daemon for Worker {
         if let Some(h) = self.heartbeat.take() {
             let _ = h.await;
         }
-        self.http_shutdown.cancel();
     }
 
     async fn finish(self, drained: bool) {
@@ -154,8 +148,8 @@ pub async fn run(cfg: WorkerConfig, readiness: Readiness) -> anyhow::Result<()> 
 }
 
 async fn start(cfg: WorkerConfig) -> anyhow::Result<Started<Worker>> {
-    let base = DaemonBase::acquire(Service::Worker, cfg.port)?;
-    let (listener, admin) = daemon::bind(&base, &cfg.host).await?;
+    let mut base = DaemonBase::acquire(Service::Worker, cfg.port).await?;
+    let (listener, admin) = daemon::bind(&mut base, &cfg.host).await?;
     let registrar = match &cfg.controller_addr {
         Some(addr) => {
             let client = ControllerClient::new(addr, Duration::from_secs(10))?;
@@ -183,7 +177,6 @@ async fn start(cfg: WorkerConfig) -> anyhow::Result<Started<Worker>> {
         daemon: Worker {
             cfg,
             manager,
-            http_shutdown: CancellationToken::new(),
             heartbeat: None,
             flusher: None,
         },

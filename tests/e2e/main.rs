@@ -12,6 +12,7 @@ mod http_limits;
 mod openai;
 mod registry;
 mod rerank;
+mod restart;
 mod sql;
 mod stack;
 mod tracer;
