@@ -7,6 +7,7 @@ mod apiserver;
 mod cli;
 mod common;
 mod controller;
+mod failover;
 mod http_limits;
 mod openai;
 mod registry;
