@@ -85,6 +85,24 @@ pub struct ApiserverArgs {
         env = "APISERVER_MAX_RETRIES"
     )]
     pub max_retries: Option<u32>,
+    /// Mid-stream failover: how many times one chat stream may move to another instance
+    /// of its model when its worker dies or stalls; 0 turns failover off (a broken stream
+    /// then ends with an error event) [default: 2]
+    #[arg(
+        long = "max_stream_migrations",
+        visible_alias = "max-stream-migrations",
+        env = "APISERVER_MAX_STREAM_MIGRATIONS"
+    )]
+    pub max_stream_migrations: Option<u32>,
+    /// Seconds a worker may stay silent in the middle of a chat stream before it is taken
+    /// for stalled and the stream moves to another instance (or, when it cannot, ends with
+    /// an error event) [default: 30]
+    #[arg(
+        long = "stream_stall_timeout_secs",
+        visible_alias = "stream-stall-timeout-secs",
+        env = "APISERVER_STREAM_STALL_TIMEOUT_SECS"
+    )]
+    pub stream_stall_timeout_secs: Option<f64>,
     /// HTTP serving threads; each owns its client connections and its pooled worker
     /// connections [default: the number of CPUs]
     #[arg(long = "threads", env = "APISERVER_THREADS")]
@@ -114,6 +132,8 @@ struct ApiserverFile {
     request_timeout_secs: Option<f64>,
     first_byte_timeout_secs: Option<f64>,
     max_retries: Option<u32>,
+    max_stream_migrations: Option<u32>,
+    stream_stall_timeout_secs: Option<f64>,
     threads: Option<usize>,
     cors_allow_origins: Option<String>,
     log_level: Option<String>,
@@ -141,6 +161,10 @@ pub struct ApiserverConfig {
     pub request_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub max_retries: u32,
+    /// Mid-stream failover: migrations allowed per stream (0 = off).
+    pub max_stream_migrations: u32,
+    /// Mid-stream failover: the longest silence of a worker inside a stream.
+    pub stream_stall_timeout: Duration,
     /// HTTP serving threads (each a single-threaded runtime).
     pub threads: usize,
     /// `None` = any origin.
@@ -246,6 +270,19 @@ impl ApiserverArgs {
         if max_retries > 16 {
             bail!("--max_retries must be at most 16");
         }
+        let max_stream_migrations = self
+            .max_stream_migrations
+            .or(file.max_stream_migrations)
+            .unwrap_or(2);
+        if max_stream_migrations > 16 {
+            bail!("--max_stream_migrations must be at most 16");
+        }
+        let stream_stall_timeout = positive_secs(
+            self.stream_stall_timeout_secs
+                .or(file.stream_stall_timeout_secs)
+                .unwrap_or(30.0),
+            "stream_stall_timeout_secs",
+        )?;
         let threads = match self.threads.or(file.threads) {
             Some(n) if n == 0 || n > 256 => bail!("--threads must be between 1 and 256"),
             Some(n) => n,
@@ -285,6 +322,8 @@ impl ApiserverArgs {
             request_timeout,
             first_byte_timeout,
             max_retries,
+            max_stream_migrations,
+            stream_stall_timeout,
             threads,
             cors_allow_origins,
             log_level: self.common.log_level.or(file.log_level),
@@ -318,11 +357,13 @@ mod tests {
         assert!(c.api_keys.is_empty());
         assert!(c.cors_allow_origins.is_none());
         assert_eq!(c.first_byte_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_stream_migrations, 2);
+        assert_eq!(c.stream_stall_timeout, Duration::from_secs(30));
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("a.toml");
         std::fs::write(
             &f,
-            "[service.model.api]\nport = 9100\nrouting_policy = \"round_robin\"\napi_keys = \"a, b\"\nfirst_byte_timeout_secs = 2.5\n",
+            "[service.model.api]\nport = 9100\nrouting_policy = \"round_robin\"\napi_keys = \"a, b\"\nfirst_byte_timeout_secs = 2.5\nmax_stream_migrations = 0\nstream_stall_timeout_secs = 4\n",
         )
         .unwrap();
         let c = ApiserverArgs {
@@ -338,6 +379,26 @@ mod tests {
         assert_eq!(c.routing_policy, RoutingPolicy::RoundRobin);
         assert_eq!(c.api_keys, ["a", "b"]);
         assert_eq!(c.first_byte_timeout, Duration::from_millis(2500));
+        assert_eq!(c.max_stream_migrations, 0);
+        assert_eq!(c.stream_stall_timeout, Duration::from_secs(4));
+        for (args, flag) in [
+            (
+                ApiserverArgs {
+                    max_stream_migrations: Some(17),
+                    ..Default::default()
+                },
+                "--max_stream_migrations",
+            ),
+            (
+                ApiserverArgs {
+                    stream_stall_timeout_secs: Some(0.0),
+                    ..Default::default()
+                },
+                "--stream_stall_timeout_secs",
+            ),
+        ] {
+            assert!(args.resolve().unwrap_err().to_string().contains(flag));
+        }
         assert!(!format!("{c:?}").contains("\"a\""));
         let bad = ApiserverArgs {
             embedding_batch_size: Some(0),

@@ -9,7 +9,9 @@
 //! the cached controller view ([`discovery`], [`policy`]) and relayed ([`proxy`]); worker
 //! frames carry cumulative text, which is turned into OpenAI deltas here. A completion goes
 //! first to the worker's native OpenAI route, which takes the client's body unchanged and
-//! answers in OpenAI's shape, relayed byte for byte ([`splice`]); only a DB-GPT worker
+//! answers in OpenAI's shape, relayed byte for byte ([`splice`]) or, for a stream, event by
+//! event by [`failover`], which continues it on another instance when its worker dies or
+//! stalls mid-way; only a DB-GPT worker
 //! (no such route) gets DB-GPT's PromptRequest, and then a request with fields its API
 //! cannot carry (tools, structured output, log-probabilities) is a 400 naming the field.
 //! On that DB-GPT path, streams send the
@@ -23,6 +25,7 @@
 
 pub(crate) mod config;
 pub(crate) mod discovery;
+pub(crate) mod failover;
 pub(crate) mod policy;
 pub mod pool;
 pub(crate) mod proxy;
@@ -67,6 +70,8 @@ pub struct AppState {
     pub stats: Arc<Stats>,
     /// DB-GPT's span file ([`Tracer::disabled`] when off), shared by every serving thread.
     pub tracer: Tracer,
+    /// Mid-stream failover of native streams ([`failover`]).
+    pub failover: failover::Settings,
 }
 
 /// Request counters for the admin status, shared by every serving thread.
@@ -501,6 +506,22 @@ async fn run_completion(
         )
         .await;
     let first = match native {
+        Ok(Native::Answer(a)) if r.stream && failover::is_stream(&a) => {
+            let blocker = match kind {
+                Kind::Chat => openai::continuation::blocker(&r, &body),
+                Kind::Text => Some("text completions are not continued".into()),
+            };
+            let req = failover::Request {
+                model: r.model.clone(),
+                group: group.clone(),
+                path: native_path(kind),
+                body,
+                blocker,
+                include_usage: r.include_usage,
+                trace: span.ctx(),
+            };
+            return failover::relay(s.clone(), req, a, (busy, span));
+        }
         Ok(Native::Answer(a)) => return spliced(&s, a, (busy, span)),
         Ok(Native::Legacy(first)) => first,
         Err(e) => return OpenAiError::from_upstream(e, prompt_field(kind)).into_response(),

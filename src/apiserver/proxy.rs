@@ -546,7 +546,22 @@ impl Upstream {
         legacy_ok: bool,
         trace: Option<SpanCtx>,
     ) -> Result<Native, UpstreamError> {
-        let mut tried: Vec<String> = Vec::new();
+        self.native_excluding(model, group, (path, body), legacy_ok, trace, Vec::new())
+            .await
+    }
+
+    /// [`Upstream::native`] on instances other than those in `tried` (addresses): a stream
+    /// moving away from instances that failed it ([`super::failover`]).
+    pub async fn native_excluding(
+        &self,
+        model: &str,
+        group: &Group,
+        (path, body): (&'static str, &Bytes),
+        legacy_ok: bool,
+        trace: Option<SpanCtx>,
+        mut tried: Vec<String>,
+    ) -> Result<Native, UpstreamError> {
+        let excluded = tried.len();
         let mut last = String::new();
         let mut passed_over = false;
         let mut busy = None;
@@ -591,7 +606,7 @@ impl Upstream {
         if passed_over && last.is_empty() {
             return Ok(Native::Legacy(None));
         }
-        Err(out_of_instances(model, tried.len(), last, busy))
+        Err(out_of_instances(model, tried.len() - excluded, last, busy))
     }
 
     /// One native call: `Ok(None)` when the instance has no such route.

@@ -239,6 +239,10 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
         embedding_batch_size: cfg.embedding_batch_size,
         stats: Arc::new(Stats::default()),
         tracer,
+        failover: super::failover::Settings {
+            max_migrations: cfg.max_stream_migrations,
+            stall: cfg.stream_stall_timeout,
+        },
     }))
 }
 

@@ -3,9 +3,11 @@
 //! what clients send (and builds a DB-GPT worker's PromptRequest from it), [`response`] holds
 //! the shapes written back (whole completions, SSE chunks, model cards, embeddings, rerank
 //! results), [`responses`] the Responses API (`/v1/responses`) mapped onto chat completions,
-//! [`error`] OpenAI's error answer and [`raw`] the byte-faithful reading and rewriting of a
+//! [`error`] OpenAI's error answer, [`continuation`] the continuation of a broken
+//! stream on another worker, and [`raw`] the byte-faithful reading and rewriting of a
 //! body that is passed through. Nothing here does I/O.
 
+pub mod continuation;
 pub mod error;
 pub mod raw;
 pub mod request;

@@ -200,10 +200,13 @@ impl WorkerManager {
             Some(p) => ChatOptions::with_template_file(p).map_err(|e| e.to_string()),
         };
         let loaded = match chat {
-            Ok(chat) => spec
+            Ok(mut chat) => spec
                 .load(self.proxy_timeouts)
                 .await
-                .map(|engine| (engine, chat))
+                .map(|(engine, render)| {
+                    chat.render = render;
+                    (engine, chat)
+                })
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };

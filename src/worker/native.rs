@@ -5,8 +5,9 @@
 //! several choices, image parts, vendor fields) is lost on the way.
 //!
 //! A model behind an OpenAI-compatible upstream (the proxy backend) gets the body passed
-//! through byte for byte (only `model` is set to the upstream's name) and its answer relayed
-//! as it comes, status and error bodies included. A model that runs here is served by the
+//! through byte for byte (only `model` is set to the upstream's name; a continuation
+//! request, [`crate::openai::continuation`], loses our fields and keeps its assistant
+//! prefill) and its answer relayed as it comes, status and error bodies included. A model that runs here is served by the
 //! local engines ([`super::chat`], [`super::embed`]). Errors are OpenAI error objects; a
 //! model this worker does not run is a 404 *with* an OpenAI error body, which callers tell
 //! apart from the missing route of an older worker ([`crate::wire::worker::is_route_missing`]).
@@ -107,6 +108,18 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
     let slot = model.acquire().await;
     let guards = (slot, span);
     if let Some(p) = passthrough(&model) {
+        // A continuation goes upstream as an assistant prefill, without our fields.
+        let prefill = match ep {
+            Endpoint::Chat => crate::openai::continuation::for_upstream(&body),
+            _ => None,
+        };
+        let (body, field) = match prefill {
+            Some(b) => match model_field(&b) {
+                Ok(f) => (b, f),
+                Err(e) => return e.into_response(),
+            },
+            None => (body, field),
+        };
         let stream = asks_stream(&body);
         let mut forward = p.forward(ep.upstream_path(), body, field);
         let forwarded = if stream {

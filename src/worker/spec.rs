@@ -248,7 +248,12 @@ impl ModelSpec {
 
     /// Loads the engine (blocking work runs off the async executor). Logs the file, its
     /// size and the load time. A proxy without timeouts of its own gets `proxy_timeouts`.
-    pub async fn load(&self, proxy_timeouts: ProxyTimeouts) -> Result<Engine, BackendError> {
+    /// A local chat model comes with its own prompt rendering, for continuations
+    /// ([`super::chat::RenderChat`]).
+    pub async fn load(
+        &self,
+        proxy_timeouts: ProxyTimeouts,
+    ) -> Result<(Engine, Option<super::chat::RenderChat>), BackendError> {
         let started = Instant::now();
         let what = match &self.path {
             Some(p) => format!("{} ({})", p.display(), human_size(path_size(p))),
@@ -272,8 +277,13 @@ impl ModelSpec {
         Ok(engine)
     }
 
-    async fn load_inner(&self, proxy_timeouts: ProxyTimeouts) -> Result<Engine, BackendError> {
-        match self.model_type {
+    async fn load_inner(
+        &self,
+        proxy_timeouts: ProxyTimeouts,
+    ) -> Result<(Engine, Option<super::chat::RenderChat>), BackendError> {
+        #[allow(unused_mut)]
+        let mut render: Option<super::chat::RenderChat> = None;
+        let engine = match self.model_type {
             ModelType::Proxy => {
                 let mut cfg = OpenAiProxyConfig::new(
                     self.api_base.clone().unwrap_or_default(),
@@ -311,9 +321,12 @@ impl ModelSpec {
                 if let Some(t) = l.queue_timeout_secs {
                     cfg.queue_timeout = Duration::from_secs_f64(t);
                 }
-                Ok(Engine::Llm(Arc::new(
-                    LlamaCppBackend::load_async(cfg).await?,
-                )))
+                let backend = Arc::new(LlamaCppBackend::load_async(cfg).await?);
+                let b = backend.clone();
+                render = Some(Arc::new(move |m: &[super::backends::ChatMessage]| {
+                    b.render_prompt(m)
+                }));
+                Ok(Engine::Llm(backend))
             }
             #[cfg(feature = "local-models")]
             ModelType::Bert => {
@@ -324,9 +337,10 @@ impl ModelSpec {
                 let path = self.path.clone().unwrap_or_default();
                 if self.worker_type == WorkerType::Reranker || is_cross_encoder(&path) {
                     let cfg = RerankerConfig::new(path);
-                    return Ok(Engine::Reranker(Arc::new(
-                        BertRerankerBackend::load_async(cfg).await?,
-                    )));
+                    return Ok((
+                        Engine::Reranker(Arc::new(BertRerankerBackend::load_async(cfg).await?)),
+                        None,
+                    ));
                 }
                 let cfg = BertEmbeddingConfig::new(path);
                 Ok(Engine::Embedding(Arc::new(
@@ -338,7 +352,8 @@ impl ModelSpec {
                 self.path.clone().unwrap_or_default(),
                 "this dbgpt was built without the local-models feature",
             )),
-        }
+        };
+        engine.map(|e| (e, render))
     }
 
     /// Builds a spec from a `models/startup` request's `params` (DB-GPT's parameter names:

@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod controller;
 mod engine;
+mod failover;
 mod http_limits;
 mod openai;
 mod registry;

@@ -10,6 +10,7 @@
 
 mod answer;
 mod request;
+mod resume;
 mod template;
 mod tools;
 
@@ -52,12 +53,30 @@ impl std::fmt::Debug for Answer {
     }
 }
 
+/// The backend's own rendering of a conversation with the assistant's turn opened (the
+/// prompt it generates from for `messages`): how a final assistant message is continued
+/// on a model without an operator's template ([`resume`]).
+pub type RenderChat = Arc<
+    dyn Fn(&[crate::worker::backends::ChatMessage]) -> Result<String, BackendError> + Send + Sync,
+>;
+
 /// How a worker's engine renders prompts.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ChatOptions {
     /// An operator's chat template (`--chat_template FILE`) used instead of the model's
     /// own: it renders the whole prompt, tools included.
     pub template: Option<Arc<ChatTemplate>>,
+    /// The backend's rendering (a local model's), for continuations.
+    pub render: Option<RenderChat>,
+}
+
+impl std::fmt::Debug for ChatOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatOptions")
+            .field("template", &self.template)
+            .field("render", &self.render.is_some())
+            .finish()
+    }
 }
 
 impl ChatOptions {
@@ -66,6 +85,7 @@ impl ChatOptions {
     pub fn with_template_file(path: &std::path::Path) -> Result<ChatOptions, TemplateError> {
         Ok(ChatOptions {
             template: Some(Arc::new(ChatTemplate::load(path)?)),
+            render: None,
         })
     }
 }
@@ -85,7 +105,7 @@ pub async fn chat_completions_with(
     body: &[u8],
 ) -> Result<Answer, OpenAiError> {
     let req = request::parse_chat(body)?;
-    let plan = chat_plan(req, opts)?;
+    let plan = chat_plan(req, opts, backend.as_ref())?;
     run(backend, plan).await
 }
 
@@ -105,6 +125,7 @@ pub async fn completions(backend: Arc<dyn LlmBackend>, body: &[u8]) -> Result<An
                 group: g,
                 params,
                 echo: req.echo.then(|| p.clone()),
+                resume: None,
             });
         }
     }
@@ -139,6 +160,8 @@ struct Job {
     params: GenerateParams,
     /// Text completions with `echo`: the prompt, prepended to the text.
     echo: Option<String>,
+    /// A continuation of the final message counted as generated ([`resume`]).
+    resume: Option<resume::Resume>,
 }
 
 struct Plan {
@@ -181,7 +204,11 @@ fn vary_seed(p: &mut GenerateParams, choice: usize) {
     }
 }
 
-fn chat_plan(req: ChatRequest, opts: &ChatOptions) -> Result<Plan, OpenAiError> {
+fn chat_plan(
+    req: ChatRequest,
+    opts: &ChatOptions,
+    backend: &dyn LlmBackend,
+) -> Result<Plan, OpenAiError> {
     let offered = !req.tools.is_empty() && req.tool_choice != ToolChoice::None;
     let forced = offered && matches!(req.tool_choice, ToolChoice::Required | ToolChoice::Named(_));
     let mut base = base_params(&req.sampling);
@@ -195,24 +222,31 @@ fn chat_plan(req: ChatRequest, opts: &ChatOptions) -> Result<Plan, OpenAiError> 
     } else {
         tools::format_grammar(&req.response_format)?
     };
-    match &opts.template {
-        Some(t) => {
-            let prompt = t
-                .render(&req.messages, offered.then_some(&req.tools[..]))
-                .map_err(|e| {
-                    OpenAiError::invalid(
-                        "messages",
-                        "invalid_prompt",
-                        format!("the chat template cannot render these messages: {e}"),
-                    )
-                })?;
-            base.prompt = Some(prompt);
-        }
-        None => {
-            let prompt = offered.then(|| {
-                tools::system_prompt(&req.tools, &req.tool_choice, req.parallel_tool_calls)
-            });
-            base.messages = tools::generic_messages(&req.messages, prompt);
+    let mut resume = None;
+    if let Some(c) = req.continuation {
+        let (params, r) = continuation_params(&req, opts, backend, &base, c)?;
+        base = params;
+        resume = r;
+    } else {
+        match &opts.template {
+            Some(t) => {
+                let prompt = t
+                    .render(&req.messages, offered.then_some(&req.tools[..]))
+                    .map_err(|e| {
+                        OpenAiError::invalid(
+                            "messages",
+                            "invalid_prompt",
+                            format!("the chat template cannot render these messages: {e}"),
+                        )
+                    })?;
+                base.prompt = Some(prompt);
+            }
+            None => {
+                let prompt = offered.then(|| {
+                    tools::system_prompt(&req.tools, &req.tool_choice, req.parallel_tool_calls)
+                });
+                base.messages = tools::generic_messages(&req.messages, prompt);
+            }
         }
     }
     let jobs = (0..req.n)
@@ -224,6 +258,7 @@ fn chat_plan(req: ChatRequest, opts: &ChatOptions) -> Result<Plan, OpenAiError> 
                 group: 0,
                 params,
                 echo: None,
+                resume: resume.clone(),
             }
         })
         .collect();
@@ -246,6 +281,40 @@ fn chat_plan(req: ChatRequest, opts: &ChatOptions) -> Result<Plan, OpenAiError> 
         stream: req.stream,
         prompt_field: "messages",
     })
+}
+
+/// The generation of a request continuing its final assistant message: the conversation
+/// before it rendered with the assistant's turn opened (the operator's template, else the
+/// backend's own rendering), then the message's text ([`resume`]).
+fn continuation_params(
+    req: &ChatRequest,
+    opts: &ChatOptions,
+    backend: &dyn LlmBackend,
+    base: &GenerateParams,
+    c: request::Continuation,
+) -> Result<(GenerateParams, Option<resume::Resume>), OpenAiError> {
+    let (before, last) = req.messages.split_at(req.messages.len() - 1);
+    let partial = last[0].content.as_deref().unwrap_or_default();
+    let rendered = match (&opts.template, &opts.render) {
+        (Some(t), _) => t.render(before, None).map_err(|e| {
+            OpenAiError::invalid(
+                "messages",
+                "invalid_prompt",
+                format!("the chat template cannot render these messages: {e}"),
+            )
+        })?,
+        (None, Some(render)) => render(&tools::generic_messages(before, None))
+            .map_err(|e| backend_error(e, "messages"))?,
+        (None, None) => {
+            return Err(OpenAiError::invalid(
+                crate::openai::continuation::CONTINUE_FIELD,
+                "unsupported_parameter",
+                "this model cannot continue a final message (its prompt is not rendered here)",
+            ));
+        }
+    };
+    resume::plan(backend, base, &rendered, partial, c.as_generated)
+        .map_err(|e| backend_error(e, "messages"))
 }
 
 /// A backend failure as the client's answer: its refusal a 400 naming the prompt field,
@@ -354,7 +423,7 @@ async fn run(backend: Arc<dyn LlmBackend>, mut plan: Plan) -> Result<Answer, Ope
     let mut finished = Vec::with_capacity(plan.jobs.len());
     while let Some(job) = plan.jobs.pop_front() {
         let mut acc = Acc::new(&job, plan.tools.as_deref());
-        let mut stream = backend.generate_stream(job.params);
+        let mut stream = resume::generate(&backend, job.params, job.resume);
         let (reason, usage) = loop {
             match stream.next().await {
                 Some(Ok(GenerateEvent::Logprobs { tokens })) => acc.tokens.extend(tokens),
@@ -426,7 +495,7 @@ impl Streamer {
             return Ok(());
         };
         let acc = Acc::new(&job, self.plan.tools.as_deref());
-        let mut stream = self.backend.generate_stream(job.params);
+        let mut stream = resume::generate(&self.backend, job.params, job.resume);
         let first = stream.next().await.unwrap_or_else(|| Err(no_finish()));
         let first = match first {
             Err(e) => return Err(backend_error(e, self.plan.prompt_field)),

@@ -119,6 +119,16 @@ pub(crate) struct ChatRequest {
     pub tool_choice: ToolChoice,
     pub parallel_tool_calls: bool,
     pub response_format: ResponseFormat,
+    /// `continue_final_message`: the last message (the assistant's) is continued.
+    pub continuation: Option<Continuation>,
+}
+
+/// How a request continues its final assistant message (`continue_final_message: true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Continuation {
+    /// `x_dbgpt_continuation: true`: the final message counts as generated output (against
+    /// `max_tokens` and in `usage.completion_tokens`), as in one uninterrupted run.
+    pub as_generated: bool,
 }
 
 /// A validated text completion request.
@@ -554,6 +564,8 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
     let tools = tools(o.get("tools"))?;
     let tool_choice = tool_choice(o.get("tool_choice"), &tools)?;
     let parallel_tool_calls = o.bool("parallel_tool_calls")?.unwrap_or(true);
+    let response_format = response_format(o.get("response_format"))?;
+    let continuation = continuation(&o, &messages, !tools.is_empty(), &response_format)?;
     Ok(ChatRequest {
         model,
         messages,
@@ -565,8 +577,50 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
         tools,
         tool_choice,
         parallel_tool_calls,
-        response_format: response_format(o.get("response_format"))?,
+        response_format,
+        continuation,
     })
+}
+
+/// `continue_final_message` (vLLM's name; with `add_generation_prompt`, which must then be
+/// false) and our `x_dbgpt_continuation`: the final message must be the assistant's, with
+/// text only, and the request plain text (no tools, no structured output).
+fn continuation(
+    o: &Obj,
+    messages: &[Message],
+    tools: bool,
+    format: &ResponseFormat,
+) -> Result<Option<Continuation>, OpenAiError> {
+    let field = crate::openai::continuation::CONTINUE_FIELD;
+    let as_generated = o
+        .bool(crate::openai::continuation::ACCOUNTING_FIELD)?
+        .unwrap_or(false);
+    let generation_prompt = o.bool(crate::openai::continuation::GENERATION_PROMPT_FIELD)?;
+    if !o.bool(field)?.unwrap_or(false) {
+        return Ok(None);
+    }
+    if generation_prompt == Some(true) {
+        return Err(invalid(
+            field,
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true",
+        ));
+    }
+    let last = messages
+        .last()
+        .filter(|m| m.role == MsgRole::Assistant && m.tool_calls.is_empty() && m.content.is_some());
+    if last.is_none() || messages.len() < 2 {
+        return Err(invalid(
+            field,
+            "'continue_final_message' needs the last message to be the assistant's, with text, after at least one other message",
+        ));
+    }
+    if tools || *format != ResponseFormat::Text {
+        return Err(invalid(
+            field,
+            "'continue_final_message' cannot be combined with tools or structured output",
+        ));
+    }
+    Ok(Some(Continuation { as_generated }))
 }
 
 /// Validates a text completion request body.

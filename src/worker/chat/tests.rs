@@ -1234,6 +1234,7 @@ fn template_opts(src: &str) -> ChatOptions {
                 .unwrap()
                 .with_tokens("<s>", "</s>"),
         )),
+        render: None,
     }
 }
 
@@ -1343,6 +1344,7 @@ async fn template_errors() {
     .unwrap();
     let opts = ChatOptions {
         template: Some(Arc::new(ChatTemplate::load(&cfg).unwrap())),
+        render: None,
     };
     let b = Fake::new(vec![says(&["x"], 1)]);
     chat_completions_with(
@@ -1592,4 +1594,243 @@ mod real {
         assert_eq!(lp["text_offset"][0], 24);
         assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
     }
+}
+
+/// A continuation request of `partial` after "hi" (greedy, counted as generated).
+fn continuation_body(partial: &str, max_tokens: u32, stream: bool) -> Value {
+    json!({"model": "m", "temperature": 0, "max_tokens": max_tokens, "stream": stream,
+           "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": partial}],
+           "continue_final_message": true, "add_generation_prompt": false,
+           "x_dbgpt_continuation": true})
+}
+
+#[tokio::test]
+async fn a_continuation_regenerates_the_cut_tail_and_drops_it() {
+    let b = Fake::new(vec![vec![
+        d(" fo"),
+        d("x"),
+        d(" jumps"),
+        fin(FinishReason::Stop, 7, 3),
+    ]]);
+    let opts = template_opts(TEMPLATE);
+    let body = continuation_body("The quick brown fo", 10, false);
+    let Answer::Whole(w) = chat_completions_with(b.clone(), &opts, body.to_string().as_bytes())
+        .await
+        .unwrap()
+    else {
+        panic!("a whole answer")
+    };
+    let v: Value = serde_json::from_slice(&w).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "x jumps", "{v}");
+    // The prompt: the conversation before, the turn opened, the text cut before " fo".
+    let seen = b.seen();
+    assert_eq!(
+        seen[0].prompt.as_deref(),
+        Some("<s><|user|>hi;<|assistant|>The quick brown")
+    );
+    // "The quick brown" (3 tokens for the fake) counts as generated: 10 - 3 left, and
+    // usage as one run's.
+    assert_eq!(seen[0].max_new_tokens, Some(7));
+    assert_eq!(v["usage"]["prompt_tokens"], 4);
+    assert_eq!(v["usage"]["completion_tokens"], 6);
+}
+
+#[tokio::test]
+async fn a_continuation_that_departs_from_the_tail_continues_the_whole_text() {
+    let b = Fake::new(vec![
+        vec![d(" fig"), d(" tree"), fin(FinishReason::Stop, 7, 2)],
+        vec![d("x"), d(" jumps"), fin(FinishReason::Stop, 8, 2)],
+    ]);
+    let opts = template_opts(TEMPLATE);
+    let body = continuation_body("The quick brown fo", 10, true);
+    let ev =
+        collect(chat_completions_with(b.clone(), &opts, body.to_string().as_bytes()).await).await;
+    let text: String = ev
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "x jumps");
+    let seen = b.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[1].prompt.as_deref(),
+        Some("<s><|user|>hi;<|assistant|>The quick brown fo")
+    );
+    assert_eq!(seen[1].max_new_tokens, Some(6));
+}
+
+#[tokio::test]
+async fn a_continuation_without_the_extension_continues_as_vllm_does() {
+    let b = Fake::new(vec![says(&["x"], 9)]);
+    let opts = template_opts(TEMPLATE);
+    let mut body = continuation_body("The quick brown fo", 10, false);
+    body.as_object_mut().unwrap().remove("x_dbgpt_continuation");
+    let Answer::Whole(w) = chat_completions_with(b.clone(), &opts, body.to_string().as_bytes())
+        .await
+        .unwrap()
+    else {
+        panic!("a whole answer")
+    };
+    let v: Value = serde_json::from_slice(&w).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "x");
+    assert_eq!(v["usage"]["prompt_tokens"], 9);
+    let seen = b.seen();
+    assert_eq!(
+        seen[0].prompt.as_deref(),
+        Some("<s><|user|>hi;<|assistant|>The quick brown fo")
+    );
+    assert_eq!(seen[0].max_new_tokens, Some(10));
+}
+
+#[tokio::test]
+async fn a_continuation_with_its_budget_spent_finishes_at_once() {
+    let opts = template_opts(TEMPLATE);
+    let whole = |w: Answer| -> Value {
+        let Answer::Whole(w) = w else {
+            panic!("a whole answer")
+        };
+        serde_json::from_slice(&w).unwrap()
+    };
+    // Four words (tokens, for the fake) of four allowed: the original run ended there.
+    // Greedy: the last word is regenerated (one token left), checked and dropped.
+    let b = Fake::new(vec![vec![d(" four"), fin(FinishReason::Length, 5, 1)]]);
+    let body = continuation_body("one two three four", 4, false);
+    let v = whole(
+        chat_completions_with(b.clone(), &opts, body.to_string().as_bytes())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], "", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert_eq!(b.seen()[0].max_new_tokens, Some(1));
+    // Sampling: the text is continued whole, and nothing is left to generate.
+    let b = Fake::new(vec![]);
+    let mut body = continuation_body("one two three four", 4, false);
+    body["temperature"] = json!(0.7);
+    let v = whole(
+        chat_completions_with(b.clone(), &opts, body.to_string().as_bytes())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], "", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert!(b.seen().is_empty(), "the model is not run");
+}
+
+#[tokio::test]
+async fn bad_continuations_are_refused_naming_the_field() {
+    let opts = template_opts(TEMPLATE);
+    for (body, why) in [
+        (
+            json!({"model": "m", "continue_final_message": true,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+            "last message",
+        ),
+        (
+            json!({"model": "m", "continue_final_message": true, "add_generation_prompt": true,
+                   "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}),
+            "cannot both",
+        ),
+        (
+            json!({"model": "m", "continue_final_message": true,
+                   "tools": [{"type": "function", "function": {"name": "f"}}],
+                   "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}),
+            "tools",
+        ),
+    ] {
+        let e = chat_completions_with(Fake::new(vec![]), &opts, body.to_string().as_bytes())
+            .await
+            .unwrap_err();
+        let v = e.body();
+        assert_eq!(v["error"]["param"], "continue_final_message", "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(why), "{v}");
+    }
+    // A model whose prompt is not rendered here (no template, no renderer).
+    let e = chat_completions(
+        Fake::new(vec![]),
+        continuation_body("a", 3, false).to_string().as_bytes(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.body()["error"]["param"], "continue_final_message");
+}
+
+/// The real SmolLM2 GGUF, greedy: a stream continued from any of its chunks gives the
+/// uninterrupted run's text (the tail cut back, regenerated and dropped); the naive
+/// continuation (the text re-tokenized whole) is reported beside it.
+#[cfg(feature = "local-models")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_continuations_from_every_point_equal_the_uninterrupted_run() {
+    use crate::worker::backends::{LlamaCppBackend, LlamaCppConfig, require_test_model};
+    let path = require_test_model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let model = Arc::new(LlamaCppBackend::load(LlamaCppConfig::new(path)).unwrap());
+    let m = model.clone();
+    let opts = ChatOptions {
+        template: None,
+        render: Some(Arc::new(move |msgs: &[ChatMessage]| m.render_prompt(msgs))),
+    };
+    let backend: Arc<dyn LlmBackend> = model;
+    let question = "Write a short story about a dragon who learns to bake bread.";
+    let ask = |extra: Value| {
+        let mut body = json!({"model": "m", "temperature": 0, "max_tokens": 50, "stream": true,
+                              "messages": [{"role": "user", "content": question}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let pieces = |ev: &[Value]| -> Vec<String> {
+        ev.iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let finish = |ev: &[Value]| {
+        ev.iter().find_map(|e| {
+            e["choices"][0]["finish_reason"]
+                .as_str()
+                .map(str::to_string)
+        })
+    };
+    let full = collect(
+        chat_completions_with(
+            backend.clone(),
+            &opts,
+            ask(json!({})).to_string().as_bytes(),
+        )
+        .await,
+    )
+    .await;
+    let run = pieces(&full);
+    let whole: String = run.concat();
+    assert!(run.len() > 20, "{whole:?}");
+    let mut naive_bad = 0;
+    let points: Vec<usize> = (1..run.len()).step_by(5).collect();
+    for &k in &points {
+        let partial: String = run[..k].concat();
+        for as_generated in [true, false] {
+            let msgs = json!([{"role": "user", "content": question},
+                              {"role": "assistant", "content": partial}]);
+            let body = ask(json!({"messages": msgs, "continue_final_message": true,
+                                  "x_dbgpt_continuation": as_generated}));
+            let ev = collect(
+                chat_completions_with(backend.clone(), &opts, body.to_string().as_bytes()).await,
+            )
+            .await;
+            let got = format!("{partial}{}", pieces(&ev).concat());
+            if as_generated {
+                assert_eq!(got, whole, "continued after {k} chunks ({partial:?})");
+                assert_eq!(finish(&ev), finish(&full), "after {k} chunks");
+            } else if !whole.starts_with(&got) && !got.starts_with(&whole) {
+                naive_bad += 1;
+            }
+        }
+    }
+    eprintln!(
+        "continuations from {} points equal the run; the naive one departs at {naive_bad}",
+        points.len()
+    );
 }
