@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod controller;
 mod http_limits;
+mod metrics;
 mod openai;
 mod registry;
 mod rerank;
