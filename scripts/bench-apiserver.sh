@@ -8,11 +8,15 @@
 #   BENCH_OLD_BIN=/tmp/old/dbgpt scripts/bench-apiserver.sh  # A/B: another build's apiserver
 #                                   # + proxy worker as extra rows ("old …"), same fake and client
 #   BENCH_SGLANG=1 scripts/bench-apiserver.sh   # pip install sglang-router==0.3.2 if missing
+#   BENCH_METRICS=0 scripts/bench-apiserver.sh  # without the "metrics off" rows
 #
 # Rows (each at every concurrency; a plain and a streamed phase, CPU µs/req for both):
 #   direct, apiserver, apiserver+worker, bare relay+worker (below), "apiserver+worker tools"
 #   (the same path, every request with a `tools` list, `tool_choice` and a json_schema
 #   `response_format`), and, when the wheel is installed (python3 -c 'import sglang_router'),
+#   "apiserver+worker metrics off" (a second apiserver and proxy worker started with
+#   --metrics_addr off, model "viaworker_nometrics": the cost of the Prometheus metrics is the
+#   difference to "apiserver+worker", printed per concurrency after the tables), and
 #   "sglang" and "sglang tools": SGLang's Rust gateway (sglang-router 0.3.2,
 #   `python3 -m sglang_router.launch_router`, its defaults but --log-level warn; SGLANG_ARGS
 #   adds flags) in front of the same fake. The gateway probes the fake's /health,
@@ -93,6 +97,21 @@ TARGETS=(
 )
 PIDNOTE="fake=$FAKE_PID apiserver=$API_PID worker=$WRK_PID bare_relay=$RELAY_PID"
 
+# The same path with the Prometheus metrics off in both daemons (their cost is the difference).
+APIOFF_PID= WRKOFF_PID=
+if [ "${BENCH_METRICS:-1}" = 1 ]; then
+  APIOFF=$(port); WRKOFF=$(port)
+  $BIN start worker --host 127.0.0.1 --port "$WRKOFF" --controller_addr "http://127.0.0.1:$CTL" --model_name viaworker_nometrics \
+    --model_type proxy --proxy_api_base "http://127.0.0.1:$FAKE/v1" --proxyllm_backend fake --limit_model_concurrency 512 \
+    --metrics_addr off --log_level warn >"$WORK/worker-off.log" 2>&1 & WRKOFF_PID=$!; PIDS+=($WRKOFF_PID)
+  $BIN start apiserver --host 127.0.0.1 --port "$APIOFF" --controller_addr "http://127.0.0.1:$CTL" --metrics_addr off \
+    --log_level warn >"$WORK/api-off.log" 2>&1 & APIOFF_PID=$!; PIDS+=($APIOFF_PID)
+  wait_http "http://127.0.0.1:$APIOFF/api/health"
+  for _ in $(seq 100); do curl -s "http://127.0.0.1:$APIOFF/v1/models" | grep -q '"viaworker_nometrics"' && break; sleep 0.1; done
+  TARGETS+=(--target "apiserver+worker metrics off|http://127.0.0.1:$APIOFF/v1|$APIOFF_PID,$WRKOFF_PID,$FAKE_PID|viaworker_nometrics")
+  PIDNOTE="$PIDNOTE apiserver-metrics-off=$APIOFF_PID worker-metrics-off=$WRKOFF_PID"
+fi
+
 # A/B in one run: another build's apiserver and proxy worker (model "viaold"), same controller,
 # fake and client.
 if [ -n "${BENCH_OLD_BIN:-}" ]; then
@@ -164,25 +183,41 @@ awk -F'|' -v api="$API_PID" -v relay="$RELAY_PID" '
   $2 == " bare relay+worker " { r[$3 + 0] = cpu($11, relay) }
   END { for (c in a) if (r[c] > 0) printf "# c=%d: apiserver %s µs/req, bare relay %s µs/req: %.2fx\n", c, a[c], r[c], a[c] / r[c] }
 ' "$WORK/table.md" | sort -t= -k2 -n
+# What the metrics cost: the same path with them on and off, per daemon, plain and streamed.
+if [ -n "$APIOFF_PID" ]; then
+  awk -F'|' -v api="$API_PID" -v wrk="$WRK_PID" -v apioff="$APIOFF_PID" -v wrkoff="$WRKOFF_PID" '
+    function cpu(cell, pid,   m) { return match(cell, pid ": [0-9.]+") ? substr(cell, RSTART + length(pid) + 2, RLENGTH - length(pid) - 2) + 0 : -1 }
+    $2 == " apiserver+worker " { c = $3 + 0; a[c] = cpu($11, api); as[c] = cpu($12, api); w[c] = cpu($11, wrk); ws[c] = cpu($12, wrk) }
+    $2 == " apiserver+worker metrics off " { c = $3 + 0; ao[c] = cpu($11, apioff); aso[c] = cpu($12, apioff); wo[c] = cpu($11, wrkoff); wso[c] = cpu($12, wrkoff) }
+    END {
+      print ""; print "| metrics cost (CPU µs/req) | conc | apiserver on | off | added | worker on | off | added |"; print "|---|---:|---:|---:|---:|---:|---:|---:|"
+      for (c in a) if (c in ao) {
+        printf "| plain | %d | %.1f | %.1f | %+.1f | %.1f | %.1f | %+.1f |\n", c, a[c], ao[c], a[c] - ao[c], w[c], wo[c], w[c] - wo[c]
+        printf "| stream | %d | %.1f | %.1f | %+.1f | %.1f | %.1f | %+.1f |\n", c, as[c], aso[c], as[c] - aso[c], ws[c], wso[c], ws[c] - wso[c]
+      }
+    }' "$WORK/table.md"
+fi
 
 [ "${BENCH_PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null || exit 0
 PIN_ROUNDS=${PIN_ROUNDS:-5}
-for p in "$CTL_PID" "$FAKE_PID" "$WRK_PID"; do taskset -a -p -c 1 "$p" >/dev/null; done
-for p in "$API_PID" "$RELAY_PID"; do taskset -a -p -c 0 "$p" >/dev/null; done
+for p in "$CTL_PID" "$FAKE_PID" "$WRK_PID" $WRKOFF_PID; do taskset -a -p -c 1 "$p" >/dev/null; done
+for p in "$API_PID" "$RELAY_PID" $APIOFF_PID; do taskset -a -p -c 0 "$p" >/dev/null; done
+OFF_TARGET=(); [ -n "$APIOFF_PID" ] && OFF_TARGET=(--target "apiserver+worker metrics off|http://127.0.0.1:$APIOFF/v1|$APIOFF_PID|viaworker_nometrics")
 echo
 echo "# Pinned: hop on CPU 0; client, worker, fake and controller on CPU 1; $PIN_ROUNDS rounds of ${SECS}s phases"
 for _ in $(seq "$PIN_ROUNDS"); do
   taskset -c 1 "$EX/bench_apiserver" --secs "$SECS" --concurrency 1,32 \
     --target "apiserver+worker|http://127.0.0.1:$API/v1|$API_PID|viaworker" \
-    --target "bare relay+worker|http://127.0.0.1:$RELAY/v1|$RELAY_PID|viaworker"
-done | awk -F'|' -v api="$API_PID" -v relay="$RELAY_PID" '
+    --target "bare relay+worker|http://127.0.0.1:$RELAY/v1|$RELAY_PID|viaworker" "${OFF_TARGET[@]}"
+done | awk -F'|' -v api="$API_PID" -v relay="$RELAY_PID" -v apioff="${APIOFF_PID:-0}" '
   function cpu(cell, pid) { return match(cell, pid ": [0-9.]+") ? substr(cell, RSTART + length(pid) + 2, RLENGTH - length(pid) - 2) + 0 : -1 }
   function median(list,   v, n, i, j, t) {
     n = split(list, v, " ")
     for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
     return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
   }
-  $2 ~ /apiserver\+worker/ { a[$3 + 0] = a[$3 + 0] " " cpu($11, api); q[$3 + 0] = q[$3 + 0] " " ($4 + 0) }
+  $2 == " apiserver+worker " { a[$3 + 0] = a[$3 + 0] " " cpu($11, api); q[$3 + 0] = q[$3 + 0] " " ($4 + 0) }
+  $2 == " apiserver+worker metrics off " { o[$3 + 0] = o[$3 + 0] " " cpu($11, apioff) }
   $2 ~ /bare relay\+worker/ { r[$3 + 0] = r[$3 + 0] " " cpu($11, relay) }
   END {
     print "| hop (pinned) | conc | CPU µs/req, median | each round | apiserver / relay | apiserver req/s, median |"
@@ -190,5 +225,6 @@ done | awk -F'|' -v api="$API_PID" -v relay="$RELAY_PID" '
     for (c = 1; c <= 32; c += 31) {
       printf "| apiserver+worker | %d | %s | %s | %.2fx | %s |\n", c, median(a[c]), a[c], median(a[c]) / median(r[c]), median(q[c])
       printf "| bare relay+worker | %d | %s | %s | | |\n", c, median(r[c]), r[c]
+      if (o[c] != "") printf "| apiserver+worker metrics off | %d | %s | %s | metrics add %+.2f µs/req | |\n", c, median(o[c]), o[c], median(a[c]) - median(o[c])
     }
   }'

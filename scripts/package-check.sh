@@ -114,7 +114,8 @@ shipped=(/usr/bin/dbgpt
     /usr/lib/sysusers.d/dbgpt.conf
     /etc/dbgpt/controller.toml /etc/dbgpt/apiserver.toml /etc/dbgpt/worker-example.toml
     /usr/share/man/man1/dbgpt.1.gz /usr/share/bash-completion/completions/dbgpt
-    /usr/share/fish/vendor_completions.d/dbgpt.fish)
+    /usr/share/fish/vendor_completions.d/dbgpt.fish
+    /usr/share/dbgpt/grafana/dbgpt-cluster.json)
 
 # ---------------------------------------------------------------- 5. .deb contents and lint
 step "deb contents"
@@ -186,6 +187,10 @@ out=$(systemd-analyze verify --man=no /usr/lib/systemd/system/dbgpt-controller.s
     /usr/lib/systemd/system/dbgpt-apiserver.service "$tmp/units/dbgpt-worker@ci.service" 2>&1) ||
     { echo "$out"; fail "systemd-analyze verify failed"; }
 [ -z "$out" ] || { echo "$out"; fail "systemd-analyze verify printed warnings"; }
+
+step "Grafana dashboard parses"
+python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["panels"], "no panels"' \
+    /usr/share/dbgpt/grafana/dbgpt-cluster.json || fail "the Grafana dashboard is not valid JSON"
 
 step "default configs parse"
 for f in /etc/dbgpt/*.toml; do

@@ -78,6 +78,23 @@ pub struct CommonServerArgs {
         value_name = "N"
     )]
     pub http_max_connections: Option<usize>,
+    /// Where `GET /metrics` (Prometheus) is served: unset for the HTTP port, HOST:PORT for a separate listener, `off` for nowhere
+    #[arg(
+        long = "metrics_addr",
+        visible_alias = "metrics-addr",
+        env = "DBGPT_METRICS_ADDR",
+        value_name = "HOST:PORT|off"
+    )]
+    pub metrics_addr: Option<String>,
+    /// A key scrapes of /metrics must send as `Authorization: Bearer <key>` [default: none, open]
+    #[arg(
+        long = "metrics_api_key",
+        visible_alias = "metrics-api-key",
+        env = "DBGPT_METRICS_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub metrics_api_key: Option<String>,
 }
 
 /// The `http_*` keys of a config file section (every service's section has them).
@@ -103,6 +120,14 @@ macro_rules! http_keys {
 pub(crate) use http_keys;
 
 impl CommonServerArgs {
+    /// The metrics endpoint flags, resolved.
+    pub(crate) fn metrics(&self) -> anyhow::Result<crate::telemetry::metrics::MetricsConfig> {
+        crate::telemetry::metrics::MetricsConfig::from_flags(
+            self.metrics_addr.as_deref(),
+            self.metrics_api_key.as_deref(),
+        )
+    }
+
     /// The HTTP connection limits: flags and environment > the section's keys > defaults.
     pub(crate) fn http_limits(&self, file: HttpKeys) -> anyhow::Result<HttpLimits> {
         let secs = |flag: Option<u64>, key: Option<u64>, default: u64, name: &str| match flag

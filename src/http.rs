@@ -156,11 +156,13 @@ pub fn with_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Ro
         .method_not_allowed_fallback(method_not_allowed)
 }
 
-/// Paths that are neither traced nor logged (DB-GPT filters these too: they are hot).
+/// Paths that are neither traced nor logged (DB-GPT filters these too: they are hot; and
+/// Prometheus scrapes).
 pub(crate) fn is_quiet(path: &str) -> bool {
     path == crate::wire::controller::HEARTBEAT_PATH
         || path == crate::wire::HEALTH_PATH
         || path == crate::wire::READY_PATH
+        || path == crate::telemetry::metrics::METRICS_PATH
 }
 
 /// Middleware: one `tracing` span and one log line per request, except heartbeats and

@@ -175,6 +175,8 @@ pub struct ApiserverConfig {
     pub daemon: bool,
     /// HTTP connection limits.
     pub http: crate::http::HttpLimits,
+    /// Where and how `/metrics` is served.
+    pub metrics: crate::telemetry::metrics::MetricsConfig,
 }
 
 impl std::fmt::Debug for ApiserverConfig {
@@ -308,7 +310,9 @@ impl ApiserverArgs {
             Some(origins)
         };
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
+        let metrics = self.common.metrics()?;
         Ok(ApiserverConfig {
+            metrics,
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
             controller_addr,

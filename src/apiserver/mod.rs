@@ -53,6 +53,8 @@ use self::splice::Spliced;
 use crate::http::{json_response, json_response_sized, sse_response};
 use crate::openai::response::{DONE, Envelope, Kind, sse};
 use crate::openai::{self, CompletionRequest, OpenAiError};
+use crate::telemetry::metrics::ModelName;
+use crate::telemetry::metrics::apiserver::ApiMetrics;
 use crate::tracer::{self, Meta, Tracer};
 use crate::wire::worker::{self as wire, Frame, Usage, WorkerType};
 
@@ -72,6 +74,8 @@ pub struct AppState {
     pub tracer: Tracer,
     /// Mid-stream failover of native streams ([`failover`]).
     pub failover: failover::Settings,
+    /// Prometheus metrics, shared by every serving thread.
+    pub metrics: Arc<ApiMetrics>,
 }
 
 /// Request counters for the admin status, shared by every serving thread.
@@ -291,7 +295,11 @@ async fn chat(State(s): State<Shared>, _: Authorized, req: Request) -> Response 
         Err(e) => return e.into_response(),
     };
     match openai::parse_chat(&body) {
-        Ok(r) => run_completion(s.clone(), Kind::Chat, r, body, busy).await,
+        Ok(r) => {
+            let model = r.model.clone();
+            let resp = run_completion(s.clone(), Kind::Chat, r, body, busy).await;
+            ModelName::tag(resp, &model)
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -303,7 +311,11 @@ async fn completions(State(s): State<Shared>, _: Authorized, req: Request) -> Re
         Err(e) => return e.into_response(),
     };
     match openai::parse_completion(&body) {
-        Ok(r) => run_completion(s.clone(), Kind::Text, r, body, busy).await,
+        Ok(r) => {
+            let model = r.model.clone();
+            let resp = run_completion(s.clone(), Kind::Text, r, body, busy).await;
+            ModelName::tag(resp, &model)
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -327,14 +339,15 @@ async fn responses(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let model = r.model.clone();
     let answer = run_completion(s.clone(), Kind::Chat, r, chat_body, busy).await;
     if !answer.status().is_success() {
-        return answer;
+        return ModelName::tag(answer, &model);
     }
     if !ctx.stream() {
         return match axum::body::to_bytes(answer.into_body(), MAX_REQUEST_BYTES).await {
             Ok(b) => match openai::responses::whole(&ctx, &b) {
-                Ok(json) => json_body(StatusCode::OK, json),
+                Ok(json) => ModelName::tag(json_body(StatusCode::OK, json), &model),
                 Err(e) => e.into_response(),
             },
             Err(e) => {
@@ -360,7 +373,7 @@ async fn responses(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
         ))
     })
     .filter(|r| futures::future::ready(r.as_ref().map_or(true, |b| !b.is_empty())));
-    sse_response(Body::from_stream(events))
+    ModelName::tag(sse_response(Body::from_stream(events)), &model)
 }
 
 /// A JSON body as it is.
@@ -746,6 +759,17 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let model = r.model.clone();
+    ModelName::tag(embed(s, busy, body, r).await, &model)
+}
+
+/// `embeddings` once the request is parsed.
+async fn embed(
+    s: Shared,
+    busy: Busy,
+    body: Bytes,
+    r: openai::request::EmbeddingsRequest,
+) -> Response {
     let group = match s.upstream.group(&r.model, WorkerType::Text2vec).await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
@@ -946,7 +970,7 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match score_documents(&s, &r.model, &r.query, &r.documents).await {
+    let resp = match score_documents(&s, &r.model, &r.query, &r.documents).await {
         Ok(scores) => json_response(
             StatusCode::OK,
             &json!({
@@ -957,7 +981,8 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
             }),
         ),
         Err(e) => e.into_response(),
-    }
+    };
+    ModelName::tag(resp, &r.model)
 }
 
 /// Jina's and Cohere's rerank: the relevance call, answered sorted and cut to `top_n`.
@@ -967,13 +992,14 @@ async fn rerank(State(s): State<Shared>, _: Authorized, req: Request) -> Respons
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match score_documents(&s, &r.model, &r.query, &r.documents).await {
+    let resp = match score_documents(&s, &r.model, &r.query, &r.documents).await {
         Ok(scores) => json_response(
             StatusCode::OK,
             &openai::rerank_response(&r.model, &scores, &r.documents, r.top_n, r.return_documents),
         ),
         Err(e) => e.into_response(),
-    }
+    };
+    ModelName::tag(resp, &r.model)
 }
 
 #[cfg(test)]

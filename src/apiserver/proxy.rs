@@ -175,6 +175,8 @@ pub struct Upstream {
     /// How long an LLM call waits for the worker's response headers before the instance is
     /// treated as frozen and the call moves on (at most `timeout`).
     pub first_byte_timeout: Duration,
+    /// Retries are counted here.
+    pub metrics: Arc<crate::telemetry::metrics::apiserver::ApiMetrics>,
 }
 
 /// A worker's stream of frames, read as bytes arrive.
@@ -337,6 +339,7 @@ impl Upstream {
                 Ok(v) => return Ok(v),
                 Err(Attempt::Fail(e)) => return Err(e),
                 Err(Attempt::Retry(reason)) => {
+                    self.metrics.retried(model);
                     self.discovery.mark_suspect(&inst, &reason);
                     last = format!("worker {} failed: {reason}", inst.addr);
                     busy = None;

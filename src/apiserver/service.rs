@@ -32,6 +32,8 @@ use super::proxy::Upstream;
 use super::{AppState, Stats, router};
 use crate::controller::client::ControllerClient;
 use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
+use crate::telemetry::metrics::apiserver::{ApiMetrics, instance_details};
+use crate::telemetry::metrics::{Exposition, MeasureLayer, Vitals};
 use crate::tracer::{Flusher, RequestSpans, Tracer};
 
 /// Timeout of each controller call.
@@ -43,6 +45,9 @@ struct Apiserver {
     state: Arc<AppState>,
     refresher: Option<JoinHandle<()>>,
     flusher: Flusher,
+    exposition: Arc<Exposition>,
+    /// The separate `/metrics` listener (`--metrics_addr HOST:PORT`).
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Daemon for Apiserver {
@@ -87,15 +92,15 @@ impl Daemon for Apiserver {
                         },
                     ),
                     (
-                        "in_flight".into(),
-                        state.stats.in_flight.load(Ordering::Relaxed).to_string(),
-                    ),
-                    (
                         "requests".into(),
                         state.stats.requests.load(Ordering::Relaxed).to_string(),
                     ),
                     ("refresh".into(), refresh),
-                ],
+                ]
+                .into_iter()
+                .chain(state.metrics.vitals_ref().details())
+                .chain(instance_details(d))
+                .collect(),
             }
         }
     }
@@ -122,9 +127,17 @@ impl Daemon for Apiserver {
         &mut self,
         listener: TcpListener,
         drain: crate::http::Drain,
-        _shutdown: &CancellationToken,
+        shutdown: &CancellationToken,
     ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
-        serve_on_threads(&self.cfg, &self.state, listener, drain)
+        if let Some(l) = self.metrics_listener.take() {
+            self.exposition.serve_separate(l, drain.clone());
+        }
+        Vitals::spawn_sampler(
+            self.state.metrics.clone(),
+            ApiMetrics::vitals_ref,
+            shutdown.clone(),
+        );
+        serve_on_threads(&self.cfg, &self.state, &self.exposition, listener, drain)
     }
 
     fn ready_status(&self) -> String {
@@ -226,8 +239,10 @@ where
 /// Builds the state (used by the process and by in-process tests).
 pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<AppState>> {
     let client = ControllerClient::new(&cfg.controller_addr, CONTROLLER_TIMEOUT)?;
+    let metrics = Arc::new(ApiMetrics::new());
     Ok(Arc::new(AppState {
         upstream: Upstream {
+            metrics: metrics.clone(),
             http: super::proxy::worker_client(),
             discovery: Arc::new(Discovery::new(client)),
             policy: cfg.routing_policy,
@@ -243,6 +258,7 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
             max_migrations: cfg.max_stream_migrations,
             stall: cfg.stream_stall_timeout,
         },
+        metrics,
     }))
 }
 
@@ -263,6 +279,7 @@ pub async fn run(cfg: ApiserverConfig, readiness: Readiness) -> anyhow::Result<(
 fn serve_on_threads(
     cfg: &ApiserverConfig,
     state: &Arc<AppState>,
+    exposition: &Arc<Exposition>,
     listener: TcpListener,
     drain: crate::http::Drain,
 ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
@@ -273,9 +290,11 @@ fn serve_on_threads(
         } else {
             thread_state(state)?
         };
-        // Request logging and root spans, then CORS, around the whole router.
-        let traced = RequestSpans(s.tracer.clone()).layer(router(s));
-        routers.push(cors(&cfg.cors_allow_origins).layer(traced));
+        // Request logging and root spans, then CORS, then the request metrics, around the
+        // whole router (and `/metrics`, when served on this port).
+        let measure = MeasureLayer(s.metrics.clone());
+        let traced = RequestSpans(s.tracer.clone()).layer(exposition.route_on(router(s)));
+        routers.push(measure.layer(cors(&cfg.cors_allow_origins).layer(traced)));
     }
     Ok(crate::http::serve_on_threads(
         listener, routers, cfg.http, drain,
@@ -286,6 +305,11 @@ async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
     let mut base = DaemonBase::acquire(Service::Apiserver, cfg.port).await?;
     let (tracer, flusher) = cfg.tracer.open(crate::tracer::APISERVER_ROOT);
     let state = build_state(&cfg, tracer)?;
+    let mut exposition = Exposition::new(Service::Apiserver.as_str(), cfg.metrics.clone());
+    state
+        .metrics
+        .register(exposition.registry(), state.upstream.discovery.clone());
+    let metrics_listener = exposition.bind_separate().await?;
     if !state.upstream.discovery.refresh().await {
         warn!("no controller answered at start-up; models appear once one does");
     }
@@ -299,6 +323,8 @@ async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
             state,
             refresher: None,
             flusher,
+            exposition: Arc::new(exposition),
+            metrics_listener,
         },
     })
 }

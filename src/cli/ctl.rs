@@ -342,27 +342,24 @@ async fn status(as_json: bool) -> anyhow::Result<ExitCode> {
             "UPTIME",
             "VERSION",
             "HEALTHY/TOTAL",
+            "REQ/S",
+            "IN-FLIGHT",
+            "ERRORS",
             "DETAILS",
         ];
-        let table: Vec<Vec<String>> = rows
-            .iter()
-            .map(|s| {
-                vec![
-                    s.service.clone(),
-                    s.port.to_string(),
-                    s.pid.to_string(),
-                    human_duration(s.uptime_ms),
-                    s.version.clone(),
-                    format!("{}/{}", s.healthy, s.total),
-                    s.details
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                ]
-            })
-            .collect();
+        let table: Vec<Vec<String>> = rows.iter().map(status_row).collect();
         print_columns(&header, &table);
+        for s in &rows {
+            let instances = instance_lines(s);
+            if !instances.is_empty() {
+                println!();
+                println!(
+                    "{} on port {}: instances as it sees them",
+                    s.service, s.port
+                );
+                print_columns(&["  INSTANCE", "STATE"], &instances);
+            }
+        }
     }
     for (s, why) in stale {
         eprintln!(
@@ -373,6 +370,51 @@ async fn status(as_json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(code(report_unanswered(&unanswered)))
+}
+
+/// One row of the status table: the common fields, the figures every daemon reports
+/// (`-` from a daemon too old to report them), then the other details.
+fn status_row(s: &Status) -> Vec<String> {
+    use crate::telemetry::metrics::{
+        STATUS_ERRORS, STATUS_IN_FLIGHT, STATUS_INSTANCE_PREFIX, STATUS_RATE,
+    };
+    let get = |key: &str| {
+        s.details
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or_else(|| "-".to_string(), |(_, v)| v.clone())
+    };
+    let columns = [STATUS_RATE, STATUS_IN_FLIGHT, STATUS_ERRORS];
+    vec![
+        s.service.clone(),
+        s.port.to_string(),
+        s.pid.to_string(),
+        human_duration(s.uptime_ms),
+        s.version.clone(),
+        format!("{}/{}", s.healthy, s.total),
+        get(STATUS_RATE),
+        get(STATUS_IN_FLIGHT),
+        get(STATUS_ERRORS),
+        s.details
+            .iter()
+            .filter(|(k, _)| {
+                !columns.contains(&k.as_str()) && !k.starts_with(STATUS_INSTANCE_PREFIX)
+            })
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    ]
+}
+
+/// The apiserver's view of each instance (`instance …` details), one row each.
+fn instance_lines(s: &Status) -> Vec<Vec<String>> {
+    s.details
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix(crate::telemetry::metrics::STATUS_INSTANCE_PREFIX)
+                .map(|i| vec![format!("  {i}"), v.clone()])
+        })
+        .collect()
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -427,6 +469,43 @@ mod tests {
             "{e}"
         );
         assert!(path.exists());
+    }
+
+    #[test]
+    fn status_rows_show_the_vitals_and_the_instances() {
+        let st = Status {
+            service: "apiserver".into(),
+            port: 8100,
+            pid: 7,
+            version: "0.1.0".into(),
+            started_unix_ms: 0,
+            uptime_ms: 5_000,
+            healthy: 1,
+            total: 2,
+            details: vec![
+                ("policy".into(), "least_outstanding".into()),
+                ("req_per_s".into(), "3.5".into()),
+                ("in_flight".into(), "2".into()),
+                ("errors".into(), "1".into()),
+                (
+                    "instance m@llm@127.0.0.1:8001".into(),
+                    "healthy outstanding=2".into(),
+                ),
+            ],
+        };
+        let row = status_row(&st);
+        assert_eq!(&row[6..], ["3.5", "2", "1", "policy=least_outstanding"]);
+        assert_eq!(
+            instance_lines(&st),
+            [["  m@llm@127.0.0.1:8001", "healthy outstanding=2"]]
+        );
+        // A daemon of an older version reports none of them: dashes, nothing lost.
+        let old = Status {
+            details: vec![("registry".into(), "redb:/x".into())],
+            ..st
+        };
+        assert_eq!(&status_row(&old)[6..], ["-", "-", "-", "registry=redb:/x"]);
+        assert!(instance_lines(&old).is_empty());
     }
 
     #[test]

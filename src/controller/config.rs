@@ -194,6 +194,8 @@ pub struct ControllerConfig {
     pub daemon: bool,
     /// HTTP connection limits.
     pub http: crate::http::HttpLimits,
+    /// Where and how `/metrics` is served.
+    pub metrics: crate::telemetry::metrics::MetricsConfig,
 }
 
 impl ControllerArgs {
@@ -230,7 +232,9 @@ impl ControllerArgs {
             RegistryType::Database => Some(sql_config(&self, &file)?),
         };
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
+        let metrics = self.common.metrics()?;
         Ok(ControllerConfig {
+            metrics,
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
             registry_type,

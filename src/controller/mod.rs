@@ -30,6 +30,7 @@ use tracing::{error, info, warn};
 use crate::http::{ApiError, CappedBody, json_response, with_fallbacks};
 use crate::registry::{Registry, RegistryError};
 use crate::telemetry::Escaped;
+use crate::telemetry::metrics::controller::{ControllerMetrics, Op};
 use crate::tracer::{self, Meta, Tracer};
 use crate::validate::{Fields, parse_json_object, query_object};
 use crate::wire::controller::{HEARTBEAT_PATH, InstanceInput, MODELS_PATH};
@@ -44,6 +45,8 @@ pub struct ControllerState {
     pub registry: Arc<dyn Registry>,
     /// DB-GPT's span file ([`Tracer::disabled`] when off).
     pub tracer: Tracer,
+    /// Prometheus metrics.
+    pub metrics: Arc<ControllerMetrics>,
 }
 
 /// Span names of DB-GPT's controller.
@@ -144,7 +147,11 @@ async fn register(
     let _span = s
         .tracer
         .start_with(REGISTER_SPAN, tracer::current(), || instance_meta(&input));
-    s.registry.register(input).await.map_err(storage_error)?;
+    {
+        let _t = s.metrics.timed(Op::Register);
+        s.registry.register(input).await.map_err(storage_error)?;
+    }
+    s.metrics.registered();
     info!(instance = %Escaped(&key), "registered");
     Ok(ok_true())
 }
@@ -154,7 +161,11 @@ async fn heartbeat(
     CappedBody(body): CappedBody,
 ) -> Result<Response, ApiError> {
     let input = body_instance(&body)?;
-    s.registry.heartbeat(input).await.map_err(storage_error)?;
+    {
+        let _t = s.metrics.timed(Op::Heartbeat);
+        s.registry.heartbeat(input).await.map_err(storage_error)?;
+    }
+    s.metrics.heartbeat();
     Ok(ok_true())
 }
 
@@ -169,7 +180,11 @@ async fn deregister(
     let _span = s
         .tracer
         .start_with(DEREGISTER_SPAN, tracer::current(), || instance_meta(&input));
-    s.registry.deregister(input).await.map_err(storage_error)?;
+    {
+        let _t = s.metrics.timed(Op::Deregister);
+        s.registry.deregister(input).await.map_err(storage_error)?;
+    }
+    s.metrics.deregistered();
     info!(instance = %Escaped(&key), removed, "deregistered");
     Ok(ok_true())
 }
@@ -229,20 +244,30 @@ where
 /// Starts the health sweep (every `check_interval`) and the heartbeat flusher.
 pub fn spawn_background(
     registry: Arc<dyn Registry>,
+    metrics: Arc<ControllerMetrics>,
     check_interval: Duration,
     shutdown: CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let r1 = registry.clone();
+    let (m1, m2) = (metrics.clone(), metrics);
     let sweep = spawn_resilient_loop(
         "health-check",
         check_interval,
         shutdown.clone(),
         move || {
             let r = r1.clone();
+            let m = m1.clone();
             async move {
-                match r.expire().await {
+                let expired = {
+                    let _t = m.timed(Op::Expire);
+                    r.expire().await
+                };
+                match expired {
                     Ok(0) => {}
-                    Ok(n) => info!(count = n, "marked instances unhealthy: heartbeat timeout"),
+                    Ok(n) => {
+                        m.expired(n);
+                        info!(count = n, "marked instances unhealthy: heartbeat timeout")
+                    }
                     Err(e) => {
                         warn!(error = %e, "health check could not persist expiry; will retry")
                     }
@@ -253,8 +278,13 @@ pub fn spawn_background(
     let r2 = registry;
     let flush = spawn_resilient_loop("heartbeat-flush", FLUSH_INTERVAL, shutdown, move || {
         let r = r2.clone();
+        let m = m2.clone();
         async move {
-            if let Err(e) = r.flush().await {
+            let flushed = {
+                let _t = m.timed(Op::Flush);
+                r.flush().await
+            };
+            if let Err(e) = flushed {
                 warn!(error = %e, "could not persist heartbeat timestamps; will retry");
             }
         }

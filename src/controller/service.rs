@@ -13,6 +13,7 @@ use anyhow::bail;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tower::Layer;
 use tracing::error;
 
 use super::config::{ControllerConfig, RegistryType};
@@ -20,6 +21,8 @@ use super::{ControllerState, router, spawn_background};
 use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
 use crate::http::Drain;
 use crate::registry::{RedbRegistry, Registry, RegistryError, SqlRegistry};
+use crate::telemetry::metrics::controller::ControllerMetrics;
+use crate::telemetry::metrics::{Exposition, MeasureLayer, Vitals};
 use crate::tracer::{Flusher, Tracer};
 
 /// The controller's part of the lifecycle.
@@ -29,6 +32,10 @@ struct Controller {
     background: Vec<JoinHandle<()>>,
     tracer: Tracer,
     flusher: Flusher,
+    metrics: Arc<ControllerMetrics>,
+    exposition: Arc<Exposition>,
+    /// The separate `/metrics` listener (`--metrics_addr HOST:PORT`).
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Daemon for Controller {
@@ -39,12 +46,15 @@ impl Daemon for Controller {
 
     fn health(&self) -> impl Fn() -> Health + Send + Sync + 'static {
         let registry = self.registry.clone();
+        let metrics = self.metrics.clone();
         move || {
             let c = registry.counts();
+            let mut details = vec![("registry".into(), registry.describe())];
+            details.extend(metrics.vitals().details());
             Health {
                 healthy: c.healthy as u32,
                 total: c.total as u32,
-                details: vec![("registry".into(), registry.describe())],
+                details,
             }
         }
     }
@@ -53,12 +63,22 @@ impl Daemon for Controller {
         &mut self,
         listener: TcpListener,
         drain: Drain,
-        _shutdown: &CancellationToken,
+        shutdown: &CancellationToken,
     ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
         let app = router(ControllerState {
             registry: self.registry.clone(),
             tracer: self.tracer.clone(),
+            metrics: self.metrics.clone(),
         });
+        let app = MeasureLayer(self.metrics.clone()).layer(self.exposition.route_on(app));
+        if let Some(l) = self.metrics_listener.take() {
+            self.exposition.serve_separate(l, drain.clone());
+        }
+        Vitals::spawn_sampler(
+            self.metrics.clone(),
+            ControllerMetrics::vitals,
+            shutdown.clone(),
+        );
         Ok(tokio::spawn(crate::http::serve(
             listener,
             app,
@@ -125,9 +145,14 @@ async fn start(cfg: ControllerConfig) -> anyhow::Result<Started<Controller>> {
             Arc::new(SqlRegistry::open(db, cfg.heartbeat_timeout).await?)
         }
     };
+    let metrics = Arc::new(ControllerMetrics::default());
+    let mut exposition = Exposition::new(Service::Controller.as_str(), cfg.metrics.clone());
+    metrics.register(exposition.registry(), registry.clone());
+    let metrics_listener = exposition.bind_separate().await?;
     let (listener, admin) = daemon::bind(&mut base, &cfg.host).await?;
     let background = spawn_background(
         registry.clone(),
+        metrics.clone(),
         cfg.heartbeat_interval,
         base.shutdown.clone(),
     );
@@ -142,6 +167,9 @@ async fn start(cfg: ControllerConfig) -> anyhow::Result<Started<Controller>> {
             background,
             tracer,
             flusher,
+            metrics,
+            exposition: Arc::new(exposition),
+            metrics_listener,
         },
     })
 }

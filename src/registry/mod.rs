@@ -64,6 +64,39 @@ pub trait Registry: Send + Sync + 'static {
     }
     /// A human-readable description of the store (e.g. `redb:/var/lib/dbgpt/registry.redb`).
     fn describe(&self) -> String;
+    /// Healthy/total counts per model name, from the current view (for the metrics).
+    fn model_counts(&self) -> Vec<(String, Counts)> {
+        Vec::new()
+    }
+    /// The store's error and reconnect counts (for the metrics; zero for stores that have
+    /// no connection to lose).
+    fn store_stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+}
+
+/// Failed round trips to the store and recoveries from them, since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    pub errors: u64,
+    pub reconnects: u64,
+}
+
+/// Per-model healthy/total counts of `instances` (in the order models first appear).
+pub(crate) fn model_counts<'a>(
+    instances: impl Iterator<Item = &'a Instance>,
+    now: Timestamp,
+    timeout: Duration,
+) -> Vec<(String, Counts)> {
+    let mut out: IndexMap<&str, Counts> = IndexMap::new();
+    for i in instances {
+        let c = out.entry(i.key.model_name.as_str()).or_default();
+        c.total += 1;
+        if i.reported_healthy(now, timeout) {
+            c.healthy += 1;
+        }
+    }
+    out.into_iter().map(|(m, c)| (m.to_string(), c)).collect()
 }
 
 /// Healthy and total instance counts.

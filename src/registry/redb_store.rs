@@ -382,6 +382,10 @@ impl Registry for RedbRegistry {
         Ok(())
     }
 
+    fn model_counts(&self) -> Vec<(String, Counts)> {
+        super::model_counts(self.read_mem().iter(), Timestamp::now(), self.timeout)
+    }
+
     fn counts(&self) -> Counts {
         let now = Timestamp::now();
         let mem = self.read_mem();

@@ -1,3 +1,5 @@
+//! Logs, and Prometheus metrics ([`metrics`]).
+//!
 //! Logging: one `tracing` subscriber per process, writing to stderr (the journal under
 //! systemd, the log file under `--daemon`). The level comes from `--log_level`,
 //! `DBGPT_LOG_LEVEL` or `RUST_LOG`, and accepts DB-GPT's Python level names too.
@@ -5,6 +7,8 @@
 //! The text formatter writes `%`-fields and messages as they are, so client input (model
 //! names, hosts, paths, upstream messages…) goes into a log line through [`Escaped`], which
 //! keeps a newline in a model name from starting a forged line.
+
+pub mod metrics;
 
 use std::fmt::{self, Write as _};
 

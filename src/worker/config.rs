@@ -220,6 +220,8 @@ pub struct WorkerConfig {
     pub daemon: bool,
     /// HTTP connection limits.
     pub http: crate::http::HttpLimits,
+    /// Where and how `/metrics` is served.
+    pub metrics: crate::telemetry::metrics::MetricsConfig,
 }
 
 /// A timeout in seconds: positive, finite, at most a day. `name` is the flag or key.
@@ -451,7 +453,9 @@ impl WorkerArgs {
             None
         };
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
+        let metrics = self.common.metrics()?;
         Ok(WorkerConfig {
+            metrics,
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
             controller_addr,

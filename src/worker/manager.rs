@@ -21,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::info;
 
 use crate::telemetry::Escaped;
+use crate::telemetry::metrics::worker::{Metered, ModelMetrics, WorkerMetrics};
 
 use super::backends::{EngineStatus, ProxyTimeouts};
 use super::chat::ChatOptions;
@@ -55,6 +56,8 @@ pub struct RunningModel {
     limit: Arc<Semaphore>,
     in_flight: AtomicUsize,
     pub loaded_at: Instant,
+    /// The model's metrics (slots, queue, token timings).
+    pub metrics: Arc<ModelMetrics>,
 }
 
 /// Holds a concurrency permit and counts the request as in flight until dropped.
@@ -66,18 +69,34 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.model.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.model.metrics.slot_released();
+    }
+}
+
+/// Counts a request in the queue until it gets its slot (or goes away).
+struct Queued<'a>(&'a ModelMetrics, bool);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.gave_up();
+        }
     }
 }
 
 impl RunningModel {
     /// Waits for a free slot (requests beyond the limit queue here, in order).
     pub async fn acquire(self: &Arc<Self>) -> Slot {
+        self.metrics.queued();
+        let mut queued = Queued(&self.metrics, false);
         let permit = self
             .limit
             .clone()
             .acquire_owned()
             .await
             .expect("model semaphores are never closed");
+        queued.1 = true;
+        self.metrics.slot_taken();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Slot {
             model: self.clone(),
@@ -112,6 +131,7 @@ pub struct WorkerManager {
     default_concurrency: usize,
     /// Upstream timeouts of proxy models that have none of their own.
     proxy_timeouts: ProxyTimeouts,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl WorkerManager {
@@ -123,7 +143,13 @@ impl WorkerManager {
             registrar,
             default_concurrency: default_concurrency.max(1),
             proxy_timeouts: ProxyTimeouts::default(),
+            metrics: Arc::new(WorkerMetrics::default()),
         }
+    }
+
+    /// The worker's metrics (every model's handles hang off it).
+    pub fn metrics(&self) -> &Arc<WorkerMetrics> {
+        &self.metrics
     }
 
     /// Sets the upstream timeouts of proxy models that have none of their own.
@@ -199,6 +225,7 @@ impl WorkerManager {
             None => Ok(ChatOptions::default()),
             Some(p) => ChatOptions::with_template_file(p).map_err(|e| e.to_string()),
         };
+        let load_started = Instant::now();
         let loaded = match chat {
             Ok(mut chat) => spec
                 .load(self.proxy_timeouts)
@@ -211,7 +238,11 @@ impl WorkerManager {
             Err(e) => Err(e),
         };
         let result = match loaded {
-            Ok((engine, chat)) => Ok(self.insert(spec, engine, chat)),
+            Ok((engine, chat)) => {
+                let m = self.insert(spec, engine, chat);
+                m.metrics.loaded_in(load_started.elapsed().as_secs_f64());
+                Ok(m)
+            }
             Err(message) => Err(ManagerError::Load {
                 key: key.clone(),
                 message,
@@ -237,7 +268,13 @@ impl WorkerManager {
         } else {
             spec.concurrency.unwrap_or(self.default_concurrency)
         };
+        let metrics = self.metrics.model(&spec.name, spec.worker_type.as_str());
+        let engine = match engine {
+            Engine::Llm(b) => Engine::Llm(Arc::new(Metered::new(b, metrics.clone()))),
+            other => other,
+        };
         let model = Arc::new(RunningModel {
+            metrics,
             chat,
             limit: Arc::new(Semaphore::new(permits)),
             spec,

@@ -20,7 +20,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use super::backends::{BackendError, LlmBackend, OpenAiPassthrough};
 use super::manager::RunningModel;
@@ -121,6 +121,7 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
             None => (body, field),
         };
         let stream = asks_stream(&body);
+        let started = std::time::Instant::now();
         let mut forward = p.forward(ep.upstream_path(), body, field);
         let forwarded = if stream {
             forward.await
@@ -129,11 +130,25 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
             // past WHOLE_WITHIN our headers go first (see `whole_within`).
             match tokio::time::timeout(WHOLE_WITHIN, &mut forward).await {
                 Ok(r) => r,
-                Err(_) => return relay_late(forward, guards),
+                Err(_) => {
+                    let m = model.metrics.clone();
+                    let forward = forward
+                        .map(move |r| {
+                            r.map(|mut a| {
+                                a.body = m.meter_body(a.body, false, started);
+                                a
+                            })
+                        })
+                        .boxed();
+                    return relay_late(forward, guards);
+                }
             }
         };
         return match forwarded {
-            Ok(answer) => relay(answer, guards),
+            Ok(mut answer) => {
+                answer.body = model.metrics.meter_body(answer.body, stream, started);
+                relay(answer, guards)
+            }
             Err(e) => upstream_failed(e),
         };
     }

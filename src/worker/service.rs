@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tower::Layer;
 use tracing::{info, warn};
 
 use super::config::WorkerConfig;
@@ -22,6 +23,8 @@ use super::registration::{Registrar, advertised_host};
 use super::routes::{WorkerState, router};
 use crate::controller::client::ControllerClient;
 use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
+use crate::telemetry::metrics::worker::WorkerMetrics;
+use crate::telemetry::metrics::{Exposition, MeasureLayer, Vitals};
 use crate::tracer::Flusher;
 use crate::wire::controller::manager_key;
 
@@ -31,6 +34,9 @@ struct Worker {
     manager: Arc<WorkerManager>,
     heartbeat: Option<JoinHandle<()>>,
     flusher: Option<Flusher>,
+    exposition: Arc<Exposition>,
+    /// The separate `/metrics` listener (`--metrics_addr HOST:PORT`).
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Daemon for Worker {
@@ -42,17 +48,15 @@ impl Daemon for Worker {
         move || {
             let running = manager.running();
             let known = manager.known_specs().len();
-            let mut details = vec![
-                (
-                    "models".to_string(),
-                    running
-                        .iter()
-                        .map(|m| m.spec.key())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
-                ("in_flight".to_string(), manager.in_flight().to_string()),
-            ];
+            let mut details = vec![(
+                "models".to_string(),
+                running
+                    .iter()
+                    .map(|m| m.spec.key())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )];
+            details.extend(manager.metrics().vitals().details());
             // Slot and queue usage of the models that schedule their own requests.
             for m in &running {
                 if let Some(st) = m.engine_status() {
@@ -98,6 +102,15 @@ impl Daemon for Worker {
             tracer,
             bind,
         });
+        let app = MeasureLayer(self.manager.metrics().clone()).layer(self.exposition.route_on(app));
+        if let Some(l) = self.metrics_listener.take() {
+            self.exposition.serve_separate(l, drain.clone());
+        }
+        Vitals::spawn_sampler(
+            self.manager.metrics().clone(),
+            WorkerMetrics::vitals,
+            shutdown.clone(),
+        );
         // HTTP closes after the stop's deregistration (the lifecycle drains after
         // `stopping`), so requests are answered until every entry is deregistered.
         let http = tokio::spawn(crate::http::serve(listener, app, self.cfg.http, drain));
@@ -170,6 +183,9 @@ async fn start(cfg: WorkerConfig) -> anyhow::Result<Started<Worker>> {
     let manager = Arc::new(
         WorkerManager::new(registrar, cfg.concurrency).with_proxy_timeouts(cfg.proxy_timeouts),
     );
+    let mut exposition = Exposition::new(Service::Worker.as_str(), cfg.metrics.clone());
+    manager.metrics().register(exposition.registry());
+    let metrics_listener = exposition.bind_separate().await?;
     Ok(Started {
         base,
         listener,
@@ -179,6 +195,8 @@ async fn start(cfg: WorkerConfig) -> anyhow::Result<Started<Worker>> {
             manager,
             heartbeat: None,
             flusher: None,
+            exposition: Arc::new(exposition),
+            metrics_listener,
         },
     })
 }

@@ -10,6 +10,7 @@ mod controller;
 mod engine;
 mod failover;
 mod http_limits;
+mod metrics;
 mod openai;
 mod registry;
 mod rerank;

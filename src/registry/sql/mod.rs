@@ -19,7 +19,7 @@
 //! the same code: `on_pool!` type-checks one body per driver.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -223,6 +223,10 @@ struct Inner {
     db_ok: AtomicBool,
     flush_lock: tokio::sync::Mutex<()>,
     last_refresh: Mutex<Instant>,
+    /// Failed database round trips, for the metrics.
+    errors: AtomicU64,
+    /// Times the database became reachable again after a failure, for the metrics.
+    reconnects: AtomicU64,
 }
 
 /// The SQL-backed registry (see the module documentation).
@@ -341,6 +345,8 @@ impl SqlRegistry {
             db_ok: AtomicBool::new(true),
             flush_lock: tokio::sync::Mutex::new(()),
             last_refresh: Mutex::new(Instant::now()),
+            errors: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
         });
         inner
             .reload()
@@ -400,11 +406,13 @@ impl Inner {
         match r {
             Ok(v) => {
                 if !self.db_ok.swap(true, Ordering::Relaxed) {
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
                     info!(database = %self.desc, "registry database reachable again");
                 }
                 Ok(v)
             }
             Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
                 if self.db_ok.swap(false, Ordering::Relaxed) {
                     warn!(database = %self.desc, error = %e,
                         "registry database unreachable: writes answer 503, reads serve the last known view");
@@ -754,6 +762,18 @@ impl Registry for SqlRegistry {
 
     async fn flush(&self) -> Result<(), RegistryError> {
         self.inner.flush().await
+    }
+
+    fn model_counts(&self) -> Vec<(String, Counts)> {
+        let cache = self.inner.read_cache();
+        crate::registry::model_counts(cache.iter(), Timestamp::now(), self.inner.timeout)
+    }
+
+    fn store_stats(&self) -> crate::registry::StoreStats {
+        crate::registry::StoreStats {
+            errors: self.inner.errors.load(Ordering::Relaxed),
+            reconnects: self.inner.reconnects.load(Ordering::Relaxed),
+        }
     }
 
     fn counts(&self) -> Counts {
