@@ -491,4 +491,29 @@ fn a_proxy_models_stream_goes_on_with_an_assistant_prefill() {
     ] {
         assert!(sent[1].get(f).is_none(), "{f} is ours: {}", sent[1]);
     }
+
+    // A stream with tools offered is not continued: it ends with an error event saying so.
+    let tools = json!({"model": "remote", "stream": true,
+                       "messages": [{"role": "user", "content": "count"}],
+                       "tools": [{"type": "function", "function": {"name": "f"}}]});
+    let mut killed = false;
+    let seen = read(Sse::open(api.port, &tools), |n| {
+        if n == 3 {
+            serving(&env, &mut w1, &mut w2).kill9();
+            killed = true;
+        }
+    });
+    assert!(killed);
+    let e = seen.error.expect("an error event");
+    assert!(
+        e["message"].as_str().is_some_and(|m| m.contains("'tools'")),
+        "{e}"
+    );
+    assert_eq!(seen.done, 0);
+    assert!(WORDS.starts_with(&seen.text) && !seen.text.is_empty());
+    assert_eq!(
+        requests.lock().unwrap().len(),
+        3,
+        "no continuation was sent"
+    );
 }
