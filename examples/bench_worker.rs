@@ -86,6 +86,9 @@ async fn main() {
             concurrency: Some(4),
             proxy_timeouts: None,
             chat_template: None,
+            embed_max_batch: None,
+            embed_batch_wait_ms: None,
+            embed_threads: None,
         })
         .await
         .unwrap();
@@ -103,6 +106,9 @@ async fn main() {
             concurrency: Some(4),
             proxy_timeouts: None,
             chat_template: None,
+            embed_max_batch: None,
+            embed_batch_wait_ms: None,
+            embed_threads: None,
         })
         .await
         .unwrap();

@@ -59,6 +59,17 @@ pub struct WorkerArgs {
     /// llama.cpp: CPU threads [default: physical cores]
     #[arg(long = "n_threads", visible_alias = "n-threads")]
     pub n_threads: Option<usize>,
+    /// text2vec and reranker (hf): texts or (query, document) pairs per forward pass at most;
+    /// concurrent requests are merged up to it [default: 32]
+    #[arg(long = "embed_max_batch", visible_alias = "embed-max-batch")]
+    pub embed_max_batch: Option<usize>,
+    /// text2vec and reranker (hf): milliseconds a forward pass waits for more requests to
+    /// merge, only while requests are arriving concurrently; 0 never waits [default: 2]
+    #[arg(long = "embed_batch_wait_ms", visible_alias = "embed-batch-wait-ms")]
+    pub embed_batch_wait_ms: Option<u64>,
+    /// text2vec and reranker (hf): threads of one forward pass [default: 1]
+    #[arg(long = "embed_threads", visible_alias = "embed-threads")]
+    pub embed_threads: Option<usize>,
     /// Address to bind [default: 0.0.0.0]
     #[arg(long, env = "WORKER_HOST")]
     pub host: Option<String>,
@@ -156,6 +167,9 @@ struct ModelFile {
     chat_template: Option<PathBuf>,
     n_threads: Option<usize>,
     concurrency: Option<usize>,
+    embed_max_batch: Option<usize>,
+    embed_batch_wait_ms: Option<u64>,
+    embed_threads: Option<usize>,
     /// Proxy: this model's own upstream timeouts (else the worker's).
     #[serde(alias = "proxy_connect_timeout_secs")]
     connect_timeout_secs: Option<f64>,
@@ -281,6 +295,9 @@ fn model_from_file(
         concurrency: m.concurrency,
         proxy_timeouts,
         chat_template,
+        embed_max_batch: m.embed_max_batch,
+        embed_batch_wait_ms: m.embed_batch_wait_ms,
+        embed_threads: m.embed_threads,
     };
     spec.validate()
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -361,12 +378,18 @@ impl WorkerArgs {
                 concurrency: None,
                 proxy_timeouts: None,
                 chat_template: self.chat_template.clone(),
+                embed_max_batch: self.embed_max_batch,
+                embed_batch_wait_ms: self.embed_batch_wait_ms,
+                embed_threads: self.embed_threads,
             };
             spec.validate().map_err(|e| {
                 anyhow::anyhow!(
                     "{}",
                     e.0.replace("model_path", "--model_path")
                         .replace("proxy_api_base", "--proxy_api_base")
+                        .replace("embed_max_batch", "--embed_max_batch")
+                        .replace("embed_batch_wait_ms", "--embed_batch_wait_ms")
+                        .replace("embed_threads", "--embed_threads")
                 )
             })?;
             models.push(spec);
@@ -491,6 +514,79 @@ mod tests {
         };
         let c = a.resolve().unwrap();
         assert!(c.controller_addr.is_none());
+    }
+
+    /// Batching of encoder models: per-model keys and flags, bounds and misuse name the
+    /// key or flag.
+    #[test]
+    fn embed_batching_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("w.toml");
+        std::fs::write(
+            &f,
+            "[[models.embeddings]]\nname = \"minilm\"\npath = \"/m\"\nembed_max_batch = 8\nembed_batch_wait_ms = 0\nembed_threads = 2\n\n[[models.rerankers]]\nname = \"ce\"\npath = \"/r\"\n",
+        )
+        .unwrap();
+        let args = WorkerArgs {
+            common: CommonServerArgs {
+                config: Some(f.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        let b = c.models[0].batch_config();
+        assert_eq!((b.max_batch, b.max_wait, b.threads), (8, Duration::ZERO, 2));
+        assert_eq!(
+            c.models[1].batch_config(),
+            crate::worker::backends::BatchConfig::default()
+        );
+
+        let flags = |wt, batch, wait| WorkerArgs {
+            model_name: Some("m".into()),
+            model_path: Some("/x".into()),
+            worker_type: Some(wt),
+            embed_max_batch: batch,
+            embed_batch_wait_ms: wait,
+            ..Default::default()
+        };
+        let c = flags(WorkerType::Text2vec, Some(64), Some(5))
+            .resolve()
+            .unwrap();
+        let b = c.models[0].batch_config();
+        assert_eq!((b.max_batch, b.max_wait), (64, Duration::from_millis(5)));
+        for (args, flag) in [
+            (
+                flags(WorkerType::Text2vec, Some(0), None),
+                "--embed_max_batch",
+            ),
+            (
+                flags(WorkerType::Reranker, Some(5000), None),
+                "--embed_max_batch",
+            ),
+            (
+                flags(WorkerType::Text2vec, None, Some(60_000)),
+                "--embed_batch_wait_ms",
+            ),
+            (flags(WorkerType::Llm, Some(8), None), "--embed_max_batch"),
+        ] {
+            let e = args.resolve().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
+        std::fs::write(
+            &f,
+            "[[models.llms]]\nname = \"m\"\npath = \"/m.gguf\"\nembed_batch_wait_ms = 1\n",
+        )
+        .unwrap();
+        let args = WorkerArgs {
+            common: CommonServerArgs {
+                config: Some(f),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.contains("embed_batch_wait_ms"), "{e}");
     }
 
     /// Upstream timeouts: flags over the `[worker]` section over the defaults, and a

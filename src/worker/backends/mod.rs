@@ -21,6 +21,8 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
+#[cfg_attr(not(feature = "local-models"), allow(dead_code))]
+pub(crate) mod batcher;
 #[cfg(feature = "local-models")]
 pub(crate) mod embedding;
 #[cfg(feature = "local-models")]
@@ -29,6 +31,7 @@ pub(crate) mod proxy;
 #[cfg(feature = "local-models")]
 pub(crate) mod reranker;
 
+pub use batcher::BatchConfig;
 #[cfg(feature = "local-models")]
 pub use embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
 #[cfg(feature = "local-models")]
