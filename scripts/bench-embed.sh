@@ -11,6 +11,8 @@
 #   BENCH_OLD_BIN=/tmp/old/dbgpt scripts/bench-embed.sh   # the "old" binary, nothing built for it
 #   BENCH_NEW_BIN=/path/dbgpt scripts/bench-embed.sh      # the "new" binary, nothing built for it
 #   BENCH_BASE=<commit> scripts/bench-embed.sh            # base commit [default: 8b4ebb4]
+#   BENCH_OPT_LEVEL=0 scripts/bench-embed.sh              # our crate unoptimised (quicker builds;
+#                                   # the model code is in dependencies, optimised either way)
 #
 # Without BENCH_OLD_BIN the base commit is checked out into a temporary git worktree and
 # built once with the same CARGO_TARGET_DIR (dependencies are reused, only our crate is
@@ -33,13 +35,14 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
 export DBGPT_MODELS_DIR=${DBGPT_MODELS_DIR:-$cache/models}
 MODEL_DIR=$DBGPT_MODELS_DIR/all-MiniLM-L6-v2
 [ -f "$MODEL_DIR/model.safetensors" ] || scripts/fetch-models.sh >/dev/null
-export CARGO_PROFILE_DEV_OPT_LEVEL=3
+OPT=${BENCH_OPT_LEVEL:-3}
+[ "$OPT" = 0 ] || export CARGO_PROFILE_DEV_OPT_LEVEL=$OPT
 
 # The old binary: given, cached, or built from the base commit.
 OLD=${BENCH_OLD_BIN:-}
 if [ -z "$OLD" ]; then
   sha=$(git rev-parse --short=12 "$BASE^{commit}")
-  OLD=$cache/bench-embed/dbgpt-$sha
+  OLD=$cache/bench-embed/dbgpt-$sha-O$OPT
   if [ ! -x "$OLD" ]; then
     mkdir -p "$cache/bench-embed"
     tree=$(mktemp -d /tmp/dbgpt-embed-base.XXXXXX)
@@ -106,7 +109,7 @@ phase() { # side path conc texts
     --conc "$conc" --texts "$texts" --secs "$SECS" --pids "$pids" >>"$WORK/raw.tsv"
 }
 
-echo "# $(nproc) cores; old = $OLD, new = $NEW; $ROUNDS rounds of ${SECS}s phases; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# $(nproc) cores; our crate at opt-level $OPT; old = $OLD, new = $NEW; $ROUNDS rounds of ${SECS}s phases; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 IFS=, read -ra CONCS <<<"$CONC"
 for r in $(seq "$ROUNDS"); do
   order="old new"; [ $((r % 2)) = 0 ] && order="new old"

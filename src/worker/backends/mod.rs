@@ -40,6 +40,25 @@ pub use proxy::{OpenAiProxyBackend, OpenAiProxyConfig, ProxyTimeouts};
 #[cfg(feature = "local-models")]
 pub use reranker::{BertRerankerBackend, RerankerConfig, fixture};
 
+/// Process-wide settings the local engines read from the environment once, set for a worker
+/// process before any thread exists (environment writes are sound only then): candle runs
+/// elementwise operations over more than 64K values on a pool of helper threads of its own,
+/// one per core, outside a model's thread pool ([`BatchConfig::threads`]); on a busy
+/// machine the forward pass then spins waiting for a descheduled helper, which was a third
+/// of the worker's CPU at 8 concurrent embedding requests (perf: candle's `BarrierGuard`
+/// and `candle-bp` threads; 12.4 → 7.7 ms of CPU per text without them). One thread runs
+/// them inline. A `CANDLE_NUM_THREADS` the user set is kept.
+///
+/// # Safety
+/// No other thread may be running (it could read the environment concurrently).
+pub unsafe fn init_process_env() {
+    #[cfg(feature = "local-models")]
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: the caller guarantees that this is the only thread.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 /// Who wrote a chat message.
 ///
 /// Parses both DB-GPT's role names (`system`, `human`, `ai`) and OpenAI's
