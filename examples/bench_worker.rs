@@ -87,6 +87,9 @@ async fn main() {
             proxy_timeouts: None,
             chat_template: None,
             llama: Default::default(),
+            embed_max_batch: None,
+            embed_batch_wait_ms: None,
+            embed_threads: None,
         })
         .await
         .unwrap();
@@ -105,6 +108,9 @@ async fn main() {
             proxy_timeouts: None,
             chat_template: None,
             llama: Default::default(),
+            embed_max_batch: None,
+            embed_batch_wait_ms: None,
+            embed_threads: None,
         })
         .await
         .unwrap();

@@ -138,6 +138,8 @@ fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    // SAFETY: no thread has started yet (see main.rs).
+    unsafe { crate::worker::backends::init_process_env() };
     let cfg = args.resolve()?;
     let label = format!("{}-{}", Service::Worker.label(), cfg.port);
     let readiness = if cfg.daemon && !daemon::handover::is_successor() {

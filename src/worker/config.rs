@@ -74,6 +74,17 @@ pub struct WorkerArgs {
     /// llama.cpp: seconds a request may wait for a free slot before it gets HTTP 503 with Retry-After [default: 20]
     #[arg(long = "queue_timeout", visible_alias = "queue-timeout")]
     pub queue_timeout: Option<f64>,
+    /// text2vec and reranker (hf): texts or (query, document) pairs per forward pass at most;
+    /// concurrent requests are merged up to it [default: 32]
+    #[arg(long = "embed_max_batch", visible_alias = "embed-max-batch")]
+    pub embed_max_batch: Option<usize>,
+    /// text2vec and reranker (hf): milliseconds a forward pass waits for more requests to
+    /// merge, only while requests are arriving concurrently; 0 never waits [default: 2]
+    #[arg(long = "embed_batch_wait_ms", visible_alias = "embed-batch-wait-ms")]
+    pub embed_batch_wait_ms: Option<u64>,
+    /// text2vec and reranker (hf): threads of one forward pass [default: 1]
+    #[arg(long = "embed_threads", visible_alias = "embed-threads")]
+    pub embed_threads: Option<usize>,
     /// Address to bind [default: 0.0.0.0]
     #[arg(long, env = "WORKER_HOST")]
     pub host: Option<String>,
@@ -181,6 +192,9 @@ struct ModelFile {
     max_queue: Option<usize>,
     #[serde(alias = "queue_timeout")]
     queue_timeout_secs: Option<f64>,
+    embed_max_batch: Option<usize>,
+    embed_batch_wait_ms: Option<u64>,
+    embed_threads: Option<usize>,
     /// Proxy: this model's own upstream timeouts (else the worker's).
     #[serde(alias = "proxy_connect_timeout_secs")]
     connect_timeout_secs: Option<f64>,
@@ -315,6 +329,9 @@ fn model_from_file(
             max_queue: m.max_queue,
             queue_timeout_secs: m.queue_timeout_secs,
         },
+        embed_max_batch: m.embed_max_batch,
+        embed_batch_wait_ms: m.embed_batch_wait_ms,
+        embed_threads: m.embed_threads,
     };
     spec.validate()
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -402,6 +419,9 @@ impl WorkerArgs {
                     max_queue: self.max_queue,
                     queue_timeout_secs: self.queue_timeout,
                 },
+                embed_max_batch: self.embed_max_batch,
+                embed_batch_wait_ms: self.embed_batch_wait_ms,
+                embed_threads: self.embed_threads,
             };
             spec.validate().map_err(|e| {
                 anyhow::anyhow!(
@@ -412,6 +432,9 @@ impl WorkerArgs {
                         .replace("ctx_size ", "--ctx_size ")
                         .replace("batch_size must", "--batch_size must")
                         .replace("queue_timeout must", "--queue_timeout must")
+                        .replace("embed_max_batch", "--embed_max_batch")
+                        .replace("embed_batch_wait_ms", "--embed_batch_wait_ms")
+                        .replace("embed_threads", "--embed_threads")
                 )
             })?;
             models.push(spec);
@@ -538,6 +561,79 @@ mod tests {
         };
         let c = a.resolve().unwrap();
         assert!(c.controller_addr.is_none());
+    }
+
+    /// Batching of encoder models: per-model keys and flags, bounds and misuse name the
+    /// key or flag.
+    #[test]
+    fn embed_batching_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("w.toml");
+        std::fs::write(
+            &f,
+            "[[models.embeddings]]\nname = \"minilm\"\npath = \"/m\"\nembed_max_batch = 8\nembed_batch_wait_ms = 0\nembed_threads = 2\n\n[[models.rerankers]]\nname = \"ce\"\npath = \"/r\"\n",
+        )
+        .unwrap();
+        let args = WorkerArgs {
+            common: CommonServerArgs {
+                config: Some(f.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        let b = c.models[0].batch_config();
+        assert_eq!((b.max_batch, b.max_wait, b.threads), (8, Duration::ZERO, 2));
+        assert_eq!(
+            c.models[1].batch_config(),
+            crate::worker::backends::BatchConfig::default()
+        );
+
+        let flags = |wt, batch, wait| WorkerArgs {
+            model_name: Some("m".into()),
+            model_path: Some("/x".into()),
+            worker_type: Some(wt),
+            embed_max_batch: batch,
+            embed_batch_wait_ms: wait,
+            ..Default::default()
+        };
+        let c = flags(WorkerType::Text2vec, Some(64), Some(5))
+            .resolve()
+            .unwrap();
+        let b = c.models[0].batch_config();
+        assert_eq!((b.max_batch, b.max_wait), (64, Duration::from_millis(5)));
+        for (args, flag) in [
+            (
+                flags(WorkerType::Text2vec, Some(0), None),
+                "--embed_max_batch",
+            ),
+            (
+                flags(WorkerType::Reranker, Some(5000), None),
+                "--embed_max_batch",
+            ),
+            (
+                flags(WorkerType::Text2vec, None, Some(60_000)),
+                "--embed_batch_wait_ms",
+            ),
+            (flags(WorkerType::Llm, Some(8), None), "--embed_max_batch"),
+        ] {
+            let e = args.resolve().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
+        std::fs::write(
+            &f,
+            "[[models.llms]]\nname = \"m\"\npath = \"/m.gguf\"\nembed_batch_wait_ms = 1\n",
+        )
+        .unwrap();
+        let args = WorkerArgs {
+            common: CommonServerArgs {
+                config: Some(f),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.contains("embed_batch_wait_ms"), "{e}");
     }
 
     /// Upstream timeouts: flags over the `[worker]` section over the defaults, and a

@@ -18,7 +18,7 @@ use tracing::info;
 use crate::telemetry::Escaped;
 
 use super::backends::{
-    BackendError, EmbeddingBackend, LlmBackend, RerankBackend,
+    BackendError, BatchConfig, EmbeddingBackend, LlmBackend, RerankBackend,
     proxy::{OpenAiProxyBackend, OpenAiProxyConfig, ProxyTimeouts},
 };
 
@@ -96,6 +96,14 @@ pub struct ModelSpec {
     /// that renders the prompts of the OpenAI routes instead of the GGUF's own template,
     /// tools included.
     pub chat_template: Option<PathBuf>,
+    /// Local text2vec and reranker models: texts (pairs) per forward pass at most, merged
+    /// from concurrent requests (`embed_max_batch`).
+    pub embed_max_batch: Option<usize>,
+    /// Local text2vec and reranker models: milliseconds a forward pass waits for more
+    /// requests under concurrent load (`embed_batch_wait_ms`).
+    pub embed_batch_wait_ms: Option<u64>,
+    /// Local text2vec and reranker models: threads of one forward pass (`embed_threads`).
+    pub embed_threads: Option<usize>,
     /// llama.cpp: the scheduler's slots, batch and wait queue.
     pub llama: LlamaSpec,
 }
@@ -155,6 +163,13 @@ impl LlamaSpec {
         Ok(())
     }
 }
+
+/// Largest `embed_max_batch`.
+pub const MAX_EMBED_BATCH: usize = 1024;
+/// Largest `embed_batch_wait_ms`.
+pub const MAX_EMBED_BATCH_WAIT_MS: u64 = 1000;
+/// Largest `embed_threads`.
+pub const MAX_EMBED_THREADS: usize = 256;
 
 /// Why a spec is invalid (the message names the field).
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +249,39 @@ impl ModelSpec {
         if self.chat_template.is_some() && self.model_type != ModelType::LlamaCpp {
             return Err(SpecError(format!(
                 "model {}: chat_template applies to llama.cpp models only",
+                self.name
+            )));
+        }
+        let batching = self.embed_max_batch.is_some()
+            || self.embed_batch_wait_ms.is_some()
+            || self.embed_threads.is_some();
+        if batching && self.model_type != ModelType::Bert {
+            return Err(SpecError(format!(
+                "model {}: embed_max_batch, embed_batch_wait_ms and embed_threads apply to local text2vec and reranker models (model_type hf) only",
+                self.name
+            )));
+        }
+        if let Some(n) = self.embed_max_batch
+            && !(1..=MAX_EMBED_BATCH).contains(&n)
+        {
+            return Err(SpecError(format!(
+                "model {}: embed_max_batch must be between 1 and {MAX_EMBED_BATCH}, got {n}",
+                self.name
+            )));
+        }
+        if let Some(ms) = self.embed_batch_wait_ms
+            && ms > MAX_EMBED_BATCH_WAIT_MS
+        {
+            return Err(SpecError(format!(
+                "model {}: embed_batch_wait_ms must be between 0 and {MAX_EMBED_BATCH_WAIT_MS}, got {ms}",
+                self.name
+            )));
+        }
+        if let Some(n) = self.embed_threads
+            && !(1..=MAX_EMBED_THREADS).contains(&n)
+        {
+            return Err(SpecError(format!(
+                "model {}: embed_threads must be between 1 and {MAX_EMBED_THREADS}, got {n}",
                 self.name
             )));
         }
@@ -335,14 +383,21 @@ impl ModelSpec {
                     BertRerankerBackend, RerankerConfig, is_cross_encoder,
                 };
                 let path = self.path.clone().unwrap_or_default();
+                let batch = self.batch_config();
                 if self.worker_type == WorkerType::Reranker || is_cross_encoder(&path) {
-                    let cfg = RerankerConfig::new(path);
+                    let cfg = RerankerConfig {
+                        batch,
+                        ..RerankerConfig::new(path)
+                    };
                     return Ok((
                         Engine::Reranker(Arc::new(BertRerankerBackend::load_async(cfg).await?)),
                         None,
                     ));
                 }
-                let cfg = BertEmbeddingConfig::new(path);
+                let cfg = BertEmbeddingConfig {
+                    batch,
+                    ..BertEmbeddingConfig::new(path)
+                };
                 Ok(Engine::Embedding(Arc::new(
                     BertEmbeddingBackend::load_async(cfg).await?,
                 )))
@@ -354,6 +409,18 @@ impl ModelSpec {
             )),
         };
         engine.map(|e| (e, render))
+    }
+
+    /// How a local encoder model merges concurrent requests (the defaults where unset).
+    pub fn batch_config(&self) -> BatchConfig {
+        let d = BatchConfig::default();
+        BatchConfig {
+            max_batch: self.embed_max_batch.unwrap_or(d.max_batch),
+            max_wait: self
+                .embed_batch_wait_ms
+                .map_or(d.max_wait, Duration::from_millis),
+            threads: self.embed_threads.unwrap_or(d.threads),
+        }
     }
 
     /// Builds a spec from a `models/startup` request's `params` (DB-GPT's parameter names:
@@ -436,6 +503,9 @@ impl ModelSpec {
                     })?),
                 },
             },
+            embed_max_batch: num("embed_max_batch")?.map(|v| v as usize),
+            embed_batch_wait_ms: num("embed_batch_wait_ms")?,
+            embed_threads: num("embed_threads")?.map(|v| v as usize),
         };
         spec.validate()?;
         Ok(spec)
@@ -510,6 +580,30 @@ impl ModelSpec {
                 "str",
                 "Upstream model name",
                 self.backend.clone().map(Value::String),
+                "",
+            ));
+        }
+        if self.model_type == ModelType::Bert {
+            let b = self.batch_config();
+            out.push(p(
+                "embed_max_batch",
+                "int",
+                "Texts (or query, document pairs) per forward pass, merged from concurrent requests",
+                Some(Value::from(b.max_batch)),
+                "",
+            ));
+            out.push(p(
+                "embed_batch_wait_ms",
+                "int",
+                "Milliseconds a forward pass waits for more requests under concurrent load",
+                Some(Value::from(b.max_wait.as_millis() as u64)),
+                "",
+            ));
+            out.push(p(
+                "embed_threads",
+                "int",
+                "Threads of one forward pass",
+                Some(Value::from(b.threads)),
                 "",
             ));
         }
@@ -631,6 +725,28 @@ mod tests {
         let s = ModelSpec::from_params("e", WorkerType::Text2vec, &json!({"model_path": "/d"}))
             .unwrap();
         assert_eq!(s.model_type, ModelType::Bert);
+        assert_eq!(s.batch_config(), BatchConfig::default());
+        let s = ModelSpec::from_params(
+            "e",
+            WorkerType::Text2vec,
+            &json!({"model_path": "/d", "embed_max_batch": 16, "embed_batch_wait_ms": "0"}),
+        )
+        .unwrap();
+        assert_eq!(s.batch_config().max_batch, 16);
+        assert_eq!(s.batch_config().max_wait, Duration::ZERO);
+        let d = s.describe_params();
+        let b = d
+            .iter()
+            .find(|p| p.param_name == "embed_max_batch")
+            .unwrap();
+        assert_eq!(b.default_value, Some(json!(16)));
+        let e = ModelSpec::from_params(
+            "e",
+            WorkerType::Text2vec,
+            &json!({"model_path": "/d", "embed_max_batch": 0}),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("embed_max_batch"), "{e}");
     }
 
     #[test]

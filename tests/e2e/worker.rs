@@ -885,3 +885,96 @@ fn proxy_worker_times_out_a_silent_upstream_and_keeps_serving() {
         );
     }
 }
+
+/// Concurrent embedding requests to one MiniLM worker are merged into shared forward passes
+/// (`--embed_max_batch`, `--embed_batch_wait_ms`) and each gets the vectors it gets alone,
+/// on DB-GPT's route and the native OpenAI route, texts of different lengths mixed.
+#[test]
+fn concurrent_embeddings_match_single_calls() {
+    let env = TestEnv::new();
+    let c = env.controller(&[]);
+    let w = worker(
+        &env,
+        &c.url(),
+        &[
+            "--model_name",
+            "all-minilm",
+            "--worker_type",
+            "text2vec",
+            "--model_path",
+            &minilm(),
+            "--embed_max_batch",
+            "8",
+            "--embed_batch_wait_ms",
+            "5",
+        ],
+    );
+    let texts: Vec<String> = (0..16)
+        .map(|i| match i % 4 {
+            0 => format!("short text {i}"),
+            1 => format!("The quick brown fox number {i} jumps over the lazy dog."),
+            2 => "A much longer text about databases, indexes and query planners. ".repeat(i),
+            _ => String::new(),
+        })
+        .collect();
+    let native = |t: &str| -> Vec<f64> {
+        let (s, v) = json_req(
+            w.port,
+            "POST",
+            "/api/worker/openai/v1/embeddings",
+            Some(&json!({"model": "all-minilm", "input": t})),
+        );
+        assert_eq!(s, 200, "{v}");
+        floats(&v["data"][0]["embedding"])
+    };
+    let dbgpt = |t: &str| -> Vec<f64> {
+        let (s, v) = json_req(
+            w.port,
+            "POST",
+            "/api/worker/embeddings",
+            Some(&json!({"model": "all-minilm", "input": [t]})),
+        );
+        assert_eq!(s, 200, "{v}");
+        floats(&v[0])
+    };
+    let alone: Vec<Vec<f64>> = texts.iter().map(|t| native(t)).collect();
+    for round in 0..2 {
+        let together: Vec<Vec<f64>> = std::thread::scope(|s| {
+            let handles: Vec<_> = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    s.spawn(move || {
+                        if (i + round) % 2 == 0 {
+                            native(t)
+                        } else {
+                            dbgpt(t)
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            let cos = cosine(a, b);
+            assert!(cos >= 0.99999, "text {i}: cosine {cos}");
+        }
+    }
+    // A bad batching flag is refused at startup, naming the flag.
+    let out = env.run(&[
+        "start",
+        "worker",
+        "--no_register",
+        "--model_name",
+        "m",
+        "--worker_type",
+        "text2vec",
+        "--model_path",
+        &minilm(),
+        "--embed_max_batch",
+        "0",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--embed_max_batch"), "{err}");
+}

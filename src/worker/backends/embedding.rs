@@ -4,24 +4,25 @@
 //! masked mean pooling, L2 normalisation.
 //!
 //! A model directory holds `config.json`, `model.safetensors` and
-//! `tokenizer.json`. Inputs are split into sub-batches of
-//! [`BertEmbeddingConfig::batch_size`] texts, each padded to its longest
-//! member. Forward passes run on tokio's blocking pool, one sub-batch at a
-//! time per model (candle already uses every core for one matmul), so
-//! concurrent requests interleave at sub-batch granularity. Dropping the
-//! `embed` future stops the work before the next sub-batch.
+//! `tokenizer.json`. Requests go through the model's [`Batcher`]: concurrent
+//! requests are merged into forward passes of at most [`BatchConfig::max_batch`]
+//! texts (one thread per model runs them), and each pass is cut by
+//! [`padded_batches`] into runs of similar length, each padded to its longest
+//! member with the padding masked, so a text gets the same vector alone or in
+//! any batch. Dropping the `embed` future withdraws the texts not yet in a pass.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
 use candle_transformers::models::bert::{BertModel, Config};
 use futures::future::BoxFuture;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
 
+use super::batcher::{BatchConfig, BatchModel, Batcher};
 use super::{BackendError, EmbeddingBackend};
 
 /// Configuration of a [`BertEmbeddingBackend`].
@@ -33,17 +34,17 @@ pub struct BertEmbeddingConfig {
     /// model's `max_position_embeddings`. sentence-transformers' all-MiniLM
     /// uses 256.
     pub max_length: usize,
-    /// Texts per forward pass.
-    pub batch_size: usize,
+    /// How concurrent requests are merged into forward passes.
+    pub batch: BatchConfig,
 }
 
 impl BertEmbeddingConfig {
-    /// Defaults: max 256 tokens, sub-batches of 32.
+    /// Defaults: max 256 tokens, [`BatchConfig::default`].
     pub fn new(model_dir: impl Into<PathBuf>) -> Self {
         BertEmbeddingConfig {
             model_dir: model_dir.into(),
             max_length: 256,
-            batch_size: 32,
+            batch: BatchConfig::default(),
         }
     }
 }
@@ -55,20 +56,27 @@ pub struct BertEmbeddingBackend {
 }
 
 struct Inner {
+    batcher: Batcher<Encoder>,
+    /// The encoder's tokenizer, for [`EmbeddingBackend::count_tokens`].
+    tokenizer: Tokenizer,
+    dimension: usize,
+    batch: BatchConfig,
+}
+
+/// What the batching thread runs: tokenizer, encoder, pooling.
+struct Encoder {
+    pool: rayon::ThreadPool,
     model: BertModel,
     tokenizer: Tokenizer,
+    pad_id: u32,
     device: Device,
-    dimension: usize,
-    batch_size: usize,
-    /// One forward pass at a time per model (candle parallelises inside).
-    forward_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for BertEmbeddingBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BertEmbeddingBackend")
             .field("dimension", &self.inner.dimension)
-            .field("batch_size", &self.inner.batch_size)
+            .field("batch", &self.inner.batch)
             .finish_non_exhaustive()
     }
 }
@@ -87,15 +95,17 @@ fn required_file(dir: &Path, name: &str) -> Result<PathBuf, BackendError> {
 
 /// A BERT model directory opened for inference: its parsed `config.json` (typed and raw, for
 /// the keys candle's [`Config`] does not read), its weights as a memory-mapped
-/// [`VarBuilder`], and its tokenizer set to pad each batch to its longest member and to
-/// truncate at `max_length` (capped by the model's `max_position_embeddings`). Shared by
-/// the embedding and the reranker backends.
+/// [`VarBuilder`], and its tokenizer set to truncate at `max_length` (capped by the model's
+/// `max_position_embeddings`) and not to pad: [`padded_batches`] pads. Shared by the
+/// embedding and the reranker backends.
 pub(super) struct BertDir {
     pub config: Config,
     pub raw_config: serde_json::Value,
     pub weights_path: PathBuf,
     pub vb: VarBuilder<'static>,
     pub tokenizer: Tokenizer,
+    /// The id padding positions get (the tokenizer's own padding id, else `[PAD]`'s).
+    pub pad_id: u32,
     pub max_length: usize,
     pub device: Device,
 }
@@ -123,29 +133,27 @@ impl BertDir {
         let device = Device::Cpu;
         // SAFETY: the file is memory-mapped read-only; it must not be modified
         // while the model is loaded (same contract as every mmap-based loader).
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&weights_path], DType::F32, &device) }
-                .map_err(|e| {
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::new(&weights_path) }
+            .map_err(|e| {
                 BackendError::load(&weights_path, format!("cannot read safetensors: {e}"))
             })?;
+        let vb = VarBuilder::from_backend(
+            Box::new(TransposedLinears(tensors)),
+            DType::F32,
+            device.clone(),
+        );
 
         let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| {
             BackendError::load(&tokenizer_path, format!("cannot parse tokenizer: {e}"))
         })?;
         let max_length = max_length.min(bert_config.max_position_embeddings).max(2);
-        let mut padding = tokenizer.get_padding().cloned().unwrap_or_else(|| {
-            let pad_token = "[PAD]".to_string();
-            PaddingParams {
-                pad_id: tokenizer
-                    .token_to_id(&pad_token)
-                    .unwrap_or(bert_config.pad_token_id as u32),
-                pad_token,
-                ..Default::default()
-            }
-        });
-        padding.strategy = PaddingStrategy::BatchLongest;
-        padding.pad_to_multiple_of = None;
-        tokenizer.with_padding(Some(padding));
+        let pad_id = match tokenizer.get_padding() {
+            Some(p) => p.pad_id,
+            None => tokenizer
+                .token_to_id("[PAD]")
+                .unwrap_or(bert_config.pad_token_id as u32),
+        };
+        tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length,
@@ -158,6 +166,7 @@ impl BertDir {
             weights_path,
             vb,
             tokenizer,
+            pad_id,
             max_length,
             device,
         })
@@ -177,35 +186,142 @@ impl BertDir {
     }
 }
 
-/// Token ids, type ids and attention mask of a padded batch, each `(batch, seq_len)`.
-pub(super) fn batch_tensors(
-    encodings: &[tokenizers::Encoding],
-    device: &Device,
-) -> Result<(Tensor, Tensor, Tensor), BackendError> {
-    let err = |e: candle_core::Error| BackendError::internal(format!("BERT forward failed: {e}"));
-    let batch = encodings.len();
-    let seq_len = encodings.first().map_or(0, |e| e.len());
-    let mut ids = Vec::with_capacity(batch * seq_len);
-    let mut type_ids = Vec::with_capacity(batch * seq_len);
-    let mut mask = Vec::with_capacity(batch * seq_len);
-    for e in encodings {
-        if e.len() != seq_len {
-            return Err(BackendError::internal("tokenizer did not pad the batch"));
+/// A safetensors file whose linear-layer weights are handed out transposed in memory: a
+/// 2-D `*.weight` `(out, in)` (embedding tables excepted) is copied once, at load, into
+/// `(in, out)` row-major storage and served as a strided `(out, in)` view of it. candle's
+/// `Linear` multiplies by `weight.t()`, which then is a plain row-major matrix, the layout
+/// gemm reads as it is. With the weights as stored, gemm repacked every weight matrix on
+/// every call (its LHS after it transposes the problem): for the few token rows of a short
+/// text that packing cost more than the arithmetic (46% of a MiniLM forward pass against
+/// 19% in the multiply kernel, measured with perf). Same values, same shapes.
+struct TransposedLinears(candle_core::safetensors::MmapedSafetensors);
+
+impl TransposedLinears {
+    fn arrange(name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        if t.rank() == 2 && name.ends_with(".weight") && !name.contains("embeddings") {
+            t.t()?.contiguous()?.t()
+        } else {
+            Ok(t)
         }
-        ids.extend_from_slice(e.get_ids());
-        type_ids.extend_from_slice(e.get_type_ids());
-        mask.extend_from_slice(e.get_attention_mask());
     }
-    Ok((
-        Tensor::from_vec(ids, (batch, seq_len), device).map_err(err)?,
-        Tensor::from_vec(type_ids, (batch, seq_len), device).map_err(err)?,
-        Tensor::from_vec(mask, (batch, seq_len), device).map_err(err)?,
-    ))
+}
+
+impl SimpleBackend for TransposedLinears {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Self::arrange(name, SimpleBackend::get(&self.0, s, name, h, dtype, dev)?)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        Self::arrange(
+            name,
+            SimpleBackend::get_unchecked(&self.0, name, dtype, dev)?,
+        )
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        SimpleBackend::contains_tensor(&self.0, name)
+    }
+}
+
+/// The thread pool a model's forward passes run in (`install`ed around each pass): gemm
+/// and the tokenizer split their work over the pool they are called from. On this 2-core
+/// machine, shared with the HTTP stack, candle's default of every core for every matmul
+/// cost twice the CPU per text at 32 concurrent requests (9.8 against 4.4 ms) and more
+/// wall time, hence [`BatchConfig::threads`], default 1.
+pub(super) fn compute_pool(threads: usize) -> Result<rayon::ThreadPool, BackendError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("dbgpt-encoder-{i}"))
+        .build()
+        .map_err(|e| BackendError::internal(format!("cannot start the model's threads: {e}")))
+}
+
+/// One padded forward pass's input: which encodings it holds (indices into the caller's
+/// list) and their token ids, type ids and attention mask, each `(batch, seq_len)`, padded
+/// on the right to the longest member with `pad_id`, type 0 and mask 0.
+pub(super) struct PaddedBatch {
+    pub members: Vec<usize>,
+    pub ids: Tensor,
+    pub type_ids: Tensor,
+    pub mask: Tensor,
+}
+
+/// A pass never pads to more than this many token slots for the sake of a few long
+/// members: below it, one pass of short sequences costs less than two.
+const PADDING_FLOOR_TOKENS: usize = 512;
+
+/// Splits unpadded `encodings` into padded forward passes. Sequences are sorted by length
+/// and cut into runs whose padded size (members × longest) stays within twice their real
+/// tokens (or [`PADDING_FLOOR_TOKENS`]), so a long text does not make a batch of short ones
+/// pay for its length. Padding is masked: each sequence's states are the same as alone.
+pub(super) fn padded_batches(
+    encodings: &[tokenizers::Encoding],
+    pad_id: u32,
+    device: &Device,
+) -> Result<Vec<PaddedBatch>, BackendError> {
+    let mut order: Vec<usize> = (0..encodings.len()).collect();
+    order.sort_by_key(|&i| encodings[i].len());
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut real = 0usize;
+    for i in order {
+        let len = encodings[i].len().max(1);
+        if let Some(g) = groups.last_mut() {
+            let padded = (g.len() + 1) * len;
+            if padded <= (2 * (real + len)).max(PADDING_FLOOR_TOKENS) {
+                g.push(i);
+                real += len;
+                continue;
+            }
+        }
+        groups.push(vec![i]);
+        real = len;
+    }
+    let err = |e: candle_core::Error| BackendError::internal(format!("BERT input: {e}"));
+    groups
+        .into_iter()
+        .map(|members| {
+            let seq_len = members
+                .iter()
+                .map(|&i| encodings[i].len())
+                .max()
+                .unwrap_or(0);
+            let n = members.len() * seq_len;
+            let (mut ids, mut type_ids, mut mask) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for &i in &members {
+                let e = &encodings[i];
+                let pad = seq_len - e.len();
+                ids.extend_from_slice(e.get_ids());
+                ids.extend(std::iter::repeat_n(pad_id, pad));
+                type_ids.extend_from_slice(e.get_type_ids());
+                type_ids.extend(std::iter::repeat_n(0, pad));
+                mask.extend_from_slice(e.get_attention_mask());
+                mask.extend(std::iter::repeat_n(0, pad));
+            }
+            let shape = (members.len(), seq_len);
+            Ok(PaddedBatch {
+                ids: Tensor::from_vec(ids, shape, device).map_err(err)?,
+                type_ids: Tensor::from_vec(type_ids, shape, device).map_err(err)?,
+                mask: Tensor::from_vec(mask, shape, device).map_err(err)?,
+                members,
+            })
+        })
+        .collect()
 }
 
 impl BertEmbeddingBackend {
-    /// Load a model directory. Blocking (reads ~100 MB): call it from
-    /// `spawn_blocking` when on an async executor.
+    /// Load a model directory and start its batching thread. Blocking (reads ~100 MB):
+    /// call it from `spawn_blocking` when on an async executor.
     pub fn load(config: BertEmbeddingConfig) -> Result<Self, BackendError> {
         let dir = &config.model_dir;
         let start = Instant::now();
@@ -214,6 +330,7 @@ impl BertEmbeddingBackend {
         let BertDir {
             config: bert_config,
             tokenizer,
+            pad_id,
             max_length,
             device,
             ..
@@ -225,17 +342,25 @@ impl BertEmbeddingBackend {
             dimension,
             layers = bert_config.num_hidden_layers,
             max_length,
+            max_batch = config.batch.max_batch,
+            batch_wait_ms = config.batch.max_wait.as_secs_f64() * 1e3,
+            threads = config.batch.threads,
             load_ms = start.elapsed().as_millis() as u64,
             "loaded BERT embedding model"
         );
+        let encoder = Encoder {
+            pool: compute_pool(config.batch.threads)?,
+            model,
+            tokenizer: tokenizer.clone(),
+            pad_id,
+            device,
+        };
         Ok(BertEmbeddingBackend {
             inner: Arc::new(Inner {
-                model,
+                batcher: Batcher::start(encoder, config.batch, "dbgpt-embed")?,
                 tokenizer,
-                device,
                 dimension,
-                batch_size: config.batch_size.max(1),
-                forward_lock: Mutex::new(()),
+                batch: config.batch,
             }),
         })
     }
@@ -249,72 +374,70 @@ impl BertEmbeddingBackend {
 }
 
 impl Inner {
-    fn embed_all(
-        &self,
-        inputs: &[String],
-        cancelled: &AtomicBool,
-    ) -> Result<Vec<Vec<f32>>, BackendError> {
-        let mut out = Vec::with_capacity(inputs.len());
-        for chunk in inputs.chunks(self.batch_size) {
-            if cancelled.load(Ordering::Relaxed) {
-                return Err(BackendError::internal("embedding request cancelled"));
-            }
-            out.extend(self.embed_batch(chunk)?);
-        }
-        Ok(out)
-    }
-
     /// Tokens the model reads for `texts`: the same tokenizer (and so the same special tokens
-    /// and truncation at `max_length`) as [`Inner::embed_batch`], padding not counted.
+    /// and truncation at `max_length`) as [`Encoder::embed`], padding not counted.
     fn count_tokens(&self, texts: &[String]) -> Result<usize, BackendError> {
         let mut n = 0;
-        for chunk in texts.chunks(self.batch_size) {
+        for chunk in texts.chunks(64) {
             let encodings = self
                 .tokenizer
-                .encode_batch(chunk.iter().map(String::as_str).collect::<Vec<_>>(), true)
+                .encode_batch_fast(chunk.iter().map(String::as_str).collect::<Vec<_>>(), true)
                 .map_err(|e| BackendError::internal(format!("tokenisation failed: {e}")))?;
-            n += encodings
-                .iter()
-                .map(|e| e.get_attention_mask().iter().filter(|&&m| m != 0).count())
-                .sum::<usize>();
+            n += encodings.iter().map(|e| e.len()).sum::<usize>();
         }
         Ok(n)
     }
+}
 
-    fn embed_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, BackendError> {
+impl Encoder {
+    /// One normalised vector per text.
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, BackendError> {
         let err =
             |e: candle_core::Error| BackendError::internal(format!("BERT forward failed: {e}"));
         let encodings = self
             .tokenizer
-            .encode_batch(texts.iter().map(String::as_str).collect::<Vec<_>>(), true)
+            .encode_batch_fast(texts.to_vec(), true)
             .map_err(|e| BackendError::internal(format!("tokenisation failed: {e}")))?;
-        let (ids, type_ids, mask) = batch_tensors(&encodings, &self.device)?;
-
-        let hidden = {
-            let _lock = self.forward_lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.model
-                .forward(&ids, &type_ids, Some(&mask))
-                .map_err(err)?
-        };
-        // Masked mean pooling over the sequence dimension.
-        let mask_f = mask
-            .to_dtype(DType::F32)
-            .and_then(|m| m.unsqueeze(2))
-            .map_err(err)?;
-        let summed = hidden
-            .broadcast_mul(&mask_f)
-            .and_then(|h| h.sum(1))
-            .map_err(err)?;
-        let counts = mask_f
-            .sum(1)
-            .and_then(|c| c.clamp(1e-9f32, f32::MAX))
-            .map_err(err)?;
-        let pooled = summed.broadcast_div(&counts).map_err(err)?;
-        let mut vectors = pooled.to_vec2::<f32>().map_err(err)?;
-        for v in &mut vectors {
-            l2_normalize(v);
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        for batch in padded_batches(&encodings, self.pad_id, &self.device)? {
+            let hidden = self
+                .model
+                .forward(&batch.ids, &batch.type_ids, Some(&batch.mask))
+                .map_err(err)?;
+            // Masked mean pooling over the sequence dimension.
+            let mask_f = batch
+                .mask
+                .to_dtype(DType::F32)
+                .and_then(|m| m.unsqueeze(2))
+                .map_err(err)?;
+            let summed = hidden
+                .broadcast_mul(&mask_f)
+                .and_then(|h| h.sum(1))
+                .map_err(err)?;
+            let counts = mask_f
+                .sum(1)
+                .and_then(|c| c.clamp(1e-9f32, f32::MAX))
+                .map_err(err)?;
+            let pooled = summed.broadcast_div(&counts).map_err(err)?;
+            for (i, mut v) in batch
+                .members
+                .into_iter()
+                .zip(pooled.to_vec2::<f32>().map_err(err)?)
+            {
+                l2_normalize(&mut v);
+                out[i] = v;
+            }
         }
-        Ok(vectors)
+        Ok(out)
+    }
+}
+
+impl BatchModel for Encoder {
+    type Item = String;
+    type Output = Vec<f32>;
+    fn run(&self, items: &[&String]) -> Result<Vec<Vec<f32>>, BackendError> {
+        let texts: Vec<&str> = items.iter().map(|s| s.as_str()).collect();
+        self.pool.install(|| self.embed(&texts))
     }
 }
 
@@ -331,31 +454,16 @@ fn l2_normalize(v: &mut [f32]) {
     }
 }
 
-/// Sets the flag when the `embed` future is dropped (finished or abandoned).
-pub(super) struct CancelOnDrop(pub(super) Arc<AtomicBool>);
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 impl EmbeddingBackend for BertEmbeddingBackend {
     fn embed(
         &self,
         inputs: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, BackendError>> {
-        let inner = self.inner.clone();
+        let n = inputs.len();
+        let answer = self.inner.batcher.submit(inputs);
         Box::pin(async move {
-            if inputs.is_empty() {
-                return Ok(Vec::new());
-            }
-            let flag = Arc::new(AtomicBool::new(false));
-            let _cancel = CancelOnDrop(flag.clone());
             let start = Instant::now();
-            let n = inputs.len();
-            let result = tokio::task::spawn_blocking(move || inner.embed_all(&inputs, &flag))
-                .await
-                .map_err(|e| BackendError::internal(format!("embedding task failed: {e}")))?;
+            let result = answer.await;
             tracing::debug!(
                 texts = n,
                 elapsed_ms = start.elapsed().as_millis() as u64,
@@ -461,7 +569,10 @@ mod tests {
     #[tokio::test]
     async fn sub_batches_and_truncation() {
         let cfg = BertEmbeddingConfig {
-            batch_size: 2,
+            batch: BatchConfig {
+                max_batch: 2,
+                ..BatchConfig::default()
+            },
             ..BertEmbeddingConfig::new(require_test_model("all-MiniLM-L6-v2"))
         };
         let small = BertEmbeddingBackend::load_async(cfg).await.unwrap();
@@ -492,6 +603,63 @@ mod tests {
                 .all(|x| x.len() == 384 && x.iter().all(|f| f.is_finite()))
         );
         assert!(model().embed(Vec::new()).await.unwrap().is_empty());
+    }
+
+    /// Texts of very different lengths (so passes are cut and padded), sent as concurrent
+    /// single-text requests, get the vectors each gets alone.
+    #[tokio::test]
+    async fn concurrent_requests_get_the_vectors_of_single_calls() {
+        let m = model();
+        let mut texts: Vec<String> = vec![
+            "hello world".into(),
+            "A man is eating food.".into(),
+            "The quick brown fox jumps over the lazy dog".into(),
+            String::new(),
+            "word ".repeat(300),
+            "Rust's ownership model makes memory safety a compile-time property.".into(),
+        ];
+        texts.extend((0..14).map(|i| format!("sentence number {i} about {}", "x ".repeat(i))));
+        let mut alone = Vec::new();
+        for t in &texts {
+            alone.push(m.embed(vec![t.clone()]).await.unwrap().remove(0));
+        }
+        let t = Instant::now();
+        let together =
+            futures::future::join_all(texts.iter().map(|t| tokio::spawn(m.embed(vec![t.clone()]))))
+                .await;
+        eprintln!("MiniLM {} concurrent texts: {:?}", texts.len(), t.elapsed());
+        for (i, (a, b)) in alone.iter().zip(together).enumerate() {
+            let b = b.unwrap().unwrap().remove(0);
+            let c = cosine(a, &b);
+            assert!(c >= 0.99999, "text {i}: cosine {c}");
+        }
+        // And the same texts as one request (one pass, cut by length).
+        let one = m.embed(texts.clone()).await.unwrap();
+        for (i, (a, b)) in alone.iter().zip(&one).enumerate() {
+            let c = cosine(a, b);
+            assert!(c >= 0.99999, "text {i}: cosine {c}");
+        }
+    }
+
+    #[test]
+    fn passes_are_cut_by_length_and_padding_is_masked() {
+        let m = model();
+        let tok = &m.inner.tokenizer;
+        let texts = ["hi", "hello there", "a b c d", &"word ".repeat(300)];
+        let enc = tok.encode_batch_fast(texts.to_vec(), true).unwrap();
+        let batches = padded_batches(&enc, 0, &Device::Cpu).unwrap();
+        // The 256-token text is not padded into the short ones' pass.
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches[0].members, vec![0, 1, 2]);
+        assert_eq!(batches[1].members, vec![3]);
+        let ids = batches[0].ids.to_vec2::<u32>().unwrap();
+        let mask = batches[0].mask.to_vec2::<u32>().unwrap();
+        assert_eq!(ids[0].len(), enc[2].len());
+        // "hi" is [CLS] hi [SEP] then padding, masked.
+        assert_eq!(&ids[0][..3], enc[0].get_ids());
+        assert!(ids[0][3..].iter().all(|&x| x == 0));
+        assert_eq!(mask[0], [1, 1, 1, 0, 0, 0]);
+        assert_eq!(batches[1].ids.dims(), &[1, 256]);
     }
 
     #[test]

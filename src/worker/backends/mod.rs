@@ -21,6 +21,8 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
+#[cfg_attr(not(feature = "local-models"), allow(dead_code))]
+pub(crate) mod batcher;
 #[cfg(feature = "local-models")]
 pub(crate) mod embedding;
 #[cfg(feature = "local-models")]
@@ -29,6 +31,7 @@ pub(crate) mod proxy;
 #[cfg(feature = "local-models")]
 pub(crate) mod reranker;
 
+pub use batcher::BatchConfig;
 #[cfg(feature = "local-models")]
 pub use embedding::{BertEmbeddingBackend, BertEmbeddingConfig};
 #[cfg(feature = "local-models")]
@@ -36,6 +39,36 @@ pub use llama::{LlamaCppBackend, LlamaCppConfig};
 pub use proxy::{OpenAiProxyBackend, OpenAiProxyConfig, ProxyTimeouts};
 #[cfg(feature = "local-models")]
 pub use reranker::{BertRerankerBackend, RerankerConfig, fixture};
+
+/// Process-wide settings the local engines read from the environment once, set for a worker
+/// process before any thread exists (environment writes are sound only then): candle runs
+/// elementwise operations over more than 64K values on a pool of helper threads of its own,
+/// one per core, outside a model's thread pool ([`BatchConfig::threads`]); on a busy
+/// machine the forward pass then spins waiting for a descheduled helper, which was a third
+/// of the worker's CPU at 8 concurrent embedding requests (perf: candle's `BarrierGuard`
+/// and `candle-bp` threads; 12.4 → 7.7 ms of CPU per text without them). One thread runs
+/// them inline. And candle asks for its thread count on every matrix product: without
+/// `RAYON_NUM_THREADS` that means parsing `/proc/cpuinfo` each time (~6% of a single-text
+/// request's CPU, perf), so it is set to the logical core count, rayon's own default (gemm
+/// then splits a product into that many parts, which the model's pool runs). Values the
+/// user set are kept.
+///
+/// # Safety
+/// No other thread may be running (it could read the environment concurrently).
+pub unsafe fn init_process_env() {
+    #[cfg(feature = "local-models")]
+    {
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            // SAFETY: the caller guarantees that this is the only thread.
+            unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+        }
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // SAFETY: as above.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+        }
+    }
+}
 
 /// Who wrote a chat message.
 ///

@@ -16,14 +16,15 @@
 //! rerankers.
 //!
 //! The directory holds `config.json`, `model.safetensors` and `tokenizer.json`, as for the
-//! embedding models ([`super::embedding::BertDir`]). Pairs are scored in sub-batches of
-//! [`RerankerConfig::batch_size`], each one padded forward pass, on tokio's blocking pool,
-//! one sub-batch at a time per model; dropping the `rerank` future stops before the next.
-//! [`fixture`] writes a tiny random cross-encoder directory for tests.
+//! embedding models ([`super::embedding::BertDir`]). Pairs go through the model's
+//! [`Batcher`], as the embedding model's texts: the pairs of concurrent requests are merged
+//! into forward passes of at most [`BatchConfig::max_batch`] pairs, cut by length and
+//! padded with the padding masked ([`super::embedding::padded_batches`]), so a pair gets the
+//! same score alone or batched; dropping the `rerank` future withdraws the pairs not yet in
+//! a pass. [`fixture`] writes a tiny random cross-encoder directory for tests.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -37,7 +38,8 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::embedding::{BertDir, CancelOnDrop, batch_tensors};
+use super::batcher::{BatchConfig, BatchModel, Batcher};
+use super::embedding::{BertDir, compute_pool, padded_batches};
 use super::{BackendError, RerankBackend};
 
 pub mod fixture;
@@ -52,17 +54,17 @@ pub struct RerankerConfig {
     /// Maximum tokens per (query, document) pair, capped by the model's
     /// `max_position_embeddings` (sentence-transformers uses the model's 512).
     pub max_length: usize,
-    /// Pairs per forward pass.
-    pub batch_size: usize,
+    /// How concurrent requests are merged into forward passes.
+    pub batch: BatchConfig,
 }
 
 impl RerankerConfig {
-    /// Defaults: max 512 tokens per pair, sub-batches of 32 pairs.
+    /// Defaults: max 512 tokens per pair, [`BatchConfig::default`].
     pub fn new(model_dir: impl Into<PathBuf>) -> Self {
         RerankerConfig {
             model_dir: model_dir.into(),
             max_length: 512,
-            batch_size: 32,
+            batch: BatchConfig::default(),
         }
     }
 }
@@ -178,20 +180,26 @@ impl Model {
 }
 
 struct Inner {
+    batcher: Batcher<Scorer>,
+    activation: ScoreActivation,
+    batch: BatchConfig,
+}
+
+/// What the batching thread runs: tokenizer, encoder, head.
+struct Scorer {
+    pool: rayon::ThreadPool,
     model: Model,
     activation: ScoreActivation,
     tokenizer: Tokenizer,
+    pad_id: u32,
     device: candle_core::Device,
-    batch_size: usize,
-    /// One forward pass at a time per model (candle parallelises inside).
-    forward_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for BertRerankerBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BertRerankerBackend")
             .field("activation", &self.inner.activation)
-            .field("batch_size", &self.inner.batch_size)
+            .field("batch", &self.inner.batch)
             .finish_non_exhaustive()
     }
 }
@@ -275,17 +283,23 @@ impl BertRerankerBackend {
             layers = d.config.num_hidden_layers,
             max_length = d.max_length,
             activation = ?activation,
+            max_batch = config.batch.max_batch,
             load_ms = start.elapsed().as_millis() as u64,
             "loaded cross-encoder"
         );
+        let scorer = Scorer {
+            pool: compute_pool(config.batch.threads)?,
+            model,
+            activation,
+            tokenizer,
+            pad_id: d.pad_id,
+            device: d.device,
+        };
         Ok(BertRerankerBackend {
             inner: Arc::new(Inner {
-                model,
+                batcher: Batcher::start(scorer, config.batch, "dbgpt-rerank")?,
                 activation,
-                tokenizer,
-                device: d.device,
-                batch_size: config.batch_size.max(1),
-                forward_lock: Mutex::new(()),
+                batch: config.batch,
             }),
         })
     }
@@ -303,42 +317,36 @@ impl BertRerankerBackend {
     }
 }
 
-impl Inner {
-    fn score_all(
-        &self,
-        query: &str,
-        documents: &[String],
-        cancelled: &AtomicBool,
-    ) -> Result<Vec<f32>, BackendError> {
-        let mut out = Vec::with_capacity(documents.len());
-        for chunk in documents.chunks(self.batch_size) {
-            if cancelled.load(Ordering::Relaxed) {
-                return Err(BackendError::internal("rerank request cancelled"));
-            }
-            out.extend(self.score_batch(query, chunk)?);
-        }
-        Ok(out)
-    }
-
-    /// One padded forward pass over `(query, document)` pairs.
-    fn score_batch(&self, query: &str, documents: &[String]) -> Result<Vec<f32>, BackendError> {
+impl Scorer {
+    /// One score per `(query, document)` pair.
+    fn score(&self, pairs: &[(&str, &str)]) -> Result<Vec<f32>, BackendError> {
         let err = |e: candle_core::Error| {
             BackendError::internal(format!("cross-encoder forward failed: {e}"))
         };
-        let pairs: Vec<(&str, &str)> = documents.iter().map(|d| (query, d.as_str())).collect();
         let encodings = self
             .tokenizer
-            .encode_batch(pairs, true)
+            .encode_batch_fast(pairs.to_vec(), true)
             .map_err(|e| BackendError::internal(format!("tokenisation failed: {e}")))?;
-        let (ids, type_ids, mask) = batch_tensors(&encodings, &self.device)?;
-        let logits = {
-            let _lock = self.forward_lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.model.logits(&ids, &type_ids, &mask).map_err(err)?
-        };
-        Ok(logits
-            .into_iter()
-            .map(|l| self.activation.apply(l))
-            .collect())
+        let mut out = vec![0f32; pairs.len()];
+        for batch in padded_batches(&encodings, self.pad_id, &self.device)? {
+            let logits = self
+                .model
+                .logits(&batch.ids, &batch.type_ids, &batch.mask)
+                .map_err(err)?;
+            for (i, l) in batch.members.into_iter().zip(logits) {
+                out[i] = self.activation.apply(l);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl BatchModel for Scorer {
+    type Item = (Arc<str>, String);
+    type Output = f32;
+    fn run(&self, items: &[&(Arc<str>, String)]) -> Result<Vec<f32>, BackendError> {
+        let pairs: Vec<(&str, &str)> = items.iter().map(|(q, d)| (&**q, d.as_str())).collect();
+        self.pool.install(|| self.score(&pairs))
     }
 }
 
@@ -348,19 +356,13 @@ impl RerankBackend for BertRerankerBackend {
         query: String,
         documents: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<f32>, BackendError>> {
-        let inner = self.inner.clone();
+        let n = documents.len();
+        let query: Arc<str> = query.into();
+        let pairs = documents.into_iter().map(|d| (query.clone(), d)).collect();
+        let answer = self.inner.batcher.submit(pairs);
         Box::pin(async move {
-            if documents.is_empty() {
-                return Ok(Vec::new());
-            }
-            let flag = Arc::new(AtomicBool::new(false));
-            let _cancel = CancelOnDrop(flag.clone());
             let start = Instant::now();
-            let n = documents.len();
-            let result =
-                tokio::task::spawn_blocking(move || inner.score_all(&query, &documents, &flag))
-                    .await
-                    .map_err(|e| BackendError::internal(format!("rerank task failed: {e}")))?;
+            let result = answer.await;
             tracing::debug!(
                 documents = n,
                 elapsed_ms = start.elapsed().as_millis() as u64,

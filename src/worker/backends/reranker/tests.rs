@@ -8,6 +8,7 @@ use serde_json::json;
 use super::super::require_test_model;
 use super::fixture::Arch;
 use super::*;
+use crate::worker::backends::batcher::BatchConfig;
 
 /// A tiny random cross-encoder in a temporary directory.
 fn tiny(arch: Arch, activation: Option<&str>) -> tempfile::TempDir {
@@ -250,11 +251,46 @@ async fn sigmoid_scores_match_an_independent_forward_pass_bert_and_xlm_roberta()
     }
 }
 
+/// Concurrent one-document requests (merged into shared passes by the batcher, with
+/// different queries in one pass) get the scores of the independent unbatched computation.
+#[tokio::test]
+async fn concurrent_requests_are_batched_without_changing_scores() {
+    for arch in [Arch::Bert, Arch::XlmRoberta] {
+        let dir = tiny(arch, None);
+        let m = BertRerankerBackend::load(RerankerConfig::new(dir.path())).unwrap();
+        let queries = [
+            "What is the capital of France?",
+            "tower",
+            "a much longer query about rivers and the bridges that cross them",
+        ];
+        let calls: Vec<_> = queries
+            .iter()
+            .flat_map(|q| docs().into_iter().map(move |d| (q.to_string(), d)))
+            .collect();
+        let got = futures::future::join_all(
+            calls
+                .iter()
+                .map(|(q, d)| tokio::spawn(m.rerank(q.clone(), vec![d.clone()]))),
+        )
+        .await;
+        for (q, chunk) in queries.iter().zip(got.chunks(docs().len())) {
+            let got: Vec<f32> = chunk
+                .iter()
+                .map(|r| r.as_ref().unwrap().as_ref().unwrap()[0])
+                .collect();
+            assert_close(&got, &reference_scores(dir.path(), arch, q, &docs(), true));
+        }
+    }
+}
+
 #[tokio::test]
 async fn identity_checkpoints_give_raw_logits_and_sub_batches_agree() {
     let dir = tiny(Arch::Bert, Some("torch.nn.modules.linear.Identity"));
     let cfg = RerankerConfig {
-        batch_size: 2,
+        batch: BatchConfig {
+            max_batch: 2,
+            ..BatchConfig::default()
+        },
         ..RerankerConfig::new(dir.path())
     };
     let small = BertRerankerBackend::load_async(cfg).await.unwrap();

@@ -1,0 +1,258 @@
+//! Dynamic batching for the encoder models (embeddings, cross-encoders): concurrent
+//! requests to one model are merged into one padded forward pass and answered separately.
+//!
+//! Each model gets one thread (the only one that runs its forward passes) fed by a
+//! channel of jobs; a job is one request's items (texts, or query/document pairs) and the
+//! sender of its answer. The thread takes the first job, gathers whatever else is queued,
+//! and — when the previous pass served more than one request, i.e. under concurrent load —
+//! waits up to [`BatchConfig::max_wait`] for more until [`BatchConfig::max_batch`] items
+//! are queued. It then fills one batch of at most `max_batch` items round-robin over the
+//! queued jobs (one item of each in turn, oldest job first), so a request of thousands of
+//! texts advances by sub-batches without starving the single-text requests that arrive
+//! behind it, runs [`BatchModel::run`] on it, files each output under its job and answers
+//! every job that is complete. A lone client never waits: after a single-request pass the
+//! next one starts at once with what is queued.
+//!
+//! A job whose caller went away (its future dropped) is skipped before the next pass; a
+//! failing pass fails the jobs that had items in it, and only them. The thread ends when
+//! the model is dropped (the last sender goes).
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::BackendError;
+
+/// How requests are merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Items (texts, pairs) per forward pass at most.
+    pub max_batch: usize,
+    /// How long a pass waits for more requests under concurrent load.
+    pub max_wait: Duration,
+    /// Threads one forward pass uses (the model's own pool).
+    pub threads: usize,
+}
+
+impl BatchConfig {
+    /// Default items per forward pass.
+    pub const DEFAULT_MAX_BATCH: usize = 32;
+    /// Default wait for more requests, in milliseconds.
+    pub const DEFAULT_MAX_WAIT_MS: u64 = 2;
+    /// Default threads per forward pass.
+    pub const DEFAULT_THREADS: usize = 1;
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_batch: Self::DEFAULT_MAX_BATCH,
+            max_wait: Duration::from_millis(Self::DEFAULT_MAX_WAIT_MS),
+            threads: Self::DEFAULT_THREADS,
+        }
+    }
+}
+
+/// A model that answers a batch of items in one pass.
+pub(crate) trait BatchModel: Send + 'static {
+    type Item: Send + 'static;
+    type Output: Send + 'static;
+    /// One output per item, in order.
+    fn run(&self, items: &[&Self::Item]) -> Result<Vec<Self::Output>, BackendError>;
+}
+
+type Answer<O> = oneshot::Sender<Result<Vec<O>, BackendError>>;
+
+struct Job<M: BatchModel> {
+    items: Vec<M::Item>,
+    outputs: Vec<Option<M::Output>>,
+    /// Items handed to a pass so far (the first `scheduled` items).
+    scheduled: usize,
+    /// Outputs filed so far.
+    filled: usize,
+    answer: Answer<M::Output>,
+}
+
+/// The sending end of a model's batching thread. Dropping it ends the thread.
+pub(crate) struct Batcher<M: BatchModel> {
+    jobs: mpsc::Sender<Job<M>>,
+}
+
+impl<M: BatchModel> Batcher<M> {
+    /// Starts the thread `name` running `model`.
+    pub fn start(model: M, config: BatchConfig, name: &str) -> Result<Self, BackendError> {
+        let (tx, rx) = mpsc::channel();
+        let config = BatchConfig {
+            max_batch: config.max_batch.max(1),
+            ..config
+        };
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || run_loop(model, config, rx))
+            .map_err(|e| {
+                BackendError::internal(format!("cannot start the batching thread: {e}"))
+            })?;
+        Ok(Batcher { jobs: tx })
+    }
+
+    /// Queues `items` and answers their outputs, in order. Dropping the future withdraws
+    /// the items not yet in a pass.
+    pub fn submit(
+        &self,
+        items: Vec<M::Item>,
+    ) -> impl std::future::Future<Output = Result<Vec<M::Output>, BackendError>> + Send + 'static
+    {
+        let (answer, answered) = oneshot::channel();
+        let queued = if items.is_empty() {
+            let _ = answer.send(Ok(Vec::new()));
+            Ok(())
+        } else {
+            let n = items.len();
+            self.jobs
+                .send(Job {
+                    items,
+                    outputs: (0..n).map(|_| None).collect(),
+                    scheduled: 0,
+                    filled: 0,
+                    answer,
+                })
+                .map_err(|_| ())
+        };
+        async move {
+            queued
+                .map_err(|()| BackendError::internal("the model's batching thread has stopped"))?;
+            answered
+                .await
+                .map_err(|_| BackendError::internal("the model's batching thread has stopped"))?
+        }
+    }
+}
+
+fn run_loop<M: BatchModel>(model: M, config: BatchConfig, rx: mpsc::Receiver<Job<M>>) {
+    let mut queue: VecDeque<Job<M>> = VecDeque::new();
+    let mut last_pass_jobs = 0usize;
+    loop {
+        if queue.is_empty() {
+            match rx.recv() {
+                Ok(job) => queue.push_back(job),
+                Err(_) => return,
+            }
+        }
+        // Everything already queued, then (under load) up to `max_wait` for more.
+        let mut disconnected = false;
+        while let Ok(job) = rx.try_recv() {
+            queue.push_back(job);
+        }
+        if last_pass_jobs > 1 {
+            let deadline = Instant::now() + config.max_wait;
+            while unscheduled(&queue) < config.max_batch {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match rx.recv_timeout(left) {
+                    Ok(job) => queue.push_back(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            }
+        }
+        // Callers that went away.
+        queue.retain(|j| !j.answer.is_closed());
+        if queue.is_empty() {
+            if disconnected {
+                return;
+            }
+            continue;
+        }
+        // Round-robin fill: (job index, item index).
+        let mut picked: Vec<(usize, usize)> = Vec::with_capacity(config.max_batch);
+        let mut cursor: Vec<usize> = queue.iter().map(|j| j.scheduled).collect();
+        'fill: loop {
+            let mut took = false;
+            for (ji, job) in queue.iter().enumerate() {
+                if cursor[ji] < job.items.len() {
+                    picked.push((ji, cursor[ji]));
+                    cursor[ji] += 1;
+                    took = true;
+                    if picked.len() == config.max_batch {
+                        break 'fill;
+                    }
+                }
+            }
+            if !took {
+                break;
+            }
+        }
+        for (job, c) in queue.iter_mut().zip(&cursor) {
+            job.scheduled = *c;
+        }
+        last_pass_jobs = queue.iter().filter(|j| j.scheduled > j.filled).count();
+        let result = {
+            let items: Vec<&M::Item> = picked.iter().map(|&(j, i)| &queue[j].items[i]).collect();
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(&items)))
+                .unwrap_or_else(|_| Err(BackendError::internal("the model panicked")))
+                .and_then(|out| {
+                    if out.len() == items.len() {
+                        Ok(out)
+                    } else {
+                        Err(BackendError::internal(format!(
+                            "the model answered {} outputs for {} inputs",
+                            out.len(),
+                            items.len()
+                        )))
+                    }
+                })
+        };
+        match result {
+            Ok(outputs) => {
+                for ((j, i), out) in picked.into_iter().zip(outputs) {
+                    let job = &mut queue[j];
+                    job.outputs[i] = Some(out);
+                    job.filled += 1;
+                }
+                let mut kept = VecDeque::with_capacity(queue.len());
+                for job in queue.drain(..) {
+                    if job.filled == job.items.len() {
+                        let outputs = job.outputs.into_iter().flatten().collect();
+                        let _ = job.answer.send(Ok(outputs));
+                    } else {
+                        kept.push_back(job);
+                    }
+                }
+                queue = kept;
+            }
+            Err(e) => {
+                let mut failed = vec![false; queue.len()];
+                for &(j, _) in &picked {
+                    failed[j] = true;
+                }
+                let mut kept = VecDeque::with_capacity(queue.len());
+                for (job, failed) in queue.drain(..).zip(failed) {
+                    if failed {
+                        let _ = job.answer.send(Err(e.clone()));
+                    } else {
+                        kept.push_back(job);
+                    }
+                }
+                queue = kept;
+            }
+        }
+        if disconnected && queue.is_empty() {
+            return;
+        }
+    }
+}
+
+/// Items of `queue` not yet handed to a pass.
+fn unscheduled<M: BatchModel>(queue: &VecDeque<Job<M>>) -> usize {
+    queue.iter().map(|j| j.items.len() - j.scheduled).sum()
+}
+
+#[cfg(test)]
+mod tests;
