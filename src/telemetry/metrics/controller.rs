@@ -12,7 +12,7 @@
 //! SQL registry, failed writes of redb) and `dbgpt_controller_registry_reconnects_total` (the
 //! SQL database reachable again after a failure).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::{Method, StatusCode};
@@ -66,8 +66,7 @@ pub struct ControllerMetrics {
     requests_family: Family<Labels, Counter>,
     duration_family: Family<Labels, Histogram, fn() -> Histogram>,
     writes_family: Family<Labels, Histogram, fn() -> Histogram>,
-    /// `[route][status class]`, resolved at first use (only classes seen get a series).
-    requests: Vec<[OnceLock<Counter>; 5]>,
+    requests: Vec<[Counter; 5]>,
     duration: Vec<Histogram>,
     writes: Vec<Histogram>,
     registrations: Counter,
@@ -83,7 +82,17 @@ impl Default for ControllerMetrics {
             Family::new_with_constructor(super::duration_histogram as fn() -> _);
         let writes_family: Family<Labels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(super::write_histogram as fn() -> _);
-        let requests = ROUTES.iter().map(|_| Default::default()).collect();
+        let requests = ROUTES
+            .iter()
+            .map(|r| {
+                std::array::from_fn(|c| {
+                    requests_family.get_or_create_owned(&vec![
+                        ("route", r.to_string()),
+                        ("status_class", CLASSES[c].to_string()),
+                    ])
+                })
+            })
+            .collect();
         let duration = ROUTES
             .iter()
             .map(|r| duration_family.get_or_create_owned(&vec![("route", r.to_string())]))
@@ -193,15 +202,8 @@ impl Meter for ControllerMetrics {
     }
 
     fn record(&self, route: u8, _model: Option<&ModelName>, status: StatusCode) -> Record {
-        let (r, c) = (route as usize, class_index(status));
-        let requests = self.requests[r][c].get_or_init(|| {
-            self.requests_family.get_or_create_owned(&vec![
-                ("route", ROUTES[r].to_string()),
-                ("status_class", CLASSES[c].to_string()),
-            ])
-        });
         Record {
-            requests: requests.clone(),
+            requests: self.requests[route as usize][class_index(status)].clone(),
             duration: self.duration[route as usize].clone(),
             ttft: None,
             tokens: None,

@@ -17,8 +17,8 @@
 //! [`ModelMetrics::engine_owned`] and then sets `slots_in_use`, `queue_depth` and
 //! `prompt_cached_tokens` itself.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::http::{Method, StatusCode};
@@ -96,8 +96,8 @@ struct Families {
 pub struct WorkerMetrics {
     vitals: Vitals,
     families: Families,
-    /// `[route][status class]`, resolved at first use (only classes seen get a series).
-    requests: Vec<[OnceLock<Counter>; 5]>,
+    /// `[route][status class]`, resolved at start.
+    requests: Vec<[Counter; 5]>,
     duration: Vec<Histogram>,
 }
 
@@ -116,7 +116,20 @@ impl Default for WorkerMetrics {
             cached: Family::default(),
             load: Family::default(),
         };
-        let requests = ROUTES.iter().map(|_| Default::default()).collect();
+        // Only the classes a route has answered appear: resolved lazily would cost a lock;
+        // resolved eagerly they would all show. Series are created here but a zero counter
+        // is cheap to scrape and tells "none of these" explicitly.
+        let requests = ROUTES
+            .iter()
+            .map(|r| {
+                std::array::from_fn(|c| {
+                    families.requests.get_or_create_owned(&vec![
+                        ("route", r.to_string()),
+                        ("status_class", CLASSES[c].to_string()),
+                    ])
+                })
+            })
+            .collect();
         let duration = ROUTES
             .iter()
             .map(|r| {
@@ -227,15 +240,8 @@ impl Meter for WorkerMetrics {
     }
 
     fn record(&self, route: u8, _model: Option<&ModelName>, status: StatusCode) -> Record {
-        let (r, c) = (route as usize, class_index(status));
-        let requests = self.requests[r][c].get_or_init(|| {
-            self.families.requests.get_or_create_owned(&vec![
-                ("route", ROUTES[r].to_string()),
-                ("status_class", CLASSES[c].to_string()),
-            ])
-        });
         Record {
-            requests: requests.clone(),
+            requests: self.requests[route as usize][class_index(status)].clone(),
             duration: self.duration[route as usize].clone(),
             ttft: None,
             tokens: None,
