@@ -13,10 +13,10 @@
 # Rows (each at every concurrency; a plain and a streamed phase, CPU µs/req for both):
 #   direct, apiserver, apiserver+worker, bare relay+worker (below), "apiserver+worker tools"
 #   (the same path, every request with a `tools` list, `tool_choice` and a json_schema
-#   `response_format`), and, when the wheel is installed (python3 -c 'import sglang_router'),
-#   "apiserver+worker metrics off" (a second apiserver and proxy worker started with
-#   --metrics_addr off, model "viaworker_nometrics": the cost of the Prometheus metrics is the
-#   difference to "apiserver+worker", printed per concurrency after the tables), and
+#   `response_format`), "apiserver+worker metrics off" (a second apiserver and proxy worker
+#   started with --metrics_addr off, model "viaworker_nometrics": the cost of the Prometheus
+#   metrics is the difference to "apiserver+worker", printed per concurrency after the
+#   tables), and, when the wheel is installed (python3 -c 'import sglang_router'),
 #   "sglang" and "sglang tools": SGLang's Rust gateway (sglang-router 0.3.2,
 #   `python3 -m sglang_router.launch_router`, its defaults but --log-level warn; SGLANG_ARGS
 #   adds flags) in front of the same fake. The gateway probes the fake's /health,
@@ -25,7 +25,7 @@
 #   The last table sums each row's CPU per request over its pids except the fake's: the
 #   whole path (apiserver + proxy worker vs the gateway).
 #
-# Build: our crate optimised (CARGO_PROFILE_DEV_OPT_LEVEL=3), dependencies reused from the
+# Build: our crate as shipped (scripts/optimized-env.sh), dependencies reused from the
 # dev cache (they are already opt-level 3); never --release.
 #
 # Topology:   bench ──► fake_openai /v1                       ("direct")
@@ -50,7 +50,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
 CONC=${CONC:-1,32,128}
-export CARGO_PROFILE_DEV_OPT_LEVEL=3
+# The shipped binary's settings, for the examples too (one build of the library).
+source scripts/optimized-env.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/dbgpt-cluster/target}
 if [ -n "${BENCH_BIN_DIR:-}" ]; then
   # A/B against another build: a directory holding dbgpt, fake_openai, bench_apiserver and

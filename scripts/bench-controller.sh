@@ -42,7 +42,7 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
     mkdir -p "$BIN"
     for attempt in 1 2 3; do
         echo "== building (dev profile, opt-level 3 for dbgpt-cluster), attempt $attempt" >&2
-        CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --examples >&2
+        (source scripts/optimized-env.sh && cargo build --examples >&2)
         scripts/build-optimized.sh >&2   # dbgpt as shipped (function order applied)
         ok=1
         for f in dbgpt examples/hello_hyper examples/loadgen; do

@@ -8,4 +8,5 @@ cache=${DBGPT_CACHE_DIR:-$HOME/.cache/dbgpt-cluster}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
 export DBGPT_MODELS_DIR=${DBGPT_MODELS_DIR:-$cache/models}
 scripts/fetch-models.sh >/dev/null
-CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo run --locked --quiet --example bench_worker
+source scripts/optimized-env.sh
+cargo run --locked --quiet --example bench_worker

@@ -5,10 +5,12 @@
 #   dist/completions/{dbgpt.bash,_dbgpt,dbgpt.fish}  } by examples/gen-docs.rs
 #   dist/dbgpt_<version>_<arch>.deb and dist/dbgpt-<version>.<arch>.rpm
 #
-# The binary comes from the dev profile with our crate at opt-level 3: every dependency is
-# already optimised in dev builds ([profile.dev.package."*"] opt-level = 3), so this reuses the
-# test suite's compiled llama.cpp/candle and recompiles only dbgpt-cluster, where
-# `cargo build --release` would rebuild everything (~20 min on 2 cores). It is copied out of
+# The binary comes from the dev profile with our crate at opt-level 3 and without debug
+# assertions and overflow checks (scripts/optimized-env.sh): every dependency is built that
+# way in dev builds already ([profile.dev.package."*"]: opt-level 3, debug-assertions and
+# overflow-checks off), so this reuses the test suite's compiled llama.cpp/candle and
+# recompiles only dbgpt-cluster, where `cargo build --release` or a profile of its own
+# would rebuild everything (~20 min on 2 cores). It is copied out of
 # target/debug so later plain dev builds do not replace it. cargo-deb and cargo-generate-rpm
 # then run with `--profile dist`, which makes the `target/release/` asset paths in Cargo.toml
 # point at $CARGO_TARGET_DIR/dist/.
@@ -32,8 +34,9 @@ esac
 dist=$CARGO_TARGET_DIR/dist
 mkdir -p "$dist"
 
-echo "== build dbgpt (dev profile, opt-level 3) and gen-docs"
-CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --locked --example gen-docs
+echo "== build dbgpt (dev profile, opt-level 3, no debug assertions or overflow checks) and gen-docs"
+source scripts/optimized-env.sh
+cargo build --locked --example gen-docs
 scripts/build-optimized.sh   # the binary, linked with packaging/symbol-order.txt
 
 install -m 0755 "$CARGO_TARGET_DIR/debug/dbgpt" "$dist/dbgpt.tmp"

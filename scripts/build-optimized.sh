@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the dbgpt binary optimised (our crate at opt-level 3 in the dev profile; every
-# dependency is opt-level 3 already, so nothing else is rebuilt; never --release) and linked
+# Builds the dbgpt binary as shipped (scripts/optimized-env.sh: our crate at opt-level 3
+# without debug assertions and overflow checks in the dev profile, as every dependency
+# already is, so nothing else is rebuilt; never --release) and linked
 # with the function order of packaging/symbol-order.txt, into $CARGO_TARGET_DIR/debug/dbgpt.
 # Used by build-dist.sh and the benchmarks; plain `cargo build` (tests) links unordered.
 #
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${DBGPT_CACHE_DIR:-$HOME/.cache/dbgpt-cluster}/target}
-export CARGO_PROFILE_DEV_OPT_LEVEL=3
+source scripts/optimized-env.sh
 list=$PWD/packaging/symbol-order.txt
 resolved=$CARGO_TARGET_DIR/symbol-order.resolved.txt
 bin=$CARGO_TARGET_DIR/debug/dbgpt

@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "needs valgrind (apt install valgrind)" >&2; exit 1; }
 cache=${DBGPT_CACHE_DIR:-$HOME/.cache/dbgpt-cluster}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
-CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --locked --bin dbgpt --example fake_openai >&2
+(source scripts/optimized-env.sh && cargo build --locked --bin dbgpt --example fake_openai >&2)
 
 work=$(mktemp -d /tmp/dbgpt-symorder.XXXXXX)
 pids=()
