@@ -125,6 +125,8 @@ struct ApiserverFile {
     http_idle_timeout_secs: Option<u64>,
     http_body_timeout_secs: Option<u64>,
     http_max_connections: Option<usize>,
+    otlp_endpoint: Option<String>,
+    otlp_batch_delay_ms: Option<u64>,
 }
 
 /// Resolved apiserver configuration.
@@ -151,6 +153,8 @@ pub struct ApiserverConfig {
     pub daemon: bool,
     /// HTTP connection limits.
     pub http: crate::http::HttpLimits,
+    /// OTLP span export (`None`: off).
+    pub otlp: Option<crate::telemetry::otlp::OtlpConfig>,
 }
 
 impl std::fmt::Debug for ApiserverConfig {
@@ -271,6 +275,9 @@ impl ApiserverArgs {
             Some(origins)
         };
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
+        let otlp = self
+            .common
+            .otlp(crate::config::otlp_keys!(file), "dbgpt-apiserver")?;
         Ok(ApiserverConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
@@ -301,6 +308,7 @@ impl ApiserverArgs {
             )?,
             daemon: self.common.daemon,
             http,
+            otlp,
         })
     }
 }

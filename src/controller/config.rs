@@ -175,6 +175,8 @@ struct ControllerFile {
     http_idle_timeout_secs: Option<u64>,
     http_body_timeout_secs: Option<u64>,
     http_max_connections: Option<usize>,
+    otlp_endpoint: Option<String>,
+    otlp_batch_delay_ms: Option<u64>,
 }
 
 /// Resolved controller configuration.
@@ -194,6 +196,8 @@ pub struct ControllerConfig {
     pub daemon: bool,
     /// HTTP connection limits.
     pub http: crate::http::HttpLimits,
+    /// OTLP span export (`None`: off).
+    pub otlp: Option<crate::telemetry::otlp::OtlpConfig>,
 }
 
 impl ControllerArgs {
@@ -230,6 +234,9 @@ impl ControllerArgs {
             RegistryType::Database => Some(sql_config(&self, &file)?),
         };
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
+        let otlp = self
+            .common
+            .otlp(crate::config::otlp_keys!(file), "dbgpt-controller")?;
         Ok(ControllerConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
@@ -255,6 +262,7 @@ impl ControllerArgs {
             )?,
             daemon: self.common.daemon,
             http,
+            otlp,
         })
     }
 }

@@ -135,6 +135,8 @@ struct WorkerFile {
     http_idle_timeout_secs: Option<u64>,
     http_body_timeout_secs: Option<u64>,
     http_max_connections: Option<usize>,
+    otlp_endpoint: Option<String>,
+    otlp_batch_delay_ms: Option<u64>,
 }
 
 /// One `[[models.llms]]` / `[[models.embeddings]]` / `[[models.rerankers]]` entry.
@@ -195,6 +197,8 @@ pub struct WorkerConfig {
     pub daemon: bool,
     /// HTTP connection limits.
     pub http: crate::http::HttpLimits,
+    /// OTLP span export (`None`: off).
+    pub otlp: Option<crate::telemetry::otlp::OtlpConfig>,
 }
 
 /// A timeout in seconds: positive, finite, at most a day. `name` is the flag or key.
@@ -408,6 +412,9 @@ impl WorkerArgs {
             None
         };
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
+        let otlp = self
+            .common
+            .otlp(crate::config::otlp_keys!(file), "dbgpt-worker")?;
         Ok(WorkerConfig {
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
             port,
@@ -431,6 +438,7 @@ impl WorkerArgs {
             )?,
             daemon: self.common.daemon,
             http,
+            otlp,
         })
     }
 }

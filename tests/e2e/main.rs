@@ -9,6 +9,7 @@ mod common;
 mod controller;
 mod http_limits;
 mod openai;
+mod otlp;
 mod registry;
 mod rerank;
 mod sql;
