@@ -147,8 +147,8 @@ impl CommonServerArgs {
         service: &'static str,
     ) -> anyhow::Result<Option<crate::telemetry::otlp::OtlpConfig>> {
         use crate::telemetry::otlp::{DEFAULT_BATCH_DELAY, OtlpConfig};
-        let disabled = std::env::var("OTEL_SDK_DISABLED")
-            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let disabled =
+            std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
         let endpoint = match self.otlp_endpoint.clone().or(file.endpoint) {
             Some(e) if e.trim().is_empty() => return Ok(None),
             Some(e) => OtlpConfig::traces_url(&e)

@@ -53,7 +53,10 @@ pub fn normalize_level(level: &str) -> String {
 
 /// Installs the global subscriber (call once, after daemonizing), exporting spans over
 /// OTLP when `otlp` is given: the returned handle flushes them at the daemon's stop.
-pub fn init(level: Option<&str>, otlp: Option<&otlp::OtlpConfig>) -> anyhow::Result<otlp::Exporting> {
+pub fn init(
+    level: Option<&str>,
+    otlp: Option<&otlp::OtlpConfig>,
+) -> anyhow::Result<otlp::Exporting> {
     // llama.cpp logs ~100 INFO lines per model load: keep them at warn unless asked.
     let quiet = ",llama-cpp-2=warn,llama_cpp_2=warn";
     let filter = match level {

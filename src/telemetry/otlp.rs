@@ -18,8 +18,8 @@
 //! find the queue full) are dropped and counted ([`dropped_spans`]), and serving goes on.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -202,7 +202,8 @@ where
 /// valid, else DB-GPT's `DB-GPT-Trace-Span-Id` when its ids have W3C's widths, else none.
 pub fn parent_from(headers: &HeaderMap) -> Option<Context> {
     if headers.contains_key(&TRACEPARENT) {
-        let cx = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
+        let cx =
+            TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
         if cx.span().span_context().is_valid() {
             return Some(cx);
         }
@@ -237,14 +238,24 @@ fn ids_of(sc: &SpanContext) -> (u128, u64) {
     )
 }
 
-/// The ids of the current exported span (`None` when export is off or outside any).
+tokio::task_local! {
+    /// The ids of the request's server span, for code that runs inside spans the exporter
+    /// does not see (the log's `http_request` span).
+    static REQUEST: (u128, u64);
+}
+
+/// The ids of the current exported span, else of the request's server span (`None` when
+/// export is off or outside any).
 pub fn current_ids() -> Option<(u128, u64)> {
     if !enabled() {
         return None;
     }
     let cx = tracing::Span::current().context();
     let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| ids_of(&sc))
+    if sc.is_valid() {
+        return Some(ids_of(&sc));
+    }
+    REQUEST.try_with(|r| *r).ok()
 }
 
 /// The `traceparent` naming the current exported span as the parent of the next hop's
@@ -304,7 +315,16 @@ where
     if let Some(cx) = parent_from(req.headers()) {
         let _ = span.set_parent(cx);
     }
-    let resp = next(req).instrument(span.clone()).await;
+    let sc = span.context().span().span_context().clone();
+    let call = next(req);
+    let resp = if sc.is_valid() {
+        REQUEST
+            .scope(ids_of(&sc), call)
+            .instrument(span.clone())
+            .await
+    } else {
+        call.instrument(span.clone()).await
+    };
     let status = resp.status().as_u16();
     span.record("http.response.status_code", status);
     if status >= 500 {
@@ -535,7 +555,6 @@ impl SpanProcessor for Batcher {
         }
         r
     }
-
 }
 
 /// The exporter thread: collects spans for `delay` (or [`MAX_BATCH`] of them) and sends
@@ -579,7 +598,12 @@ fn export_loop<E: SpanExporter>(
             l.clear();
         }
         let result = rt.block_on(async {
-            match tokio::time::timeout(EXPORT_TIMEOUT + Duration::from_secs(1), exporter.export(spans)).await {
+            match tokio::time::timeout(
+                EXPORT_TIMEOUT + Duration::from_secs(1),
+                exporter.export(spans),
+            )
+            .await
+            {
                 Ok(r) => r,
                 Err(_) => Err(OTelSdkError::Timeout(EXPORT_TIMEOUT)),
             }
@@ -643,7 +667,7 @@ fn export_loop<E: SpanExporter>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+    use opentelemetry::trace::Tracer as _;
 
     #[test]
     fn traces_url_of_a_base_url() {
@@ -651,7 +675,10 @@ mod tests {
         assert_eq!(u("http://c:4318").unwrap(), "http://c:4318/v1/traces");
         assert_eq!(u(" http://c:4318/ ").unwrap(), "http://c:4318/v1/traces");
         assert_eq!(u("https://c/otlp").unwrap(), "https://c/otlp/v1/traces");
-        assert_eq!(u("http://c:4318/v1/traces").unwrap(), "http://c:4318/v1/traces");
+        assert_eq!(
+            u("http://c:4318/v1/traces").unwrap(),
+            "http://c:4318/v1/traces"
+        );
         for bad in ["c:4318", "ftp://c/", "http://", "not a url"] {
             assert!(u(bad).is_err(), "{bad}");
         }
@@ -672,16 +699,18 @@ mod tests {
 
     #[test]
     fn parents_from_traceparent_then_dbgpt_header() {
-        let ids = |h: &HeaderMap| {
-            parent_from(h).map(|cx| ids_of(&cx.span().span_context().clone()))
-        };
+        let ids =
+            |h: &HeaderMap| parent_from(h).map(|cx| ids_of(&cx.span().span_context().clone()));
         let w3c = (0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331);
         assert_eq!(ids(&headers(&[("traceparent", TP)])), Some(w3c));
         assert_eq!(traceparent_ids(&headers(&[("traceparent", TP)])), Some(w3c));
         let dbgpt = "1234567890abcdef1234567890abcdef:00000000000000ff";
         // traceparent wins over DB-GPT's header; a malformed one is ignored.
         assert_eq!(
-            ids(&headers(&[("traceparent", TP), ("db-gpt-trace-span-id", dbgpt)])),
+            ids(&headers(&[
+                ("traceparent", TP),
+                ("db-gpt-trace-span-id", dbgpt)
+            ])),
             Some(w3c)
         );
         let from_dbgpt = Some((0x1234567890abcdef1234567890abcdef, 0xff));
@@ -693,9 +722,16 @@ mod tests {
             "00-0AF7651916CD43DD8448EB211C80319G-b7ad6b7169203331-01",
         ] {
             assert_eq!(ids(&headers(&[("traceparent", bad)])), None, "{bad}");
-            assert_eq!(traceparent_ids(&headers(&[("traceparent", bad)])), None, "{bad}");
             assert_eq!(
-                ids(&headers(&[("traceparent", bad), ("db-gpt-trace-span-id", dbgpt)])),
+                traceparent_ids(&headers(&[("traceparent", bad)])),
+                None,
+                "{bad}"
+            );
+            assert_eq!(
+                ids(&headers(&[
+                    ("traceparent", bad),
+                    ("db-gpt-trace-span-id", dbgpt)
+                ])),
                 from_dbgpt,
                 "{bad}"
             );
@@ -737,7 +773,11 @@ mod tests {
         // The flush exports now (the delay is an hour): the refused connection is retried
         // by the exporter, then the batch is dropped and counted.
         provider.force_flush().unwrap();
-        assert!(dropped_spans() >= before + 3, "{} {before}", dropped_spans());
+        assert!(
+            dropped_spans() >= before + 3,
+            "{} {before}",
+            dropped_spans()
+        );
         assert!(started.elapsed() < EXPORT_TIMEOUT * 2);
         provider.shutdown().unwrap();
     }

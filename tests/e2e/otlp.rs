@@ -187,7 +187,13 @@ fn chat(port: u16, traceparent: Option<&str>) -> (u16, String) {
 }
 
 /// A proxy worker for model `gpt` in front of `up`, and an apiserver, both with `extra`.
-fn stack(env: &TestEnv, controller: &str, up: u16, worker_extra: &[&str], api_extra: &[&str]) -> (Daemon, Daemon) {
+fn stack(
+    env: &TestEnv,
+    controller: &str,
+    up: u16,
+    worker_extra: &[&str],
+    api_extra: &[&str],
+) -> (Daemon, Daemon) {
     let base = format!("http://127.0.0.1:{up}/v1");
     let mut args = vec![
         "--model_name",
@@ -254,7 +260,9 @@ fn one_chat_request_is_one_trace_across_apiserver_worker_and_upstream() {
         col.spans.lock().unwrap()
     );
     assert!(
-        col.in_trace(trace).iter().all(|s| s.service == "dbgpt-apiserver"),
+        col.in_trace(trace)
+            .iter()
+            .all(|s| s.service == "dbgpt-apiserver"),
         "the worker exported before its stop: {:#?}",
         col.in_trace(trace)
     );
@@ -265,8 +273,15 @@ fn one_chat_request_is_one_trace_across_apiserver_worker_and_upstream() {
     ctl_stop(&env, &mut w);
     ctl_stop(&env, &mut a);
     ctl_stop(&env, &mut c);
-    assert!(col.spans.lock().unwrap().len() > n_before_stop, "the worker's stop flushed nothing");
-    assert!(col.bad.lock().unwrap().is_empty(), "{:?}", col.bad.lock().unwrap());
+    assert!(
+        col.spans.lock().unwrap().len() > n_before_stop,
+        "the worker's stop flushed nothing"
+    );
+    assert!(
+        col.bad.lock().unwrap().is_empty(),
+        "{:?}",
+        col.bad.lock().unwrap()
+    );
 
     let spans = col.in_trace(trace);
     // apiserver: the request (continuing the client's span) and its call to the worker.
@@ -287,7 +302,9 @@ fn one_chat_request_is_one_trace_across_apiserver_worker_and_upstream() {
     let generate = one(&spans, "generate span", |s| s.name == "generate");
     assert_eq!(generate.service, "dbgpt-worker");
     assert_eq!(generate.parent, wreq.span);
-    let upcall = one(&spans, "upstream call", |s| s.name == "POST chat/completions");
+    let upcall = one(&spans, "upstream call", |s| {
+        s.name == "POST chat/completions"
+    });
     assert_eq!((upcall.service.as_str(), upcall.kind), ("dbgpt-worker", 3));
     assert_eq!(upcall.parent, generate.span);
     assert_eq!(spans.len(), 5, "{spans:#?}");
@@ -303,13 +320,16 @@ fn one_chat_request_is_one_trace_across_apiserver_worker_and_upstream() {
     // whose id the upstream got.
     let all = col.spans.lock().unwrap().clone();
     let fresh = one(&all, "second apiserver request", |s| {
-        s.service == "dbgpt-apiserver"
-            && s.name == "POST /v1/chat/completions"
-            && s.trace != trace
+        s.service == "dbgpt-apiserver" && s.name == "POST /v1/chat/completions" && s.trace != trace
     });
     assert!(fresh.parent.is_empty(), "{fresh:?}");
-    let t2 = tps[1].as_deref().expect("the second upstream call has a traceparent");
-    assert!(t2.starts_with(&format!("00-{}-", fresh.trace)), "{t2} vs {fresh:?}");
+    let t2 = tps[1]
+        .as_deref()
+        .expect("the second upstream call has a traceparent");
+    assert!(
+        t2.starts_with(&format!("00-{}-", fresh.trace)),
+        "{t2} vs {fresh:?}"
+    );
 
     // DB-GPT's span files go on beside the export, in the same trace.
     let file_spans = |name: &str| -> Vec<Value> {
@@ -367,8 +387,15 @@ fn an_unreachable_endpoint_leaves_serving_unaffected() {
     ctl_stop(&env, &mut c);
     for d in [&a, &w] {
         let logs = d.logs();
-        assert_eq!(logs.matches(warning).count(), 1, "one warning only:\n{logs}");
-        assert!(logs.contains("Connection refused") || logs.contains("connect"), "{logs}");
+        assert_eq!(
+            logs.matches(warning).count(),
+            1,
+            "one warning only:\n{logs}"
+        );
+        assert!(
+            logs.contains("Connection refused") || logs.contains("connect"),
+            "{logs}"
+        );
     }
 }
 
