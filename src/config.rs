@@ -95,6 +95,22 @@ pub struct CommonServerArgs {
         value_name = "KEY"
     )]
     pub metrics_api_key: Option<String>,
+    /// Export request spans to this OTLP/HTTP collector (protobuf): its base URL, e.g. http://127.0.0.1:4318 (`/v1/traces` is added); "" turns export off [default: off, or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as the full URL]
+    #[arg(
+        long = "otlp_endpoint",
+        visible_alias = "otlp-endpoint",
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL"
+    )]
+    pub otlp_endpoint: Option<String>,
+    /// Milliseconds between two exports of finished spans [default: 1000]
+    #[arg(
+        long = "otlp_batch_delay_ms",
+        visible_alias = "otlp-batch-delay-ms",
+        env = "OTEL_BSP_SCHEDULE_DELAY",
+        value_name = "MS"
+    )]
+    pub otlp_batch_delay_ms: Option<u64>,
 }
 
 /// The `http_*` keys of a config file section (every service's section has them).
@@ -119,6 +135,24 @@ macro_rules! http_keys {
 }
 pub(crate) use http_keys;
 
+/// The `otlp_*` keys of a config file section (every service's section has them).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct OtlpKeys {
+    pub(crate) endpoint: Option<String>,
+    pub(crate) batch_delay_ms: Option<u64>,
+}
+
+/// The [`OtlpKeys`] of a section struct (they all name them alike).
+macro_rules! otlp_keys {
+    ($file:expr) => {
+        $crate::config::OtlpKeys {
+            endpoint: $file.otlp_endpoint.clone(),
+            batch_delay_ms: $file.otlp_batch_delay_ms,
+        }
+    };
+}
+pub(crate) use otlp_keys;
+
 impl CommonServerArgs {
     /// The metrics endpoint flags, resolved.
     pub(crate) fn metrics(&self) -> anyhow::Result<crate::telemetry::metrics::MetricsConfig> {
@@ -126,6 +160,47 @@ impl CommonServerArgs {
             self.metrics_addr.as_deref(),
             self.metrics_api_key.as_deref(),
         )
+    }
+
+    /// Span export for `service` (its `service.name`): `--otlp_endpoint` (or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`) > the section's `otlp_endpoint` >
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (a full traces URL); none, "" or
+    /// `OTEL_SDK_DISABLED=true`: off.
+    pub(crate) fn otlp(
+        &self,
+        file: OtlpKeys,
+        service: &'static str,
+    ) -> anyhow::Result<Option<crate::telemetry::otlp::OtlpConfig>> {
+        use crate::telemetry::otlp::{DEFAULT_BATCH_DELAY, OtlpConfig};
+        let disabled =
+            std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let endpoint = match self.otlp_endpoint.clone().or(file.endpoint) {
+            Some(e) if e.trim().is_empty() => return Ok(None),
+            Some(e) => OtlpConfig::traces_url(&e)
+                .map_err(|m| anyhow::anyhow!("invalid --otlp_endpoint: {m}"))?,
+            None => match std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+                Ok(e) if !e.trim().is_empty() => {
+                    OtlpConfig::traces_url(&e).map_err(|m| {
+                        anyhow::anyhow!("invalid OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: {m}")
+                    })?;
+                    e.trim().to_string()
+                }
+                _ => return Ok(None),
+            },
+        };
+        let batch_delay = match self.otlp_batch_delay_ms.or(file.batch_delay_ms) {
+            Some(0) => bail!("--otlp_batch_delay_ms must be at least 1"),
+            Some(ms) => Duration::from_millis(ms),
+            None => DEFAULT_BATCH_DELAY,
+        };
+        if disabled {
+            return Ok(None);
+        }
+        Ok(Some(OtlpConfig {
+            endpoint,
+            service_name: service,
+            batch_delay,
+        }))
     }
 
     /// The HTTP connection limits: flags and environment > the section's keys > defaults.

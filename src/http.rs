@@ -168,7 +168,7 @@ pub(crate) fn is_quiet(path: &str) -> bool {
 /// Middleware: one `tracing` span and one log line per request, except heartbeats and
 /// health checks.
 pub async fn trace_requests(req: Request, next: Next) -> Response {
-    logged(req, |req| next.run(req)).await
+    crate::telemetry::otlp::served(req, |req| logged(req, |req| next.run(req))).await
 }
 
 /// [`trace_requests`] around any continuation `next` (for services that are not axum

@@ -28,8 +28,9 @@
 //! - `daemon`: the one lifecycle of every daemon (fork, pid lock, admin socket, HTTP,
 //!   readiness, watchdog, stop, drain, flush) with per-service hooks; [`http`]: serving with
 //!   per-connection limits, FastAPI-shaped errors, body caps; `config`: what every daemon's
-//!   flags and TOML share; [`telemetry`]: logging and Prometheus metrics
-//!   ([`telemetry::metrics`]); [`tracer`]: DB-GPT's JSON-lines span file.
+//!   flags and TOML share; [`telemetry`]: logging, Prometheus metrics
+//!   ([`telemetry::metrics`]) and OTLP trace export (`telemetry::otlp`); [`tracer`]:
+//!   DB-GPT's JSON-lines span file.
 //! - `registry`: the `Registry` trait, the redb store and the SQL store, one conformance
 //!   suite for both.
 //! - `controller`: its config, HTTP routes over the registry, its service hooks, and the

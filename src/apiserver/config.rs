@@ -145,6 +145,8 @@ struct ApiserverFile {
     http_idle_timeout_secs: Option<u64>,
     http_body_timeout_secs: Option<u64>,
     http_max_connections: Option<usize>,
+    otlp_endpoint: Option<String>,
+    otlp_batch_delay_ms: Option<u64>,
 }
 
 /// Resolved apiserver configuration.
@@ -177,6 +179,8 @@ pub struct ApiserverConfig {
     pub http: crate::http::HttpLimits,
     /// Where and how `/metrics` is served.
     pub metrics: crate::telemetry::metrics::MetricsConfig,
+    /// OTLP span export (`None`: off).
+    pub otlp: Option<crate::telemetry::otlp::OtlpConfig>,
 }
 
 impl std::fmt::Debug for ApiserverConfig {
@@ -311,6 +315,9 @@ impl ApiserverArgs {
         };
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
         let metrics = self.common.metrics()?;
+        let otlp = self
+            .common
+            .otlp(crate::config::otlp_keys!(file), "dbgpt-apiserver")?;
         Ok(ApiserverConfig {
             metrics,
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
@@ -344,6 +351,7 @@ impl ApiserverArgs {
             )?,
             daemon: self.common.daemon,
             http,
+            otlp,
         })
     }
 }

@@ -27,11 +27,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::discovery::{self, Discovery, Group, Instance, Lookup};
 use super::policy::{self, InFlight, RoutingPolicy};
 use super::pool::{self, Target};
 use crate::http::error_chain;
+use crate::telemetry::otlp;
 use crate::tracer::{SpanCtx, TRACE_HEADER};
 use crate::wire::controller::worker_key;
 use crate::wire::worker::{
@@ -335,7 +337,8 @@ impl Upstream {
                 break;
             };
             tried.push(inst.addr.clone());
-            match attempt(InFlight::new(inst.clone())).await {
+            let span = otlp::worker_call(model, &inst.addr);
+            match attempt(InFlight::new(inst.clone())).instrument(span).await {
                 Ok(v) => return Ok(v),
                 Err(Attempt::Fail(e)) => return Err(e),
                 Err(Attempt::Retry(reason)) => {
@@ -427,7 +430,8 @@ impl Upstream {
     }
 
     /// A POST of a JSON body to a worker, naming the caller's span `trace` in DB-GPT's
-    /// `DB-GPT-Trace-Span-Id` header so the worker continues the trace.
+    /// `DB-GPT-Trace-Span-Id` header, and the current OTLP span in `traceparent`, so the
+    /// worker continues the trace.
     fn post(
         &self,
         target: &Target,
@@ -446,6 +450,9 @@ impl Upstream {
         );
         if let Some(t) = trace {
             h.insert(TRACE_HEADER.clone(), t.header_value());
+        }
+        if let Some(t) = otlp::traceparent() {
+            h.insert(otlp::TRACEPARENT.clone(), t);
         }
         req
     }
@@ -581,7 +588,9 @@ impl Upstream {
                 continue;
             }
             let guard = InFlight::new(inst.clone());
-            let failed = match self.native_once(guard, path, body, trace).await {
+            let span = otlp::worker_call(model, &inst.addr);
+            let once = self.native_once(guard, path, body, trace).instrument(span);
+            let failed = match once.await {
                 Ok(Some(answer)) => return Ok(Native::Answer(answer)),
                 Ok(None) => {
                     self.discovery.mark_legacy(&inst);

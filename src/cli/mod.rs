@@ -132,8 +132,10 @@ fn start_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     } else {
         Readiness::foreground()
     };
-    crate::telemetry::init(cfg.log_level.as_deref())?;
-    runtime()?.block_on(crate::controller::service::run(cfg, readiness))?;
+    let spans = crate::telemetry::init(cfg.log_level.as_deref(), cfg.otlp.as_ref())?;
+    let served = runtime()?.block_on(crate::controller::service::run(cfg, readiness));
+    spans.shutdown();
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -147,8 +149,10 @@ fn start_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     } else {
         Readiness::foreground()
     };
-    crate::telemetry::init(cfg.log_level.as_deref())?;
-    runtime()?.block_on(crate::worker::service::run(cfg, readiness))?;
+    let spans = crate::telemetry::init(cfg.log_level.as_deref(), cfg.otlp.as_ref())?;
+    let served = runtime()?.block_on(crate::worker::service::run(cfg, readiness));
+    spans.shutdown();
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -159,8 +163,10 @@ fn start_apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     } else {
         Readiness::foreground()
     };
-    crate::telemetry::init(cfg.log_level.as_deref())?;
-    runtime()?.block_on(crate::apiserver::service::run(cfg, readiness))?;
+    let spans = crate::telemetry::init(cfg.log_level.as_deref(), cfg.otlp.as_ref())?;
+    let served = runtime()?.block_on(crate::apiserver::service::run(cfg, readiness));
+    spans.shutdown();
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

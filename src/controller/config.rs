@@ -175,6 +175,8 @@ struct ControllerFile {
     http_idle_timeout_secs: Option<u64>,
     http_body_timeout_secs: Option<u64>,
     http_max_connections: Option<usize>,
+    otlp_endpoint: Option<String>,
+    otlp_batch_delay_ms: Option<u64>,
 }
 
 /// Resolved controller configuration.
@@ -196,6 +198,8 @@ pub struct ControllerConfig {
     pub http: crate::http::HttpLimits,
     /// Where and how `/metrics` is served.
     pub metrics: crate::telemetry::metrics::MetricsConfig,
+    /// OTLP span export (`None`: off).
+    pub otlp: Option<crate::telemetry::otlp::OtlpConfig>,
 }
 
 impl ControllerArgs {
@@ -233,6 +237,9 @@ impl ControllerArgs {
         };
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
         let metrics = self.common.metrics()?;
+        let otlp = self
+            .common
+            .otlp(crate::config::otlp_keys!(file), "dbgpt-controller")?;
         Ok(ControllerConfig {
             metrics,
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
@@ -259,6 +266,7 @@ impl ControllerArgs {
             )?,
             daemon: self.common.daemon,
             http,
+            otlp,
         })
     }
 }

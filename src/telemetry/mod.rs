@@ -2,7 +2,8 @@
 //!
 //! Logging: one `tracing` subscriber per process, writing to stderr (the journal under
 //! systemd, the log file under `--daemon`). The level comes from `--log_level`,
-//! `DBGPT_LOG_LEVEL` or `RUST_LOG`, and accepts DB-GPT's Python level names too.
+//! `DBGPT_LOG_LEVEL` or `RUST_LOG`, and accepts DB-GPT's Python level names too. With
+//! `--otlp_endpoint` the same subscriber also exports the request spans of [`otlp`].
 //!
 //! The text formatter writes `%`-fields and messages as they are, so client input (model
 //! names, hosts, paths, upstream messages…) goes into a log line through [`Escaped`], which
@@ -13,6 +14,8 @@ pub mod metrics;
 use std::fmt::{self, Write as _};
 
 use tracing_subscriber::EnvFilter;
+
+pub mod otlp;
 
 /// Client input in a log line: `Display`s the value with control characters escaped the
 /// way `str::escape_debug` does (`\n`, `\r`, `\t`, `\u{1b}`…, and the Unicode line and
@@ -52,8 +55,12 @@ pub fn normalize_level(level: &str) -> String {
     }
 }
 
-/// Installs the global subscriber (call once, after daemonizing).
-pub fn init(level: Option<&str>) -> anyhow::Result<()> {
+/// Installs the global subscriber (call once, after daemonizing), exporting spans over
+/// OTLP when `otlp` is given: the returned handle flushes them at the daemon's stop.
+pub fn init(
+    level: Option<&str>,
+    otlp: Option<&otlp::OtlpConfig>,
+) -> anyhow::Result<otlp::Exporting> {
     // llama.cpp logs ~100 INFO lines per model load: keep them at warn unless asked.
     let quiet = ",llama-cpp-2=warn,llama_cpp_2=warn";
     let filter = match level {
@@ -63,13 +70,39 @@ pub fn init(level: Option<&str>) -> anyhow::Result<()> {
             .unwrap_or_else(|_| EnvFilter::new(format!("info{quiet}"))),
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let Some(cfg) = otlp else {
+        // Without export, exactly the plain logger (one global filter, no per-layer state).
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .with_target(false)
+            .try_init()
+            .map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))?;
+        return Ok(otlp::Exporting::off());
+    };
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // The exported spans are not log lines.
+    let filter = filter.add_directive(
+        format!("{}=off", otlp::TARGET)
+            .parse()
+            .map_err(|e| anyhow::anyhow!("log filter: {e}"))?,
+    );
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .with_target(false)
+        .with_filter(filter);
+    let registry = tracing_subscriber::registry().with(logs);
+    let (spans, exporting) = otlp::layer(cfg)?;
+    registry
+        .with(spans)
         .try_init()
-        .map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))
+        .map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))?;
+    tracing::info!(endpoint = %cfg.endpoint, service = cfg.service_name, "exporting traces over OTLP/HTTP");
+    Ok(exporting)
 }
 
 #[cfg(test)]

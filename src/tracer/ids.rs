@@ -85,6 +85,23 @@ impl SpanCtx {
         (!trace.is_zero()).then_some(SpanCtx { trace, span })
     }
 
+    /// The span with W3C trace-context ids (an OTLP span, a client's `traceparent`):
+    /// DB-GPT's widths, 32 and 16 hex digits. `None` for a zero trace id.
+    pub fn from_ids(trace: u128, span: u64) -> Option<Self> {
+        (trace != 0).then(|| SpanCtx {
+            trace: Hex::from_bits(trace),
+            span: Hex::from_bits(span as u128),
+        })
+    }
+
+    /// The ids as numbers, for W3C trace context (`None` when the span id is zero).
+    pub fn ids(&self) -> Option<(u128, u64)> {
+        let num = |b: &[u8]| u128::from_str_radix(std::str::from_utf8(b).ok()?, 16).ok();
+        let trace = num(self.trace.as_bytes())?;
+        let span = u64::try_from(num(self.span.as_bytes())?).ok()?;
+        (trace != 0 && span != 0).then_some((trace, span))
+    }
+
     /// `<trace_id>:<span_id>` from a JSON body's `span_id` (DB-GPT's clients send it in
     /// `PromptRequest` and `EmbeddingsRequest`).
     pub fn from_body(v: &serde_json::Value) -> Option<Self> {
@@ -170,5 +187,22 @@ mod tests {
             SpanCtx::from_body(&serde_json::json!({"span_id": s})),
             Some(fresh)
         );
+    }
+
+    #[test]
+    fn w3c_ids_round_trip() {
+        let c = SpanCtx::from_ids(0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331).unwrap();
+        assert_eq!(
+            c.to_string(),
+            "0af7651916cd43dd8448eb211c80319c:b7ad6b7169203331"
+        );
+        assert_eq!(
+            c.ids(),
+            Some((0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331))
+        );
+        assert!(SpanCtx::from_ids(0, 1).is_none());
+        // DB-GPT's short forms still map onto W3C ids; a zero span id does not.
+        assert_eq!(ctx("ab:cd").ids(), Some((0xab, 0xcd)));
+        assert_eq!(ctx("ab:0").ids(), None);
     }
 }

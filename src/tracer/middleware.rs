@@ -17,9 +17,14 @@ tokio::task_local! {
 }
 
 /// The current request's root span (DB-GPT's `root_tracer.get_current_span_id()`), if
-/// any: children started in a handler name it as their parent.
+/// any: children started in a handler name it as their parent. Without one (a path
+/// outside `/api`), the current OTLP span when spans are exported, so that the file's
+/// spans stay in the collector's trace.
 pub fn current() -> Option<SpanCtx> {
-    CURRENT.try_with(|c| *c).ok()
+    CURRENT.try_with(|c| *c).ok().or_else(|| {
+        let (trace, span) = crate::telemetry::otlp::current_ids()?;
+        SpanCtx::from_ids(trace, span)
+    })
 }
 
 /// Adds the request middleware to `router` (to its routes only with `routes_only`, as
@@ -46,14 +51,33 @@ where
 /// Middleware used instead of [`crate::http::trace_requests`] when tracing is on (one
 /// layer, not two: each `from_fn` layer costs allocations on every request). It adds
 /// DB-GPT's `TraceIDMiddleware`: a root span per request under `/api`, except heartbeats
-/// and health checks, continuing the trace named by [`TRACE_HEADER`]; metadata
-/// `{"path": …}`.
+/// and health checks, continuing the trace named by [`TRACE_HEADER`] (else by the
+/// request's OTLP span or W3C `traceparent`); metadata `{"path": …}`.
 pub async fn root_span(State(tracer): State<Tracer>, req: Request, next: Next) -> Response {
     traced(&tracer, req, |req| next.run(req)).await
 }
 
-/// [`root_span`] around any continuation `next`.
+/// [`root_span`] around any continuation `next`, inside the request's OTLP server span
+/// when spans are exported ([`crate::telemetry::otlp::served`]).
 async fn traced<F, Fut>(tracer: &Tracer, req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    crate::telemetry::otlp::served(req, |req| root(tracer, req, next)).await
+}
+
+/// The parent of a root span when the caller named none in DB-GPT's header: the request's
+/// OTLP server span (so the file and the collector share the trace id), else the client's
+/// W3C `traceparent`.
+fn w3c_parent(req: &Request) -> Option<SpanCtx> {
+    use crate::telemetry::otlp;
+    let (trace, span) = otlp::current_ids().or_else(|| otlp::traceparent_ids(req.headers()))?;
+    SpanCtx::from_ids(trace, span)
+}
+
+/// The root span itself (see [`root_span`]).
+async fn root<F, Fut>(tracer: &Tracer, req: Request, next: F) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: std::future::Future<Output = Response>,
@@ -68,7 +92,8 @@ where
     let parent = req
         .headers()
         .get(&TRACE_HEADER)
-        .and_then(|v| SpanCtx::parse(v.as_bytes()));
+        .and_then(|v| SpanCtx::parse(v.as_bytes()))
+        .or_else(|| w3c_parent(&req));
     let meta = match req.extensions().get::<MatchedPath>() {
         Some(m) if m.as_str() == path => Meta::Route(m.clone()),
         _ => Meta::Path(path.to_string()),
@@ -140,7 +165,7 @@ where
             Ok(if tracer.is_enabled() {
                 traced(&tracer, req, next).await
             } else {
-                crate::http::logged(req, next).await
+                crate::telemetry::otlp::served(req, |req| crate::http::logged(req, next)).await
             })
         })
     }

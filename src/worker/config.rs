@@ -161,6 +161,8 @@ struct WorkerFile {
     http_idle_timeout_secs: Option<u64>,
     http_body_timeout_secs: Option<u64>,
     http_max_connections: Option<usize>,
+    otlp_endpoint: Option<String>,
+    otlp_batch_delay_ms: Option<u64>,
 }
 
 /// One `[[models.llms]]` / `[[models.embeddings]]` / `[[models.rerankers]]` entry.
@@ -236,6 +238,8 @@ pub struct WorkerConfig {
     pub http: crate::http::HttpLimits,
     /// Where and how `/metrics` is served.
     pub metrics: crate::telemetry::metrics::MetricsConfig,
+    /// OTLP span export (`None`: off).
+    pub otlp: Option<crate::telemetry::otlp::OtlpConfig>,
 }
 
 /// A timeout in seconds: positive, finite, at most a day. `name` is the flag or key.
@@ -477,6 +481,9 @@ impl WorkerArgs {
         };
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
         let metrics = self.common.metrics()?;
+        let otlp = self
+            .common
+            .otlp(crate::config::otlp_keys!(file), "dbgpt-worker")?;
         Ok(WorkerConfig {
             metrics,
             host: self.host.or(file.host).unwrap_or_else(|| "0.0.0.0".into()),
@@ -501,6 +508,7 @@ impl WorkerArgs {
             )?,
             daemon: self.common.daemon,
             http,
+            otlp,
         })
     }
 }

@@ -29,8 +29,10 @@ use super::spec::Engine;
 use crate::http::{CappedBody, MAX_MODEL_BODY_BYTES, sse_response};
 use crate::openai::OpenAiError;
 use crate::openai::raw::{asks_stream, model_field};
+use crate::telemetry::otlp;
 use crate::tracer;
 use crate::wire::worker::WorkerType;
+use tracing::Instrument;
 
 /// The body of a model call.
 type ModelBody = CappedBody<MAX_MODEL_BODY_BYTES>;
@@ -57,6 +59,14 @@ impl Endpoint {
         match self {
             Endpoint::Embeddings => WorkerType::Text2vec,
             _ => WorkerType::Llm,
+        }
+    }
+
+    /// The name of this call's OTLP span.
+    fn otlp_name(self) -> &'static str {
+        match self {
+            Endpoint::Embeddings => "embed",
+            _ => "generate",
         }
     }
 
@@ -105,8 +115,10 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
         .into_response();
     };
     let span = s.tracer.start(ep.span(), tracer::current());
-    let slot = model.acquire().await;
-    let guards = (slot, span);
+    // The OTLP span of the model call: from the slot wait to the end of the answer.
+    let call = otlp::model_call(ep.otlp_name(), &field.name);
+    let slot = model.acquire().instrument(call.clone()).await;
+    let guards = (slot, span, call.clone());
     if let Some(p) = passthrough(&model) {
         // A continuation goes upstream as an assistant prefill, without our fields.
         let prefill = match ep {
@@ -122,7 +134,7 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
         };
         let stream = asks_stream(&body);
         let started = std::time::Instant::now();
-        let mut forward = p.forward(ep.upstream_path(), body, field);
+        let mut forward = call.in_scope(|| p.forward(ep.upstream_path(), body, field));
         let forwarded = if stream {
             forward.await
         } else {
@@ -170,7 +182,8 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
                     Endpoint::Chat => super::chat::chat_completions_with(b, &chat, &body).await,
                     _ => super::chat::completions(b, &body).await,
                 }
-            };
+            }
+            .instrument(call);
             if stream {
                 answer(engine.await, guards)
             } else {
@@ -178,7 +191,10 @@ async fn serve(s: &WorkerState, ep: Endpoint, body: Bytes) -> Response {
             }
         }
         (Engine::Embedding(b), Endpoint::Embeddings) => {
-            match super::embed::embeddings(b.clone(), &body).await {
+            match super::embed::embeddings(b.clone(), &body)
+                .instrument(call)
+                .await
+            {
                 Ok(json) => json_answer(json),
                 Err(e) => e.into_response(),
             }

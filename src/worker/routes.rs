@@ -205,8 +205,10 @@ async fn generation(
     let Engine::Llm(backend) = model.engine.clone() else {
         return Err(not_running(&req.model, WorkerType::Llm));
     };
-    let slot = model.acquire().await;
-    let mut events = backend.generate_stream(params);
+    // The OTLP span of the model call lasts as long as the frames (like `span`).
+    let call = crate::telemetry::otlp::model_call("generate", &req.model);
+    let slot = tracing::Instrument::instrument(model.acquire(), call.clone()).await;
+    let mut events = call.in_scope(|| backend.generate_stream(params));
     // The first event decides the status: a prompt the model refuses is a 4xx, not a frame.
     let first = events.next().await;
     if let Some(Err(e)) = &first
@@ -224,7 +226,7 @@ async fn generation(
     let events = futures::stream::iter(first).chain(events);
     let frames = events
         .scan(
-            (String::new(), false, slot, span),
+            (String::new(), false, slot, (span, call)),
             |(text, done, _slot, _span), ev| {
                 if *done {
                     return futures::future::ready(None);

@@ -74,6 +74,10 @@ impl TestEnv {
             .env_remove("CONTROLLER_ADDRESS")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("DBGPT_LOG_LEVEL")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_BSP_SCHEDULE_DELAY")
+            .env_remove("OTEL_SDK_DISABLED")
             .stdin(Stdio::null());
         c
     }

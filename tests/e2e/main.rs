@@ -12,6 +12,7 @@ mod failover;
 mod http_limits;
 mod metrics;
 mod openai;
+mod otlp;
 mod registry;
 mod rerank;
 mod restart;

@@ -25,7 +25,8 @@ use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::{Map, Value, json};
 
 use crate::http::error_chain;
-use crate::telemetry::Escaped;
+use crate::telemetry::{Escaped, otlp};
+use tracing::Instrument;
 
 use super::{
     BackendError, EmbeddingBackend, FinishReason, GenerateEvent, GenerateParams, LlmBackend,
@@ -270,8 +271,13 @@ impl Inner {
             Some((_, url)) => self.client.post(url.clone()),
             None => self.client.post(format!("{}/{}", self.api_base, path)),
         };
-        match &self.api_key {
+        let rb = match &self.api_key {
             Some(k) => rb.bearer_auth(k),
+            None => rb,
+        };
+        // The current span is the upstream call's (see `otlp::upstream_call`).
+        match otlp::traceparent() {
+            Some(t) => rb.header(&otlp::TRACEPARENT, t),
             None => rb,
         }
     }
@@ -632,6 +638,7 @@ impl LlmBackend for OpenAiProxyBackend {
         params: GenerateParams,
     ) -> BoxStream<'static, Result<GenerateEvent, BackendError>> {
         let inner = self.inner.clone();
+        let span = otlp::upstream_call("chat/completions", &inner.shown_base);
         let start = async move {
             let fail = error_stream;
             if params.messages.is_empty() {
@@ -713,7 +720,7 @@ impl LlmBackend for OpenAiProxyBackend {
             )
             .boxed()
         };
-        stream::once(start).flatten().boxed()
+        stream::once(start.instrument(span)).flatten().boxed()
     }
 
     /// The upstream's tokenizer is unknown, so this is an estimate: the larger
@@ -742,7 +749,9 @@ impl OpenAiPassthrough for OpenAiProxyBackend {
         model: ModelField,
     ) -> BoxFuture<'static, Result<Passthrough, BackendError>> {
         let inner = self.inner.clone();
-        Box::pin(async move {
+        let span = otlp::upstream_call(path, &inner.shown_base);
+        let held = span.clone();
+        let call = async move {
             let body = with_model(&body, &model, &inner.model);
             let first_byte = tokio::time::Instant::now() + inner.timeouts.first_byte;
             let request = inner
@@ -774,6 +783,7 @@ impl OpenAiPassthrough for OpenAiProxyBackend {
                 last: tokio::time::Instant::now(),
                 bytes,
                 inner: Some(inner),
+                _span: held,
             }
             .boxed();
             Ok(Passthrough {
@@ -781,7 +791,8 @@ impl OpenAiPassthrough for OpenAiProxyBackend {
                 content_type,
                 body,
             })
-        })
+        };
+        Box::pin(call.instrument(span))
     }
 }
 
@@ -791,7 +802,8 @@ impl EmbeddingBackend for OpenAiProxyBackend {
         inputs: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, BackendError>> {
         let inner = self.inner.clone();
-        Box::pin(async move {
+        let span = otlp::upstream_call("embeddings", &inner.shown_base);
+        let call = async move {
             if inputs.is_empty() {
                 return Ok(Vec::new());
             }
@@ -840,7 +852,8 @@ impl EmbeddingBackend for OpenAiProxyBackend {
                 inner.dimension.store(dim, Ordering::Relaxed);
             }
             Ok(rows.into_iter().map(|(_, e)| e).collect())
-        })
+        };
+        Box::pin(call.instrument(span))
     }
 
     fn dimension(&self) -> Option<usize> {
@@ -872,6 +885,8 @@ struct Relayed {
     inner: Option<Arc<Inner>>,
     last: tokio::time::Instant,
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The upstream call's span ends with its body.
+    _span: tracing::Span,
 }
 
 impl futures::Stream for Relayed {
