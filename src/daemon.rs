@@ -568,11 +568,18 @@ pub(crate) async fn bind(
     Ok((listener, admin))
 }
 
-/// How long a stopping daemon keeps serving (with `Connection: close` on every response)
-/// before it stops accepting and closes idle connections: long enough for a busy
-/// keep-alive client to finish its next request on its old connection and open a new one,
-/// instead of having its idle connection closed under a request it is sending.
+/// How long a draining daemon keeps serving (answering with `Connection: close`) before it
+/// closes its idle connections: long enough for a busy keep-alive client to finish its next
+/// request on its old connection and open a new one, instead of having its idle connection
+/// closed under a request it is sending. A daemon that stops for good keeps accepting for
+/// this long (readiness probes see 503, not a refused connection), then waits half as long
+/// again for connections it just accepted to send their request; one that hands over stops
+/// accepting at once (its successor takes new connections).
 pub const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// How long the old process of an upgrade lets its in-flight requests and streams run on
+/// (its successor serves meanwhile).
+pub const HANDOVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Where the daemons differ; [`run`] does everything else, in the same order for all.
 pub(crate) trait Daemon {
@@ -684,21 +691,30 @@ pub(crate) async fn run<D: Daemon>(
 
     token.cancelled().await;
     let handed_over = upgrades.handed_over();
-    if handed_over {
+    let drain_timeout = if handed_over {
         info!("handed over to the new process: draining in-flight requests");
-        // The successor accepts on the same socket from now on.
-        drain.begin(false);
+        // The successor takes new connections from the same listen queue from now on.
         drain.stop_accepting();
+        drain.begin(false);
+        tokio::time::sleep(DRAIN_GRACE).await;
+        // Nobody waits for this process any more: slow generations may finish.
+        D::DRAIN_TIMEOUT.max(HANDOVER_DRAIN_TIMEOUT)
     } else {
         upgrades.close_fds();
         notify_stopping();
         info!("{}", D::STOPPING);
         drain.begin(true);
         daemon.stopping().await;
-    }
-    tokio::time::sleep(DRAIN_GRACE).await;
+        // Still accepting: new clients (a readiness probe, an apiserver with a stale view)
+        // get answers that say so rather than a refused connection.
+        tokio::time::sleep(DRAIN_GRACE).await;
+        drain.stop_accepting();
+        // Connections accepted just before get time to send their request.
+        tokio::time::sleep(DRAIN_GRACE / 2).await;
+        D::DRAIN_TIMEOUT
+    };
     drain.close();
-    let drained = drain_http(http, D::DRAIN_TIMEOUT).await;
+    let drained = drain_http(http, drain_timeout).await;
     let _ = admin_task.await;
     daemon.finish(drained).await;
     upgrades.finished().await;
