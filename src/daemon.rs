@@ -18,8 +18,10 @@
 //! Draining ([`crate::http::Drain`]): a stop first makes `/api/ready` answer 503 and every
 //! response carry `Connection: close` (and, when the daemon leaves for good, the
 //! `x-dbgpt-draining` header the apiserver acts on), keeps serving for [`DRAIN_GRACE`] so
-//! busy keep-alive clients move to new connections, then stops accepting and waits for
-//! in-flight requests and streams. The listening socket may come from systemd
+//! busy keep-alive clients move to new connections, then stops accepting (a daemon that
+//! hands over stops accepting at once), closes idle connections and waits for in-flight
+//! requests and streams ([`Daemon::DRAIN_TIMEOUT`]; [`HANDOVER_DRAIN_TIMEOUT`] after a
+//! handover). The listening socket may come from systemd
 //! ([`activation`]) or from the process this one replaces ([`handover`]); after a handover
 //! the old process neither deregisters nor removes the pid file and admin socket, which
 //! now belong to its successor.
@@ -572,8 +574,8 @@ pub(crate) async fn bind(
 /// closes its idle connections: long enough for a busy keep-alive client to finish its next
 /// request on its old connection and open a new one, instead of having its idle connection
 /// closed under a request it is sending. A daemon that stops for good keeps accepting for
-/// this long (readiness probes see 503, not a refused connection), then waits half as long
-/// again for connections it just accepted to send their request; one that hands over stops
+/// this long (readiness probes see 503, not a refused connection), then waits as long again
+/// for connections it just accepted to send their request; one that hands over stops
 /// accepting at once (its successor takes new connections).
 pub const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
@@ -710,7 +712,7 @@ pub(crate) async fn run<D: Daemon>(
         tokio::time::sleep(DRAIN_GRACE).await;
         drain.stop_accepting();
         // Connections accepted just before get time to send their request.
-        tokio::time::sleep(DRAIN_GRACE / 2).await;
+        tokio::time::sleep(DRAIN_GRACE).await;
         D::DRAIN_TIMEOUT
     };
     drain.close();
