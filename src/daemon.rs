@@ -698,7 +698,6 @@ pub(crate) async fn run<D: Daemon>(
         // The successor takes new connections from the same listen queue from now on.
         drain.stop_accepting();
         drain.begin(false);
-        tokio::time::sleep(DRAIN_GRACE).await;
         // Nobody waits for this process any more: slow generations may finish.
         D::DRAIN_TIMEOUT.max(HANDOVER_DRAIN_TIMEOUT)
     } else {
@@ -711,10 +710,17 @@ pub(crate) async fn run<D: Daemon>(
         // get answers that say so rather than a refused connection.
         tokio::time::sleep(DRAIN_GRACE).await;
         drain.stop_accepting();
-        // Connections accepted just before get time to send their request.
-        tokio::time::sleep(DRAIN_GRACE).await;
         D::DRAIN_TIMEOUT
     };
+    // Requests and streams in flight finish while their connections stay open: a keep-alive
+    // client whose long stream began before the drain sends its next request on the same
+    // connection, and it is answered (with `Connection: close`) instead of being cut.
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    while drain.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Then time for connections just accepted or just answered to send their request.
+    tokio::time::sleep(DRAIN_GRACE).await;
     drain.close();
     let drained = drain_http(http, drain_timeout).await;
     let _ = admin_task.await;
