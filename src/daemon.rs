@@ -18,8 +18,10 @@
 //! Draining ([`crate::http::Drain`]): a stop first makes `/api/ready` answer 503 and every
 //! response carry `Connection: close` (and, when the daemon leaves for good, the
 //! `x-dbgpt-draining` header the apiserver acts on), keeps serving for [`DRAIN_GRACE`] so
-//! busy keep-alive clients move to new connections, then stops accepting and waits for
-//! in-flight requests and streams. The listening socket may come from systemd
+//! busy keep-alive clients move to new connections, then stops accepting (a daemon that
+//! hands over stops accepting at once), closes idle connections and waits for in-flight
+//! requests and streams ([`Daemon::DRAIN_TIMEOUT`]; [`HANDOVER_DRAIN_TIMEOUT`] after a
+//! handover). The listening socket may come from systemd
 //! ([`activation`]) or from the process this one replaces ([`handover`]); after a handover
 //! the old process neither deregisters nor removes the pid file and admin socket, which
 //! now belong to its successor.
@@ -568,11 +570,18 @@ pub(crate) async fn bind(
     Ok((listener, admin))
 }
 
-/// How long a stopping daemon keeps serving (with `Connection: close` on every response)
-/// before it stops accepting and closes idle connections: long enough for a busy
-/// keep-alive client to finish its next request on its old connection and open a new one,
-/// instead of having its idle connection closed under a request it is sending.
+/// How long a draining daemon keeps serving (answering with `Connection: close`) before it
+/// closes its idle connections: long enough for a busy keep-alive client to finish its next
+/// request on its old connection and open a new one, instead of having its idle connection
+/// closed under a request it is sending. A daemon that stops for good keeps accepting for
+/// this long (readiness probes see 503, not a refused connection), then waits as long again
+/// for connections it just accepted to send their request; one that hands over stops
+/// accepting at once (its successor takes new connections).
 pub const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// How long the old process of an upgrade lets its in-flight requests and streams run on
+/// (its successor serves meanwhile).
+pub const HANDOVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Where the daemons differ; [`run`] does everything else, in the same order for all.
 pub(crate) trait Daemon {
@@ -684,21 +693,36 @@ pub(crate) async fn run<D: Daemon>(
 
     token.cancelled().await;
     let handed_over = upgrades.handed_over();
-    if handed_over {
+    let drain_timeout = if handed_over {
         info!("handed over to the new process: draining in-flight requests");
-        // The successor accepts on the same socket from now on.
-        drain.begin(false);
+        // The successor takes new connections from the same listen queue from now on.
         drain.stop_accepting();
+        drain.begin(false);
+        // Nobody waits for this process any more: slow generations may finish.
+        D::DRAIN_TIMEOUT.max(HANDOVER_DRAIN_TIMEOUT)
     } else {
         upgrades.close_fds();
         notify_stopping();
         info!("{}", D::STOPPING);
         drain.begin(true);
         daemon.stopping().await;
+        // Still accepting: new clients (a readiness probe, an apiserver with a stale view)
+        // get answers that say so rather than a refused connection.
+        tokio::time::sleep(DRAIN_GRACE).await;
+        drain.stop_accepting();
+        D::DRAIN_TIMEOUT
+    };
+    // Requests and streams in flight finish while their connections stay open: a keep-alive
+    // client whose long stream began before the drain sends its next request on the same
+    // connection, and it is answered (with `Connection: close`) instead of being cut.
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    while drain.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Then time for connections just accepted or just answered to send their request.
     tokio::time::sleep(DRAIN_GRACE).await;
     drain.close();
-    let drained = drain_http(http, D::DRAIN_TIMEOUT).await;
+    let drained = drain_http(http, drain_timeout).await;
     let _ = admin_task.await;
     daemon.finish(drained).await;
     upgrades.finished().await;

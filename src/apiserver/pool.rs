@@ -7,8 +7,10 @@
 //! response body has been read to the end, and is closed when the body is dropped before
 //! that (which is how a client disconnect cancels the worker's generation). A request that a
 //! pooled connection could not send because the worker had closed it meanwhile (keep-alive
-//! timeouts, e.g. uvicorn's 5 s) is sent again on another connection; every other failure is
-//! the caller's to handle. This replaces hyper-util's general pool, whose key hashing and URI
+//! timeouts, e.g. uvicorn's 5 s) is sent again on another connection, and one that a pooled
+//! connection sent just as the worker closed it (a draining worker closing its idle
+//! connections) is sent once more on a new connection; every other failure is the caller's
+//! to handle. This replaces hyper-util's general pool, whose key hashing and URI
 //! handling cost about as much per request as the rest of the worker call.
 
 use std::collections::{HashMap, VecDeque};
@@ -169,8 +171,15 @@ impl WorkerHttp {
         target: &Target,
         mut req: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<Body>, PoolError> {
+        // Set once a pooled connection was closed under a request it had sent.
+        let mut fresh_only = false;
         loop {
-            let (mut tx, reused) = match self.inner.checkout(&target.key) {
+            let pooled = if fresh_only {
+                None
+            } else {
+                self.inner.checkout(&target.key)
+            };
+            let (mut tx, reused) = match pooled {
                 Some(tx) => (tx, true),
                 None => (self.connect(target).await?, false),
             };
@@ -179,14 +188,22 @@ impl WorkerHttp {
             if reused && tx.ready().await.is_err() {
                 continue;
             }
+            // A worker that closes an idle connection (a draining worker, after its grace)
+            // just as a request goes out on it never reads that request: the connection
+            // ends without an answer. Such a request is sent once more, on a new connection.
+            let again = (reused && !fresh_only).then(|| copy_request(&req));
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     let ret = Some((self.inner.clone(), target.key.clone(), tx));
                     return Ok(resp.map(|inner| Body { inner, ret }));
                 }
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), again) {
                     // Not sent: the pooled connection closed under us.
-                    Some(r) if reused => req = r,
+                    (Some(r), _) if reused => req = r,
+                    (None, Some(r)) if closed_unanswered(e.error()) => {
+                        fresh_only = true;
+                        req = r;
+                    }
                     _ => return Err(PoolError::Http(e.into_error())),
                 },
             }
@@ -238,6 +255,25 @@ impl WorkerHttp {
     pub fn idle_count(&self) -> usize {
         self.inner.idle_count()
     }
+}
+
+/// Whether a request failed because its connection closed before any answer.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+    e.is_incomplete_message()
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| matches!(io.kind(), ConnectionReset | BrokenPipe))
+}
+
+/// A copy of `req` (its body is reference-counted bytes).
+fn copy_request(req: &http::Request<Full<Bytes>>) -> http::Request<Full<Bytes>> {
+    let mut r = http::Request::new(req.body().clone());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
 }
 
 /// A worker's response body; the connection goes back to the pool when it has been read

@@ -11,7 +11,10 @@
 //! accept loop; [`Drain::close`] also closes idle connections and lets in-flight requests
 //! and streams finish (hyper's graceful shutdown).
 //!
-//! Cost when not draining: one relaxed atomic load per request.
+//! It also counts the requests in flight, a response counting until its body has been sent
+//! (or dropped), so a stop can wait for long streams that began before the drain and then
+//! still answer the next request on their connection with `Connection: close`. Cost per
+//! request: the count (two atomic operations), a boxed future and a boxed body.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use std::task::{Context, Poll};
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
-use futures::future::{BoxFuture, Either};
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 /// Response header of a daemon that is draining and will not come back on this process:
@@ -32,6 +35,43 @@ pub static DRAINING_HEADER: HeaderName = HeaderName::from_static("x-dbgpt-draini
 struct State {
     draining: AtomicBool,
     announce: AtomicBool,
+    /// Requests whose response (body included) has not been sent or dropped yet.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Ends one request's count when dropped (with the response body).
+struct Counted(Arc<State>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that holds its request's [`Counted`] until it is sent or dropped.
+struct CountedBody {
+    inner: axum::body::Body,
+    _count: Counted,
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The drain state and stop switches of one HTTP server (cheap to clone).
@@ -66,6 +106,11 @@ impl Drain {
     pub fn begin(&self, announce: bool) {
         self.state.announce.store(announce, Ordering::Relaxed);
         self.state.draining.store(true, Ordering::Release);
+    }
+
+    /// Requests in flight (responses not yet sent to their end), streams included.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::Acquire)
     }
 
     /// Whether [`Drain::begin`] was called.
@@ -125,30 +170,39 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<S::Future, BoxFuture<'static, Result<Response, Infallible>>>;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        if !self.state.draining.load(Ordering::Relaxed) {
-            return Either::Left(self.inner.call(req));
+        let draining = self.state.draining.load(Ordering::Relaxed);
+        if draining && req.method() == Method::GET && req.uri().path() == crate::wire::READY_PATH {
+            return Box::pin(async { Ok(not_ready()) });
         }
-        if req.method() == Method::GET && req.uri().path() == crate::wire::READY_PATH {
-            return Either::Right(Box::pin(async { Ok(not_ready()) }));
-        }
-        let announce = self.state.announce.load(Ordering::Relaxed);
+        self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        let count = Counted(self.state.clone());
         let fut = self.inner.call(req);
-        Either::Right(Box::pin(async move {
-            let mut resp = fut.await?;
-            let h = resp.headers_mut();
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            if announce {
-                h.insert(DRAINING_HEADER.clone(), HeaderValue::from_static("1"));
+        let state = self.state.clone();
+        Box::pin(async move {
+            let resp = fut.await?;
+            let (mut parts, body) = resp.into_parts();
+            // Decided when the answer is ready: a request that began before the drain
+            // still gets `Connection: close` if its answer comes after.
+            if state.draining.load(Ordering::Relaxed) {
+                let h = &mut parts.headers;
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                if state.announce.load(Ordering::Relaxed) {
+                    h.insert(DRAINING_HEADER.clone(), HeaderValue::from_static("1"));
+                }
             }
-            Ok(resp)
-        }))
+            let body = axum::body::Body::new(CountedBody {
+                inner: body,
+                _count: count,
+            });
+            Ok(Response::from_parts(parts, body))
+        })
     }
 }
 

@@ -79,8 +79,8 @@ impl Upstream {
 }
 
 /// What the load saw.
-#[derive(Default)]
 struct Tally {
+    started: Instant,
     sent: AtomicU64,
     streams: AtomicU64,
     failed: AtomicU64,
@@ -90,11 +90,23 @@ struct Tally {
 }
 
 impl Tally {
+    fn new() -> Self {
+        Tally {
+            started: Instant::now(),
+            sent: Default::default(),
+            streams: Default::default(),
+            failed: Default::default(),
+            truncated: Default::default(),
+            refused: Default::default(),
+            samples: Default::default(),
+        }
+    }
+
     fn note(&self, counter: &AtomicU64, what: String) {
         counter.fetch_add(1, Ordering::Relaxed);
         let mut s = self.samples.lock().unwrap();
         if s.len() < 10 {
-            s.push(what);
+            s.push(format!("at {:.1?}: {what}", self.started.elapsed()));
         }
     }
 
@@ -156,7 +168,7 @@ fn load(
     stop: Arc<AtomicBool>,
 ) -> (Arc<Tally>, std::thread::JoinHandle<()>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(Tally::new());
     let t = tally.clone();
     let h = std::thread::spawn(move || {
         runtime(2).block_on(async move {
@@ -474,24 +486,40 @@ fn restarts_under_load(rounds: usize, clients: usize, local_model: Option<String
     std::thread::sleep(Duration::from_millis(500));
     let mut log = Vec::new();
     let started = Instant::now();
+    let at = |started: Instant| format!("{:.1?}", started.elapsed());
     let pause = || std::thread::sleep(Duration::from_millis(300));
     for round in 0..rounds {
         let (o, n) = upgrade(&env, &pids, "apiserver", a_port);
-        log.push(format!("round {round}: apiserver upgraded {o} -> {n}"));
+        log.push(format!(
+            "{} round {round}: apiserver upgraded {o} -> {n}",
+            at(started)
+        ));
         pause();
         for (port, _) in &workers {
             let (o, n) = upgrade(&env, &pids, "worker", *port);
-            log.push(format!("round {round}: worker {port} upgraded {o} -> {n}"));
+            log.push(format!(
+                "{} round {round}: worker {port} upgraded {o} -> {n}",
+                at(started)
+            ));
             pause();
         }
         let (o, n) = upgrade(&env, &pids, "controller", c_port);
-        log.push(format!("round {round}: controller upgraded {o} -> {n}"));
+        log.push(format!(
+            "{} round {round}: controller upgraded {o} -> {n}",
+            at(started)
+        ));
         pause();
         let n = restart_activated(&env, &pids, "apiserver", &a_sock, &a_args);
-        log.push(format!("round {round}: apiserver restarted as {n}"));
+        log.push(format!(
+            "{} round {round}: apiserver restarted as {n}",
+            at(started)
+        ));
         pause();
         let n = restart_activated(&env, &pids, "controller", &c_sock, &c_args);
-        log.push(format!("round {round}: controller restarted as {n}"));
+        log.push(format!(
+            "{} round {round}: controller restarted as {n}",
+            at(started)
+        ));
         pause();
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -510,10 +538,21 @@ fn restarts_under_load(rounds: usize, clients: usize, local_model: Option<String
         tally.row(&format!("{rounds} rounds x {per} ops in {:.0?}", elapsed))
     );
     let samples = tally.samples.lock().unwrap().clone();
+    let mut warnings = Vec::new();
+    for e in std::fs::read_dir(env.log_dir()).unwrap().flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        warnings.extend(
+            text.lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .filter(|l| !l.contains("no --api_keys"))
+                .map(|l| format!("{}: {l}", e.file_name().to_string_lossy())),
+        );
+    }
     let report = format!(
-        "{}\nsamples: {samples:#?}\nops:\n{}",
+        "{}\nsamples (load time): {samples:#?}\nops (test time):\n{}\nwarnings:\n{}",
         tally.row("total"),
-        log.join("\n")
+        log.join("\n"),
+        warnings.join("\n")
     );
     assert!(
         tally.sent.load(Ordering::Relaxed) >= 20 * rounds as u64,
