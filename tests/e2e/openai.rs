@@ -698,7 +698,7 @@ fn an_operator_chat_template_renders_the_prompt() {
     assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
     let args = v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
         .as_str()
-        .unwrap();
+        .unwrap_or_else(|| panic!("{v}"));
     assert!(serde_json::from_str::<Value>(args).unwrap()["city"].is_string());
     // The template, not the GGUF's, made the prompt: its 300-word preamble is in the count
     // (the GGUF's own template makes about 20 tokens of this question).
