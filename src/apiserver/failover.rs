@@ -182,6 +182,7 @@ async fn run(s: &Shared, req: Request, first: NativeAnswer, tx: &mpsc::Sender<By
             reason = %crate::telemetry::Escaped(&failure),
             "continuing a broken stream on another instance"
         );
+        s.metrics.failed_over(&req.model);
         let next = s
             .upstream
             .native_excluding(

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::info;
@@ -119,6 +119,38 @@ impl RunningModel {
 
 fn model_schedules_itself(engine: &Engine) -> bool {
     matches!(engine, Engine::Llm(b) if b.engine_status().is_some())
+}
+
+/// How often an engine that schedules its own requests has its slot, queue and prefix-cache
+/// figures copied into the model's metrics.
+const ENGINE_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Copies `model`'s engine figures (slots in use, queue depth, prompt tokens served from the
+/// prefix cache) into its metrics every [`ENGINE_SAMPLE_EVERY`] while the model is served:
+/// the engine owns those figures, so the per-model permits stop counting them.
+fn sample_engine(model: &Arc<RunningModel>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    model.metrics.engine_owned();
+    let weak = Arc::downgrade(model);
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(ENGINE_SAMPLE_EVERY);
+        let mut reused = 0u64;
+        loop {
+            tick.tick().await;
+            let Some(model) = weak.upgrade() else { break };
+            let Some(st) = model.engine_status() else {
+                break;
+            };
+            let m = &model.metrics;
+            m.slots_in_use.set(st.busy as i64);
+            m.queue_depth.set(st.queued as i64);
+            m.prompt_cached_tokens
+                .inc_by(st.reused_prompt_tokens.saturating_sub(reused));
+            reused = st.reused_prompt_tokens;
+        }
+    });
 }
 
 /// All models of this worker.
@@ -282,6 +314,9 @@ impl WorkerManager {
             in_flight: AtomicUsize::new(0),
             loaded_at: Instant::now(),
         });
+        if model_schedules_itself(&model.engine) {
+            sample_engine(&model);
+        }
         self.models
             .write()
             .unwrap_or_else(|p| p.into_inner())

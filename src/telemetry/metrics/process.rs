@@ -121,6 +121,23 @@ impl Collector for Process {
                 n,
             )?;
         }
+        // OTLP trace export (both stay 0 while export is off).
+        ConstCounter::new(crate::telemetry::otlp::exported_spans()).encode(
+            enc.encode_descriptor(
+                "dbgpt_otlp_exported_spans",
+                "Spans sent to the OTLP collector",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
+        ConstCounter::new(crate::telemetry::otlp::dropped_spans()).encode(
+            enc.encode_descriptor(
+                "dbgpt_otlp_dropped_spans",
+                "Spans dropped: the OTLP collector failed or the export queue was full",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
         Ok(())
     }
 }

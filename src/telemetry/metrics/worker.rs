@@ -9,13 +9,13 @@
 //! `dbgpt_worker_prompt_tokens_total`, `dbgpt_worker_prompt_cached_tokens_total` (prompt
 //! tokens served from the prefix cache) and `dbgpt_worker_model_load_seconds`.
 //!
-//! Today the worker's generation layer sets them: slots and queue are the model's
-//! concurrency permits (`--limit_model_concurrency`), token timings come from the engine's
-//! event stream ([`Metered`]) or, for a proxy model's pass-through answer, from its bytes
-//! ([`ModelMetrics::meter_body`]). An engine with its own scheduler takes the handle
-//! ([`crate::worker::backends::LlmBackend::attach_metrics`]), calls
-//! [`ModelMetrics::engine_owned`] and then sets `slots_in_use`, `queue_depth` and
-//! `prompt_cached_tokens` itself.
+//! The worker's generation layer sets them: slots and queue are the model's concurrency
+//! permits (`--limit_model_concurrency`), token timings come from the engine's event stream
+//! ([`Metered`]) or, for a proxy model's pass-through answer, from its bytes
+//! ([`ModelMetrics::meter_body`]). For an engine with its own scheduler (llama.cpp) the
+//! worker manager calls [`ModelMetrics::engine_owned`] and copies the engine's slots, queue
+//! and prefix-cache figures into `slots_in_use`, `queue_depth` and `prompt_cached_tokens`
+//! every second.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -378,9 +378,8 @@ pub struct Metered {
 }
 
 impl Metered {
-    /// Wraps `inner`, and hands the engine its handle.
+    /// Wraps `inner`.
     pub fn new(inner: Arc<dyn LlmBackend>, m: Arc<ModelMetrics>) -> Self {
-        inner.attach_metrics(&m);
         Metered { inner, m }
     }
 }
@@ -431,10 +430,6 @@ impl LlmBackend for Metered {
 
     fn engine_status(&self) -> Option<crate::worker::backends::EngineStatus> {
         self.inner.engine_status()
-    }
-
-    fn attach_metrics(&self, m: &Arc<ModelMetrics>) {
-        self.inner.attach_metrics(m)
     }
 }
 

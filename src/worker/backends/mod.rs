@@ -447,15 +447,6 @@ pub trait LlmBackend: Send + Sync {
     fn engine_status(&self) -> Option<EngineStatus> {
         None
     }
-
-    /// Hands the engine its model's metrics handle when the model starts: an engine with
-    /// its own scheduler keeps it, calls `engine_owned()` and sets the slot, queue and
-    /// prefix-cache figures ([`crate::telemetry::metrics::worker::ModelMetrics`]).
-    fn attach_metrics(
-        &self,
-        _metrics: &std::sync::Arc<crate::telemetry::metrics::worker::ModelMetrics>,
-    ) {
-    }
 }
 
 /// A model behind an OpenAI-compatible server that takes the client's OpenAI request as
