@@ -134,7 +134,19 @@ fn read(mut sse: Sse, mut at: impl FnMut(usize)) -> Seen {
         s.created.insert(v["created"].as_i64().unwrap_or(-1));
         s.models.insert(v["model"].as_str().unwrap().to_string());
         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-            s.usage.push(u.clone());
+            let mut u = u.clone();
+            // How much of the prompt an instance's prefix cache held depends on which
+            // instances served the stream, not on the text: checked apart.
+            if let Some(d) = u
+                .as_object_mut()
+                .and_then(|o| o.remove("prompt_tokens_details"))
+            {
+                assert!(
+                    d["cached_tokens"].as_u64().unwrap() <= u["prompt_tokens"].as_u64().unwrap(),
+                    "{u}"
+                );
+            }
+            s.usage.push(u);
         }
         for c in v["choices"].as_array().unwrap() {
             let d = &c["delta"];

@@ -684,7 +684,9 @@ fn an_operator_chat_template_renders_the_prompt() {
             template.to_str().unwrap(),
         ],
     );
-    let body = json!({"model": "smollm2", "max_tokens": 150,
+    // Greedy: the template is under test, not sampling (at the default temperature the
+    // tiny model may wander inside the forced JSON string until max_tokens).
+    let body = json!({"model": "smollm2", "max_tokens": 150, "temperature": 0,
         "messages": [{"role": "user", "content": "Weather in Oslo?"}],
         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
         "tool_choice": "required"});

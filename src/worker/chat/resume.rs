@@ -204,11 +204,18 @@ impl Resumed {
                     usage,
                 })) => {
                     self.done = true;
+                    // The earlier text counts as output, not prompt; the prompt's cached
+                    // tokens stay reported (at most the client's own prompt).
                     let usage = usage.map(|u| {
-                        Usage::new(
-                            u.prompt_tokens.saturating_sub(self.counted),
-                            u.completion_tokens.saturating_add(self.counted),
-                        )
+                        let prompt = u.prompt_tokens.saturating_sub(self.counted);
+                        Usage {
+                            prompt_tokens_details: u.prompt_tokens_details.map(|d| {
+                                crate::wire::worker::PromptTokensDetails {
+                                    cached_tokens: d.cached_tokens.min(prompt),
+                                }
+                            }),
+                            ..Usage::new(prompt, u.completion_tokens.saturating_add(self.counted))
+                        }
                     });
                     return Some(Ok(GenerateEvent::Finish {
                         finish_reason,
