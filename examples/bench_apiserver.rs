@@ -23,6 +23,10 @@ use clap::Parser;
 use futures::StreamExt;
 use serde_json::json;
 
+#[path = "support/cpu.rs"]
+mod cpu;
+use cpu::{CpuSample, cpu_between, cpu_sample};
+
 #[derive(Parser, Debug)]
 struct Args {
     /// `label|base_url|pid,pid` (repeatable).
@@ -60,66 +64,6 @@ fn json_object(what: &str, s: &str) -> anyhow::Result<serde_json::Map<String, se
         Ok(_) => anyhow::bail!("{what}: not a JSON object: {s}"),
         Err(e) => anyhow::bail!("{what}: {e}: {s}"),
     }
-}
-
-/// A process's CPU time so far: utime + stime from `/proc/<pid>/stat` (clock ticks, 10 ms
-/// here, so too coarse for a phase of a few dozen slow requests) and every thread's on-CPU
-/// nanoseconds from `/proc/<pid>/task/<tid>/schedstat`.
-struct CpuSample {
-    ticks_secs: f64,
-    threads: std::collections::HashMap<u32, u64>,
-}
-
-fn cpu_sample(pid: u32) -> CpuSample {
-    let mut threads = std::collections::HashMap::new();
-    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for e in dir.flatten() {
-            let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
-                continue;
-            };
-            let ns = std::fs::read_to_string(e.path().join("schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
-            if let Some(ns) = ns {
-                threads.insert(tid, ns);
-            }
-        }
-    }
-    CpuSample {
-        ticks_secs: cpu_secs(pid),
-        threads,
-    }
-}
-
-/// CPU seconds between two samples: the threads' nanoseconds when every thread of the first
-/// sample is still there (a thread that ended took its count with it), else the ticks.
-fn cpu_between(a: &CpuSample, b: &CpuSample) -> f64 {
-    if !a.threads.is_empty() && a.threads.keys().all(|t| b.threads.contains_key(t)) {
-        let ns: u64 = b
-            .threads
-            .iter()
-            .map(|(t, &n)| n.saturating_sub(a.threads.get(t).copied().unwrap_or(0)))
-            .sum();
-        ns as f64 / 1e9
-    } else {
-        b.ticks_secs - a.ticks_secs
-    }
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After "pid (comm) ", field 3 is index 0: utime is field 14, stime 15.
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz.max(1.0)
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
