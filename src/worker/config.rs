@@ -517,15 +517,19 @@ impl WorkerArgs {
 mod tests {
     use super::*;
 
-    #[test]
-    fn worker_from_flags_and_file() {
+    /// `text` as a worker config file in a temporary directory (kept while the guard lives).
+    fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("w.toml");
-        std::fs::write(
-            &f,
+        std::fs::write(&f, text).unwrap();
+        (dir, f)
+    }
+
+    #[test]
+    fn worker_from_flags_and_file() {
+        let (dir, f) = config_file(
             "[worker]\nport = 9001\ncontroller_addr = \"http://c:1\"\n\n[[models.llms]]\nname = \"smollm2\"\npath = \"m.gguf\"\n\n[[models.llms]]\nname = \"gpt\"\nprovider = \"proxy/openai\"\napi_base = \"http://u/v1\"\n\n[[models.embeddings]]\nname = \"minilm\"\npath = \"/abs/minilm\"\n",
-        )
-        .unwrap();
+        );
         let args = WorkerArgs {
             common: CommonServerArgs {
                 config: Some(f.clone()),
@@ -575,13 +579,9 @@ mod tests {
     /// key or flag.
     #[test]
     fn embed_batching_from_file_and_flags() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("w.toml");
-        std::fs::write(
-            &f,
+        let (_dir, f) = config_file(
             "[[models.embeddings]]\nname = \"minilm\"\npath = \"/m\"\nembed_max_batch = 8\nembed_batch_wait_ms = 0\nembed_threads = 2\n\n[[models.rerankers]]\nname = \"ce\"\npath = \"/r\"\n",
-        )
-        .unwrap();
+        );
         let args = WorkerArgs {
             common: CommonServerArgs {
                 config: Some(f.clone()),
@@ -648,13 +648,9 @@ mod tests {
     /// model's own keys over the worker's; bad values name the flag or key.
     #[test]
     fn proxy_timeouts_from_flags_file_and_model() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("w.toml");
-        std::fs::write(
-            &f,
+        let (_dir, f) = config_file(
             "[worker]\nproxy_first_byte_timeout_secs = 30\nproxy_chunk_timeout_secs = 5\n\n[[models.llms]]\nname = \"slow\"\nmodel_type = \"proxy\"\napi_base = \"http://u/v1\"\nchunk_timeout_secs = 0.5\n\n[[models.llms]]\nname = \"plain\"\nmodel_type = \"proxy\"\napi_base = \"http://u/v1\"\n",
-        )
-        .unwrap();
+        );
         let args = |connect: Option<f64>| WorkerArgs {
             proxy_connect_timeout_secs: connect,
             proxy_first_byte_timeout_secs: Some(2.0),
