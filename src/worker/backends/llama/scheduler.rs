@@ -87,7 +87,7 @@ struct Shared {
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<Job>,
-    /// Slots holding a sequence (as of the scheduler's last step).
+    /// Slots holding a sequence (updated as soon as a slot is taken or freed).
     busy: usize,
     /// Idle slots holding cached tokens, and how many tokens they hold.
     cached_slots: usize,
@@ -214,6 +214,7 @@ fn run(
     };
     let mut engine = Engine {
         inner: &inner,
+        shared: &shared,
         ctx,
         batch: LlamaBatch::new(cfg.n_batch as usize, cfg.parallel as i32),
         slots: (0..cfg.parallel)
@@ -231,7 +232,7 @@ fn run(
         prompt_tokens: 0,
         reused_tokens: 0,
     };
-    engine.run(&shared);
+    engine.run();
 }
 
 /// One sequence slot.
@@ -275,6 +276,7 @@ struct Sequence {
 
 struct Engine<'a> {
     inner: &'a Inner,
+    shared: &'a Shared,
     ctx: LlamaContext<'a>,
     batch: LlamaBatch<'a>,
     slots: Vec<Slot>,
@@ -299,8 +301,8 @@ fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
 }
 
 impl Engine<'_> {
-    fn run(&mut self, shared: &Shared) {
-        while self.admit(shared) {
+    fn run(&mut self) {
+        while self.admit() {
             self.drop_gone();
             if self.slots.iter().all(|s| s.seq_state.is_none()) {
                 continue;
@@ -326,7 +328,8 @@ impl Engine<'_> {
 
     /// Publishes the counters, drops and expires waiting requests, admits requests into
     /// free slots. Blocks while there is nothing to do. `false`: shut down and idle.
-    fn admit(&mut self, shared: &Shared) -> bool {
+    fn admit(&mut self) -> bool {
+        let shared = self.shared;
         let mut q = lock(&shared.queue);
         loop {
             let now = Instant::now();
@@ -460,6 +463,7 @@ impl Engine<'_> {
 
     /// Frees the slots of sequences whose client has gone.
     fn drop_gone(&mut self) {
+        let mut freed = false;
         for slot in &mut self.slots {
             if slot
                 .seq_state
@@ -467,8 +471,19 @@ impl Engine<'_> {
                 .is_some_and(|s| s.job.tx.is_closed())
             {
                 slot.seq_state = None;
+                freed = true;
             }
         }
+        if freed {
+            self.publish_busy();
+        }
+    }
+
+    /// Tells submitters at once how many slots are taken. Called whenever a slot is freed,
+    /// before the sequence's last event is sent: a client that sends its next request as
+    /// soon as it has the answer must find the slot free, not be refused as overloaded.
+    fn publish_busy(&self) {
+        lock(&self.shared.queue).busy = self.slots.iter().filter(|s| s.seq_state.is_some()).count();
     }
 
     /// Fills the batch: generating sequences' next tokens, then prompt chunks within
@@ -622,6 +637,7 @@ impl Engine<'_> {
         let Some(mut s) = self.slots[i].seq_state.take() else {
             return;
         };
+        self.publish_busy();
         let reason = match end {
             End::Gone => return,
             End::Failed(e) => {
