@@ -1,10 +1,11 @@
 //! The HTTP protocols between the processes, one module per protocol, in DB-GPT 0.5.10's
 //! JSON shapes: [`controller`] (registration, heartbeats, listings) and [`worker`]
-//! (generation, embeddings, model lifecycle). Every side that speaks a protocol — server,
-//! client, the CLI — uses the types and paths defined here, so a field or a route is added
-//! once. (The admin protocol over Unix sockets lives in [`crate::admin::proto`].)
+//! (generation, embeddings, model lifecycle), plus one of ours, [`keys`] (managed API keys
+//! and their usage). Every side that speaks a protocol — server, client, the CLI — uses the
+//! types and paths defined here, so a field or a route is added once. (The admin protocol over Unix sockets lives in [`crate::admin::proto`].)
 
 pub mod controller;
+pub mod keys;
 pub mod worker;
 
 /// `GET`: liveness of any of our HTTP services (`{"status": "ok"}`).

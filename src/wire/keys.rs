@@ -1,0 +1,197 @@
+//! The managed API keys protocol (ours, not DB-GPT's): the controller's `/api/controller/keys*`
+//! routes, spoken by the controller (which keeps keys and usage in its store), the
+//! apiserver (which caches the keys, enforces their limits and reports usage) and the CLI
+//! (`dbgpt keys …`).
+//!
+//! A key's secret is `sk-dbgpt-<id>-<secret>`: [`KEY_PREFIX`], the key's public [`ApiKey::id`]
+//! (which finds the record without a search), a dash, and 43 characters of URL-safe base64
+//! (32 random bytes). The secret is printed once, at creation; the store keeps only
+//! `salt` and `hash` (hex SHA-256 of the salt's bytes followed by the whole key string),
+//! which is what [`ApiKey`] carries to the apiservers. Secrets have 256 random bits, so the
+//! salted hash is safe to hand to the apiservers that must check keys.
+//!
+//! Usage flows the other way: each apiserver posts what its requests used since its last
+//! report ([`SyncRequest`], about once a second, never on a request's path) and gets back
+//! the keys that changed and the cluster-wide counts its limits need ([`SyncResponse`]), so
+//! limits hold across apiservers within one sync interval.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `POST` creates a key (body [`KeySpec`], answer [`CreatedKey`]); `GET` lists keys
+/// (answer `Vec<ApiKey>`).
+pub const KEYS_PATH: &str = "/api/controller/keys";
+/// `GET`/`PATCH`/`DELETE` one key by name or id: `{KEYS_PATH}/{name}`. `PATCH` takes a
+/// [`KeyUpdate`]; `DELETE` revokes (the record stays, with `revoked_at`, so its usage is
+/// still shown and a reused secret is told it was revoked).
+pub const KEY_PATH: &str = "/api/controller/keys/{name}";
+/// `GET` usage rows ([`UsageRow`]); query `key=<name>`, `since=<YYYY-MM-DD>` optional.
+pub const KEYS_USAGE_PATH: &str = "/api/controller/keys-usage";
+/// `POST` [`SyncRequest`] → [`SyncResponse`]: an apiserver's usage report and key refresh.
+pub const KEYS_SYNC_PATH: &str = "/api/controller/keys-sync";
+
+/// What every managed key's string starts with.
+pub const KEY_PREFIX: &str = "sk-dbgpt-";
+
+/// Which requests wait first when a model's instances are all busy.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Chats a person waits for: served before batch work.
+    #[default]
+    Interactive,
+    /// Bulk jobs: wait behind interactive requests and are shed first.
+    Batch,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Batch => "batch",
+        }
+    }
+}
+
+/// Limits of a key (or of a key on one model). `None`: unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Limits {
+    /// Requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    /// Tokens (prompt + completion) per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u64>,
+    /// Tokens per UTC day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_tokens: Option<u64>,
+}
+
+/// What `dbgpt keys create` asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct KeySpec {
+    /// Unique, `[A-Za-z0-9_.-]{1,64}`.
+    pub name: String,
+    /// Models the key may use; `None`: every model. Aliases count as their own names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Limits that apply on one model, on top of the key's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_limits: BTreeMap<String, Limits>,
+    #[serde(default)]
+    pub priority: Priority,
+    /// Unix seconds; `None`: never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+}
+
+/// A change to a key (`dbgpt keys update`): each `Some` field replaces the stored one.
+/// Inner `None` of a double option clears the setting (e.g. `--rpm none`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct KeyUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Option<Vec<String>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<Option<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<Option<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<Option<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_tokens: Option<Option<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_limits: Option<BTreeMap<String, Limits>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Option<i64>>,
+}
+
+/// A stored key as the controller hands it out: everything but the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// Public identifier, 12 lowercase alphanumerics, part of the key string.
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: KeySpec,
+    /// Hex of 16 random bytes.
+    pub salt: String,
+    /// Hex SHA-256 of `salt` bytes followed by the key string.
+    pub hash: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+    /// Bumped by every change; the apiservers' caches compare it.
+    pub version: u64,
+}
+
+/// The answer to a create: the record and, this once, the key string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedKey {
+    pub key: ApiKey,
+    pub secret: String,
+}
+
+/// Usage of one key on one model on one UTC day, as stored and as reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub key_id: String,
+    /// The key's name (filled in by the controller on reads; ignored in reports).
+    #[serde(default)]
+    pub key_name: String,
+    pub model: String,
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// An apiserver's report: usage since its last report (increments, added to the store),
+/// and the newest key version it has seen (keys changed since come back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// Stable for the apiserver process (e.g. `host:port/pid`), for its share of the
+    /// per-minute counters.
+    pub apiserver: String,
+    pub since_version: u64,
+    pub usage: Vec<UsageRow>,
+    /// Requests and tokens per key in the current minute, since the last report.
+    pub minute: Vec<MinuteCount>,
+}
+
+/// One key's requests and tokens in one wall-clock minute, on one model or (empty
+/// `model`) on all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MinuteCount {
+    pub key_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
+    /// Unix seconds / 60.
+    pub minute: i64,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+/// The controller's answer to a sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    /// The store's newest key version.
+    pub version: u64,
+    /// Every key changed after `since_version` (all keys when it was 0), revoked ones too.
+    pub keys: Vec<ApiKey>,
+    /// Cluster-wide counts of the current and previous minute, every apiserver's together
+    /// (the reporting one included).
+    pub minute: Vec<MinuteCount>,
+    /// Cluster-wide tokens per key today (UTC), for `daily_tokens`.
+    pub daily_tokens: BTreeMap<String, u64>,
+}
