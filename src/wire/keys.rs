@@ -195,3 +195,83 @@ pub struct SyncResponse {
     /// Cluster-wide tokens per key today (UTC), for `daily_tokens`.
     pub daily_tokens: BTreeMap<String, u64>,
 }
+
+/// The public id inside a managed key string (`sk-dbgpt-<id>-<secret>`), `None` for any
+/// other string (a static key, a typo).
+pub fn key_id(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(KEY_PREFIX)?;
+    let (id, secret) = rest.split_once('-')?;
+    let ok = !id.is_empty()
+        && id.len() <= 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && !secret.is_empty();
+    ok.then_some(id)
+}
+
+/// The stored hash of `key` under `salt_hex`: hex SHA-256 of the salt's bytes followed by
+/// the key string (`None` when the salt is not hex).
+pub fn key_hash(salt_hex: &str, key: &str) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let salt = hex::decode(salt_hex).ok()?;
+    let mut h = Sha256::new();
+    h.update(&salt);
+    h.update(key.as_bytes());
+    Some(hex::encode(h.finalize()))
+}
+
+/// Whether `key` is the secret of `record` (constant time in the hash comparison).
+pub fn key_matches(record: &ApiKey, key: &str) -> bool {
+    let Some(h) = key_hash(&record.salt, key) else {
+        return false;
+    };
+    let (a, b) = (h.as_bytes(), record.hash.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ids_are_found_only_in_managed_keys() {
+        assert_eq!(key_id("sk-dbgpt-abc123-SECRETpart_x"), Some("abc123"));
+        assert_eq!(key_id("sk-dbgpt-abc123-"), None);
+        assert_eq!(key_id("sk-dbgpt-ABC-secret"), None);
+        assert_eq!(key_id("sk-other-abc-secret"), None);
+        assert_eq!(key_id("static-key"), None);
+    }
+
+    #[test]
+    fn a_key_matches_only_its_own_salted_hash() {
+        let key = "sk-dbgpt-abc123-secret";
+        let salt = "00112233445566778899aabbccddeeff";
+        // Computed independently with Python's hashlib:
+        // sha256(bytes.fromhex(salt) + key.encode()).hexdigest()
+        let hash = key_hash(salt, key).unwrap();
+        assert_eq!(
+            hash,
+            "be0c9893965db2d550952bdfd371f1ff2d496604106f62fa5f6b026694606783"
+        );
+        let record = ApiKey {
+            id: "abc123".into(),
+            spec: KeySpec {
+                name: "team-a".into(),
+                ..KeySpec::default()
+            },
+            salt: salt.into(),
+            hash: hash.clone(),
+            created_at: 0,
+            revoked_at: None,
+            version: 1,
+        };
+        assert!(key_matches(&record, key));
+        assert!(!key_matches(&record, "sk-dbgpt-abc123-secreT"));
+        assert_ne!(
+            key_hash("ff112233445566778899aabbccddeeff", key).unwrap(),
+            hash
+        );
+        assert_eq!(key_hash("not hex", key), None);
+    }
+}
