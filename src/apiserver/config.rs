@@ -114,6 +114,56 @@ pub struct ApiserverArgs {
         env = "APISERVER_CORS_ALLOW_ORIGINS"
     )]
     pub cors_allow_origins: Option<String>,
+    /// Longest wait of a request, in seconds, in its model's queue: for room under
+    /// --max_instance_concurrency, after every instance answered overloaded, or for an
+    /// instance of a known model that has none (hold-and-wake); past it 503 with
+    /// Retry-After; 0 turns waiting off [default: 30]
+    #[arg(
+        long = "queue_timeout",
+        visible_alias = "queue-timeout",
+        env = "APISERVER_QUEUE_TIMEOUT"
+    )]
+    pub queue_timeout: Option<f64>,
+    /// Requests that may wait per model; beyond, batch requests are shed first, then the
+    /// arriving one (503 model_overloaded with Retry-After) [default: 64]
+    #[arg(
+        long = "max_queue",
+        visible_alias = "max-queue",
+        env = "APISERVER_MAX_QUEUE"
+    )]
+    pub max_queue: Option<usize>,
+    /// Requests this apiserver sends to one instance at once; more wait in the model's
+    /// queue; 0 = no limit [default: 0]
+    #[arg(
+        long = "max_instance_concurrency",
+        visible_alias = "max-instance-concurrency",
+        env = "APISERVER_MAX_INSTANCE_CONCURRENCY"
+    )]
+    pub max_instance_concurrency: Option<u32>,
+    /// Models (`name` or `name@type`, comma separated) whose requests wait for an instance
+    /// even if this apiserver never saw them registered (models it saw are held anyway)
+    #[arg(
+        long = "wake_models",
+        visible_alias = "wake-models",
+        env = "APISERVER_WAKE_MODELS"
+    )]
+    pub wake_models: Option<String>,
+    /// Start a stopped model on a worker manager that ran it when a request waits for it
+    /// (the call `dbgpt model start` makes)
+    #[arg(
+        long = "wake_on_request",
+        visible_alias = "wake-on-request",
+        env = "APISERVER_WAKE_ON_REQUEST"
+    )]
+    pub wake_on_request: bool,
+    /// Stop a model woken by --wake_on_request once it has had no request for this many
+    /// seconds [default: never]
+    #[arg(
+        long = "idle_unload_secs",
+        visible_alias = "idle-unload-secs",
+        env = "APISERVER_IDLE_UNLOAD_SECS"
+    )]
+    pub idle_unload_secs: Option<f64>,
     #[command(flatten)]
     pub common: CommonServerArgs,
 }
@@ -136,6 +186,12 @@ struct ApiserverFile {
     stream_stall_timeout_secs: Option<f64>,
     threads: Option<usize>,
     cors_allow_origins: Option<String>,
+    queue_timeout: Option<f64>,
+    max_queue: Option<usize>,
+    max_instance_concurrency: Option<u32>,
+    wake_models: Option<String>,
+    wake_on_request: Option<bool>,
+    idle_unload_secs: Option<f64>,
     log_level: Option<String>,
     log_file: Option<PathBuf>,
     tracer_file: Option<String>,
@@ -171,6 +227,8 @@ pub struct ApiserverConfig {
     pub threads: usize,
     /// `None` = any origin.
     pub cors_allow_origins: Option<Vec<String>>,
+    /// Queues, priorities and hold-and-wake.
+    pub admission: super::admission::Settings,
     pub log_level: Option<String>,
     pub log_file: PathBuf,
     pub tracer: TracerConfig,
@@ -202,6 +260,52 @@ fn positive_secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
         bail!("--{flag} must be a number of seconds between 0 and 86400");
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// The admission settings from flags or file values, range-checked.
+fn admission_settings(
+    (queue_timeout, max_queue, max_instance_concurrency): (Option<f64>, Option<usize>, Option<u32>),
+    wake_models: Option<String>,
+    wake_on_request: bool,
+    idle_unload_secs: Option<f64>,
+) -> anyhow::Result<super::admission::Settings> {
+    let d = super::admission::Settings::default();
+    let queue_timeout = match queue_timeout {
+        None => d.queue_timeout,
+        Some(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Duration::from_secs_f64(v),
+        Some(_) => bail!("--queue_timeout must be a number of seconds between 0 and 3600"),
+    };
+    let max_queue = max_queue.unwrap_or(d.max_queue);
+    if max_queue > 100_000 {
+        bail!("--max_queue must be at most 100000");
+    }
+    let max_instance_concurrency = max_instance_concurrency.unwrap_or(0);
+    if max_instance_concurrency > 100_000 {
+        bail!("--max_instance_concurrency must be at most 100000");
+    }
+    let mut models = Vec::new();
+    for m in wake_models.unwrap_or_default().split(',').map(str::trim) {
+        if m.is_empty() {
+            continue;
+        }
+        if let Some((_, ty)) = m.rsplit_once('@')
+            && crate::wire::worker::WorkerType::from_wire(ty).is_none()
+        {
+            bail!("--wake_models: {m:?} names no worker type (llm, text2vec or reranker)");
+        }
+        models.push(m.to_string());
+    }
+    let idle_unload = idle_unload_secs
+        .map(|v| positive_secs(v, "idle_unload_secs"))
+        .transpose()?;
+    Ok(super::admission::Settings {
+        queue_timeout,
+        max_queue,
+        max_instance_concurrency,
+        wake_models: models,
+        wake_on_request,
+        idle_unload,
+    })
 }
 
 impl ApiserverArgs {
@@ -313,6 +417,17 @@ impl ApiserverArgs {
             }
             Some(origins)
         };
+        let admission = admission_settings(
+            (
+                self.queue_timeout.or(file.queue_timeout),
+                self.max_queue.or(file.max_queue),
+                self.max_instance_concurrency
+                    .or(file.max_instance_concurrency),
+            ),
+            self.wake_models.or(file.wake_models),
+            self.wake_on_request || file.wake_on_request.unwrap_or(false),
+            self.idle_unload_secs.or(file.idle_unload_secs),
+        )?;
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
         let metrics = self.common.metrics()?;
         let otlp = self
@@ -337,6 +452,7 @@ impl ApiserverArgs {
             stream_stall_timeout,
             threads,
             cors_allow_origins,
+            admission,
             log_level: self.common.log_level.or(file.log_level),
             log_file: resolve_log_file(
                 self.common.log_file.or(file.log_file),
@@ -433,6 +549,79 @@ mod tests {
                 Ok(c) => assert!(ok && c.threads == n, "--threads {n}"),
                 Err(e) => assert!(!ok && e.to_string().contains("--threads"), "{e}"),
             }
+        }
+    }
+
+    #[test]
+    fn admission_flags_file_and_errors() {
+        let c = ApiserverArgs::default().resolve().unwrap();
+        assert_eq!(c.admission, super::super::admission::Settings::default());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.toml");
+        std::fs::write(
+            &f,
+            "[apiserver]\nqueue_timeout = 5\nmax_queue = 8\nmax_instance_concurrency = 2\nwake_models = \"a, b@llm\"\nwake_on_request = true\nidle_unload_secs = 60\n",
+        )
+        .unwrap();
+        let file = || CommonServerArgs {
+            config: Some(f.clone()),
+            ..Default::default()
+        };
+        let c = ApiserverArgs {
+            common: file(),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .admission;
+        assert_eq!(c.queue_timeout, Duration::from_secs(5));
+        assert_eq!((c.max_queue, c.max_instance_concurrency), (8, 2));
+        assert_eq!(c.wake_models, ["a", "b@llm"]);
+        assert!(c.wake_on_request);
+        assert_eq!(c.idle_unload, Some(Duration::from_secs(60)));
+        // Flags win; 0 turns waiting off.
+        let c = ApiserverArgs {
+            queue_timeout: Some(0.0),
+            max_queue: Some(0),
+            common: file(),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .admission;
+        assert_eq!((c.queue_timeout, c.max_queue), (Duration::ZERO, 0));
+        for (args, flag) in [
+            (
+                ApiserverArgs {
+                    queue_timeout: Some(-1.0),
+                    ..Default::default()
+                },
+                "--queue_timeout",
+            ),
+            (
+                ApiserverArgs {
+                    wake_models: Some("m@gpu".into()),
+                    ..Default::default()
+                },
+                "--wake_models",
+            ),
+            (
+                ApiserverArgs {
+                    idle_unload_secs: Some(0.0),
+                    ..Default::default()
+                },
+                "--idle_unload_secs",
+            ),
+            (
+                ApiserverArgs {
+                    max_queue: Some(1_000_000),
+                    ..Default::default()
+                },
+                "--max_queue",
+            ),
+        ] {
+            let e = args.resolve().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
         }
     }
 

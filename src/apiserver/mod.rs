@@ -23,6 +23,7 @@
 //! `dbgpt.model.apiserver.*` span and passes it to the worker in the
 //! `DB-GPT-Trace-Span-Id` header ([`crate::tracer`]). [`service`] wires the process.
 
+pub(crate) mod admission;
 pub(crate) mod config;
 pub(crate) mod discovery;
 pub(crate) mod failover;
@@ -56,6 +57,7 @@ use crate::openai::{self, CompletionRequest, OpenAiError};
 use crate::telemetry::metrics::ModelName;
 use crate::telemetry::metrics::apiserver::ApiMetrics;
 use crate::tracer::{self, Meta, Tracer};
+use crate::wire::keys::Priority;
 use crate::wire::worker::{self as wire, Frame, Usage, WorkerType};
 
 /// Largest request body accepted (embedding batches can be large); the workers' model routes
@@ -76,6 +78,8 @@ pub struct AppState {
     pub failover: failover::Settings,
     /// Prometheus metrics, shared by every serving thread.
     pub metrics: Arc<ApiMetrics>,
+    /// Per-model queues and hold-and-wake ([`admission`]), shared by every serving thread.
+    pub admission: Arc<admission::Admission>,
 }
 
 /// Request counters for the admin status, shared by every serving thread.
@@ -212,20 +216,60 @@ async fn read_body(req: Request) -> Result<Bytes, OpenAiError> {
         })
 }
 
-/// Counts a request in flight for the admin status.
-struct Busy(Shared);
+/// Counts a request in flight for the admin status; also carries the request's priority
+/// and, once admitted, its [`admission::Ticket`] (dropped with the answer's last byte,
+/// which admits the next waiter).
+struct Busy {
+    s: Shared,
+    priority: Priority,
+    ticket: Option<admission::Ticket>,
+}
 
 impl Busy {
     fn new(s: &Shared) -> Self {
         s.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         s.stats.requests.fetch_add(1, Ordering::Relaxed);
-        Busy(s.clone())
+        Busy {
+            s: s.clone(),
+            priority: Priority::default(),
+            ticket: None,
+        }
+    }
+
+    /// [`Busy::new`] for `req`, at the priority its key gave it (interactive by default).
+    fn of(s: &Shared, req: &Request) -> Self {
+        let mut b = Self::new(s);
+        b.priority = req
+            .extensions()
+            .get::<Priority>()
+            .copied()
+            .unwrap_or_default();
+        b
+    }
+
+    /// Admits the request for `model` ([`admission::Admission::admit`]): its group.
+    async fn admit(&mut self, model: &str, wt: WorkerType) -> Result<Arc<Group>, OpenAiError> {
+        let s = self.s.clone();
+        let (group, ticket) = s
+            .admission
+            .admit(&s.upstream, model, wt, self.priority)
+            .await?;
+        self.ticket = Some(ticket);
+        Ok(group)
+    }
+
+    /// After every instance answered overloaded: waits in the queue again; the group to
+    /// retry with, or `None` (the overloaded answer stands).
+    async fn again(&mut self, retry_after: u32) -> Option<Arc<Group>> {
+        let s = self.s.clone();
+        let ticket = self.ticket.as_mut()?;
+        s.admission.again(&s.upstream, ticket, retry_after).await
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.s.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -289,7 +333,7 @@ fn model_meta(model: &str) -> Meta {
 }
 
 async fn chat(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
-    let busy = Busy::new(&s);
+    let busy = Busy::of(&s, &req);
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -305,7 +349,7 @@ async fn chat(State(s): State<Shared>, _: Authorized, req: Request) -> Response 
 }
 
 async fn completions(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
-    let busy = Busy::new(&s);
+    let busy = Busy::of(&s, &req);
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -325,7 +369,7 @@ async fn completions(State(s): State<Shared>, _: Authorized, req: Request) -> Re
 /// becomes a Response object or Responses events. An error before the answer starts is
 /// relayed as the chat path answered it (OpenAI's error shape is the same).
 async fn responses(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
-    let busy = Busy::new(&s);
+    let busy = Busy::of(&s, &req);
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -495,10 +539,11 @@ async fn run_completion(
     kind: Kind,
     r: CompletionRequest,
     body: Bytes,
-    busy: Busy,
+    mut busy: Busy,
 ) -> Response {
-    // Validate the model before anything else (404/503 with the right message).
-    let group = match s.upstream.group(&r.model, WorkerType::Llm).await {
+    // Validate the model before anything else (404/503 with the right message), and wait
+    // for room (or an instance) in its queue.
+    let mut group = match busy.admit(&r.model, WorkerType::Llm).await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -508,16 +553,27 @@ async fn run_completion(
         .start_with(span_name(kind), tracer::current(), || completion_meta(&r));
     // Our workers take the request as it is; DB-GPT's get it as PromptRequests below.
     let legacy_ok = r.native_only.is_none();
-    let native = s
-        .upstream
-        .native(
-            &r.model,
-            &group,
-            (native_path(kind), &body),
-            legacy_ok,
-            span.ctx(),
-        )
-        .await;
+    let native = loop {
+        let native = s
+            .upstream
+            .native(
+                &r.model,
+                &group,
+                (native_path(kind), &body),
+                legacy_ok,
+                span.ctx(),
+            )
+            .await;
+        match &native {
+            Err(UpstreamError::Overloaded { retry_after, .. }) => {
+                match busy.again(*retry_after).await {
+                    Some(g) => group = g,
+                    None => break native,
+                }
+            }
+            _ => break native,
+        }
+    };
     let first = match native {
         Ok(Native::Answer(a)) if r.stream && failover::is_stream(&a) => {
             let blocker = match kind {
@@ -750,7 +806,7 @@ async fn pump(
 }
 
 async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
-    let busy = Busy::new(&s);
+    let busy = Busy::of(&s, &req);
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -766,11 +822,11 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
 /// `embeddings` once the request is parsed.
 async fn embed(
     s: Shared,
-    busy: Busy,
+    mut busy: Busy,
     body: Bytes,
     r: openai::request::EmbeddingsRequest,
 ) -> Response {
-    let group = match s.upstream.group(&r.model, WorkerType::Text2vec).await {
+    let mut group = match busy.admit(&r.model, WorkerType::Text2vec).await {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -782,16 +838,27 @@ async fn embed(
         || model_meta(&r.model),
     );
     let legacy_ok = r.dimensions.is_none();
-    let native = s
-        .upstream
-        .native(
-            &r.model,
-            &group,
-            (wire::OPENAI_EMBEDDINGS_PATH, &body),
-            legacy_ok,
-            span.ctx(),
-        )
-        .await;
+    let native = loop {
+        let native = s
+            .upstream
+            .native(
+                &r.model,
+                &group,
+                (wire::OPENAI_EMBEDDINGS_PATH, &body),
+                legacy_ok,
+                span.ctx(),
+            )
+            .await;
+        match &native {
+            Err(UpstreamError::Overloaded { retry_after, .. }) => {
+                match busy.again(*retry_after).await {
+                    Some(g) => group = g,
+                    None => break native,
+                }
+            }
+            _ => break native,
+        }
+    };
     let first = match native {
         Ok(Native::Answer(a)) => return spliced(&s, a, (busy, span)),
         Ok(Native::Legacy(first)) => {

@@ -26,6 +26,8 @@ use tower::Layer;
 use tower_http::cors::{AllowHeaders, AllowOrigin, Cors, CorsLayer};
 use tracing::{info, warn};
 
+use super::admission::Admission;
+use super::admission::wake::Waker;
 use super::config::ApiserverConfig;
 use super::discovery::Discovery;
 use super::proxy::Upstream;
@@ -44,6 +46,8 @@ struct Apiserver {
     cfg: ApiserverConfig,
     state: Arc<AppState>,
     refresher: Option<JoinHandle<()>>,
+    /// The admission ticker (queues re-read the view; idle woken models unload).
+    ticker: Option<JoinHandle<()>>,
     flusher: Flusher,
     exposition: Arc<Exposition>,
     /// The separate `/metrics` listener (`--metrics_addr HOST:PORT`).
@@ -98,6 +102,7 @@ impl Daemon for Apiserver {
                     ("refresh".into(), refresh),
                 ]
                 .into_iter()
+                .chain(state.admission.status_details())
                 .chain(state.metrics.vitals_ref().details())
                 .chain(instance_details(d))
                 .collect(),
@@ -119,6 +124,11 @@ impl Daemon for Apiserver {
                 .upstream
                 .discovery
                 .spawn_loop(self.cfg.refresh_interval, shutdown.clone()),
+        );
+        self.ticker = Some(
+            self.state
+                .admission
+                .spawn_ticker(self.state.upstream.discovery.clone(), shutdown.clone()),
         );
         Ok(())
     }
@@ -153,6 +163,9 @@ impl Daemon for Apiserver {
     async fn finish(self, _drained: bool) {
         if let Some(r) = self.refresher {
             let _ = r.await;
+        }
+        if let Some(t) = self.ticker {
+            let _ = t.await;
         }
         self.flusher.finish().await;
     }
@@ -240,7 +253,13 @@ where
 pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<AppState>> {
     let client = ControllerClient::new(&cfg.controller_addr, CONTROLLER_TIMEOUT)?;
     let metrics = Arc::new(ApiMetrics::new());
+    let waker = Waker::new(ControllerClient::new(
+        &cfg.controller_addr,
+        CONTROLLER_TIMEOUT,
+    )?)?;
+    let admission = Arc::new(Admission::new(cfg.admission.clone(), waker));
     Ok(Arc::new(AppState {
+        admission,
         upstream: Upstream {
             metrics: metrics.clone(),
             http: super::proxy::worker_client(),
@@ -309,6 +328,7 @@ async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
     state
         .metrics
         .register(exposition.registry(), state.upstream.discovery.clone());
+    state.admission.register(exposition.registry());
     let metrics_listener = exposition.bind_separate().await?;
     if !state.upstream.discovery.refresh().await {
         warn!("no controller answered at start-up; models appear once one does");
@@ -322,6 +342,7 @@ async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
             cfg,
             state,
             refresher: None,
+            ticker: None,
             flusher,
             exposition: Arc::new(exposition),
             metrics_listener,

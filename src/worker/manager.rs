@@ -369,6 +369,27 @@ impl WorkerManager {
         Ok(model.spec.clone())
     }
 
+    /// The spec a model stopped on this worker last ran with (`None` if it never ran here);
+    /// [`ManagerError::AlreadyRunning`] while it runs.
+    pub fn stopped_spec(
+        &self,
+        name: &str,
+        worker_type: WorkerType,
+    ) -> Result<Option<ModelSpec>, ManagerError> {
+        let key = crate::wire::controller::worker_key(name, worker_type.as_str());
+        if self.get(name, worker_type).is_some() {
+            return Err(ManagerError::AlreadyRunning(key));
+        }
+        Ok(self
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .find(|s| s.key() == key)
+            .cloned())
+    }
+
     /// Stop then start of the same spec. A model stopped earlier just starts again, with
     /// the spec it last ran with; one this worker never ran is [`ManagerError::NotRunning`].
     pub async fn restart(
@@ -423,6 +444,24 @@ mod tests {
         m.restart("gpt", WorkerType::Llm).await.unwrap();
         assert!(m.get("gpt", WorkerType::Llm).is_some());
         assert_eq!(m.known_specs(), vec![spec]);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_model_keeps_the_spec_it_last_ran_with() {
+        let m = WorkerManager::new(None, 2);
+        let spec = proxy_spec("gpt");
+        assert!(matches!(m.stopped_spec("gpt", WorkerType::Llm), Ok(None)));
+        m.start(spec.clone()).await.unwrap();
+        assert!(matches!(
+            m.stopped_spec("gpt", WorkerType::Llm),
+            Err(ManagerError::AlreadyRunning(_))
+        ));
+        m.stop("gpt", WorkerType::Llm).await.unwrap();
+        assert_eq!(m.stopped_spec("gpt", WorkerType::Llm).unwrap(), Some(spec));
+        assert!(matches!(
+            m.stopped_spec("gpt", WorkerType::Text2vec),
+            Ok(None)
+        ));
     }
 
     #[tokio::test]

@@ -633,8 +633,19 @@ async fn startup(
     CappedBody(body): CappedBody,
 ) -> Result<Response, ApiError> {
     let (model, wt, params) = startup_request(&body)?;
-    let spec = ModelSpec::from_params(&model, wt, &params)
-        .map_err(|e| ApiError::Status(StatusCode::BAD_REQUEST, e.0))?;
+    // No params: a model this worker stopped starts again as it last ran (how the
+    // apiserver wakes a stopped model); a running one is a conflict.
+    let bare = params.as_object().is_none_or(|o| o.is_empty());
+    let last = if bare {
+        s.manager.stopped_spec(&model, wt).map_err(manager_error)?
+    } else {
+        None
+    };
+    let spec = match last {
+        Some(spec) => spec,
+        None => ModelSpec::from_params(&model, wt, &params)
+            .map_err(|e| ApiError::Status(StatusCode::BAD_REQUEST, e.0))?,
+    };
     s.manager.start(spec).await.map_err(manager_error)?;
     Ok(json_response(StatusCode::OK, &Value::Null))
 }

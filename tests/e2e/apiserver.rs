@@ -647,6 +647,9 @@ fn apiserver_auth_and_error_matrix() {
             "1.5",
             "--max_retries",
             "1",
+            // The model that is down answers at once instead of being held.
+            "--queue_timeout",
+            "0",
         ],
     );
     let base = api.url();

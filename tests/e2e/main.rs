@@ -3,6 +3,7 @@
 //! fixtures in `common`.
 
 mod admin;
+mod admission;
 mod apiserver;
 mod cli;
 mod common;

@@ -1,0 +1,208 @@
+//! Wake-on-request: starting a stopped model on a worker manager that ran it, and stopping
+//! it again when idle.
+//!
+//! The worker managers are the controller's `WorkerManager@service` entries. A manager that
+//! ran the model lists it in `GET /api/worker/models/supports` (running or stopped); it is
+//! asked to start it with `POST /api/worker/models/startup` and empty `params` — the call
+//! `dbgpt model start` makes, which then starts the model with the spec it last ran with. At
+//! most one start per model is under way at a time, and a failed one is not tried again for
+//! [`RETRY_GAP`]. Models started so are remembered, so that an idle one can be stopped with
+//! `POST /api/worker/models/shutdown` (`dbgpt model stop`'s call). A manager that answers
+//! 409 (the model is running or starting already) was not woken by us: it is never unloaded.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::controller::client::ControllerClient;
+use crate::telemetry::Escaped;
+use crate::wire::controller::{manager_key, worker_key};
+use crate::wire::worker::{
+    MODELS_SHUTDOWN_PATH, MODELS_STARTUP_PATH, MODELS_SUPPORTS_PATH, WorkerSupportedModel,
+    WorkerType,
+};
+use crate::worker::client::{WorkerClientError, post_worker};
+
+/// How long a failed wake of a model blocks the next one.
+pub const RETRY_GAP: Duration = Duration::from_secs(5);
+
+/// Why a wake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WakeError {
+    #[error("cannot list the worker managers: {0}")]
+    Controller(String),
+    #[error("no worker manager registered with the controller ran model {0}")]
+    NoManager(String),
+    #[error("{0}")]
+    Worker(#[from] WorkerClientError),
+}
+
+/// A model this apiserver started.
+#[derive(Debug, Clone)]
+struct Woken {
+    model: String,
+    worker_type: WorkerType,
+    host: String,
+    port: u16,
+}
+
+#[derive(Default)]
+struct State {
+    /// `model@type` → `None` while a start is under way, `Some(t)` after one failed at `t`.
+    starting: HashMap<String, Option<Instant>>,
+    woken: HashMap<String, Woken>,
+}
+
+/// Starts and stops models on worker managers for the apiserver.
+pub struct Waker {
+    controller: ControllerClient,
+    http: reqwest::Client,
+    /// Where the start and stop calls run (the daemon's main runtime; else the caller's).
+    runtime: OnceLock<tokio::runtime::Handle>,
+    state: Mutex<State>,
+}
+
+impl Waker {
+    pub fn new(controller: ControllerClient) -> anyhow::Result<Self> {
+        Ok(Waker {
+            controller,
+            http: crate::worker::client::worker_http()?,
+            runtime: OnceLock::new(),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    pub(crate) fn set_runtime(&self, h: tokio::runtime::Handle) {
+        let _ = self.runtime.set(h);
+    }
+
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        match self.runtime.get() {
+            Some(h) => {
+                h.spawn(f);
+            }
+            None => {
+                tokio::spawn(f);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts `model` on a manager that ran it, unless a start is under way or failed less
+    /// than [`RETRY_GAP`] ago; returns whether a start began.
+    pub fn wake(self: &std::sync::Arc<Self>, model: &str, worker_type: WorkerType) -> bool {
+        let key = worker_key(model, worker_type.as_str());
+        {
+            let mut st = self.lock();
+            match st.starting.get(&key) {
+                Some(None) => return false,
+                Some(Some(t)) if t.elapsed() < RETRY_GAP => return false,
+                _ => {}
+            }
+            st.starting.insert(key.clone(), None);
+        }
+        let me = self.clone();
+        let model = model.to_string();
+        self.spawn(async move {
+            let r = me.start(&model, worker_type).await;
+            let mut st = me.lock();
+            match r {
+                Ok(w) => {
+                    st.starting.remove(&key);
+                    if let Some(w) = w {
+                        info!(model = %Escaped(&key), worker = %format!("{}:{}", w.host, w.port), "woke a stopped model for a waiting request");
+                        st.woken.insert(key, w);
+                    }
+                }
+                Err(e) => {
+                    warn!(model = %Escaped(&key), error = %Escaped(&e.to_string()), "cannot wake the model");
+                    st.starting.insert(key, Some(Instant::now()));
+                }
+            }
+        });
+        true
+    }
+
+    /// Finds a manager that ran the model and asks it to start it; `Ok(None)` when one
+    /// answered that it is running or starting already.
+    async fn start(&self, model: &str, wt: WorkerType) -> Result<Option<Woken>, WakeError> {
+        let managers = self
+            .controller
+            .list(Some(&manager_key()), true)
+            .await
+            .map_err(|e| WakeError::Controller(e.to_string()))?;
+        let mut last = None;
+        for m in managers {
+            if !self.ran(&m.host, m.port, model, wt).await {
+                continue;
+            }
+            let body = json!({"host": m.host, "port": m.port, "model": model,
+                              "worker_type": wt.as_str(), "params": {}});
+            match post_worker(&self.http, &m.host, m.port, MODELS_STARTUP_PATH, &body).await {
+                Ok(_) => {
+                    return Ok(Some(Woken {
+                        model: model.to_string(),
+                        worker_type: wt,
+                        host: m.host,
+                        port: m.port,
+                    }));
+                }
+                Err(WorkerClientError::Status { status: 409, .. }) => return Ok(None),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) => e.into(),
+            None => WakeError::NoManager(worker_key(model, wt.as_str())),
+        })
+    }
+
+    /// Does the manager at `host:port` list the model (running or stopped)?
+    async fn ran(&self, host: &str, port: u16, model: &str, wt: WorkerType) -> bool {
+        let url = format!("http://{host}:{port}{MODELS_SUPPORTS_PATH}");
+        let Ok(resp) = self.http.get(url).send().await else {
+            return false;
+        };
+        if !resp.status().is_success() {
+            return false;
+        }
+        let Ok(list) = resp.json::<Vec<WorkerSupportedModel>>().await else {
+            return false;
+        };
+        list.iter()
+            .flat_map(|w| &w.models)
+            .any(|s| s.model == model && s.worker_type == wt.as_str())
+    }
+
+    /// The models this apiserver woke (`model@type`).
+    pub fn woken(&self) -> Vec<String> {
+        self.lock().woken.keys().cloned().collect()
+    }
+
+    /// Stops a woken model on its manager (it is forgotten as woken).
+    pub fn unload(&self, key: &str) {
+        let Some(w) = self.lock().woken.remove(key) else {
+            return;
+        };
+        let http = self.http.clone();
+        let key = key.to_string();
+        self.spawn(async move {
+            let body = json!({"host": w.host, "port": w.port, "model": w.model,
+                              "worker_type": w.worker_type.as_str(), "params": {}});
+            match post_worker(&http, &w.host, w.port, MODELS_SHUTDOWN_PATH, &body).await {
+                Ok(_) => {
+                    info!(model = %Escaped(&key), worker = %format!("{}:{}", w.host, w.port), "stopped an idle woken model")
+                }
+                Err(e) => {
+                    warn!(model = %Escaped(&key), error = %Escaped(&e.to_string()), "cannot stop the idle model")
+                }
+            }
+        });
+    }
+}
