@@ -750,6 +750,17 @@ impl Admission {
             let cap = self.capacity_of(d, &g.key);
             if cap == 0 {
                 d.request_refresh();
+                // A wake that failed is tried again (at most every RETRY_GAP).
+                if self.settings.wake_on_request
+                    && let Some((model, ty)) = split_worker_key(&g.key)
+                    && let Some(wt) = WorkerType::from_wire(ty)
+                    && self.waker.wake(model, wt)
+                {
+                    self.metrics
+                        .wakes
+                        .get_or_create(&model_labels(&g.key))
+                        .inc();
+                }
             }
             g.retune(cap);
         }

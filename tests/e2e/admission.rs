@@ -157,7 +157,8 @@ fn chat(port: u16, model: &str) -> (u16, Option<String>, Value, Duration) {
     (
         s,
         retry,
-        serde_json::from_slice(&b).unwrap_or(Value::Null),
+        serde_json::from_slice(&b)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned())),
         start.elapsed(),
     )
 }
@@ -434,7 +435,8 @@ fn hold_expires_as_no_healthy_instance_with_retry_after() {
 fn wake_on_request_starts_a_stopped_model_and_unloads_it_when_idle() {
     let up = crate::worker::FakeUpstream::start(Duration::from_millis(50));
     let env = TestEnv::new();
-    let ctl = controller(&env);
+    // Default health expiry: the worker heartbeats at its default interval.
+    let ctl = env.controller(&[]);
     let cfg = env.path("w.toml");
     std::fs::write(
         &cfg,
@@ -465,7 +467,12 @@ fn wake_on_request_starts_a_stopped_model_and_unloads_it_when_idle() {
     // A request wakes it on that worker, and is answered once it is up.
     let (s, _, v, _) = chat(api.port, "sleepy");
     assert_eq!(s, 200, "{v}\n{}", api.logs());
-    assert_eq!(v["choices"][0]["message"]["content"], "Hello from upstream");
+    // The test-double upstream answers every call as a stream, which the proxy model
+    // passes on: its pieces are the answer.
+    assert!(
+        v.to_string().contains(r#"\"content\":\" upstream\""#),
+        "{v}"
+    );
     assert!(
         api.logs().contains("woke a stopped model"),
         "{}",
@@ -479,15 +486,23 @@ fn wake_on_request_starts_a_stopped_model_and_unloads_it_when_idle() {
         1.0
     );
     // Idle for 2 s: stopped again through the same API.
-    wait_listed(api.port, "sleepy", false);
+    let served = Instant::now();
     assert!(
-        api.logs().contains("stopped an idle woken model"),
+        wait_until(Duration::from_secs(10), || api
+            .logs()
+            .contains("stopped an idle woken model")),
         "{}",
         api.logs()
     );
+    assert!(
+        served.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        served.elapsed()
+    );
+    wait_listed(api.port, "sleepy", false);
     let (_, sup) = json_req(w.port, "GET", "/api/worker/models/supports", None);
     assert_eq!(sup[0]["models"][0]["model"], "sleepy", "{sup}");
     // And woken again by the next request.
     let (s, _, v, _) = chat(api.port, "sleepy");
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 200, "{v}\n{}\n{}", api.logs(), w.logs());
 }

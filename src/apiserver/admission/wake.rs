@@ -5,8 +5,8 @@
 //! ran the model lists it in `GET /api/worker/models/supports` (running or stopped); it is
 //! asked to start it with `POST /api/worker/models/startup` and empty `params` — the call
 //! `dbgpt model start` makes, which then starts the model with the spec it last ran with. At
-//! most one start per model is under way at a time, and a failed one is not tried again for
-//! [`RETRY_GAP`]. Models started so are remembered, so that an idle one can be stopped with
+//! most one start per model is under way at a time, and none is tried again for
+//! [`RETRY_GAP`] after one ended (while requests wait, a failed start is retried so). Models started so are remembered, so that an idle one can be stopped with
 //! `POST /api/worker/models/shutdown` (`dbgpt model stop`'s call). A manager that answers
 //! 409 (the model is running or starting already) was not woken by us: it is never unloaded.
 
@@ -34,8 +34,8 @@ pub const RETRY_GAP: Duration = Duration::from_secs(5);
 pub enum WakeError {
     #[error("cannot list the worker managers: {0}")]
     Controller(String),
-    #[error("no worker manager registered with the controller ran model {0}")]
-    NoManager(String),
+    #[error("no worker manager registered with the controller ran model {0} ({1})")]
+    NoManager(String, String),
     #[error("{0}")]
     Worker(#[from] WorkerClientError),
 }
@@ -51,7 +51,9 @@ struct Woken {
 
 #[derive(Default)]
 struct State {
-    /// `model@type` → `None` while a start is under way, `Some(t)` after one failed at `t`.
+    /// `model@type` → `None` while a start is under way, `Some(t)` after one ended at `t`
+    /// (none is tried again for [`RETRY_GAP`]: a model just started takes a moment to
+    /// appear in the apiserver's view).
     starting: HashMap<String, Option<Instant>>,
     woken: HashMap<String, Woken>,
 }
@@ -94,7 +96,7 @@ impl Waker {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts `model` on a manager that ran it, unless a start is under way or failed less
+    /// Starts `model` on a manager that ran it, unless a start is under way or ended less
     /// than [`RETRY_GAP`] ago; returns whether a start began.
     pub fn wake(self: &std::sync::Arc<Self>, model: &str, worker_type: WorkerType) -> bool {
         let key = worker_key(model, worker_type.as_str());
@@ -114,7 +116,7 @@ impl Waker {
             let mut st = me.lock();
             match r {
                 Ok(w) => {
-                    st.starting.remove(&key);
+                    st.starting.insert(key.clone(), Some(Instant::now()));
                     if let Some(w) = w {
                         info!(model = %Escaped(&key), worker = %format!("{}:{}", w.host, w.port), "woke a stopped model for a waiting request");
                         st.woken.insert(key, w);
@@ -138,9 +140,18 @@ impl Waker {
             .await
             .map_err(|e| WakeError::Controller(e.to_string()))?;
         let mut last = None;
-        for m in managers {
-            if !self.ran(&m.host, m.port, model, wt).await {
-                continue;
+        let mut why = Vec::new();
+        for m in &managers {
+            match self.ran(&m.host, m.port, model, wt).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    why.push(format!("{}:{} does not list it", m.host, m.port));
+                    continue;
+                }
+                Err(e) => {
+                    why.push(format!("{}:{}: {e}", m.host, m.port));
+                    continue;
+                }
             }
             let body = json!({"host": m.host, "port": m.port, "model": model,
                               "worker_type": wt.as_str(), "params": {}});
@@ -149,7 +160,7 @@ impl Waker {
                     return Ok(Some(Woken {
                         model: model.to_string(),
                         worker_type: wt,
-                        host: m.host,
+                        host: m.host.clone(),
                         port: m.port,
                     }));
                 }
@@ -159,25 +170,43 @@ impl Waker {
         }
         Err(match last {
             Some(e) => e.into(),
-            None => WakeError::NoManager(worker_key(model, wt.as_str())),
+            None => WakeError::NoManager(
+                worker_key(model, wt.as_str()),
+                if managers.is_empty() {
+                    "none is registered".into()
+                } else {
+                    why.join("; ")
+                },
+            ),
         })
     }
 
     /// Does the manager at `host:port` list the model (running or stopped)?
-    async fn ran(&self, host: &str, port: u16, model: &str, wt: WorkerType) -> bool {
+    async fn ran(
+        &self,
+        host: &str,
+        port: u16,
+        model: &str,
+        wt: WorkerType,
+    ) -> Result<bool, String> {
         let url = format!("http://{host}:{port}{MODELS_SUPPORTS_PATH}");
-        let Ok(resp) = self.http.get(url).send().await else {
-            return false;
-        };
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| crate::http::describe(&e))?;
         if !resp.status().is_success() {
-            return false;
+            return Err(format!("models/supports answered {}", resp.status()));
         }
-        let Ok(list) = resp.json::<Vec<WorkerSupportedModel>>().await else {
-            return false;
-        };
-        list.iter()
+        let list = resp
+            .json::<Vec<WorkerSupportedModel>>()
+            .await
+            .map_err(|e| format!("models/supports: {}", crate::http::describe(&e)))?;
+        Ok(list
+            .iter()
             .flat_map(|w| &w.models)
-            .any(|s| s.model == model && s.worker_type == wt.as_str())
+            .any(|s| s.model == model && s.worker_type == wt.as_str()))
     }
 
     /// The models this apiserver woke (`model@type`).
@@ -187,7 +216,12 @@ impl Waker {
 
     /// Stops a woken model on its manager (it is forgotten as woken).
     pub fn unload(&self, key: &str) {
-        let Some(w) = self.lock().woken.remove(key) else {
+        let w = {
+            let mut st = self.lock();
+            st.starting.remove(key);
+            st.woken.remove(key)
+        };
+        let Some(w) = w else {
             return;
         };
         let http = self.http.clone();
