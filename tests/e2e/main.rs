@@ -10,6 +10,7 @@ mod controller;
 mod engine;
 mod failover;
 mod http_limits;
+mod keys;
 mod metrics;
 mod openai;
 mod otlp;
