@@ -582,7 +582,10 @@ mod tests {
         assert_eq!(s.admit(&l, T0 + 2).unwrap_err().kind, LimitKind::Rpm);
         assert!(s.take_report()[0].1.requests == 1);
         let d = limits(None, None, None, Some(500));
-        assert_eq!(s.admit(&d, T0 + 3).unwrap_err().kind, LimitKind::DailyTokens);
+        assert_eq!(
+            s.admit(&d, T0 + 3).unwrap_err().kind,
+            LimitKind::DailyTokens
+        );
     }
 
     #[test]

@@ -312,7 +312,13 @@ impl Tenancy {
             return Ok(None);
         };
         if !caller.allows(model) {
-            let allowed = e.record.spec.models.as_deref().unwrap_or_default().join(", ");
+            let allowed = e
+                .record
+                .spec
+                .models
+                .as_deref()
+                .unwrap_or_default()
+                .join(", ");
             return Err(OpenAiError::new(
                 StatusCode::FORBIDDEN,
                 "invalid_request_error",
@@ -375,7 +381,9 @@ impl Tenancy {
             limits::LimitKind::MaxConcurrency => "concurrent requests",
             limits::LimitKind::DailyTokens => "tokens per day (UTC)",
         };
-        let on = model.map(|m| format!(" on model '{m}'")).unwrap_or_default();
+        let on = model
+            .map(|m| format!(" on model '{m}'"))
+            .unwrap_or_default();
         let retry = limits::openai_duration(x.retry_after_us);
         let msg = format!(
             "Rate limit reached for API key '{}'{on} on {what} ({}): limit {}, used {}. Please try again in {retry}.",
@@ -390,8 +398,9 @@ impl Tenancy {
             "rate_limit_exceeded",
             msg,
         );
-        err.retry_after =
-            Some(limits::ceil_div(x.retry_after_us.max(0), 1_000_000).clamp(1, u32::MAX as i64) as u32);
+        err.retry_after = Some(
+            limits::ceil_div(x.retry_after_us.max(0), 1_000_000).clamp(1, u32::MAX as i64) as u32,
+        );
         let mut resp = err.into_response();
         let h = resp.headers_mut();
         h.insert(
@@ -400,7 +409,13 @@ impl Tenancy {
         );
         // The figures of the scope that refused (the key's own, or the key on the model).
         let limits = match model {
-            Some(m) => e.record.spec.model_limits.get(m).copied().unwrap_or_default(),
+            Some(m) => e
+                .record
+                .spec
+                .model_limits
+                .get(m)
+                .copied()
+                .unwrap_or_default(),
             None => e.record.spec.limits,
         };
         let scope = match model {
@@ -702,10 +717,7 @@ impl TokenSink for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let now = limits::now_us();
-        let (p, c) = (
-            *self.prompt.get_mut(),
-            *self.completion.get_mut(),
-        );
+        let (p, c) = (*self.prompt.get_mut(), *self.completion.get_mut());
         let e = &self.entry;
         e.state.whole.release(&e.record.spec.limits, p + c, now);
         if let Some(s) = &self.model_scope {
@@ -754,10 +766,9 @@ impl Lease {
             ])
         };
         let h = Arc::new(Handles {
-            requests: m.requests.get_or_create_owned(&vec![
-                ("key", name.clone()),
-                ("model", self.model.clone()),
-            ]),
+            requests: m
+                .requests
+                .get_or_create_owned(&vec![("key", name.clone()), ("model", self.model.clone())]),
             prompt: tokens("prompt"),
             completion: tokens("completion"),
         });

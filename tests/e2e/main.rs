@@ -19,5 +19,6 @@ mod rerank;
 mod restart;
 mod sql;
 mod stack;
+mod tenancy;
 mod tracer;
 mod worker;

@@ -78,7 +78,9 @@ fn message(e: &OpenAiError) -> String {
 }
 
 async fn body_json(resp: Response) -> Value {
-    let b = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    let b = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
     serde_json::from_slice(&b).unwrap()
 }
 
@@ -99,7 +101,10 @@ async fn open_static_and_managed_keys() {
 
     // Static keys: full access; anything else 401.
     let t = Tenancy::new(vec!["static-1".into()], "a".into());
-    assert!(matches!(t.authenticate(&auth("static-1")), Ok(Caller::Static)));
+    assert!(matches!(
+        t.authenticate(&auth("static-1")),
+        Ok(Caller::Static)
+    ));
     let e = err(t.authenticate(&auth("static-2")));
     assert_eq!(e.status, StatusCode::UNAUTHORIZED);
     assert_eq!(message(&e), "Incorrect API key provided.");
@@ -122,7 +127,10 @@ async fn open_static_and_managed_keys() {
     assert!(matches!(t.authenticate(&auth(&secret)), Ok(Caller::Key(_))));
     // A wrong secret for a known id, an unknown id: incorrect.
     let wrong = secret.replace("c2Vj", "c2VK");
-    assert_eq!(message(&err(t.authenticate(&auth(&wrong)))), "Incorrect API key provided.");
+    assert_eq!(
+        message(&err(t.authenticate(&auth(&wrong)))),
+        "Incorrect API key provided."
+    );
     assert_eq!(
         message(&err(t.authenticate(&auth("sk-dbgpt-zzz999-c2VjcmV0")))),
         "Incorrect API key provided."
@@ -142,9 +150,15 @@ async fn revoked_and_expired_keys_are_told_so() {
     let t = Tenancy::new(vec![], "a".into());
     t.sync_once(&fake).await.unwrap();
     let e = err(t.authenticate(&auth(&s1)));
-    assert_eq!((e.status, message(&e).as_str()), (StatusCode::UNAUTHORIZED, "The API key 'gone' was revoked."));
+    assert_eq!(
+        (e.status, message(&e).as_str()),
+        (StatusCode::UNAUTHORIZED, "The API key 'gone' was revoked.")
+    );
     let e = err(t.authenticate(&auth(&s2)));
-    assert_eq!(message(&e), "The API key 'old' expired at 2001-09-09 01:46:40 UTC.");
+    assert_eq!(
+        message(&e),
+        "The API key 'old' expired at 2001-09-09 01:46:40 UTC."
+    );
     assert!(t.authenticate(&auth(&s3)).is_ok());
     // A key revoked later is learned by the next sync (only the change comes back).
     fake.put("ccc333", spec("later"), true);
@@ -200,7 +214,13 @@ async fn over_a_limit_is_a_429_with_openai_headers() {
     let resp = t.admit(&c, "big").unwrap_err();
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     let v = body_json(resp).await;
-    assert!(v["error"]["message"].as_str().unwrap().contains("on model 'big'"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("on model 'big'"),
+        "{v}"
+    );
     // The lease goes on a successful answer: x-ratelimit headers, then it is released.
     let ok = attach(Response::new(Body::empty()), first);
     let h = ok.headers();
@@ -221,7 +241,14 @@ async fn over_a_limit_is_a_429_with_openai_headers() {
     let resp = t.admit(&c, "m").unwrap_err();
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     let h = resp.headers().clone();
-    assert!(h[header::RETRY_AFTER].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert!(
+        h[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
     assert_eq!(h["x-ratelimit-limit-requests"], "2");
     assert_eq!(h["x-ratelimit-remaining-requests"], "0");
     assert_eq!(h["x-ratelimit-remaining-tokens"], "985");
@@ -233,7 +260,10 @@ async fn over_a_limit_is_a_429_with_openai_headers() {
     let limited = t
         .metrics
         .limited
-        .get_or_create(&vec![("key", "team-a".to_string()), ("limit", "rpm".to_string())])
+        .get_or_create(&vec![
+            ("key", "team-a".to_string()),
+            ("limit", "rpm".to_string()),
+        ])
         .get();
     assert_eq!(limited, 1);
 }
@@ -271,7 +301,10 @@ async fn usage_is_reported_and_kept_while_the_controller_is_down() {
     assert_eq!(last.usage.len(), 1);
     let row = &last.usage[0];
     assert_eq!((row.key_id.as_str(), row.model.as_str()), ("abc123", "m"));
-    assert_eq!((row.requests, row.prompt_tokens, row.completion_tokens), (2, 6, 8));
+    assert_eq!(
+        (row.requests, row.prompt_tokens, row.completion_tokens),
+        (2, 6, 8)
+    );
     assert_eq!(row.day.len(), 10);
     let minute: u64 = last.minute.iter().map(|m| m.requests).sum();
     assert_eq!(minute, 3, "every admitted request counts in the minute");
@@ -283,7 +316,10 @@ async fn usage_is_reported_and_kept_while_the_controller_is_down() {
     let reqs = t
         .metrics
         .requests
-        .get_or_create(&vec![("key", "team-a".to_string()), ("model", "m".to_string())])
+        .get_or_create(&vec![
+            ("key", "team-a".to_string()),
+            ("model", "m".to_string()),
+        ])
         .get();
     assert_eq!(reqs, 2);
 }
@@ -320,12 +356,20 @@ async fn a_stream_without_include_usage_is_counted_and_its_usage_chunk_hidden() 
     );
     let resp = attach(crate::http::sse_response(Body::from_stream(stream)), lease);
     assert!(resp.extensions().get::<Charge>().is_none());
-    let text = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    let text = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&text);
     assert!(!text.contains("\"choices\":[]"), "{text}");
-    assert!(text.contains("\"content\":\"a\"") && text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(
+        text.contains("\"content\":\"a\"") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
     t.sync_once(&fake).await.unwrap();
     let reports = lock(&fake.reports);
     let row = &reports.last().unwrap().usage[0];
-    assert_eq!((row.requests, row.prompt_tokens, row.completion_tokens), (1, 5, 2));
+    assert_eq!(
+        (row.requests, row.prompt_tokens, row.completion_tokens),
+        (1, 5, 2)
+    );
 }
