@@ -172,10 +172,14 @@ impl FromRequestParts<Shared> for Authorized {
 
 /// Admits a request of `auth` for `model` under its key's model list and limits (the
 /// 403/429 answer when not); the lease goes on the answer ([`tenancy::attach`]).
-fn admit(s: &Shared, auth: &Authorized, model: &str) -> Result<Option<tenancy::Lease>, Response> {
+fn admit(
+    s: &Shared,
+    auth: &Authorized,
+    model: &str,
+) -> Result<Option<tenancy::Lease>, Box<Response>> {
     s.tenancy
         .admit(&auth.0, model)
-        .map_err(|r| ModelName::tag(r, model))
+        .map_err(|r| Box::new(ModelName::tag(*r, model)))
 }
 
 /// Reads the body (413 beyond [`MAX_REQUEST_BYTES`]).
@@ -280,7 +284,7 @@ async fn chat(State(s): State<Shared>, auth: Authorized, req: Request) -> Respon
             let model = r.model.clone();
             let mut lease = match admit(&s, &auth, &model) {
                 Ok(l) => l,
-                Err(resp) => return resp,
+                Err(resp) => return *resp,
             };
             let body = tenancy::stream_usage(&mut r, body, &mut lease);
             let resp = run_completion(s.clone(), Kind::Chat, r, body, busy).await;
@@ -301,7 +305,7 @@ async fn completions(State(s): State<Shared>, auth: Authorized, req: Request) ->
             let model = r.model.clone();
             let mut lease = match admit(&s, &auth, &model) {
                 Ok(l) => l,
-                Err(resp) => return resp,
+                Err(resp) => return *resp,
             };
             let body = tenancy::stream_usage(&mut r, body, &mut lease);
             let resp = run_completion(s.clone(), Kind::Text, r, body, busy).await;
@@ -333,7 +337,7 @@ async fn responses(State(s): State<Shared>, auth: Authorized, req: Request) -> R
     let model = r.model.clone();
     let lease = match admit(&s, &auth, &model) {
         Ok(l) => l,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let answer = run_completion(s.clone(), Kind::Chat, r, chat_body, busy).await;
     if !answer.status().is_success() {
@@ -761,7 +765,7 @@ async fn embeddings(State(s): State<Shared>, auth: Authorized, req: Request) -> 
     let model = r.model.clone();
     let lease = match admit(&s, &auth, &model) {
         Ok(l) => l,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let resp = embed(s, busy, body, r).await;
     ModelName::tag(tenancy::attach(resp, lease), &model)
@@ -976,7 +980,7 @@ async fn relevance(State(s): State<Shared>, auth: Authorized, req: Request) -> R
     };
     let lease = match admit(&s, &auth, &r.model) {
         Ok(l) => l,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let resp = match score_documents(&s, &r.model, &r.query, &r.documents).await {
         Ok(scores) => json_response(
@@ -1002,7 +1006,7 @@ async fn rerank(State(s): State<Shared>, auth: Authorized, req: Request) -> Resp
     };
     let lease = match admit(&s, &auth, &r.model) {
         Ok(l) => l,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let resp = match score_documents(&s, &r.model, &r.query, &r.documents).await {
         Ok(scores) => json_response(

@@ -306,8 +306,8 @@ impl Tenancy {
     }
 
     /// Admits a request of `caller` for `model`: `None` for callers without limits, a
-    /// [`Lease`] to hold until the answer ends, or the 403/429 answer.
-    pub fn admit(&self, caller: &Caller, model: &str) -> Result<Option<Lease>, Response> {
+    /// [`Lease`] to hold until the answer ends, or the 403/429 answer (boxed: the rare case).
+    pub fn admit(&self, caller: &Caller, model: &str) -> Result<Option<Lease>, Box<Response>> {
         let Caller::Key(e) = caller else {
             return Ok(None);
         };
@@ -329,7 +329,8 @@ impl Tenancy {
                 ),
             )
             .with_param("model")
-            .into_response());
+            .into_response()
+            .into());
         }
         let now = limits::now_us();
         let spec = &e.record.spec;
@@ -337,7 +338,7 @@ impl Tenancy {
             .state
             .whole
             .admit(&spec.limits, now)
-            .map_err(|x| self.refuse(e, None, x))?;
+            .map_err(|x| Box::new(self.refuse(e, None, x)))?;
         let mut model_scope = None;
         if let Some(l) = spec.model_limits.get(model) {
             let scope = e.state.scope(model);
@@ -349,7 +350,7 @@ impl Tenancy {
                 }
                 Err(x) => {
                     e.state.whole.cancel(&spec.limits, now);
-                    return Err(self.refuse(e, Some(model), x));
+                    return Err(Box::new(self.refuse(e, Some(model), x)));
                 }
             }
         }

@@ -182,7 +182,7 @@ async fn models_outside_the_list_are_forbidden() {
     assert!(t.admit(&c, "m1").unwrap().is_some());
     let resp = t.admit(&c, "m3").unwrap_err();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-    let v = body_json(resp).await;
+    let v = body_json(*resp).await;
     assert_eq!(v["error"]["code"], "model_not_allowed");
     assert_eq!(v["error"]["param"], "model");
     assert!(v["error"]["message"].as_str().unwrap().contains("'m3'"));
@@ -213,7 +213,7 @@ async fn over_a_limit_is_a_429_with_openai_headers() {
     let first = t.admit(&c, "big").unwrap();
     let resp = t.admit(&c, "big").unwrap_err();
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-    let v = body_json(resp).await;
+    let v = body_json(*resp).await;
     assert!(
         v["error"]["message"]
             .as_str()
@@ -252,7 +252,7 @@ async fn over_a_limit_is_a_429_with_openai_headers() {
     assert_eq!(h["x-ratelimit-limit-requests"], "2");
     assert_eq!(h["x-ratelimit-remaining-requests"], "0");
     assert_eq!(h["x-ratelimit-remaining-tokens"], "985");
-    let v = body_json(resp).await;
+    let v = body_json(*resp).await;
     assert_eq!(v["error"]["type"], "requests");
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
     let msg = v["error"]["message"].as_str().unwrap();
@@ -296,8 +296,7 @@ async fn usage_is_reported_and_kept_while_the_controller_is_down() {
     assert!(t.authenticate(&auth(&secret)).is_ok());
     fake.down.store(false, Ordering::Relaxed);
     t.sync_once(&fake).await.unwrap();
-    let reports = lock(&fake.reports);
-    let last = reports.last().unwrap();
+    let last = lock(&fake.reports).last().unwrap().clone();
     assert_eq!(last.usage.len(), 1);
     let row = &last.usage[0];
     assert_eq!((row.key_id.as_str(), row.model.as_str()), ("abc123", "m"));
@@ -309,7 +308,6 @@ async fn usage_is_reported_and_kept_while_the_controller_is_down() {
     let minute: u64 = last.minute.iter().map(|m| m.requests).sum();
     assert_eq!(minute, 3, "every admitted request counts in the minute");
     assert_eq!(last.minute.iter().map(|m| m.tokens).sum::<u64>(), 14);
-    drop(reports);
     // Reported once only.
     t.sync_once(&fake).await.unwrap();
     assert!(lock(&fake.reports).last().unwrap().usage.is_empty());
