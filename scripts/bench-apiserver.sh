@@ -18,8 +18,8 @@
 #   started with --metrics_addr off, model "viaworker_nometrics": the cost of the Prometheus
 #   metrics is the difference to "apiserver+worker", printed per concurrency after the
 #   tables), "apiserver+worker static key" and "apiserver+worker managed key" (a third
-#   apiserver started with --api_keys, called once with that static key and once with a
-#   managed key created through the controller's keys API, carrying every limit (rpm, tpm,
+#   apiserver started with --api_keys, behind its own controller and proxy worker, called
+#   once with that static key and once with a managed key created through the keys API, carrying every limit (rpm, tpm,
 #   max_concurrency, daily_tokens, on the key and on the model) set far too high to trip:
 #   the CPU a managed key's auth, limits and usage add per request is the difference,
 #   printed per concurrency after the tables), and, when the wheel is installed (python3 -c 'import sglang_router'),
@@ -119,16 +119,23 @@ if [ "${BENCH_METRICS:-1}" = 1 ]; then
   PIDNOTE="$PIDNOTE apiserver-metrics-off=$APIOFF_PID worker-metrics-off=$WRKOFF_PID"
 fi
 
-# Managed API keys: a third apiserver with a static key; the same path with that key and with
-# a managed key carrying every limit (never reached). The difference is the keys' cost.
+# Managed API keys: a third apiserver with a static key, behind its own controller and proxy
+# worker (a controller that has managed keys makes every apiserver in front of it require
+# keys, which the open rows above must not); the same path with that key and with a managed
+# key carrying every limit (never reached). The difference is the keys' cost.
 APIK_PID=
 if [ "${BENCH_KEYS:-1}" = 1 ]; then
-  APIK=$(port)
-  $BIN start apiserver --host 127.0.0.1 --port "$APIK" --controller_addr "http://127.0.0.1:$CTL" --api_keys bench-static \
+  CTLK=$(port); WRKK=$(port); APIK=$(port)
+  $BIN start controller --host 127.0.0.1 --port "$CTLK" --registry_path "$WORK/reg-keys.redb" >"$WORK/ctl-keys.log" 2>&1 & CTLK_PID=$!; PIDS+=($CTLK_PID)
+  wait_http "http://127.0.0.1:$CTLK/api/health"
+  $BIN start worker --host 127.0.0.1 --port "$WRKK" --controller_addr "http://127.0.0.1:$CTLK" --model_name viaworker \
+    --model_type proxy --proxy_api_base "http://127.0.0.1:$FAKE/v1" --proxyllm_backend fake --limit_model_concurrency 512 \
+    --log_level warn >"$WORK/worker-keys.log" 2>&1 & WRKK_PID=$!; PIDS+=($WRKK_PID)
+  $BIN start apiserver --host 127.0.0.1 --port "$APIK" --controller_addr "http://127.0.0.1:$CTLK" --api_keys bench-static \
     --log_level warn >"$WORK/api-keys.log" 2>&1 & APIK_PID=$!; PIDS+=($APIK_PID)
   wait_http "http://127.0.0.1:$APIK/api/health"
   BIG=1000000000000
-  MANAGED=$(curl -sf "http://127.0.0.1:$CTL/api/controller/keys" -H 'content-type: application/json' -d '{"name":"bench",
+  MANAGED=$(curl -sf "http://127.0.0.1:$CTLK/api/controller/keys" -H 'content-type: application/json' -d '{"name":"bench",
     "limits":{"rpm":'$BIG',"tpm":'$BIG',"max_concurrency":100000,"daily_tokens":'$BIG'},
     "model_limits":{"viaworker":{"rpm":'$BIG',"tpm":'$BIG',"max_concurrency":100000,"daily_tokens":'$BIG'}}}' |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
@@ -137,9 +144,9 @@ if [ "${BENCH_KEYS:-1}" = 1 ]; then
       -d '{"model":"viaworker","messages":[{"role":"user","content":"hi"}]}' && break
     sleep 0.1
   done
-  TARGETS+=(--target "apiserver+worker static key|http://127.0.0.1:$APIK/v1|$APIK_PID,$WRK_PID,$FAKE_PID|viaworker|{\"_api_key\":\"bench-static\"}"
-            --target "apiserver+worker managed key|http://127.0.0.1:$APIK/v1|$APIK_PID,$WRK_PID,$FAKE_PID|viaworker|{\"_api_key\":\"$MANAGED\"}")
-  PIDNOTE="$PIDNOTE apiserver-keys=$APIK_PID"
+  TARGETS+=(--target "apiserver+worker static key|http://127.0.0.1:$APIK/v1|$APIK_PID,$WRKK_PID,$FAKE_PID|viaworker|{\"_api_key\":\"bench-static\"}"
+            --target "apiserver+worker managed key|http://127.0.0.1:$APIK/v1|$APIK_PID,$WRKK_PID,$FAKE_PID|viaworker|{\"_api_key\":\"$MANAGED\"}")
+  PIDNOTE="$PIDNOTE apiserver-keys=$APIK_PID worker-keys=$WRKK_PID controller-keys=$CTLK_PID"
 fi
 
 # A/B in one run: another build's apiserver and proxy worker (model "viaold"), same controller,

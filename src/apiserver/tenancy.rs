@@ -111,8 +111,9 @@ struct KeyState {
     id: String,
     whole: Scope,
     models: RwLock<HashMap<String, Arc<Scope>>>,
-    /// Usage since the last report, by (model, UTC day number).
-    usage: Mutex<HashMap<(String, i64), Usage>>,
+    /// Usage since the last report, by model and UTC day number (looked up by `&str`: no
+    /// allocation per request).
+    usage: Mutex<HashMap<String, Vec<(i64, Usage)>>>,
     /// `/metrics` handles by model.
     handles: RwLock<HashMap<String, Arc<Handles>>>,
 }
@@ -435,16 +436,18 @@ impl Tenancy {
         let mut usage = std::mem::take(&mut *lock(&self.backlog));
         let mut minute = Vec::new();
         for st in &states {
-            for ((model, day), u) in lock(&st.usage).drain() {
-                usage.push(UsageRow {
-                    key_id: st.id.clone(),
-                    key_name: String::new(),
-                    model,
-                    day: day_string(day),
-                    requests: u.requests,
-                    prompt_tokens: u.prompt,
-                    completion_tokens: u.completion,
-                });
+            for (model, days) in lock(&st.usage).drain() {
+                for (day, u) in days {
+                    usage.push(UsageRow {
+                        key_id: st.id.clone(),
+                        key_name: String::new(),
+                        model: model.clone(),
+                        day: day_string(day),
+                        requests: u.requests,
+                        prompt_tokens: u.prompt,
+                        completion_tokens: u.completion,
+                    });
+                }
             }
             let scopes = std::iter::once((String::new(), &st.whole as &Scope));
             let models = read(&st.models);
@@ -735,10 +738,19 @@ impl Drop for Lease {
             return;
         }
         {
+            let day = now.div_euclid(DAY_US);
             let mut usage = lock(&e.state.usage);
-            let u = usage
-                .entry((self.model.clone(), now.div_euclid(DAY_US)))
-                .or_default();
+            let days = match usage.get_mut(self.model.as_str()) {
+                Some(d) => d,
+                None => usage.entry(self.model.clone()).or_default(),
+            };
+            let u = match days.iter().position(|(d, _)| *d == day) {
+                Some(i) => &mut days[i].1,
+                None => {
+                    days.push((day, Usage::default()));
+                    &mut days.last_mut().expect("just pushed").1
+                }
+            };
             u.requests += 1;
             u.prompt += p;
             u.completion += c;
