@@ -1,6 +1,8 @@
 //! The OpenAI-compatible API server: the router, API-key auth and thin handlers that tie
 //! OpenAI requests to worker calls (CORS and the request middleware are layered around the
-//! router in [`service`]).
+//! router in [`service`]). Static and managed API keys, their limits and usage are
+//! [`tenancy`]'s ([`limits`] keeps the counters): every handler admits its request once
+//! the model is known and hands the key's lease to the answer.
 //!
 //! Routes (under both `/api/v1` and `/v1`): `GET models`, `POST chat/completions` (plain and
 //! SSE), `POST completions`, `POST responses` (stateless, onto chat), `POST embeddings`, `POST beta/relevance`, `POST rerank` (also at

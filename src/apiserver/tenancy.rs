@@ -219,6 +219,8 @@ pub struct Tenancy {
     backlog: Mutex<Vec<UsageRow>>,
     /// Whether a sync has gone through yet.
     synced: AtomicBool,
+    /// Whether the table has any key (the open mode's check without a lock).
+    any_keys: AtomicBool,
     metrics: KeyMetrics,
     /// This process, for the controller's per-apiserver minute counts.
     apiserver: String,
@@ -233,6 +235,7 @@ impl Tenancy {
             states: Mutex::default(),
             backlog: Mutex::default(),
             synced: AtomicBool::new(false),
+            any_keys: AtomicBool::new(false),
             metrics: KeyMetrics::default(),
             apiserver,
         }
@@ -244,7 +247,7 @@ impl Tenancy {
 
     /// Whether requests must carry a key (static keys configured, or managed keys known).
     pub fn required(&self) -> bool {
-        !self.static_keys.is_empty() || !read(&self.table).keys.is_empty()
+        !self.static_keys.is_empty() || self.any_keys.load(Ordering::Relaxed)
     }
 
     /// Registers the per-key families.
@@ -269,11 +272,11 @@ impl Tenancy {
     /// Who sent `headers`: the bearer key checked against the static and managed keys, or
     /// [`Caller::Open`] when no key is configured or known.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, OpenAiError> {
-        let table = self.table();
-        if self.static_keys.is_empty() && table.keys.is_empty() {
+        if self.static_keys.is_empty() && !self.any_keys.load(Ordering::Relaxed) {
             return Ok(Caller::Open);
         }
         let token = bearer(headers)?;
+        let table = read(&self.table);
         if let Some(e) = wire::key_id(token).and_then(|id| table.keys.get(id))
             && e.matches(token)
         {
@@ -529,6 +532,7 @@ impl Tenancy {
             if keys.len() != old.keys.len() {
                 info!(keys = keys.len(), "managed API keys loaded");
             }
+            self.any_keys.store(!keys.is_empty(), Ordering::Relaxed);
             *write(&self.table) = Arc::new(Table { version, keys });
         }
         // Cluster-wide counts.
