@@ -227,7 +227,8 @@ pub struct SyncResponse {
     /// Cluster-wide counts of the current and previous minute, every apiserver's together
     /// (the reporting one included).
     pub minute: Vec<MinuteCount>,
-    /// Cluster-wide tokens per key today (UTC), for `daily_tokens`.
+    /// Cluster-wide tokens (prompt + completion, every model) per key today (UTC), by key
+    /// id, for `daily_tokens`. Keys without usage today are absent.
     pub daily_tokens: BTreeMap<String, u64>,
 }
 
