@@ -301,6 +301,27 @@ fn bad_key_input_names_the_flag_and_changes_nothing() {
     assert_eq!(s, 409, "{b}");
     let (s, b) = json_req(
         port,
+        "POST",
+        "/api/controller/keys",
+        Some(&json!({"name": "z", "limits": {"tpm": -1}})),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(b["detail"].as_str().unwrap().contains("limits.tpm"), "{b}");
+    let (s, b) = json_req(
+        port,
+        "POST",
+        "/api/controller/keys-sync",
+        Some(
+            &json!({"apiserver": "a", "since_version": 0, "usage": [], "minute": [{"key_id": "k", "minute": "now"}]}),
+        ),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["detail"].as_str().unwrap().contains("minute[0].minute"),
+        "{b}"
+    );
+    let (s, b) = json_req(
+        port,
         "PATCH",
         "/api/controller/keys/nobody",
         Some(&json!({"rpm": 3})),
