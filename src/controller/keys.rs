@@ -46,8 +46,17 @@ pub fn key_error(e: KeyError) -> ApiError {
     }
 }
 
+/// Parses a JSON body; a bad value is named by its path (`invalid limits.rpm: …`).
 fn body<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("invalid {what}: {e}")))
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." { what.to_string() } else { path };
+        ApiError::BadRequest(format!("invalid {at}: {}", e.inner()))
+    })?;
+    de.end()
+        .map_err(|e| ApiError::BadRequest(format!("invalid {what}: {e}")))?;
+    Ok(parsed)
 }
 
 async fn create(

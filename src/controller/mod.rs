@@ -2,11 +2,13 @@
 //! background tasks that keep health and persistence current.
 //!
 //! Routes (reference §2): `GET /api/health`, `POST/DELETE/GET /api/controller/models`,
-//! `POST /api/controller/heartbeat`, the managed API key routes ([`keys`]), and our readiness probe `GET /api/ready` (503 while the
-//! registry cannot take writes; `/api/health` stays DB-GPT's liveness answer). Responses are DB-GPT's bare JSON literals (`true`,
-//! lists of nine-key instances). Every route but heartbeat and health writes a root span
-//! to DB-GPT's tracer file, with register/deregister child spans ([`crate::tracer`]); the
-//! heartbeat route has no middleware at all. The health sweep marks instances unhealthy
+//! `POST /api/controller/heartbeat`, our readiness probe `GET /api/ready` (503 while the
+//! registry cannot take writes; `/api/health` stays DB-GPT's liveness answer), and our
+//! managed API key routes ([`keys`]: untraced, JSON objects). Responses of DB-GPT's routes
+//! are its bare JSON literals (`true`, lists of nine-key instances). Every DB-GPT route but
+//! heartbeat and health writes a root span to DB-GPT's tracer file, with
+//! register/deregister child spans ([`crate::tracer`]); the heartbeat route has no
+//! middleware at all. The health sweep marks instances unhealthy
 //! after `heartbeat_timeout`, and a flusher persists heartbeat timestamps in batches; both
 //! run each tick in a fresh task so that an error or even a panic is logged and the loop
 //! carries on.

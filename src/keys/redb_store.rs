@@ -136,6 +136,67 @@ fn put_changed(txn: WriteTransaction, mut key: ApiKey) -> Result<ApiKey, redb::E
     Ok(key)
 }
 
+/// A sync's answer from the tables (`None`: not created yet): the version, the keys changed
+/// after `req.since_version`, the minute counts of `now`'s minute and the one before, and
+/// today's tokens per key.
+fn answer(
+    req: &SyncRequest,
+    now: i64,
+    meta: Option<&impl ReadableTable<&'static str, u64>>,
+    keys: Option<&impl ReadableTable<&'static str, &'static [u8]>>,
+    minutes: Option<&impl ReadableTable<(&'static str, &'static str, i64), (u64, u64)>>,
+    daily: Option<&impl ReadableTable<(&'static str, &'static str), u64>>,
+) -> Result<SyncResponse, redb::Error> {
+    let current = minute_of(now);
+    let version = match meta {
+        Some(t) => t.get("version")?.map(|g| g.value()).unwrap_or(0),
+        None => 0,
+    };
+    let mut changed = Vec::new();
+    if version > req.since_version
+        && let Some(t) = keys
+    {
+        changed = all_keys(t)?;
+        changed.retain(|k| k.version > req.since_version);
+        changed.sort_by_key(|k| k.version);
+    }
+    let mut minute = Vec::new();
+    if let Some(t) = minutes {
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let (key_id, model, at) = k.value();
+            if at >= current - 1 {
+                let (requests, tokens) = v.value();
+                minute.push(MinuteCount {
+                    key_id: key_id.to_string(),
+                    model: model.to_string(),
+                    minute: at,
+                    requests,
+                    tokens,
+                });
+            }
+        }
+    }
+    let today = day_of(now);
+    let mut daily_tokens = BTreeMap::new();
+    if let Some(t) = daily {
+        for row in t.range((today.as_str(), "")..)? {
+            let (k, v) = row?;
+            let (day, key_id) = k.value();
+            if day != today {
+                break;
+            }
+            daily_tokens.insert(key_id.to_string(), v.value());
+        }
+    }
+    Ok(SyncResponse {
+        version,
+        keys: changed,
+        minute,
+        daily_tokens,
+    })
+}
+
 #[async_trait]
 impl KeyStore for RedbKeyStore {
     async fn create(&self, spec: KeySpec) -> Result<CreatedKey, KeyError> {
@@ -268,6 +329,22 @@ impl KeyStore for RedbKeyStore {
     async fn sync(&self, req: &SyncRequest, now: i64) -> Result<SyncResponse, KeyError> {
         validate_sync(req)?;
         let req = req.clone();
+        if req.usage.is_empty() && req.minute.is_empty() {
+            // Nothing to add (an idle apiserver): a read, no commit to wait for.
+            return self
+                .read(move |db| {
+                    let txn = db.begin_read()?;
+                    answer(
+                        &req,
+                        now,
+                        open_ro(&txn, META)?.as_ref(),
+                        open_ro(&txn, KEYS)?.as_ref(),
+                        open_ro(&txn, MINUTE)?.as_ref(),
+                        open_ro(&txn, DAILY)?.as_ref(),
+                    )
+                })
+                .await;
+        }
         self.write(move |db| {
             let txn = db.begin_write()?;
             let current = minute_of(now);
@@ -301,51 +378,16 @@ impl KeyStore for RedbKeyStore {
                 }
                 minute.retain(|(_, _, at), _| at >= current - MINUTE_RETENTION)?;
             }
-            let version = txn
-                .open_table(META)?
-                .get("version")?
-                .map(|g| g.value())
-                .unwrap_or(0);
-            let keys = if version > req.since_version {
-                let mut keys = all_keys(&txn.open_table(KEYS)?)?;
-                keys.retain(|k| k.version > req.since_version);
-                keys.sort_by_key(|k| k.version);
-                keys
-            } else {
-                Vec::new()
-            };
-            let mut minute = Vec::new();
-            for row in txn.open_table(MINUTE)?.iter()? {
-                let (k, v) = row?;
-                let (key_id, model, at) = k.value();
-                if at >= current - 1 {
-                    let (requests, tokens) = v.value();
-                    minute.push(MinuteCount {
-                        key_id: key_id.to_string(),
-                        model: model.to_string(),
-                        minute: at,
-                        requests,
-                        tokens,
-                    });
-                }
-            }
-            let today = day_of(now);
-            let mut daily_tokens = BTreeMap::new();
-            for row in txn.open_table(DAILY)?.range((today.as_str(), "")..)? {
-                let (k, v) = row?;
-                let (day, key_id) = k.value();
-                if day != today {
-                    break;
-                }
-                daily_tokens.insert(key_id.to_string(), v.value());
-            }
+            let answer = answer(
+                &req,
+                now,
+                Some(&txn.open_table(META)?),
+                Some(&txn.open_table(KEYS)?),
+                Some(&txn.open_table(MINUTE)?),
+                Some(&txn.open_table(DAILY)?),
+            )?;
             txn.commit()?;
-            Ok(Ok(SyncResponse {
-                version,
-                keys,
-                minute,
-                daily_tokens,
-            }))
+            Ok(Ok(answer))
         })
         .await
     }

@@ -497,33 +497,36 @@ impl KeyStore for SqlKeyStore {
         let today = day_of(now);
         let s = &self.sql;
         let r: Result<SyncResponse, sqlx::Error> = on_pool!(&self.pool, |p| async {
-            let mut tx = p.begin().await?;
-            for ((id, model, day), (r, pt, ct)) in &usage {
-                sqlx::query(sql(&s.upsert_usage))
-                    .bind(*id)
-                    .bind(*model)
-                    .bind(*day)
-                    .bind(to_i64(*r))
-                    .bind(to_i64(*pt))
-                    .bind(to_i64(*ct))
+            // Nothing to add (an idle apiserver): reads only.
+            if !usage.is_empty() || !minutes.is_empty() {
+                let mut tx = p.begin().await?;
+                for ((id, model, day), (r, pt, ct)) in &usage {
+                    sqlx::query(sql(&s.upsert_usage))
+                        .bind(*id)
+                        .bind(*model)
+                        .bind(*day)
+                        .bind(to_i64(*r))
+                        .bind(to_i64(*pt))
+                        .bind(to_i64(*ct))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                for ((id, model, minute), (r, t)) in &minutes {
+                    sqlx::query(sql(&s.upsert_minute))
+                        .bind(*id)
+                        .bind(*model)
+                        .bind(*minute)
+                        .bind(to_i64(*r))
+                        .bind(to_i64(*t))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(sql(&s.prune_minute))
+                    .bind(current - MINUTE_RETENTION)
                     .execute(&mut *tx)
                     .await?;
+                tx.commit().await?;
             }
-            for ((id, model, minute), (r, t)) in &minutes {
-                sqlx::query(sql(&s.upsert_minute))
-                    .bind(*id)
-                    .bind(*model)
-                    .bind(*minute)
-                    .bind(to_i64(*r))
-                    .bind(to_i64(*t))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            sqlx::query(sql(&s.prune_minute))
-                .bind(current - MINUTE_RETENTION)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
             // The version first: every key at or below it is committed, so none is missed.
             let version: i64 = sqlx::query(sql(&s.version))
                 .fetch_one(p)

@@ -1,7 +1,8 @@
 //! Managed API keys on the controller (redb store) through the real binary: `dbgpt keys
 //! create|list|show|update|revoke|usage`, bad input that names the flag or key and changes
 //! nothing, an apiserver's sync adding usage (posted here as an apiserver would), and keys
-//! and usage surviving a `kill -9` of the controller.
+//! and usage surviving a `kill -9` of the controller; with the SQL registry, two controllers
+//! sharing keys and usage through MariaDB or PostgreSQL.
 
 use std::process::Output;
 
@@ -300,6 +301,27 @@ fn bad_key_input_names_the_flag_and_changes_nothing() {
     assert_eq!(s, 409, "{b}");
     let (s, b) = json_req(
         port,
+        "POST",
+        "/api/controller/keys",
+        Some(&json!({"name": "z", "limits": {"tpm": -1}})),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(b["detail"].as_str().unwrap().contains("limits.tpm"), "{b}");
+    let (s, b) = json_req(
+        port,
+        "POST",
+        "/api/controller/keys-sync",
+        Some(
+            &json!({"apiserver": "a", "since_version": 0, "usage": [], "minute": [{"key_id": "k", "minute": "now"}]}),
+        ),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["detail"].as_str().unwrap().contains("minute[0].minute"),
+        "{b}"
+    );
+    let (s, b) = json_req(
+        port,
         "PATCH",
         "/api/controller/keys/nobody",
         Some(&json!({"rpm": 3})),
@@ -310,4 +332,62 @@ fn bad_key_input_names_the_flag_and_changes_nothing() {
     assert_eq!(s, 400, "{b}");
     assert!(b["detail"].as_str().unwrap().contains("since"), "{b}");
     assert_eq!(json_of(&env, &url, &["list", "--json"]), before);
+}
+
+/// Two controllers on one SQL database: a key made through one is seen, changed and
+/// revoked through the other, both controllers' syncs add up, and the table holds the
+/// salted hash, never the secret.
+fn two_sql_controllers_share_keys(kind: crate::sql::Db) {
+    let env = TestEnv::new();
+    let db = crate::sql::TestDb::new(kind);
+    let a = crate::sql::start(&env, &db, free_port());
+    let b = crate::sql::start(&env, &db, free_port());
+    let (ua, ub) = (a.url(), b.url());
+    let out = ok(&env, &ua, &["create", "--name", "team-a", "--rpm", "10"]);
+    let secret = out
+        .lines()
+        .find(|l| l.starts_with("sk-dbgpt-"))
+        .unwrap()
+        .to_string();
+    let key = json_of(&env, &ub, &["show", "team-a", "--json"]);
+    let id = key["id"].as_str().unwrap().to_string();
+    assert_eq!(key["limits"]["rpm"], 10);
+    let e = fails(&env, &ub, &["create", "--name", "team-a"]);
+    assert!(e.contains("exists"), "{e}");
+    ok(&env, &ub, &["update", "team-a", "--tpm", "500"]);
+    assert_eq!(
+        json_of(&env, &ua, &["show", "team-a", "--json"])["limits"]["tpm"],
+        500
+    );
+    let report = json!({
+        "apiserver": "a",
+        "since_version": 0,
+        "usage": [{"key_id": id, "model": "m1", "day": today(), "requests": 1,
+                   "prompt_tokens": 10, "completion_tokens": 5}],
+        "minute": [],
+    });
+    for port in [a.port, b.port, a.port] {
+        let (s, v) = json_req(port, "POST", "/api/controller/keys-sync", Some(&report));
+        assert_eq!(s, 200, "{v}");
+    }
+    let (_, v) = json_req(b.port, "POST", "/api/controller/keys-sync", Some(&report));
+    assert_eq!(v["daily_tokens"][&id], 60, "{v}");
+    let usage = json_of(&env, &ua, &["usage", "team-a", "--json"]);
+    assert_eq!(usage[0]["requests"], 4, "{usage}");
+    ok(&env, &ub, &["revoke", "team-a"]);
+    assert!(json_of(&env, &ua, &["show", "team-a", "--json"])["revoked_at"].is_i64());
+    let records = db.query("SELECT record FROM $DB.dbgpt_api_keys");
+    assert_eq!(records.len(), 1);
+    assert!(!records[0].contains(&secret), "{}", records[0]);
+    assert!(records[0].contains(key["hash"].as_str().unwrap()));
+}
+
+#[test]
+fn sql_mysql_controllers_share_keys() {
+    two_sql_controllers_share_keys(crate::sql::Db::My);
+}
+
+#[test]
+fn sql_postgres_controllers_share_keys() {
+    two_sql_controllers_share_keys(crate::sql::Db::Pg);
 }

@@ -113,7 +113,7 @@ impl TestDb {
     }
 
     /// A query in this database (first column as text).
-    fn query(&self, sql: &str) -> Vec<String> {
+    pub(crate) fn query(&self, sql: &str) -> Vec<String> {
         match self.kind {
             Db::My => admin(self.kind, &sql.replace("$DB.", &format!("{}.", self.name))),
             Db::Pg => {
@@ -188,7 +188,7 @@ impl Drop for TestDb {
     }
 }
 
-fn start(env: &TestEnv, db: &TestDb, port: u16) -> Daemon {
+pub(crate) fn start(env: &TestEnv, db: &TestDb, port: u16) -> Daemon {
     let flags = db.flags();
     let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
     env.controller_on(port, &env.path("unused.redb"), &extra)
