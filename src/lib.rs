@@ -66,6 +66,7 @@ pub(crate) mod config;
 pub(crate) mod controller;
 pub(crate) mod daemon;
 pub mod http;
+pub(crate) mod keys;
 pub mod openai;
 pub(crate) mod registry;
 pub mod telemetry;
