@@ -2,9 +2,8 @@
 //! front of test-double workers with native OpenAI routes (a fixed delay per answer, and
 //! optionally a slot count beyond which they answer 503 with `Retry-After`, as our engine
 //! does), and a real worker manager with a proxy model for wake-on-request.
-//!
-//! Batch keys shed before interactive ones need managed keys (another branch): the priority
-//! order and shedding are unit-tested in `src/apiserver/admission/tests.rs`.
+//! Managed keys (`dbgpt keys create --priority batch`) give requests their class:
+//! interactive ones are served first and batch ones are shed first.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -505,4 +504,119 @@ fn wake_on_request_starts_a_stopped_model_and_unloads_it_when_idle() {
     // And woken again by the next request.
     let (s, _, v, _) = chat(api.port, "sleepy");
     assert_eq!(s, 200, "{v}\n{}\n{}", api.logs(), w.logs());
+}
+
+/// `dbgpt keys create --name NAME ARGS… --address URL`: the secret it prints.
+fn create_key(env: &TestEnv, url: &str, name: &str, args: &[&str]) -> String {
+    let mut all = vec!["keys", "create", "--name", name];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--address", url]);
+    let o = env.run(&all);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    stdout(&o)
+        .lines()
+        .find(|l| l.starts_with("sk-dbgpt-"))
+        .unwrap_or_else(|| panic!("no secret printed: {}", stdout(&o)))
+        .to_string()
+}
+
+/// A chat request with the bearer `key`, from a thread: status, body, when it ended.
+fn keyed_chat(port: u16, key: &str) -> std::thread::JoinHandle<(u16, Value, Instant)> {
+    let auth = format!("Bearer {key}");
+    std::thread::spawn(move || {
+        let (s, _, b) = raw_http(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("Content-Type", "application/json"),
+                ("Authorization", &auth),
+            ],
+            &chat_body("m"),
+        )
+        .expect("no answer");
+        (
+            s,
+            serde_json::from_slice(&b).unwrap_or(Value::Null),
+            Instant::now(),
+        )
+    })
+}
+
+#[test]
+fn interactive_keys_go_first_and_batch_keys_are_shed_first() {
+    let env = TestEnv::new();
+    let ctl = env.controller(&[]);
+    let fake = Fake::start(&ctl.url(), "m", 1000, 0);
+    let inter = create_key(&env, &ctl.url(), "inter", &[]);
+    let bulk = create_key(&env, &ctl.url(), "bulk", &["--priority", "batch"]);
+    let api = apiserver(
+        &env,
+        &ctl.url(),
+        &[
+            "--max_instance_concurrency",
+            "1",
+            "--max_queue",
+            "2",
+            "--queue_timeout",
+            "20",
+        ],
+    );
+    // Both keys served (the apiserver has synced them).
+    for k in [&inter, &bulk] {
+        assert!(
+            wait_until(Duration::from_secs(20), || keyed_chat(api.port, k)
+                .join()
+                .unwrap()
+                .0
+                == 200),
+            "key never served"
+        );
+    }
+    let gap = || std::thread::sleep(Duration::from_millis(250));
+    // Order: a batch request that came first waits behind an interactive one that came later.
+    let running = keyed_chat(api.port, &inter);
+    gap();
+    let batch = keyed_chat(api.port, &bulk);
+    gap();
+    let interactive = keyed_chat(api.port, &inter);
+    let (rs, _, _) = running.join().unwrap();
+    let (bs, bv, b_end) = batch.join().unwrap();
+    let (is, iv, i_end) = interactive.join().unwrap();
+    assert_eq!((rs, bs, is), (200, 200, 200), "{bv} {iv}");
+    assert!(i_end < b_end, "the interactive request was served first");
+    // Shedding: with the queue full of batch requests, each interactive arrival evicts the
+    // newest batch one; a batch arrival finding only interactive ones waiting is shed.
+    let before = fake.hits();
+    let running = keyed_chat(api.port, &inter);
+    gap();
+    let b1 = keyed_chat(api.port, &bulk);
+    gap();
+    let b2 = keyed_chat(api.port, &bulk);
+    gap();
+    let i1 = keyed_chat(api.port, &inter);
+    let (s, v, evicted_at) = b2.join().unwrap();
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["error"]["code"], "model_overloaded");
+    let i2 = keyed_chat(api.port, &inter);
+    let (s, v, _) = b1.join().unwrap();
+    assert_eq!(s, 503, "{v}");
+    let (s, v, shed_at) = keyed_chat(api.port, &bulk).join().unwrap();
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue is full"),
+        "{v}"
+    );
+    let (rs, _, r_end) = running.join().unwrap();
+    assert!(evicted_at < r_end && shed_at < r_end, "shed at once");
+    for h in [i1, i2] {
+        let (s, v, _) = h.join().unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    assert_eq!(rs, 200);
+    // The worker saw the first and the two interactive ones only.
+    assert_eq!(fake.hits() - before, 3);
 }
