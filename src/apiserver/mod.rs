@@ -8,7 +8,8 @@
 //! SSE), `POST completions`, `POST responses` (stateless, onto chat), `POST embeddings`, `POST beta/relevance`, `POST rerank` (also at
 //! `/rerank` and `/v2/rerank`); plus an open `GET /api/health`. Relevance and rerank go to a
 //! `reranker` worker (DB-GPT 0.7), else to a `text2vec` worker serving a reranker (0.5). Requests are validated and answered in OpenAI's shapes ([`openai`]), routed to a worker instance from
-//! the cached controller view ([`discovery`], [`policy`]) and relayed ([`proxy`]); worker
+//! the cached controller view ([`discovery`], [`policy`]) after [`admission`] (a bounded
+//! per-model queue; a hold for a known model without instances) and relayed ([`proxy`]); worker
 //! frames carry cumulative text, which is turned into OpenAI deltas here. A completion goes
 //! first to the worker's native OpenAI route, which takes the client's body unchanged and
 //! answers in OpenAI's shape, relayed byte for byte ([`splice`]) or, for a stream, event by
