@@ -195,6 +195,29 @@ fn details(env: &TestEnv) -> Value {
         .clone()
 }
 
+/// Waits until `ctl status` shows `n` requests waiting in the apiserver's queues.
+fn wait_queued(env: &TestEnv, n: usize) {
+    let want = n.to_string();
+    assert!(
+        wait_until(Duration::from_secs(10), || details(env)["queued"]
+            == want.as_str()),
+        "never {n} queued: {}",
+        details(env)
+    );
+}
+
+/// Waits until the fake has `n` requests in hand.
+fn wait_busy(fake: &Fake, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(10), || fake
+            .s
+            .busy
+            .load(Ordering::SeqCst)
+            == n),
+        "the worker never had {n} requests"
+    );
+}
+
 /// The value of one series in the apiserver's `/metrics` (0 when absent).
 fn metric(port: u16, series: &str) -> f64 {
     let (s, _, b) = raw_http(port, "GET", "/metrics", &[], b"").expect("no answer");
@@ -210,7 +233,7 @@ fn metric(port: u16, series: &str) -> f64 {
 fn requests_beyond_the_instance_limit_wait_then_succeed() {
     let env = TestEnv::new();
     let ctl = controller(&env);
-    let fake = Fake::start(&ctl.url(), "m", 1500, 0);
+    let fake = Fake::start(&ctl.url(), "m", 2000, 0);
     let api = apiserver(
         &env,
         &ctl.url(),
@@ -219,7 +242,7 @@ fn requests_beyond_the_instance_limit_wait_then_succeed() {
     wait_listed(api.port, "m", true);
     let asks: Vec<_> = (0..3).map(|_| chat_in_thread(api.port, "m")).collect();
     // One request on the instance, two waiting in the queue, shown by `ctl status`.
-    std::thread::sleep(Duration::from_millis(600));
+    wait_queued(&env, 2);
     let d = details(&env);
     assert_eq!(d["queued"], "2", "{d}");
     assert_eq!(d["queue"], "m@llm=2", "{d}");
@@ -241,7 +264,7 @@ fn requests_beyond_the_instance_limit_wait_then_succeed() {
     // One after the other: never two on the instance.
     assert_eq!(fake.s.max_seen.load(Ordering::SeqCst), 1);
     assert_eq!(fake.hits(), 3);
-    assert!(took[2] >= Duration::from_millis(4400), "{took:?}");
+    assert!(took[2] >= Duration::from_millis(5900), "{took:?}");
     assert_eq!(details(&env)["queued"], "0");
     assert_eq!(
         metric(
@@ -275,7 +298,7 @@ fn overloaded_instances_queue_requests_instead_of_failing() {
     let api0 = apiserver(&env, &ctl.url(), &["--queue_timeout", "0"]);
     wait_listed(api0.port, "m", true);
     let first = chat_in_thread(api0.port, "m");
-    std::thread::sleep(Duration::from_millis(250));
+    wait_busy(&fake, 1);
     let (s, retry, v, _) = chat(api0.port, "m");
     assert_eq!(s, 503, "{v}");
     assert_eq!(v["error"]["code"], "model_overloaded");
@@ -287,7 +310,7 @@ fn overloaded_instances_queue_requests_instead_of_failing() {
 fn a_full_queue_sheds_and_a_long_wait_expires() {
     let env = TestEnv::new();
     let ctl = controller(&env);
-    let _fake = Fake::start(&ctl.url(), "m", 3000, 0);
+    let fake = Fake::start(&ctl.url(), "m", 3000, 0);
     let api = apiserver(
         &env,
         &ctl.url(),
@@ -302,9 +325,9 @@ fn a_full_queue_sheds_and_a_long_wait_expires() {
     );
     wait_listed(api.port, "m", true);
     let running = chat_in_thread(api.port, "m");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_busy(&fake, 1);
     let queued = chat_in_thread(api.port, "m");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_queued(&env, 1);
     // The queue holds one: the next is shed at once.
     let (s, retry, v, took) = chat(api.port, "m");
     assert_eq!(s, 503, "{v}");
@@ -347,7 +370,7 @@ fn a_full_queue_sheds_and_a_long_wait_expires() {
 fn a_client_that_goes_away_leaves_the_queue() {
     let env = TestEnv::new();
     let ctl = controller(&env);
-    let fake = Fake::start(&ctl.url(), "m", 2500, 0);
+    let fake = Fake::start(&ctl.url(), "m", 4000, 0);
     let api = apiserver(
         &env,
         &ctl.url(),
@@ -355,7 +378,7 @@ fn a_client_that_goes_away_leaves_the_queue() {
     );
     wait_listed(api.port, "m", true);
     let running = chat_in_thread(api.port, "m");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_busy(&fake, 1);
     let body = chat_body("m");
     let mut s = std::net::TcpStream::connect(("127.0.0.1", api.port)).unwrap();
     write!(
@@ -407,7 +430,7 @@ fn hold_and_wake_waits_for_a_worker_started_late() {
     assert_eq!(v["choices"][0]["message"]["content"], "ok");
     assert!(took >= Duration::from_millis(1500), "{took:?}");
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_millis(2500),
         "found {:?} after the worker started",
         started.elapsed()
     );
@@ -547,7 +570,7 @@ fn keyed_chat(port: u16, key: &str) -> std::thread::JoinHandle<(u16, Value, Inst
 fn interactive_keys_go_first_and_batch_keys_are_shed_first() {
     let env = TestEnv::new();
     let ctl = env.controller(&[]);
-    let fake = Fake::start(&ctl.url(), "m", 1000, 0);
+    let fake = Fake::start(&ctl.url(), "m", 1500, 0);
     let inter = create_key(&env, &ctl.url(), "inter", &[]);
     let bulk = create_key(&env, &ctl.url(), "bulk", &["--priority", "batch"]);
     let api = apiserver(
@@ -573,12 +596,11 @@ fn interactive_keys_go_first_and_batch_keys_are_shed_first() {
             "key never served"
         );
     }
-    let gap = || std::thread::sleep(Duration::from_millis(250));
     // Order: a batch request that came first waits behind an interactive one that came later.
     let running = keyed_chat(api.port, &inter);
-    gap();
+    wait_busy(&fake, 1);
     let batch = keyed_chat(api.port, &bulk);
-    gap();
+    wait_queued(&env, 1);
     let interactive = keyed_chat(api.port, &inter);
     let (rs, _, _) = running.join().unwrap();
     let (bs, bv, b_end) = batch.join().unwrap();
@@ -589,18 +611,20 @@ fn interactive_keys_go_first_and_batch_keys_are_shed_first() {
     // newest batch one; a batch arrival finding only interactive ones waiting is shed.
     let before = fake.hits();
     let running = keyed_chat(api.port, &inter);
-    gap();
+    wait_busy(&fake, 1);
     let b1 = keyed_chat(api.port, &bulk);
-    gap();
+    wait_queued(&env, 1);
     let b2 = keyed_chat(api.port, &bulk);
-    gap();
+    wait_queued(&env, 2);
     let i1 = keyed_chat(api.port, &inter);
     let (s, v, evicted_at) = b2.join().unwrap();
     assert_eq!(s, 503, "{v}");
     assert_eq!(v["error"]["code"], "model_overloaded");
+    wait_queued(&env, 2);
     let i2 = keyed_chat(api.port, &inter);
     let (s, v, _) = b1.join().unwrap();
     assert_eq!(s, 503, "{v}");
+    wait_queued(&env, 2);
     let (s, v, shed_at) = keyed_chat(api.port, &bulk).join().unwrap();
     assert_eq!(s, 503, "{v}");
     assert!(
