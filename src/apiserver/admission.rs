@@ -60,6 +60,8 @@ pub const RETRY_AFTER_SECS: u32 = 1;
 pub const TICK: Duration = Duration::from_millis(100);
 /// Longest pause of a gate after every instance answered overloaded.
 pub const OVERLOADED_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// How long a gate admits nobody while its idle model is being stopped.
+const UNLOAD_HOLD: Duration = Duration::from_secs(2);
 /// Ticks between two passes that unload idle woken models.
 const SLOW_TICKS: u32 = 10;
 
@@ -338,10 +340,15 @@ impl Gate {
         self.lock().active
     }
 
-    /// How long the model has had nothing admitted and nothing waiting (`None`: busy).
-    pub(crate) fn idle_for(&self) -> Option<Duration> {
-        let st = self.lock();
-        (st.active == 0 && st.queue.is_empty()).then(|| st.last_used.elapsed())
+    /// If the model has had nothing admitted and nothing waiting for `idle`, pauses the gate
+    /// for `hold` (arrivals wait while the model is stopped, then hold for it) and says so.
+    pub(crate) fn quiesce(&self, idle: Duration, hold: Duration) -> bool {
+        let mut st = self.lock();
+        let idle = st.active == 0 && st.queue.is_empty() && st.last_used.elapsed() >= idle;
+        if idle {
+            st.paused_until = Some(Instant::now() + hold);
+        }
+        idle
     }
 }
 
@@ -771,8 +778,8 @@ impl Admission {
             return;
         };
         for key in self.waker.woken() {
-            let gate = self.gate(&key);
-            if gate.idle_for().is_some_and(|t| t >= idle) {
+            // A request arriving while the model stops waits instead of being sent to it.
+            if self.gate(&key).quiesce(idle, UNLOAD_HOLD) {
                 self.metrics
                     .unloads
                     .get_or_create(&model_labels(&key))

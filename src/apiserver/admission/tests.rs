@@ -374,3 +374,22 @@ async fn waiting_off_answers_at_once() {
     assert_eq!(e.code, Some("model_overloaded"));
     assert!(start.elapsed() < Duration::from_millis(100));
 }
+
+#[tokio::test]
+async fn an_idle_gate_quiesces_and_holds_arrivals_while_its_model_stops() {
+    let g = Gate::new("m@llm", 10);
+    assert!(matches!(g.enter(usize::MAX, I, &mut None).0, Entry::In));
+    assert!(!g.quiesce(Duration::ZERO, Duration::from_secs(60)), "busy");
+    g.release();
+    assert!(
+        !g.quiesce(Duration::from_secs(60), Duration::from_secs(60)),
+        "not idle long"
+    );
+    assert!(g.quiesce(Duration::ZERO, Duration::from_millis(100)));
+    // An arrival waits out the hold.
+    let w = wait(g.enter(usize::MAX, I, &mut None).0);
+    let h = tokio::spawn(w.until(soon()));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    g.retune(usize::MAX);
+    assert_eq!(h.await.unwrap(), Ok(()));
+}
