@@ -240,3 +240,168 @@ impl Waker {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Json;
+    use axum::http::StatusCode;
+    use axum::routing::{get, post};
+    use serde_json::Value;
+
+    use super::*;
+    use crate::wire::controller::{MODELS_PATH, ModelInstance};
+    use crate::wire::worker::SupportedModel;
+
+    async fn serve(app: axum::Router) -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        port
+    }
+
+    /// A worker manager that ran `models` and answers a start with `start_status`; the
+    /// lifecycle calls it got (path, body).
+    async fn manager(
+        models: &[&str],
+        start_status: StatusCode,
+    ) -> (u16, Arc<Mutex<Vec<(String, Value)>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let list: Vec<SupportedModel> = models
+            .iter()
+            .map(|m| SupportedModel {
+                model: m.to_string(),
+                path: String::new(),
+                worker_type: "llm".into(),
+                path_exist: false,
+                proxy: true,
+                enabled: true,
+                params: None,
+            })
+            .collect();
+        let (c1, c2) = (calls.clone(), calls.clone());
+        let app = axum::Router::new()
+            .route(
+                MODELS_SUPPORTS_PATH,
+                get(move || {
+                    let list = list.clone();
+                    async move {
+                        Json(vec![WorkerSupportedModel {
+                            host: "127.0.0.1".into(),
+                            port: 1,
+                            models: list,
+                        }])
+                    }
+                }),
+            )
+            .route(
+                MODELS_STARTUP_PATH,
+                post(move |Json(b): Json<Value>| async move {
+                    c1.lock().unwrap().push(("startup".into(), b));
+                    (start_status, Json(serde_json::json!({"detail": "x"})))
+                }),
+            )
+            .route(
+                MODELS_SHUTDOWN_PATH,
+                post(move |Json(b): Json<Value>| async move {
+                    c2.lock().unwrap().push(("shutdown".into(), b));
+                    Json(Value::Null)
+                }),
+            );
+        (serve(app).await, calls)
+    }
+
+    /// A controller listing managers on `ports`.
+    async fn controller(ports: Vec<u16>) -> String {
+        let app = axum::Router::new().route(
+            MODELS_PATH,
+            get(move || {
+                let list: Vec<ModelInstance> = ports
+                    .iter()
+                    .map(|&port| ModelInstance {
+                        model_name: manager_key(),
+                        host: "127.0.0.1".into(),
+                        port,
+                        weight: Some(1.0),
+                        check_healthy: Some(true),
+                        healthy: Some(true),
+                        enabled: Some(true),
+                        prompt_template: None,
+                        last_heartbeat: None,
+                    })
+                    .collect();
+                async move { Json(list) }
+            }),
+        );
+        format!("http://127.0.0.1:{}", serve(app).await)
+    }
+
+    /// Polls `cond` every 10 ms for up to 5 s.
+    async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..500 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cond()
+    }
+
+    fn waker(url: &str) -> Arc<Waker> {
+        Arc::new(Waker::new(ControllerClient::new(url, Duration::from_secs(2)).unwrap()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn wakes_the_model_on_the_manager_that_ran_it_and_unloads_it() {
+        let (other, other_calls) = manager(&["x"], StatusCode::OK).await;
+        let (ran, ran_calls) = manager(&["m"], StatusCode::OK).await;
+        let w = waker(&controller(vec![other, ran]).await);
+        let woken = w.start("m", WorkerType::Llm).await.unwrap().unwrap();
+        assert_eq!(woken.port, ran);
+        assert!(other_calls.lock().unwrap().is_empty());
+        let calls = ran_calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].0, "startup");
+        assert_eq!(calls[0].1["model"], "m");
+        assert_eq!(calls[0].1["worker_type"], "llm");
+        assert_eq!(calls[0].1["params"], serde_json::json!({}));
+        // Through wake(): recorded as woken, and no second start within the gap.
+        assert!(w.wake("m", WorkerType::Llm));
+        assert!(eventually(|| w.woken() == ["m@llm"]).await, "never woken");
+        assert!(!w.wake("m", WorkerType::Llm));
+        w.unload("m@llm");
+        assert!(w.woken().is_empty());
+        assert!(
+            eventually(|| ran_calls.lock().unwrap().len() == 3).await,
+            "{:?}",
+            ran_calls.lock().unwrap()
+        );
+        assert_eq!(ran_calls.lock().unwrap()[2].0, "shutdown");
+        // Unloaded: it may be woken again at once.
+        assert!(w.wake("m", WorkerType::Llm));
+    }
+
+    #[tokio::test]
+    async fn a_model_running_already_is_not_woken_and_an_unknown_one_names_each_manager() {
+        let (busy, _) = manager(&["m"], StatusCode::CONFLICT).await;
+        let w = waker(&controller(vec![busy]).await);
+        assert!(w.start("m", WorkerType::Llm).await.unwrap().is_none());
+        let e = w
+            .start("zz", WorkerType::Llm)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("zz@llm") && e.contains("does not list it"),
+            "{e}"
+        );
+        let (failing, _) = manager(&["m"], StatusCode::BAD_REQUEST).await;
+        let w = waker(&controller(vec![failing]).await);
+        let e = w.start("m", WorkerType::Llm).await.unwrap_err().to_string();
+        assert!(e.contains("400"), "{e}");
+        let w = waker(&controller(vec![]).await);
+        let e = w.start("m", WorkerType::Llm).await.unwrap_err().to_string();
+        assert!(e.contains("none is registered"), "{e}");
+    }
+}
