@@ -200,7 +200,7 @@ fn controller(env: &TestEnv) -> Daemon {
 
 /// A POST of `body` to the apiserver: status, lowercased headers, JSON body (or the raw
 /// text as a JSON string, for a stream).
-fn post(api: &Daemon, path: &str, body: &Value) -> (u16, Vec<(String, String)>, Value) {
+fn call(api: &Daemon, path: &str, body: &Value) -> (u16, Vec<(String, String)>, Value) {
     let bytes = serde_json::to_vec(body).unwrap();
     let (status, headers, b) = raw_http(
         api.port,
@@ -322,14 +322,14 @@ fn aliases_are_served_by_their_target_and_fallbacks_name_the_serving_model() {
 
     // The alias is served by its target: the worker is sent the target's name, the client
     // gets the alias back, and the header names the serving model.
-    let (s, h, v) = post(&api, "/v1/chat/completions", &chat("gpt-4o-mini", false));
+    let (s, h, v) = call(&api, "/v1/chat/completions", &chat("gpt-4o-mini", false));
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["model"], "gpt-4o-mini");
     assert_eq!(v["choices"][0]["message"]["content"], "from small");
     assert_eq!(header(&h, "x-dbgpt-served-model"), Some("smollm2"));
     assert_eq!(small.last_model(), "smollm2");
     // Streamed: every chunk carries the alias.
-    let (s, h, v) = post(&api, "/v1/chat/completions", &chat("gpt-4o-mini", true));
+    let (s, h, v) = call(&api, "/v1/chat/completions", &chat("gpt-4o-mini", true));
     assert_eq!(s, 200);
     assert_eq!(header(&h, "x-dbgpt-served-model"), Some("smollm2"));
     let text = v.as_str().unwrap();
@@ -344,13 +344,13 @@ fn aliases_are_served_by_their_target_and_fallbacks_name_the_serving_model() {
     assert!(text.contains("from small") && text.ends_with("data: [DONE]\n\n"));
     // Embeddings too.
     let body = json!({"model": "text-embedding-3-small", "input": "x"});
-    let (s, h, v) = post(&api, "/v1/embeddings", &body);
+    let (s, h, v) = call(&api, "/v1/embeddings", &body);
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["model"], "text-embedding-3-small");
     assert_eq!(header(&h, "x-dbgpt-served-model"), Some("minilm"));
     assert_eq!(emb.last_model(), "minilm");
     // The target itself answers under its own name.
-    let (s, h, v) = post(&api, "/v1/chat/completions", &chat("smollm2", false));
+    let (s, h, v) = call(&api, "/v1/chat/completions", &chat("smollm2", false));
     assert_eq!((s, v["model"].as_str()), (200, Some("smollm2")));
     assert_eq!(header(&h, "x-dbgpt-served-model"), Some("smollm2"));
 
@@ -361,7 +361,7 @@ fn aliases_are_served_by_their_target_and_fallbacks_name_the_serving_model() {
         let before = big.hits();
         for model in ["gpt-4o-mini", "smollm2"] {
             for stream in [false, true] {
-                let (s, h, v) = post(&api, "/v1/chat/completions", &chat(model, stream));
+                let (s, h, v) = call(&api, "/v1/chat/completions", &chat(model, stream));
                 assert_eq!(s, 200, "{mode:?} {model} {v}");
                 assert_eq!(header(&h, "x-dbgpt-served-model"), Some("qwen"), "{mode:?}");
                 if stream {
@@ -380,7 +380,7 @@ fn aliases_are_served_by_their_target_and_fallbacks_name_the_serving_model() {
     // A 400 is the client's error: no fallback, the worker's answer as it is.
     small.set(Mode::Refuse);
     let before = big.hits();
-    let (s, h, v) = post(&api, "/v1/chat/completions", &chat("gpt-4o-mini", false));
+    let (s, h, v) = call(&api, "/v1/chat/completions", &chat("gpt-4o-mini", false));
     assert_eq!(s, 400, "{v}");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     assert_eq!(header(&h, "x-dbgpt-served-model"), Some("smollm2"));
@@ -391,7 +391,7 @@ fn aliases_are_served_by_their_target_and_fallbacks_name_the_serving_model() {
     small.die();
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        let (s, h, v) = post(&api, "/v1/chat/completions", &chat("gpt-4o-mini", false));
+        let (s, h, v) = call(&api, "/v1/chat/completions", &chat("gpt-4o-mini", false));
         assert_eq!(s, 200, "{v}");
         assert_eq!(header(&h, "x-dbgpt-served-model"), Some("qwen"));
         std::thread::sleep(Duration::from_millis(250));
@@ -405,7 +405,7 @@ fn aliases_are_served_by_their_target_and_fallbacks_name_the_serving_model() {
     assert!(log.contains("falling back"), "{log}");
 
     // A model without a chain still answers its own errors.
-    let (s, _, v) = post(&api, "/v1/chat/completions", &chat("nope", false));
+    let (s, _, v) = call(&api, "/v1/chat/completions", &chat("nope", false));
     assert_eq!((s, v["error"]["code"].as_str()), (404, Some("model_not_found")));
 }
 
@@ -452,7 +452,7 @@ fn an_instance_failing_in_a_row_is_ejected_and_its_trial_brings_it_back() {
         bad.addr()
     );
     let ask = || {
-        let (s, _, v) = post(&api, "/v1/chat/completions", &chat("m", false));
+        let (s, _, v) = call(&api, "/v1/chat/completions", &chat("m", false));
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["choices"][0]["message"]["content"], "from good");
     };
@@ -512,7 +512,7 @@ fn an_instance_failing_in_a_row_is_ejected_and_its_trial_brings_it_back() {
     std::thread::sleep(Duration::from_millis(8200));
     let mut from_bad = 0;
     for _ in 0..8 {
-        let (s, _, v) = post(&api, "/v1/chat/completions", &chat("m", false));
+        let (s, _, v) = call(&api, "/v1/chat/completions", &chat("m", false));
         assert_eq!(s, 200, "{v}");
         if v["choices"][0]["message"]["content"] == "from bad" {
             from_bad += 1;
@@ -547,7 +547,7 @@ fn overload_does_not_eject() {
     assert!(wait_until(Duration::from_secs(10), || listed(&api) == ["m"]));
     full.set(Mode::Overloaded);
     for _ in 0..6 {
-        let (s, _, v) = post(&api, "/v1/chat/completions", &chat("m", false));
+        let (s, _, v) = call(&api, "/v1/chat/completions", &chat("m", false));
         assert_eq!(s, 200, "{v}");
     }
     assert!(full.hits() >= 2, "round robin kept trying it: {}", full.hits());
