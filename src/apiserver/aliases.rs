@@ -159,7 +159,10 @@ impl Routes {
             }
             let mut chain: Vec<String> = Vec::with_capacity(list.len());
             for entry in list {
-                let to = resolved.get(&entry).cloned().unwrap_or_else(|| entry.clone());
+                let to = resolved
+                    .get(&entry)
+                    .cloned()
+                    .unwrap_or_else(|| entry.clone());
                 if to == m {
                     return Err(RoutesError::FallbackToItself { model: m, entry });
                 }
@@ -204,7 +207,11 @@ impl Routes {
         let mut out: Vec<(String, String)> = self
             .aliases
             .iter()
-            .filter(|(a, _)| self.hops(a).iter().any(|h| served.iter().any(|s| s == h.model)))
+            .filter(|(a, _)| {
+                self.hops(a)
+                    .iter()
+                    .any(|h| served.iter().any(|s| s == h.model))
+            })
             .map(|(a, t)| (a.clone(), t.clone()))
             .collect();
         out.sort();
@@ -409,7 +416,11 @@ mod tests {
             br#"{"model":"smollm2","messages":[],"stream":true}"#
         );
         assert_eq!(
-            &renamed(br#"{"id":"x","model":"smollm2","choices":[]}"#, "gpt-4o-mini").unwrap()[..],
+            &renamed(
+                br#"{"id":"x","model":"smollm2","choices":[]}"#,
+                "gpt-4o-mini"
+            )
+            .unwrap()[..],
             br#"{"id":"x","model":"gpt-4o-mini","choices":[]}"#
         );
         assert!(renamed(br#"{"id":"x"}"#, "a").is_none());

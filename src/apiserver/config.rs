@@ -210,7 +210,10 @@ enum FallbackList {
 }
 
 /// The `--model_alias` entries: the flags when given, else the file's.
-fn alias_entries(flags: Vec<String>, file: Option<AliasList>) -> anyhow::Result<Vec<(String, String)>> {
+fn alias_entries(
+    flags: Vec<String>,
+    file: Option<AliasList>,
+) -> anyhow::Result<Vec<(String, String)>> {
     if !flags.is_empty() {
         return Ok(flags
             .iter()
@@ -615,7 +618,12 @@ mod tests {
         }
         .resolve()
         .unwrap();
-        let hops: Vec<&str> = c.routes.hops("gpt-4o-mini").iter().map(|h| h.model).collect();
+        let hops: Vec<&str> = c
+            .routes
+            .hops("gpt-4o-mini")
+            .iter()
+            .map(|h| h.model)
+            .collect();
         assert_eq!(hops, ["smollm2", "qwen", "proxy-gpt"]);
         assert_eq!(c.outlier.consecutive_failures, 2);
         assert_eq!(c.outlier.base_ejection, Duration::from_millis(500));

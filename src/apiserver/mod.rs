@@ -586,7 +586,10 @@ impl Guards {
 
     /// Both, for the answer being sent (taken once).
     fn take(&mut self) -> (Busy, tracer::Span) {
-        let busy = self.busy.take().expect("guards are taken once, by the answer");
+        let busy = self
+            .busy
+            .take()
+            .expect("guards are taken once, by the answer");
         // Always started before an answer is sent; a no-op span otherwise.
         let span = self
             .span
@@ -657,7 +660,13 @@ async fn complete_on(
     let legacy_ok = r.native_only.is_none();
     let native = s
         .upstream
-        .native(hop.model, &group, (native_path(kind), &body), legacy_ok, trace)
+        .native(
+            hop.model,
+            &group,
+            (native_path(kind), &body),
+            legacy_ok,
+            trace,
+        )
         .await;
     let first = match native {
         Ok(Native::Answer(a)) if r.stream && failover::is_stream(&a) => {

@@ -97,7 +97,11 @@ async fn answer(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
             Bytes::from_static(b"data: [DONE]\n\n"),
         ];
         let st = futures::stream::iter(pieces.into_iter().map(Ok::<Bytes, std::io::Error>));
-        return ([("content-type", "text/event-stream")], Body::from_stream(st)).into_response();
+        return (
+            [("content-type", "text/event-stream")],
+            Body::from_stream(st),
+        )
+            .into_response();
     }
     axum::Json(json!({
         "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
@@ -163,7 +167,13 @@ impl Fake {
     }
 
     fn last_model(&self) -> String {
-        self.shared.models.lock().unwrap().last().cloned().unwrap_or_default()
+        self.shared
+            .models
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn set(&self, m: Mode) {
@@ -366,7 +376,10 @@ fn aliases_are_served_by_their_target_and_fallbacks_name_the_serving_model() {
                 assert_eq!(header(&h, "x-dbgpt-served-model"), Some("qwen"), "{mode:?}");
                 if stream {
                     let t = v.as_str().unwrap();
-                    assert!(t.contains("\"model\":\"qwen\"") && t.contains("from big"), "{t}");
+                    assert!(
+                        t.contains("\"model\":\"qwen\"") && t.contains("from big"),
+                        "{t}"
+                    );
                 } else {
                     assert_eq!(v["model"], "qwen", "{mode:?}");
                     assert_eq!(v["choices"][0]["message"]["content"], "from big");
@@ -406,7 +419,10 @@ fn aliases_are_served_by_their_target_and_fallbacks_name_the_serving_model() {
 
     // A model without a chain still answers its own errors.
     let (s, _, v) = call(&api, "/v1/chat/completions", &chat("nope", false));
-    assert_eq!((s, v["error"]["code"].as_str()), (404, Some("model_not_found")));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
 }
 
 /// The apiserver's admin status line for `m@llm@addr`.
@@ -468,7 +484,10 @@ fn an_instance_failing_in_a_row_is_ejected_and_its_trial_brings_it_back() {
     assert_eq!(bad.hits(), 2);
     let ejected_at = Instant::now();
     let st = status_of(&env, &api, &bad.addr());
-    assert!(st.starts_with("ejected ") && st.contains("ejections=1"), "{st}");
+    assert!(
+        st.starts_with("ejected ") && st.contains("ejections=1"),
+        "{st}"
+    );
     assert!(status_of(&env, &api, &good.addr()).starts_with("healthy"));
     assert_eq!(metric(&api, &ejected_series), 1.0);
     assert_eq!(
@@ -550,7 +569,11 @@ fn overload_does_not_eject() {
         let (s, _, v) = call(&api, "/v1/chat/completions", &chat("m", false));
         assert_eq!(s, 200, "{v}");
     }
-    assert!(full.hits() >= 2, "round robin kept trying it: {}", full.hits());
+    assert!(
+        full.hits() >= 2,
+        "round robin kept trying it: {}",
+        full.hits()
+    );
     assert!(status_of(&env, &api, &full.addr()).starts_with("healthy"));
     assert_eq!(
         metric(&api, "dbgpt_apiserver_ejections_total{model=\"m\"}"),
