@@ -359,6 +359,13 @@ fn aliases_are_served_by_their_target_and_fallbacks_name_the_serving_model() {
     assert_eq!(v["model"], "text-embedding-3-small");
     assert_eq!(header(&h, "x-dbgpt-served-model"), Some("minilm"));
     assert_eq!(emb.last_model(), "minilm");
+    // The Responses API too (its Response object names the requested model).
+    let body = json!({"model": "gpt-4o-mini", "input": "hi"});
+    let (s, h, v) = call(&api, "/v1/responses", &body);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["model"], "gpt-4o-mini");
+    assert_eq!(header(&h, "x-dbgpt-served-model"), Some("smollm2"));
+    assert_eq!(small.last_model(), "smollm2");
     // The target itself answers under its own name.
     let (s, h, v) = call(&api, "/v1/chat/completions", &chat("smollm2", false));
     assert_eq!((s, v["model"].as_str()), (200, Some("smollm2")));
