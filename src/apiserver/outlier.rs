@@ -255,7 +255,8 @@ impl Outlier {
     }
 
     /// Ejections since the instance was first seen.
-    pub fn total(&self) -> u64 {
+    #[cfg(test)]
+    fn total(&self) -> u64 {
         self.lock().total
     }
 }
