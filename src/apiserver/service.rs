@@ -65,7 +65,7 @@ impl Daemon for Apiserver {
             for g in view.groups.values() {
                 for i in &g.instances {
                     total += 1;
-                    if i.routable() && !d.is_suspect(i) {
+                    if i.routable() && !d.avoids(i) {
                         healthy += 1;
                     }
                 }
@@ -244,13 +244,14 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
         upstream: Upstream {
             metrics: metrics.clone(),
             http: super::proxy::worker_client(),
-            discovery: Arc::new(Discovery::new(client)),
+            discovery: Arc::new(Discovery::new(client).with_outlier(cfg.outlier)),
             policy: cfg.routing_policy,
             max_retries: cfg.max_retries,
             timeout: cfg.request_timeout,
             first_byte_timeout: cfg.first_byte_timeout,
         },
         api_keys: cfg.api_keys.clone(),
+        routes: Arc::new(cfg.routes.clone()),
         embedding_batch_size: cfg.embedding_batch_size,
         stats: Arc::new(Stats::default()),
         tracer,

@@ -50,12 +50,12 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum StartCommand {
     /// The model controller: registry of model instances (DB-GPT's controller API).
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// A model worker: hosts models (llama.cpp GGUF, local embeddings, OpenAI-compatible
     /// proxies) and registers them with the controller.
     Worker(Box<WorkerArgs>),
     /// The OpenAI-compatible API server in front of the workers the controller knows.
-    Apiserver(ApiserverArgs),
+    Apiserver(Box<ApiserverArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,9 +110,9 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Start(StartCommand::Controller(args)) => start_controller(args),
+        Command::Start(StartCommand::Controller(args)) => start_controller(*args),
         Command::Start(StartCommand::Worker(args)) => start_worker(*args),
-        Command::Start(StartCommand::Apiserver(args)) => start_apiserver(args),
+        Command::Start(StartCommand::Apiserver(args)) => start_apiserver(*args),
         Command::Stop(s) => client_runtime().and_then(|rt| rt.block_on(ctl::stop_command(s))),
         Command::Ctl(c) => client_runtime().and_then(|rt| rt.block_on(ctl::run(c))),
         Command::Model(m) => client_runtime().and_then(|rt| rt.block_on(model::run(m))),
