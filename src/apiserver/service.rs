@@ -181,9 +181,24 @@ fn cors(origins: &Option<Vec<String>>) -> OriginCors {
                 Method::DELETE,
                 Method::OPTIONS,
             ])
-            .allow_headers(AllowHeaders::mirror_request()),
+            .allow_headers(AllowHeaders::mirror_request())
+            // What a browser client may read of an answer besides the safelisted headers:
+            // which model served it, and when to try again after a 429/503.
+            .expose_headers(EXPOSED_HEADERS.map(axum::http::HeaderName::from_static)),
     )
 }
+
+/// Response headers a browser's script may read ([`cors`]).
+const EXPOSED_HEADERS: [&str; 8] = [
+    "x-dbgpt-served-model",
+    "retry-after",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
 
 /// The CORS layer, applied only to requests with an `Origin` header. A request without one
 /// is not a CORS request (browsers send `Origin` on every cross-origin request and every

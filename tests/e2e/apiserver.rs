@@ -1084,6 +1084,18 @@ fn apiserver_auth_and_error_matrix() {
         );
         assert_eq!(r.headers()["access-control-allow-credentials"], "true");
         assert!(r.headers()["vary"].to_str().unwrap().contains("origin"));
+        // A script may read which model served it and the rate-limit headers.
+        let exposed = r.headers()["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        for h in [
+            "x-dbgpt-served-model",
+            "retry-after",
+            "x-ratelimit-remaining-tokens",
+        ] {
+            assert!(exposed.contains(h), "{h} not exposed: {exposed}");
+        }
         let r = models(None).await.unwrap();
         assert_eq!(r.status(), 200);
         for h in [
