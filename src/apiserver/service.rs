@@ -360,10 +360,15 @@ async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
         CONTROLLER_TIMEOUT,
     )?));
     let metrics_listener = exposition.bind_separate().await?;
-    if !state.upstream.discovery.refresh().await {
+    // The instance list and the keys at once (a controller that is down costs one wait).
+    let (refreshed, keys) = tokio::join!(
+        state.upstream.discovery.refresh(),
+        state.tenancy.sync_once(&*key_client)
+    );
+    if !refreshed {
         warn!("no controller answered at start-up; models appear once one does");
     }
-    if let Err(e) = state.tenancy.sync_once(&*key_client).await {
+    if let Err(e) = keys {
         warn!(error = %e, "managed API keys: the first key sync failed; keys are learned once a controller answers it");
     }
     let (listener, admin) = daemon::bind(&mut base, &cfg.host).await?;

@@ -597,6 +597,8 @@ impl Tenancy {
             let mut failing = false;
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The start-up sync was just done: the first one here comes an interval later.
+            tick.reset();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
