@@ -14,7 +14,8 @@
 //! instance's host:port; not `instance`, which Prometheus gives the scrape target),
 //! `dbgpt_apiserver_instance_healthy{…}` (1 when the apiserver would route to it: healthy,
 //! enabled, not marked suspect), `dbgpt_apiserver_discovery_refresh_age_seconds` and
-//! `dbgpt_apiserver_discovery_refresh_failing`.
+//! `dbgpt_apiserver_discovery_refresh_failing`. The per-key series
+//! (`dbgpt_apiserver_key_*`, by key name) are [`crate::apiserver::tenancy`]'s.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
