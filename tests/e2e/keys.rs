@@ -247,6 +247,34 @@ fn bad_key_input_names_the_flag_and_changes_nothing() {
             "2h",
         ],
     );
+    // Limits per model: set at creation, one removed by an update, the rest kept.
+    ok(
+        &env,
+        &url,
+        &[
+            "create",
+            "--name",
+            "team-m",
+            "--model_limit",
+            "smollm2:rpm=5,tpm=100",
+            "--model_limit",
+            "qwen:max_concurrency=1",
+        ],
+    );
+    ok(
+        &env,
+        &url,
+        &[
+            "update",
+            "team-m",
+            "--model_limit",
+            "smollm2:rpm=none",
+            "--model_limit",
+            "qwen:none",
+        ],
+    );
+    let m = json_of(&env, &url, &["show", "team-m", "--json"]);
+    assert_eq!(m["model_limits"], json!({"smollm2": {"tpm": 100}}), "{m}");
     let before = json_of(&env, &url, &["list", "--json"]);
 
     let cases: &[(&[&str], &str)] = &[
@@ -270,6 +298,15 @@ fn bad_key_input_names_the_flag_and_changes_nothing() {
         (&["update", "team-a", "--expires", "3x"], "--expires"),
         (&["update", "team-a"], "nothing to change"),
         (&["update", "nobody", "--rpm", "5"], "nobody"),
+        (&["update", "nobody", "--model_limit", "m:rpm=5"], "nobody"),
+        (
+            &["update", "team-m", "--model_limit", "m:rpm=0"],
+            "--model_limit",
+        ),
+        (
+            &["create", "--name", "x", "--model_limit", "m:rps=1"],
+            "--model_limit",
+        ),
         (&["show", "nobody"], "nobody"),
         (&["revoke", "nobody"], "nobody"),
         (&["usage", "nobody"], "nobody"),
