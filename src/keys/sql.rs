@@ -19,7 +19,7 @@ use tracing::info;
 
 use super::{
     KeyError, KeyStore, MINUTE_RETENTION, apply_update, day_of, minute_of, new_key, now_secs, pick,
-    validate_spec, validate_sync,
+    validate_spec, validate_sync, validate_updated,
 };
 use crate::registry::sql::{DbType, Pool, schema_lock, schema_unlock};
 use crate::wire::keys::{
@@ -422,7 +422,7 @@ impl KeyStore for SqlKeyStore {
         let now = now_secs();
         self.change(name_or_id, |old| {
             let new = apply_update(&old, &update);
-            validate_spec(&new.spec, now)?;
+            validate_updated(&new.spec, &update, now)?;
             Ok(Some(new))
         })
         .await
