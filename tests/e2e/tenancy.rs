@@ -365,7 +365,7 @@ fn two_apiservers_share_a_keys_limits_through_mariadb() {
 }
 
 #[test]
-fn streamed_tokens_count_toward_tpm_and_daily_tokens_and_concurrency_is_held() {
+fn streamed_tokens_count_toward_tpm_daily_tokens_a_model_limit_and_concurrency() {
     let up = FakeUpstream::start(Duration::from_millis(600));
     let env = TestEnv::new();
     let c = env.controller(&[]);
@@ -374,6 +374,7 @@ fn streamed_tokens_count_toward_tpm_and_daily_tokens_and_concurrency_is_held() {
     let tpm = create(&env, &url, "tpm", &["--tpm", "20"]);
     let daily = create(&env, &url, "daily", &["--daily_tokens", "10"]);
     let conc = create(&env, &url, "conc", &["--max_concurrency", "1"]);
+    let per_model = create(&env, &url, "per-model", &["--model_limit", "gpt:rpm=1"]);
     let a = apiserver(&env, &url, &["--keys_sync_ms", "200"]);
     wait_served(a.port, Some(&conc));
 
@@ -402,6 +403,17 @@ fn streamed_tokens_count_toward_tpm_and_daily_tokens_and_concurrency_is_held() {
     );
     let retry: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
     assert!(retry <= 86_400);
+
+    // A limit on one model only.
+    assert_eq!(chat(a.port, Some(&per_model), "gpt", false).0, 200);
+    let r = chat(a.port, Some(&per_model), "gpt", false);
+    assert_eq!(r.0, 429);
+    let msg = error_of(&r)["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("'per-model' on model 'gpt'") && msg.contains("(rpm)"),
+        "{msg}"
+    );
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), Some("1"));
 
     // One request in flight at a time: a second one meanwhile is refused, and the slot is
     // free again once the first answer has ended.
