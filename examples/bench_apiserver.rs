@@ -5,7 +5,9 @@
 //! `/api/v1`) and the pids are the processes on that path whose CPU time is charged per
 //! request (every thread's `/proc/<pid>/task/<tid>/schedstat`, nanoseconds). Insert a middle hop (e.g. a proxy worker) by adding
 //! a target. The optional JSON object is merged into every request body of that target (after
-//! `--body-extra`, which applies to all), e.g. `tools`, `tool_choice` and `response_format`.
+//! `--body-extra`, which applies to all), e.g. `tools`, `tool_choice` and `response_format`;
+//! its member `"_api_key"` is not sent in the body but as the target's bearer key (instead
+//! of `--api-key`), so one run can compare a static and a managed key.
 //! For each target and concurrency: a non-stream phase (req/s, p50/p99 latency, CPU µs per
 //! request per pid) and a stream phase (`stream_options.include_usage`; time to first chunk
 //! p50/p99, full stream p50, CPU µs per request per pid). Every phase is bounded by `--secs`.
@@ -55,6 +57,8 @@ struct Target {
     pids: Vec<u32>,
     /// Merged into every request body of this target.
     extra: serde_json::Map<String, serde_json::Value>,
+    /// The target's own bearer key (its JSON's `_api_key`).
+    api_key: Option<String>,
 }
 
 /// A JSON object given on the command line.
@@ -110,7 +114,7 @@ async fn phase(c: &reqwest::Client, t: &Target, args: &Args, conc: usize, stream
     let mut tasks = Vec::new();
     for _ in 0..conc {
         let (c, body, url, stop) = (c.clone(), body.clone(), t.url.clone(), stop.clone());
-        let key = args.api_key.clone();
+        let key = t.api_key.clone().or_else(|| args.api_key.clone());
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut errors, mut lat, mut ttfc) = (0, 0, Vec::new(), Vec::new());
             while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
@@ -216,9 +220,14 @@ fn main() -> anyhow::Result<()> {
                 .collect();
             let model = parts.next().filter(|m| !m.is_empty()).map(str::to_string);
             let rest: Vec<&str> = parts.collect();
-            let extra = match rest.join("|") {
+            let mut extra = match rest.join("|") {
                 j if j.trim().is_empty() => serde_json::Map::new(),
                 j => json_object(&format!("target {label}"), &j)?,
+            };
+            let api_key = match extra.remove("_api_key") {
+                None => None,
+                Some(serde_json::Value::String(k)) => Some(k),
+                Some(_) => anyhow::bail!("target {label}: _api_key must be a string"),
             };
             Ok(Target {
                 label,
@@ -226,6 +235,7 @@ fn main() -> anyhow::Result<()> {
                 url,
                 pids,
                 extra,
+                api_key,
             })
         })
         .collect::<anyhow::Result<_>>()?;

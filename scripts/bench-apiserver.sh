@@ -9,6 +9,7 @@
 #                                   # + proxy worker as extra rows ("old …"), same fake and client
 #   BENCH_SGLANG=1 scripts/bench-apiserver.sh   # pip install sglang-router==0.3.2 if missing
 #   BENCH_METRICS=0 scripts/bench-apiserver.sh  # without the "metrics off" rows
+#   BENCH_KEYS=0 scripts/bench-apiserver.sh     # without the "static key"/"managed key" rows
 #
 # Rows (each at every concurrency; a plain and a streamed phase, CPU µs/req for both):
 #   direct, apiserver, apiserver+worker, bare relay+worker (below), "apiserver+worker tools"
@@ -16,7 +17,12 @@
 #   `response_format`), "apiserver+worker metrics off" (a second apiserver and proxy worker
 #   started with --metrics_addr off, model "viaworker_nometrics": the cost of the Prometheus
 #   metrics is the difference to "apiserver+worker", printed per concurrency after the
-#   tables), and, when the wheel is installed (python3 -c 'import sglang_router'),
+#   tables), "apiserver+worker static key" and "apiserver+worker managed key" (a third
+#   apiserver started with --api_keys, behind its own controller and proxy worker, called
+#   once with that static key and once with a managed key created through the keys API, carrying every limit (rpm, tpm,
+#   max_concurrency, daily_tokens, on the key and on the model) set far too high to trip:
+#   the CPU a managed key's auth, limits and usage add per request is the difference,
+#   printed per concurrency after the tables), and, when the wheel is installed (python3 -c 'import sglang_router'),
 #   "sglang" and "sglang tools": SGLang's Rust gateway (sglang-router 0.3.2,
 #   `python3 -m sglang_router.launch_router`, its defaults but --log-level warn; SGLANG_ARGS
 #   adds flags) in front of the same fake. The gateway probes the fake's /health,
@@ -113,6 +119,36 @@ if [ "${BENCH_METRICS:-1}" = 1 ]; then
   PIDNOTE="$PIDNOTE apiserver-metrics-off=$APIOFF_PID worker-metrics-off=$WRKOFF_PID"
 fi
 
+# Managed API keys: a third apiserver with a static key, behind its own controller and proxy
+# worker (a controller that has managed keys makes every apiserver in front of it require
+# keys, which the open rows above must not); the same path with that key and with a managed
+# key carrying every limit (never reached). The difference is the keys' cost.
+APIK_PID=
+if [ "${BENCH_KEYS:-1}" = 1 ]; then
+  CTLK=$(port); WRKK=$(port); APIK=$(port)
+  $BIN start controller --host 127.0.0.1 --port "$CTLK" --registry_path "$WORK/reg-keys.redb" >"$WORK/ctl-keys.log" 2>&1 & CTLK_PID=$!; PIDS+=($CTLK_PID)
+  wait_http "http://127.0.0.1:$CTLK/api/health"
+  $BIN start worker --host 127.0.0.1 --port "$WRKK" --controller_addr "http://127.0.0.1:$CTLK" --model_name viaworker \
+    --model_type proxy --proxy_api_base "http://127.0.0.1:$FAKE/v1" --proxyllm_backend fake --limit_model_concurrency 512 \
+    --log_level warn >"$WORK/worker-keys.log" 2>&1 & WRKK_PID=$!; PIDS+=($WRKK_PID)
+  $BIN start apiserver --host 127.0.0.1 --port "$APIK" --controller_addr "http://127.0.0.1:$CTLK" --api_keys bench-static \
+    --log_level warn >"$WORK/api-keys.log" 2>&1 & APIK_PID=$!; PIDS+=($APIK_PID)
+  wait_http "http://127.0.0.1:$APIK/api/health"
+  BIG=1000000000000
+  MANAGED=$(curl -sf "http://127.0.0.1:$CTLK/api/controller/keys" -H 'content-type: application/json' -d '{"name":"bench",
+    "limits":{"rpm":'$BIG',"tpm":'$BIG',"max_concurrency":100000,"daily_tokens":'$BIG'},
+    "model_limits":{"viaworker":{"rpm":'$BIG',"tpm":'$BIG',"max_concurrency":100000,"daily_tokens":'$BIG'}}}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+  for _ in $(seq 100); do
+    curl -sf -o /dev/null "http://127.0.0.1:$APIK/v1/chat/completions" -H "authorization: Bearer $MANAGED" -H 'content-type: application/json' \
+      -d '{"model":"viaworker","messages":[{"role":"user","content":"hi"}]}' && break
+    sleep 0.1
+  done
+  TARGETS+=(--target "apiserver+worker static key|http://127.0.0.1:$APIK/v1|$APIK_PID,$WRKK_PID,$FAKE_PID|viaworker|{\"_api_key\":\"bench-static\"}"
+            --target "apiserver+worker managed key|http://127.0.0.1:$APIK/v1|$APIK_PID,$WRKK_PID,$FAKE_PID|viaworker|{\"_api_key\":\"$MANAGED\"}")
+  PIDNOTE="$PIDNOTE apiserver-keys=$APIK_PID worker-keys=$WRKK_PID controller-keys=$CTLK_PID"
+fi
+
 # A/B in one run: another build's apiserver and proxy worker (model "viaold"), same controller,
 # fake and client.
 if [ -n "${BENCH_OLD_BIN:-}" ]; then
@@ -195,6 +231,21 @@ if [ -n "$APIOFF_PID" ]; then
       for (c in a) if (c in ao) {
         printf "| plain | %d | %.1f | %.1f | %+.1f | %.1f | %.1f | %+.1f |\n", c, a[c], ao[c], a[c] - ao[c], w[c], wo[c], w[c] - wo[c]
         printf "| stream | %d | %.1f | %.1f | %+.1f | %.1f | %.1f | %+.1f |\n", c, as[c], aso[c], as[c] - aso[c], ws[c], wso[c], ws[c] - wso[c]
+      }
+    }' "$WORK/table.md"
+fi
+
+# What a managed key costs over a static one: the same apiserver, path and worker.
+if [ -n "$APIK_PID" ]; then
+  awk -F'|' -v apik="$APIK_PID" '
+    function cpu(cell, pid) { return match(cell, pid ": [0-9.]+") ? substr(cell, RSTART + length(pid) + 2, RLENGTH - length(pid) - 2) + 0 : -1 }
+    $2 == " apiserver+worker static key " { c = $3 + 0; s[c] = cpu($11, apik); ss[c] = cpu($12, apik); sq[c] = $4 + 0 }
+    $2 == " apiserver+worker managed key " { c = $3 + 0; m[c] = cpu($11, apik); ms[c] = cpu($12, apik); mq[c] = $4 + 0 }
+    END {
+      print ""; print "| managed key cost (apiserver CPU µs/req) | conc | static key | managed key | added | req/s static | req/s managed |"; print "|---|---:|---:|---:|---:|---:|---:|"
+      for (c in s) if (c in m) {
+        printf "| plain | %d | %.1f | %.1f | %+.1f | %.0f | %.0f |\n", c, s[c], m[c], m[c] - s[c], sq[c], mq[c]
+        printf "| stream | %d | %.1f | %.1f | %+.1f | | |\n", c, ss[c], ms[c], ms[c] - ss[c]
       }
     }' "$WORK/table.md"
 fi

@@ -69,6 +69,7 @@ pub(crate) mod config;
 pub(crate) mod controller;
 pub(crate) mod daemon;
 pub mod http;
+pub(crate) mod keys;
 pub mod openai;
 pub(crate) mod registry;
 pub mod telemetry;

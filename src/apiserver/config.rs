@@ -145,6 +145,15 @@ pub struct ApiserverArgs {
     /// connections [default: the number of CPUs]
     #[arg(long = "threads", env = "APISERVER_THREADS")]
     pub threads: Option<usize>,
+    /// Milliseconds between syncs of managed API keys with the controller: each sync
+    /// reports this apiserver's usage and fetches changed keys and the cluster-wide counts
+    /// its limits need (limits hold across apiservers within one interval) [default: 1000]
+    #[arg(
+        long = "keys_sync_ms",
+        visible_alias = "keys-sync-ms",
+        env = "APISERVER_KEYS_SYNC_MS"
+    )]
+    pub keys_sync_ms: Option<u64>,
     /// CORS origins allowed, comma separated; `*` allows any [default: *]
     #[arg(
         long = "cors_allow_origins",
@@ -173,6 +182,7 @@ struct ApiserverFile {
     max_stream_migrations: Option<u32>,
     stream_stall_timeout_secs: Option<f64>,
     threads: Option<usize>,
+    keys_sync_ms: Option<u64>,
     cors_allow_origins: Option<String>,
     model_alias: Option<AliasList>,
     fallback: Option<FallbackList>,
@@ -295,6 +305,8 @@ pub struct ApiserverConfig {
     pub stream_stall_timeout: Duration,
     /// HTTP serving threads (each a single-threaded runtime).
     pub threads: usize,
+    /// Interval of the managed API keys' sync with the controller.
+    pub keys_sync: Duration,
     /// `None` = any origin.
     pub cors_allow_origins: Option<Vec<String>>,
     /// Model aliases and fallback chains.
@@ -424,6 +436,10 @@ impl ApiserverArgs {
             Some(n) => n,
             None => crate::http::default_threads(),
         };
+        let keys_sync_ms = self.keys_sync_ms.or(file.keys_sync_ms).unwrap_or(1000);
+        if !(10..=600_000).contains(&keys_sync_ms) {
+            bail!("--keys_sync_ms must be between 10 and 600000 (milliseconds)");
+        }
         let origins: Vec<String> = self
             .cors_allow_origins
             .or(file.cors_allow_origins)
@@ -501,6 +517,7 @@ impl ApiserverArgs {
             max_stream_migrations,
             stream_stall_timeout,
             threads,
+            keys_sync: Duration::from_millis(keys_sync_ms),
             cors_allow_origins,
             routes,
             outlier,
@@ -538,11 +555,12 @@ mod tests {
         assert_eq!(c.first_byte_timeout, Duration::from_secs(30));
         assert_eq!(c.max_stream_migrations, 2);
         assert_eq!(c.stream_stall_timeout, Duration::from_secs(30));
+        assert_eq!(c.keys_sync, Duration::from_secs(1));
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("a.toml");
         std::fs::write(
             &f,
-            "[service.model.api]\nport = 9100\nrouting_policy = \"round_robin\"\napi_keys = \"a, b\"\nfirst_byte_timeout_secs = 2.5\nmax_stream_migrations = 0\nstream_stall_timeout_secs = 4\n",
+            "[service.model.api]\nport = 9100\nrouting_policy = \"round_robin\"\napi_keys = \"a, b\"\nfirst_byte_timeout_secs = 2.5\nmax_stream_migrations = 0\nstream_stall_timeout_secs = 4\nkeys_sync_ms = 250\n",
         )
         .unwrap();
         let c = ApiserverArgs {
@@ -560,6 +578,7 @@ mod tests {
         assert_eq!(c.first_byte_timeout, Duration::from_millis(2500));
         assert_eq!(c.max_stream_migrations, 0);
         assert_eq!(c.stream_stall_timeout, Duration::from_secs(4));
+        assert_eq!(c.keys_sync, Duration::from_millis(250));
         for (args, flag) in [
             (
                 ApiserverArgs {
@@ -574,6 +593,13 @@ mod tests {
                     ..Default::default()
                 },
                 "--stream_stall_timeout_secs",
+            ),
+            (
+                ApiserverArgs {
+                    keys_sync_ms: Some(0),
+                    ..Default::default()
+                },
+                "--keys_sync_ms",
             ),
         ] {
             assert!(args.resolve().unwrap_err().to_string().contains(flag));

@@ -1,6 +1,8 @@
 //! The OpenAI-compatible API server: the router, API-key auth and thin handlers that tie
 //! OpenAI requests to worker calls (CORS and the request middleware are layered around the
-//! router in [`service`]).
+//! router in [`service`]). Static and managed API keys, their limits and usage are
+//! [`tenancy`]'s ([`limits`] keeps the counters): every handler admits its request once
+//! the model is known and hands the key's lease to the answer.
 //!
 //! Routes (under both `/api/v1` and `/v1`): `GET models`, `POST chat/completions` (plain and
 //! SSE), `POST completions`, `POST responses` (stateless, onto chat), `POST embeddings`, `POST beta/relevance`, `POST rerank` (also at
@@ -29,12 +31,14 @@ pub(crate) mod aliases;
 pub(crate) mod config;
 pub(crate) mod discovery;
 pub(crate) mod failover;
+pub(crate) mod limits;
 pub(crate) mod outlier;
 pub(crate) mod policy;
 pub mod pool;
 pub(crate) mod proxy;
 pub(crate) mod service;
 pub(crate) mod splice;
+pub(crate) mod tenancy;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,7 +47,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
@@ -72,7 +76,8 @@ pub const MAX_REQUEST_BYTES: usize = crate::http::MAX_MODEL_BODY_BYTES;
 #[derive(Clone)]
 pub struct AppState {
     pub upstream: Upstream,
-    pub api_keys: Vec<String>,
+    /// Static and managed API keys, their limits and usage ([`tenancy`]); shared.
+    pub tenancy: Arc<tenancy::Tenancy>,
     /// Model aliases and fallback chains ([`aliases`]), shared by every serving thread.
     pub routes: Arc<aliases::Routes>,
     pub embedding_batch_size: usize,
@@ -158,52 +163,33 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Proof that a request carried one of the API keys (or that none are configured): the
-/// first extractor of every `/v1` handler. An extractor rather than a middleware layer,
-/// which would box and clone on every request. Keys are never logged.
-struct Authorized;
+/// Who sent the request, once its key is checked ([`tenancy::Tenancy::authenticate`]:
+/// static `--api_keys`, managed keys, or open when there are neither): the first extractor
+/// of every `/v1` handler. An extractor rather than a middleware layer, which would box and
+/// clone on every request. Keys are never logged. Puts the caller's
+/// [`crate::wire::keys::Priority`] in the request's extensions (for admission queues).
+struct Authorized(tenancy::Caller);
 
 impl FromRequestParts<Shared> for Authorized {
     type Rejection = OpenAiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &Shared) -> Result<Self, OpenAiError> {
-        check_key(&s.api_keys, &parts.headers).map(|()| Authorized)
+        let caller = s.tenancy.authenticate(&parts.headers)?;
+        parts.extensions.insert(caller.priority());
+        Ok(Authorized(caller))
     }
 }
 
-/// Bearer-key check; open when no keys are configured.
-fn check_key(keys: &[String], headers: &HeaderMap) -> Result<(), OpenAiError> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
-    let token = match given {
-        None => {
-            return Err(OpenAiError::unauthorized(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-            ));
-        }
-        Some(h) => match h.split_once(' ') {
-            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
-            _ => {
-                return Err(OpenAiError::unauthorized(
-                    "Malformed Authorization header; expected 'Bearer <key>'.",
-                ));
-            }
-        },
-    };
-    let mut ok = false;
-    for k in keys {
-        ok |= same(k.as_bytes(), token.as_bytes());
-    }
-    if ok {
-        Ok(())
-    } else {
-        Err(OpenAiError::unauthorized("Incorrect API key provided."))
-    }
+/// Admits a request of `auth` for `model` under its key's model list and limits (the
+/// 403/429 answer when not); the lease goes on the answer ([`tenancy::attach`]).
+fn admit(
+    s: &Shared,
+    auth: &Authorized,
+    model: &str,
+) -> Result<Option<tenancy::Lease>, Box<Response>> {
+    s.tenancy
+        .admit(&auth.0, model)
+        .map_err(|r| Box::new(ModelName::tag(*r, model)))
 }
 
 /// Reads the body (413 beyond [`MAX_REQUEST_BYTES`]).
@@ -237,8 +223,9 @@ impl Drop for Busy {
     }
 }
 
-async fn models(State(s): State<Shared>, _: Authorized) -> Response {
+async fn models(State(s): State<Shared>, auth: Authorized) -> Response {
     let mut names = served_models(&s.upstream.discovery.view());
+    names.retain(|m| auth.0.allows(m));
     names.sort();
     names.dedup();
     let now = openai::unix_now();
@@ -304,33 +291,43 @@ fn model_meta(model: &str) -> Meta {
     Meta::json(&M { model })
 }
 
-async fn chat(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
+async fn chat(State(s): State<Shared>, auth: Authorized, req: Request) -> Response {
     let busy = Busy::new(&s);
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
     match openai::parse_chat(&body) {
-        Ok(r) => {
+        Ok(mut r) => {
             let model = r.model.clone();
+            let mut lease = match admit(&s, &auth, &model) {
+                Ok(l) => l,
+                Err(resp) => return *resp,
+            };
+            let body = tenancy::stream_usage(&mut r, body, &mut lease);
             let resp = run_completion(s.clone(), Kind::Chat, r, body, busy).await;
-            tag(&s, resp, &model)
+            tag(&s, tenancy::attach(resp, lease), &model)
         }
         Err(e) => e.into_response(),
     }
 }
 
-async fn completions(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
+async fn completions(State(s): State<Shared>, auth: Authorized, req: Request) -> Response {
     let busy = Busy::new(&s);
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
     match openai::parse_completion(&body) {
-        Ok(r) => {
+        Ok(mut r) => {
             let model = r.model.clone();
+            let mut lease = match admit(&s, &auth, &model) {
+                Ok(l) => l,
+                Err(resp) => return *resp,
+            };
+            let body = tenancy::stream_usage(&mut r, body, &mut lease);
             let resp = run_completion(s.clone(), Kind::Text, r, body, busy).await;
-            tag(&s, resp, &model)
+            tag(&s, tenancy::attach(resp, lease), &model)
         }
         Err(e) => e.into_response(),
     }
@@ -340,7 +337,7 @@ async fn completions(State(s): State<Shared>, _: Authorized, req: Request) -> Re
 /// ([`openai::responses::to_chat`]) routed like any other, and its answer, whole or streamed,
 /// becomes a Response object or Responses events. An error before the answer starts is
 /// relayed as the chat path answered it (OpenAI's error shape is the same).
-async fn responses(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
+async fn responses(State(s): State<Shared>, auth: Authorized, req: Request) -> Response {
     let busy = Busy::new(&s);
     let body = match read_body(req).await {
         Ok(b) => b,
@@ -355,19 +352,26 @@ async fn responses(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let lease = match admit(&s, &auth, &r.model) {
+        Ok(l) => l,
+        Err(resp) => return *resp,
+    };
     let answer = run_completion(s.clone(), Kind::Chat, r, chat_body, busy).await;
     // The model that served it (for the metrics and the header).
     let model = aliases::served_by(&answer)
         .unwrap_or_else(|| s.routes.target(ctx.model()))
         .to_string();
     if !answer.status().is_success() {
-        return ModelName::tag(answer, &model);
+        return ModelName::tag(tenancy::attach(answer, lease), &model);
     }
     if !ctx.stream() {
         return match axum::body::to_bytes(answer.into_body(), MAX_REQUEST_BYTES).await {
             Ok(b) => match openai::responses::whole(&ctx, &b) {
                 Ok(json) => ModelName::tag(
-                    aliases::served(json_body(StatusCode::OK, json), &model),
+                    aliases::served(
+                        tenancy::attach(json_body(StatusCode::OK, json), lease),
+                        &model,
+                    ),
                     &model,
                 ),
                 Err(e) => e.into_response(),
@@ -396,7 +400,10 @@ async fn responses(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
     })
     .filter(|r| futures::future::ready(r.as_ref().map_or(true, |b| !b.is_empty())));
     ModelName::tag(
-        aliases::served(sse_response(Body::from_stream(events)), &model),
+        aliases::served(
+            tenancy::attach(sse_response(Body::from_stream(events)), lease),
+            &model,
+        ),
         &model,
     )
 }
@@ -908,7 +915,7 @@ async fn pump(
     let _ = send(Bytes::from_static(DONE)).await;
 }
 
-async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
+async fn embeddings(State(s): State<Shared>, auth: Authorized, req: Request) -> Response {
     let busy = Busy::new(&s);
     let body = match read_body(req).await {
         Ok(b) => b,
@@ -919,8 +926,12 @@ async fn embeddings(State(s): State<Shared>, _: Authorized, req: Request) -> Res
         Err(e) => return e.into_response(),
     };
     let model = r.model.clone();
+    let lease = match admit(&s, &auth, &model) {
+        Ok(l) => l,
+        Err(resp) => return *resp,
+    };
     let resp = embed(s.clone(), busy, body, r).await;
-    tag(&s, resp, &model)
+    tag(&s, tenancy::attach(resp, lease), &model)
 }
 
 /// `embeddings` once the request is parsed: on the models of its chain in turn until one
@@ -1202,7 +1213,7 @@ async fn score_on_chain<'a>(
     (Err(OpenAiError::from_upstream(e, "documents")), hops[0])
 }
 
-async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
+async fn relevance(State(s): State<Shared>, auth: Authorized, req: Request) -> Response {
     let _busy = Busy::new(&s);
     let r = match read_body(req)
         .await
@@ -1210,6 +1221,10 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
     {
         Ok(r) => r,
         Err(e) => return e.into_response(),
+    };
+    let lease = match admit(&s, &auth, &r.model) {
+        Ok(l) => l,
+        Err(resp) => return *resp,
     };
     let resp = match score_on_chain(&s, &r.model, &r.query, &r.documents).await {
         (Ok(scores), hop) => aliases::served(
@@ -1226,15 +1241,19 @@ async fn relevance(State(s): State<Shared>, _: Authorized, req: Request) -> Resp
         ),
         (Err(e), _) => e.into_response(),
     };
-    tag(&s, resp, &r.model)
+    tag(&s, tenancy::attach(resp, lease), &r.model)
 }
 
 /// Jina's and Cohere's rerank: the relevance call, answered sorted and cut to `top_n`.
-async fn rerank(State(s): State<Shared>, _: Authorized, req: Request) -> Response {
+async fn rerank(State(s): State<Shared>, auth: Authorized, req: Request) -> Response {
     let _busy = Busy::new(&s);
     let r = match read_body(req).await.and_then(|b| openai::parse_rerank(&b)) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
+    };
+    let lease = match admit(&s, &auth, &r.model) {
+        Ok(l) => l,
+        Err(resp) => return *resp,
     };
     let resp = match score_on_chain(&s, &r.model, &r.query, &r.documents).await {
         (Ok(scores), hop) => aliases::served(
@@ -1252,7 +1271,7 @@ async fn rerank(State(s): State<Shared>, _: Authorized, req: Request) -> Respons
         ),
         (Err(e), _) => e.into_response(),
     };
-    tag(&s, resp, &r.model)
+    tag(&s, tenancy::attach(resp, lease), &r.model)
 }
 
 #[cfg(test)]

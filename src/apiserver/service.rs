@@ -1,10 +1,11 @@
 //! The apiserver process: wires discovery, the worker client and HTTP routes with CORS, and
 //! runs them through the daemons' common lifecycle ([`crate::daemon::run`]).
 //!
-//! Start-up order: pid lock → first instance-list fetch (a controller that is down is only
-//! a warning: the view fills in when it comes up) → TCP bind → admin socket → ready. Stop
-//! (SIGTERM, SIGINT or admin `Stop`) stops accepting, lets in-flight requests finish
-//! (bounded), flushes the tracer file, removes socket and pid file and exits 0.
+//! Start-up order: pid lock → first instance-list fetch and managed-key sync (a controller
+//! that is down is only a warning: the view fills in when it comes up) → TCP bind → admin
+//! socket → ready. Stop (SIGTERM, SIGINT or admin `Stop`) stops accepting, lets in-flight
+//! requests finish (bounded), sends the last usage report ([`super::tenancy`]), flushes the
+//! tracer file, removes socket and pid file and exits 0.
 //!
 //! HTTP is served by `--threads` OS threads, each running a single-threaded tokio runtime
 //! with its own pool of worker connections. The accept loop (on the main runtime, with
@@ -29,6 +30,7 @@ use tracing::{info, warn};
 use super::config::ApiserverConfig;
 use super::discovery::Discovery;
 use super::proxy::Upstream;
+use super::tenancy::{KeySync, Tenancy};
 use super::{AppState, Stats, router};
 use crate::controller::client::ControllerClient;
 use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
@@ -44,6 +46,8 @@ struct Apiserver {
     cfg: ApiserverConfig,
     state: Arc<AppState>,
     refresher: Option<JoinHandle<()>>,
+    /// The managed keys' sync loop, and its client.
+    key_sync: (Option<JoinHandle<()>>, Arc<dyn KeySync>),
     flusher: Flusher,
     exposition: Arc<Exposition>,
     /// The separate `/metrics` listener (`--metrics_addr HOST:PORT`).
@@ -96,6 +100,18 @@ impl Daemon for Apiserver {
                         state.stats.requests.load(Ordering::Relaxed).to_string(),
                     ),
                     ("refresh".into(), refresh),
+                    (
+                        "managed_keys".into(),
+                        format!(
+                            "{}{}",
+                            state.tenancy.key_count(),
+                            if state.tenancy.has_synced() {
+                                ""
+                            } else {
+                                " (no key sync yet)"
+                            }
+                        ),
+                    ),
                 ]
                 .into_iter()
                 .chain(state.metrics.vitals_ref().details())
@@ -106,14 +122,23 @@ impl Daemon for Apiserver {
     }
 
     async fn prepare(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        if self.cfg.api_keys.is_empty() {
-            warn!("no --api_keys given: the API server is open to anyone who can reach it");
+        let tenancy = &self.state.tenancy;
+        if !tenancy.required() {
+            warn!(
+                "no --api_keys given and the controller has no managed API keys: the API server is open to anyone who can reach it"
+            );
         } else {
             info!(
                 keys = self.cfg.api_keys.len(),
+                managed_keys = tenancy.key_count(),
                 "API key authentication enabled"
             );
         }
+        self.key_sync.0 = Some(tenancy.spawn_loop(
+            self.key_sync.1.clone(),
+            self.cfg.keys_sync,
+            shutdown.clone(),
+        ));
         self.refresher = Some(
             self.state
                 .upstream
@@ -154,6 +179,10 @@ impl Daemon for Apiserver {
         if let Some(r) = self.refresher {
             let _ = r.await;
         }
+        if let Some(k) = self.key_sync.0 {
+            let _ = k.await;
+        }
+        self.state.tenancy.final_report(&*self.key_sync.1).await;
         self.flusher.finish().await;
     }
 }
@@ -265,7 +294,10 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
             timeout: cfg.request_timeout,
             first_byte_timeout: cfg.first_byte_timeout,
         },
-        api_keys: cfg.api_keys.clone(),
+        tenancy: Arc::new(Tenancy::new(
+            cfg.api_keys.clone(),
+            format!("{}:{}/{}", cfg.host, cfg.port, std::process::id()),
+        )),
         routes: Arc::new(cfg.routes.clone()),
         embedding_batch_size: cfg.embedding_batch_size,
         stats: Arc::new(Stats::default()),
@@ -276,6 +308,19 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
         },
         metrics,
     }))
+}
+
+/// The managed keys' sync, through the controller client.
+struct ControllerKeys(ControllerClient);
+
+#[async_trait::async_trait]
+impl KeySync for ControllerKeys {
+    async fn keys_sync(
+        &self,
+        req: &crate::wire::keys::SyncRequest,
+    ) -> Result<crate::wire::keys::SyncResponse, String> {
+        self.0.keys_sync(req).await.map_err(|e| e.to_string())
+    }
 }
 
 /// The state of one more serving thread: its own worker connection pool (connections are
@@ -325,9 +370,22 @@ async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
     state
         .metrics
         .register(exposition.registry(), state.upstream.discovery.clone());
+    state.tenancy.register(exposition.registry());
+    let key_client: Arc<dyn KeySync> = Arc::new(ControllerKeys(ControllerClient::new(
+        &cfg.controller_addr,
+        CONTROLLER_TIMEOUT,
+    )?));
     let metrics_listener = exposition.bind_separate().await?;
-    if !state.upstream.discovery.refresh().await {
+    // The instance list and the keys at once (a controller that is down costs one wait).
+    let (refreshed, keys) = tokio::join!(
+        state.upstream.discovery.refresh(),
+        state.tenancy.sync_once(&*key_client)
+    );
+    if !refreshed {
         warn!("no controller answered at start-up; models appear once one does");
+    }
+    if let Err(e) = keys {
+        warn!(error = %e, "managed API keys: the first key sync failed; keys are learned once a controller answers it");
     }
     let (listener, admin) = daemon::bind(&mut base, &cfg.host).await?;
     Ok(Started {
@@ -338,6 +396,7 @@ async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
             cfg,
             state,
             refresher: None,
+            key_sync: (None, key_client),
             flusher,
             exposition: Arc::new(exposition),
             metrics_listener,

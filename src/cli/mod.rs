@@ -1,12 +1,13 @@
 //! The `dbgpt` command line: clap definitions and dispatch.
 //!
 //! `start` runs a server (forking first with `--daemon`, before any runtime exists);
-//! `stop` and `ctl` talk to local daemons over their admin sockets; `model` talks to a
-//! controller over HTTP; `registry` checks, backs up and restores the controller's redb
+//! `stop` and `ctl` talk to local daemons over their admin sockets; `model` and `keys` talk
+//! to a controller over HTTP; `registry` checks, backs up and restores the controller's redb
 //! file. Errors print one line naming what failed and exit 1; clap's usage errors exit 2.
 
 pub(crate) mod chat;
 pub(crate) mod ctl;
+pub(crate) mod keys;
 pub(crate) mod model;
 pub(crate) mod model_ops;
 pub(crate) mod registry;
@@ -42,6 +43,8 @@ pub enum Command {
     Ctl(ctl::CtlCommand),
     /// Query and manage models through the controller.
     Model(model::ModelArgs),
+    /// Manage API keys (limits, expiry, usage) through the controller.
+    Keys(keys::KeysArgs),
     /// Check, back up and restore the controller's registry file.
     #[command(subcommand)]
     Registry(registry::RegistryCommand),
@@ -116,6 +119,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Stop(s) => client_runtime().and_then(|rt| rt.block_on(ctl::stop_command(s))),
         Command::Ctl(c) => client_runtime().and_then(|rt| rt.block_on(ctl::run(c))),
         Command::Model(m) => client_runtime().and_then(|rt| rt.block_on(model::run(m))),
+        Command::Keys(k) => client_runtime().and_then(|rt| rt.block_on(keys::run(k))),
         Command::Registry(r) => registry::run(r),
     };
     match result {

@@ -13,6 +13,10 @@ use serde::de::DeserializeOwned;
 use crate::http::describe;
 
 use crate::wire::controller::{HEARTBEAT_PATH, MODELS_PATH, ModelInstance};
+use crate::wire::keys::{
+    ApiKey, CreatedKey, KEY_PATH, KEYS_PATH, KEYS_SYNC_PATH, KEYS_USAGE_PATH, KeySpec, KeyUpdate,
+    SyncRequest, SyncResponse, UsageRow,
+};
 
 /// Errors calling the controller.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +33,41 @@ pub enum ClientError {
     Decode { url: String, reason: String },
     #[error("no controller address given")]
     NoAddress,
+}
+
+impl ClientError {
+    /// The HTTP status the controller answered, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The controller's own message (`{"detail": …}`) for an error status, else the
+    /// error's text.
+    pub fn detail(&self) -> String {
+        if let ClientError::Status { body, .. } = self
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(body)
+            && let Some(d) = v.get("detail").and_then(|d| d.as_str())
+        {
+            return d.to_string();
+        }
+        self.to_string()
+    }
+}
+
+/// `KEY_PATH` for one key, the name percent-encoded (it is whatever the user typed).
+fn key_path(name_or_id: &str) -> String {
+    let mut enc = String::with_capacity(name_or_id.len());
+    for b in name_or_id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            enc.push(b as char);
+        } else {
+            enc.push_str(&format!("%{b:02X}"));
+        }
+    }
+    KEY_PATH.replace("{name}", &enc)
 }
 
 /// A controller client over one or more base URLs.
@@ -196,6 +235,65 @@ impl ControllerClient {
         .await
     }
 
+    /// Creates a managed API key (`POST` [`KEYS_PATH`]); the answer holds its secret, once.
+    pub async fn keys_create(&self, spec: &KeySpec) -> Result<CreatedKey, ClientError> {
+        self.call(|c, url| c.post(format!("{url}{KEYS_PATH}")).json(spec))
+            .await
+    }
+
+    /// Every managed API key, revoked ones too.
+    pub async fn keys_list(&self) -> Result<Vec<ApiKey>, ClientError> {
+        self.call(|c, url| c.get(format!("{url}{KEYS_PATH}"))).await
+    }
+
+    /// One key by name (or id).
+    pub async fn keys_get(&self, name_or_id: &str) -> Result<ApiKey, ClientError> {
+        let path = key_path(name_or_id);
+        self.call(|c, url| c.get(format!("{url}{path}"))).await
+    }
+
+    /// Changes a key's models, limits, priority or expiry.
+    pub async fn keys_update(
+        &self,
+        name_or_id: &str,
+        update: &KeyUpdate,
+    ) -> Result<ApiKey, ClientError> {
+        let path = key_path(name_or_id);
+        self.call(|c, url| c.patch(format!("{url}{path}")).json(update))
+            .await
+    }
+
+    /// Revokes a key (the record and its usage stay).
+    pub async fn keys_revoke(&self, name_or_id: &str) -> Result<ApiKey, ClientError> {
+        let path = key_path(name_or_id);
+        self.call(|c, url| c.delete(format!("{url}{path}"))).await
+    }
+
+    /// Usage rows of one key (by name or id) or of all, from `since` (`YYYY-MM-DD`) on.
+    pub async fn keys_usage(
+        &self,
+        key: Option<&str>,
+        since: Option<&str>,
+    ) -> Result<Vec<UsageRow>, ClientError> {
+        self.call(|c, url| {
+            let mut q: Vec<(&str, &str)> = Vec::new();
+            if let Some(k) = key {
+                q.push(("key", k));
+            }
+            if let Some(s) = since {
+                q.push(("since", s));
+            }
+            c.get(format!("{url}{KEYS_USAGE_PATH}")).query(&q)
+        })
+        .await
+    }
+
+    /// An apiserver's usage report and key refresh (`POST` [`KEYS_SYNC_PATH`]).
+    pub async fn keys_sync(&self, req: &SyncRequest) -> Result<SyncResponse, ClientError> {
+        self.call(|c, url| c.post(format!("{url}{KEYS_SYNC_PATH}")).json(req))
+            .await
+    }
+
     /// `GET /api/health` on one URL.
     pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
         self.call(|c, url| c.get(format!("{url}{}", crate::wire::HEALTH_PATH)))
@@ -205,6 +303,12 @@ impl ControllerClient {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn key_paths_encode_what_the_user_typed() {
+        assert_eq!(super::key_path("team-a"), "/api/controller/keys/team-a");
+        assert_eq!(super::key_path("a b/c"), "/api/controller/keys/a%20b%2Fc");
+    }
+
     #[test]
     fn url_lists() {
         assert_eq!(

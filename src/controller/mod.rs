@@ -2,17 +2,20 @@
 //! background tasks that keep health and persistence current.
 //!
 //! Routes (reference §2): `GET /api/health`, `POST/DELETE/GET /api/controller/models`,
-//! `POST /api/controller/heartbeat`, and our readiness probe `GET /api/ready` (503 while the
-//! registry cannot take writes; `/api/health` stays DB-GPT's liveness answer). Responses are DB-GPT's bare JSON literals (`true`,
-//! lists of nine-key instances). Every route but heartbeat and health writes a root span
-//! to DB-GPT's tracer file, with register/deregister child spans ([`crate::tracer`]); the
-//! heartbeat route has no middleware at all. The health sweep marks instances unhealthy
+//! `POST /api/controller/heartbeat`, our readiness probe `GET /api/ready` (503 while the
+//! registry cannot take writes; `/api/health` stays DB-GPT's liveness answer), and our
+//! managed API key routes ([`keys`]: untraced, JSON objects). Responses of DB-GPT's routes
+//! are its bare JSON literals (`true`, lists of nine-key instances). Every DB-GPT route but
+//! heartbeat and health writes a root span to DB-GPT's tracer file, with
+//! register/deregister child spans ([`crate::tracer`]); the heartbeat route has no
+//! middleware at all. The health sweep marks instances unhealthy
 //! after `heartbeat_timeout`, and a flusher persists heartbeat timestamps in batches; both
 //! run each tick in a fresh task so that an error or even a panic is logged and the loop
 //! carries on.
 
 pub mod client;
 pub mod config;
+pub mod keys;
 pub mod service;
 
 use std::sync::Arc;
@@ -28,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::http::{ApiError, CappedBody, json_response, with_fallbacks};
+use crate::keys::KeyStore;
 use crate::registry::{Registry, RegistryError};
 use crate::telemetry::Escaped;
 use crate::telemetry::metrics::controller::{ControllerMetrics, Op};
@@ -43,6 +47,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct ControllerState {
     pub registry: Arc<dyn Registry>,
+    /// Managed API keys and their usage (in the registry's store).
+    pub keys: Arc<dyn KeyStore>,
     /// DB-GPT's span file ([`Tracer::disabled`] when off).
     pub tracer: Tracer,
     /// Prometheus metrics.
@@ -63,7 +69,8 @@ pub fn router(state: ControllerState) -> Router {
         .route(HEALTH_PATH, get(health))
         .route(READY_PATH, get(ready))
         .route(HEARTBEAT_PATH, post(heartbeat));
-    with_fallbacks(traced.merge(hot)).with_state(state)
+    // The key routes are ours (DB-GPT has none): untraced, like the apiservers' polls.
+    with_fallbacks(traced.merge(hot).merge(keys::routes())).with_state(state)
 }
 
 fn storage_error(e: RegistryError) -> ApiError {

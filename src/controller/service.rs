@@ -20,6 +20,7 @@ use super::config::{ControllerConfig, RegistryType};
 use super::{ControllerState, router, spawn_background};
 use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
 use crate::http::Drain;
+use crate::keys::{KeyStore, RedbKeyStore, SqlKeyStore};
 use crate::registry::{RedbRegistry, Registry, RegistryError, SqlRegistry};
 use crate::telemetry::metrics::controller::ControllerMetrics;
 use crate::telemetry::metrics::{Exposition, MeasureLayer, Vitals};
@@ -29,6 +30,7 @@ use crate::tracer::{Flusher, Tracer};
 struct Controller {
     cfg: ControllerConfig,
     registry: Arc<dyn Registry>,
+    keys: Arc<dyn KeyStore>,
     background: Vec<JoinHandle<()>>,
     tracer: Tracer,
     flusher: Flusher,
@@ -67,6 +69,7 @@ impl Daemon for Controller {
     ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
         let app = router(ControllerState {
             registry: self.registry.clone(),
+            keys: self.keys.clone(),
             tracer: self.tracer.clone(),
             metrics: self.metrics.clone(),
         });
@@ -103,6 +106,7 @@ impl Daemon for Controller {
         if let Err(e) = self.registry.flush().await {
             error!(error = %e, "could not persist the last heartbeat timestamps");
         }
+        drop(self.keys);
         drop(self.registry);
         self.flusher.finish().await;
     }
@@ -117,12 +121,12 @@ async fn start(cfg: ControllerConfig) -> anyhow::Result<Started<Controller>> {
     let mut base = DaemonBase::acquire(Service::Controller, cfg.port).await?;
     // After an upgrade, the old process must have closed the registry first.
     base.release_predecessor().await?;
-    let registry: Arc<dyn Registry> = match cfg.registry_type {
+    let (registry, keys): (Arc<dyn Registry>, Arc<dyn KeyStore>) = match cfg.registry_type {
         RegistryType::Embedded => {
             // After an upgrade's handover the old process may still be closing the file: a
             // successor waits for its lock (bounded).
             let deadline = std::time::Instant::now() + Duration::from_secs(15);
-            loop {
+            let registry: Arc<RedbRegistry> = loop {
                 let path = cfg.registry_path.clone();
                 let timeout = cfg.heartbeat_timeout;
                 match tokio::task::spawn_blocking(move || RedbRegistry::open(&path, timeout))
@@ -136,15 +140,19 @@ async fn start(cfg: ControllerConfig) -> anyhow::Result<Started<Controller>> {
                     }
                     r => break Arc::new(r?),
                 }
-            }
+            };
+            (registry.clone(), Arc::new(RedbKeyStore::new(registry)))
         }
         RegistryType::Database => {
             let Some(db) = cfg.registry_db.as_ref() else {
                 bail!("--registry_type database needs --registry_db_host or --registry_db_url");
             };
-            Arc::new(SqlRegistry::open(db, cfg.heartbeat_timeout).await?)
+            let registry = SqlRegistry::open(db, cfg.heartbeat_timeout).await?;
+            let keys = SqlKeyStore::open(registry.pool(), db.db_type).await?;
+            (Arc::new(registry), Arc::new(keys))
         }
     };
+    tracing::info!(store = %keys.describe(), "managed API keys ready");
     let metrics = Arc::new(ControllerMetrics::default());
     let mut exposition = Exposition::new(Service::Controller.as_str(), cfg.metrics.clone());
     metrics.register(exposition.registry(), registry.clone());
@@ -164,6 +172,7 @@ async fn start(cfg: ControllerConfig) -> anyhow::Result<Started<Controller>> {
         daemon: Controller {
             cfg,
             registry,
+            keys,
             background,
             tracer,
             flusher,

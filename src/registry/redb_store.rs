@@ -182,6 +182,58 @@ impl RedbRegistry {
         }
     }
 
+    /// Runs `f` on the registry's database in the blocking pool, as the one writer (the
+    /// registry's own writes wait meanwhile): other tables in the same file (the managed API
+    /// keys, [`crate::keys::RedbKeyStore`]) are written through this. A redb error marks
+    /// the store failing, like a failed registry write, so the next write reopens the file.
+    pub(crate) async fn with_write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        let _w = self.writer.lock().await;
+        let db = self.usable_db().await?;
+        let written = tokio::task::spawn_blocking(move || {
+            file::contain(|| f(&db)).unwrap_or_else(|panic| Err(redb::Error::Corrupted(panic)))
+        })
+        .await;
+        let reason = match written {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("registry writer task failed: {e}"),
+        };
+        self.set_failing(&reason);
+        Err(RegistryError::Storage(reason))
+    }
+
+    /// Runs `f` on the registry's database in the blocking pool, for reading other tables in
+    /// the same file.
+    pub(crate) async fn with_read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        let Some(db) = self.lock_db().clone() else {
+            let why = self
+                .failing()
+                .unwrap_or_else(|| "the file is closed".into());
+            return Err(RegistryError::Storage(why));
+        };
+        tokio::task::spawn_blocking(move || {
+            file::contain(|| f(&db)).unwrap_or_else(|panic| Err(redb::Error::Corrupted(panic)))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(redb::Error::Corrupted(format!(
+                "registry reader task failed: {e}"
+            )))
+        })
+        .map_err(|e| RegistryError::Storage(e.to_string()))
+    }
+
+    /// The registry file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Records why writes fail (logged when the store starts failing, not on every retry).
     fn set_failing(&self, reason: &str) {
         let was = self.lock_failing().replace(reason.to_string());

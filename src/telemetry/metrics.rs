@@ -11,7 +11,8 @@
 //! are looked up once per request in a small table ([`Bounded`]) that also bounds the
 //! `model` label: only models the daemon knows get their own series (at most
 //! [`MAX_MODELS`]), anything else is counted under `model="other"`. Labels are model,
-//! route, status class and instance; never keys or prompts.
+//! route, status class and instance, and a managed API key's *name* on the per-key series
+//! ([`crate::apiserver::tenancy`]); never key secrets or prompts.
 //!
 //! [`Vitals`] keeps the three figures `dbgpt ctl status` shows per daemon (requests/s,
 //! in flight, errors) from the same events.
@@ -33,7 +34,7 @@ use axum::response::{IntoResponse, Response};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-pub(crate) use self::http::{MeasureLayer, Meter, ModelName, Record};
+pub(crate) use self::http::{Charge, MeasureLayer, Meter, ModelName, Record, TokenSink};
 
 /// Where the exposition is served.
 pub const METRICS_PATH: &str = "/metrics";

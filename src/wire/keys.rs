@@ -97,22 +97,57 @@ pub struct KeySpec {
 /// Inner `None` of a double option clears the setting (e.g. `--rpm none`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct KeyUpdate {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "double_option"
+    )]
     pub models: Option<Option<Vec<String>>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "double_option"
+    )]
     pub rpm: Option<Option<u64>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "double_option"
+    )]
     pub tpm: Option<Option<u64>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "double_option"
+    )]
     pub max_concurrency: Option<Option<u64>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "double_option"
+    )]
     pub daily_tokens: Option<Option<u64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_limits: Option<BTreeMap<String, Limits>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "double_option"
+    )]
     pub expires_at: Option<Option<i64>>,
+}
+
+/// Reads a present field of a double option: `null` is `Some(None)` (clear the setting);
+/// an absent field stays `None` through `#[serde(default)]`. (Plain serde reads `null` as
+/// `None`, which would make `--rpm none` a no-op.)
+fn double_option<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// A stored key as the controller hands it out: everything but the secret.
@@ -192,7 +227,8 @@ pub struct SyncResponse {
     /// Cluster-wide counts of the current and previous minute, every apiserver's together
     /// (the reporting one included).
     pub minute: Vec<MinuteCount>,
-    /// Cluster-wide tokens per key today (UTC), for `daily_tokens`.
+    /// Cluster-wide tokens (prompt + completion, every model) per key today (UTC), by key
+    /// id, for `daily_tokens`. Keys without usage today are absent.
     pub daily_tokens: BTreeMap<String, u64>,
 }
 
@@ -233,6 +269,23 @@ pub fn key_matches(record: &ApiKey, key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_update_keeps_clear_apart_from_absent() {
+        let u = KeyUpdate {
+            rpm: Some(None),
+            tpm: Some(Some(5)),
+            models: Some(None),
+            ..KeyUpdate::default()
+        };
+        let json = serde_json::to_string(&u).unwrap();
+        assert_eq!(json, r#"{"models":null,"rpm":null,"tpm":5}"#);
+        assert_eq!(serde_json::from_str::<KeyUpdate>(&json).unwrap(), u);
+        assert_eq!(
+            serde_json::from_str::<KeyUpdate>("{}").unwrap(),
+            KeyUpdate::default()
+        );
+    }
 
     #[test]
     fn key_ids_are_found_only_in_managed_keys() {

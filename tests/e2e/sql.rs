@@ -12,13 +12,13 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Row};
 use crate::common::*;
 
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Db {
+pub(crate) enum Db {
     My,
     Pg,
 }
 
 /// A private database on the local test server.
-struct TestDb {
+pub(crate) struct TestDb {
     kind: Db,
     name: String,
 }
@@ -84,7 +84,7 @@ fn admin(kind: Db, sql: &str) -> Vec<String> {
 }
 
 impl TestDb {
-    fn new(kind: Db) -> TestDb {
+    pub(crate) fn new(kind: Db) -> TestDb {
         let name = format!("dbgpt_e2e_{}", uuid::Uuid::new_v4().simple());
         admin(kind, &format!("CREATE DATABASE {name}"));
         TestDb { kind, name }
@@ -97,7 +97,7 @@ impl TestDb {
         }
     }
 
-    fn flags(&self) -> Vec<String> {
+    pub(crate) fn flags(&self) -> Vec<String> {
         vec![
             "--registry_type".into(),
             "database".into(),
@@ -113,7 +113,7 @@ impl TestDb {
     }
 
     /// A query in this database (first column as text).
-    fn query(&self, sql: &str) -> Vec<String> {
+    pub(crate) fn query(&self, sql: &str) -> Vec<String> {
         match self.kind {
             Db::My => admin(self.kind, &sql.replace("$DB.", &format!("{}.", self.name))),
             Db::Pg => {
@@ -188,7 +188,7 @@ impl Drop for TestDb {
     }
 }
 
-fn start(env: &TestEnv, db: &TestDb, port: u16) -> Daemon {
+pub(crate) fn start(env: &TestEnv, db: &TestDb, port: u16) -> Daemon {
     let flags = db.flags();
     let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
     env.controller_on(port, &env.path("unused.redb"), &extra)

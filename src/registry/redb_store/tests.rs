@@ -513,7 +513,7 @@ impl redb::StorageBackend for FillableDisk {
     }
 }
 
-fn open_on_fillable_disk(path: &Path, full: Arc<AtomicBool>) -> RedbRegistry {
+pub(crate) fn open_on_fillable_disk(path: &Path, full: Arc<AtomicBool>) -> RedbRegistry {
     let create = move |b: &redb::Builder, p: &Path| {
         let f = std::fs::OpenOptions::new()
             .read(true)

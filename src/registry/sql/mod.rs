@@ -102,14 +102,16 @@ mod config;
 mod schema;
 mod statements;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use config::{DbType, Secret, SqlConfig};
-use schema::{create_table_sql, ensure_unique, schema_lock, schema_unlock};
+use schema::{create_table_sql, ensure_unique};
+pub(crate) use schema::{schema_lock, schema_unlock};
 use statements::Statements;
 
+/// The connection pool of either driver (shared with the key store, [`crate::keys::SqlKeyStore`]).
 #[derive(Clone)]
-enum Pool {
+pub(crate) enum Pool {
     My(sqlx::MySqlPool),
     Pg(sqlx::PgPool),
 }
@@ -257,7 +259,7 @@ async fn pool<DB: sqlx::Database>(
         .await
 }
 
-async fn connect(cfg: &SqlConfig) -> Result<Pool, sqlx::Error> {
+pub(crate) async fn connect(cfg: &SqlConfig) -> Result<Pool, sqlx::Error> {
     // What both drivers' options take alike (each type has its own inherent methods).
     macro_rules! options {
         ($t:ty) => {{
@@ -355,6 +357,11 @@ impl SqlRegistry {
         info!(database = %desc, instances = inner.read_cache().len(), unique, "SQL registry opened");
         let task = tokio::spawn(background(Arc::downgrade(&inner)));
         Ok(SqlRegistry { inner, task })
+    }
+
+    /// The registry's connection pool (the key store's tables live in the same database).
+    pub(crate) fn pool(&self) -> Pool {
+        self.inner.pool.clone()
     }
 
     /// Whether writes are upserts on a unique index (false: the locked path for a DB-GPT

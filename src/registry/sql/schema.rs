@@ -54,7 +54,7 @@ pub(super) fn create_table_sql(d: DbType) -> String {
 }
 
 /// A session holding the schema lock.
-pub(super) enum SchemaLock {
+pub(crate) enum SchemaLock {
     My(sqlx::pool::PoolConnection<sqlx::MySql>),
     Pg(sqlx::pool::PoolConnection<sqlx::Postgres>),
 }
@@ -64,7 +64,7 @@ const SCHEMA_LOCK_PG: i64 = 0x6462_6770_7473_6368; // "dbgptsch"
 
 /// Takes the schema lock, waiting up to a minute on MySQL (PostgreSQL waits as long as it
 /// takes).
-pub(super) async fn schema_lock(pool: &Pool) -> Result<SchemaLock, sqlx::Error> {
+pub(crate) async fn schema_lock(pool: &Pool) -> Result<SchemaLock, sqlx::Error> {
     match pool {
         Pool::My(p) => {
             let mut c = p.acquire().await?;
@@ -88,7 +88,7 @@ pub(super) async fn schema_lock(pool: &Pool) -> Result<SchemaLock, sqlx::Error> 
     }
 }
 
-pub(super) async fn schema_unlock(lock: SchemaLock) {
+pub(crate) async fn schema_unlock(lock: SchemaLock) {
     let released = match lock {
         SchemaLock::My(c) => {
             release_session_lock!(c, "SELECT RELEASE_LOCK(?)", SCHEMA_LOCK_MYSQL)

@@ -11,8 +11,8 @@ use super::*;
 use crate::registry::conformance::{self, Factory, input};
 
 /// A private database on the local test server, dropped (even on panic) with the value.
-struct TestDb {
-    cfg: SqlConfig,
+pub(crate) struct TestDb {
+    pub(crate) cfg: SqlConfig,
 }
 
 fn server(d: DbType) -> (String, u16, String) {
@@ -65,7 +65,7 @@ async fn admin(d: DbType, sql: String) {
 }
 
 impl TestDb {
-    async fn new(d: DbType) -> TestDb {
+    pub(crate) async fn new(d: DbType) -> TestDb {
         let name = format!("dbgpt_test_{}", uuid::Uuid::new_v4().simple());
         admin(d, format!("CREATE DATABASE {name}")).await;
         let (host, port, user) = server(d);

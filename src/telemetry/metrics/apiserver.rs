@@ -19,7 +19,8 @@
 //! enabled, neither ejected nor draining), `dbgpt_apiserver_instance_ejected{…}` (1 while
 //! outlier detection has it ejected, its trial included),
 //! `dbgpt_apiserver_discovery_refresh_age_seconds` and
-//! `dbgpt_apiserver_discovery_refresh_failing`.
+//! `dbgpt_apiserver_discovery_refresh_failing`. The per-key series
+//! (`dbgpt_apiserver_key_*`, by key name) are [`crate::apiserver::tenancy`]'s.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};

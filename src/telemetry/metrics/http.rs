@@ -6,7 +6,10 @@
 //! [`Meter`].
 //!
 //! A handler names the model of its request by putting a [`ModelName`] in the response's
-//! extensions; the meter decides whether that name gets its own series.
+//! extensions; the meter decides whether that name gets its own series. A handler that
+//! wants the answer's token counts (a managed key's quota, [`crate::apiserver::tenancy`])
+//! puts a [`Charge`] there: the layer takes it out, feeds it every `usage` object it reads
+//! and drops it when the body ends or the client goes away.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,7 +27,17 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::Vitals;
-use super::usage::UsageScan;
+use super::usage::{Tokens, UsageScan};
+
+/// Takes the token counts read out of an answer.
+pub trait TokenSink: Send + Sync + 'static {
+    fn tokens(&self, t: Tokens);
+}
+
+/// Put on a response by its handler: gets the answer's token counts, and is dropped (its
+/// last clone) when the answer's body ends or is dropped.
+#[derive(Clone)]
+pub struct Charge(pub Arc<dyn TokenSink>);
 
 /// The model a request was for, set by the handler on its response.
 #[derive(Debug, Clone)]
@@ -124,16 +137,19 @@ where
             let rec = meter.record(route, resp.extensions().get::<ModelName>(), status);
             let streamed =
                 rec.ttft.is_some() && resp.headers().get(header::CONTENT_TYPE).is_some_and(is_sse);
-            let (parts, body) = resp.into_parts();
+            let (mut parts, body) = resp.into_parts();
+            let charge = parts.extensions.remove::<Charge>();
             let done = Done {
                 meter,
                 rec,
                 started,
                 error: status.is_server_error(),
+                charge,
             };
+            let scan = done.rec.tokens.is_some() || done.charge.is_some();
             let body = Body::new(Measured {
                 inner: body,
-                scan: done.rec.tokens.as_ref().map(|_| UsageScan::default()),
+                scan: scan.then(UsageScan::default),
                 streamed,
                 first: true,
                 done: Some(done),
@@ -153,6 +169,8 @@ struct Done<M: Meter> {
     rec: Record,
     started: Instant,
     error: bool,
+    /// Dropped with this, at the body's end.
+    charge: Option<Charge>,
 }
 
 impl<M: Meter> Drop for Done<M> {
@@ -198,10 +216,14 @@ impl<M: Meter> hyper::body::Body for Measured<M> {
                     }
                     if let (Some(scan), Some(d)) = (&mut this.scan, &this.done)
                         && let Some(u) = scan.feed(data)
-                        && let Some((p, c)) = &d.rec.tokens
                     {
-                        p.inc_by(u.prompt_tokens);
-                        c.inc_by(u.completion_tokens);
+                        if let Some((p, c)) = &d.rec.tokens {
+                            p.inc_by(u.prompt_tokens);
+                            c.inc_by(u.completion_tokens);
+                        }
+                        if let Some(charge) = &d.charge {
+                            charge.0.tokens(u);
+                        }
                     }
                 }
             }
