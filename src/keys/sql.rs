@@ -260,6 +260,12 @@ fn sql(s: &str) -> AssertSqlSafe<String> {
     AssertSqlSafe(s.to_string())
 }
 
+/// Whether a transaction failed as a deadlock victim or on a serialization conflict (and
+/// was rolled back whole, so running it again is safe).
+fn retryable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01")))
+}
+
 fn storage(e: sqlx::Error) -> KeyError {
     KeyError::Storage(format!("key database: {e}"))
 }
@@ -514,41 +520,53 @@ impl KeyStore for SqlKeyStore {
         let r: Result<SyncResponse, sqlx::Error> = on_pool!(&self.pool, |p| async {
             // Nothing to add (an idle apiserver): reads only.
             if !usage.is_empty() || !minutes.is_empty() {
-                let mut tx = p.begin().await?;
-                let usage: Vec<_> = usage.iter().collect();
-                for chunk in usage.chunks(UPSERT_BATCH) {
-                    let stmt = rows_sql(d, &s.upsert_usage, 6, chunk.len());
-                    let mut q = sqlx::query(sql(&stmt));
-                    for ((id, model, day), (r, pt, ct)) in chunk {
-                        q = q
-                            .bind(*id)
-                            .bind(*model)
-                            .bind(*day)
-                            .bind(to_i64(*r))
-                            .bind(to_i64(*pt))
-                            .bind(to_i64(*ct));
+                // A deadlock or serialization failure rolled everything back: try again.
+                let mut attempt = 0;
+                loop {
+                    let written = async {
+                        let mut tx = p.begin().await?;
+                        let usage: Vec<_> = usage.iter().collect();
+                        for chunk in usage.chunks(UPSERT_BATCH) {
+                            let stmt = rows_sql(d, &s.upsert_usage, 6, chunk.len());
+                            let mut q = sqlx::query(sql(&stmt));
+                            for ((id, model, day), (r, pt, ct)) in chunk {
+                                q = q
+                                    .bind(*id)
+                                    .bind(*model)
+                                    .bind(*day)
+                                    .bind(to_i64(*r))
+                                    .bind(to_i64(*pt))
+                                    .bind(to_i64(*ct));
+                            }
+                            q.execute(&mut *tx).await?;
+                        }
+                        let minutes: Vec<_> = minutes.iter().collect();
+                        for chunk in minutes.chunks(UPSERT_BATCH) {
+                            let stmt = rows_sql(d, &s.upsert_minute, 5, chunk.len());
+                            let mut q = sqlx::query(sql(&stmt));
+                            for ((id, model, minute), (r, t)) in chunk {
+                                q = q
+                                    .bind(*id)
+                                    .bind(*model)
+                                    .bind(*minute)
+                                    .bind(to_i64(*r))
+                                    .bind(to_i64(*t));
+                            }
+                            q.execute(&mut *tx).await?;
+                        }
+                        sqlx::query(sql(&s.prune_minute))
+                            .bind(current - MINUTE_RETENTION)
+                            .execute(&mut *tx)
+                            .await?;
+                        tx.commit().await?;
+                        Ok::<(), sqlx::Error>(())
                     }
-                    q.execute(&mut *tx).await?;
-                }
-                let minutes: Vec<_> = minutes.iter().collect();
-                for chunk in minutes.chunks(UPSERT_BATCH) {
-                    let stmt = rows_sql(d, &s.upsert_minute, 5, chunk.len());
-                    let mut q = sqlx::query(sql(&stmt));
-                    for ((id, model, minute), (r, t)) in chunk {
-                        q = q
-                            .bind(*id)
-                            .bind(*model)
-                            .bind(*minute)
-                            .bind(to_i64(*r))
-                            .bind(to_i64(*t));
+                    .await;
+                    match written {
+                        Err(e) if attempt < 2 && retryable(&e) => attempt += 1,
+                        r => break r?,
                     }
-                    q.execute(&mut *tx).await?;
                 }
-                sqlx::query(sql(&s.prune_minute))
-                    .bind(current - MINUTE_RETENTION)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
             }
             // The version first: every key at or below it is committed, so none is missed.
             let version: i64 = sqlx::query(sql(&s.version))
