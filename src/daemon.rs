@@ -292,12 +292,14 @@ pub fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM received: stopping"),
-            _ = int.recv() => info!("SIGINT received: stopping"),
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
             _ = token.cancelled() => return,
-        }
+        };
+        // The stop first: nothing after it (a log line) can keep it from happening.
         token.cancel();
+        info!("{name} received: stopping");
     });
     Ok(())
 }

@@ -51,6 +51,12 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `Retry-After`: the model is busy, try again shortly (or another instance).
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after_secs: u32,
+    },
     /// Any other status with a `{"detail": message}` body.
     #[error("{1}")]
     Status(StatusCode, String),
@@ -71,6 +77,18 @@ impl IntoResponse for ApiError {
             ),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({ "detail": m })),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "detail": m })),
+            ApiError::Overloaded {
+                message,
+                retry_after_secs,
+            } => {
+                let mut resp = json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({ "detail": message }),
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                return resp;
+            }
             ApiError::Status(s, m) => (*s, json!({ "detail": m })),
         };
         json_response(status, &body)

@@ -40,9 +40,10 @@
 //! - [`openai`]: the OpenAI API's shapes (request, response, error), the one home of that
 //!   protocol for every side that speaks it: the apiserver, the workers' native routes and
 //!   the proxy backend.
-//! - [`apiserver`]: its config, routes, discovery of instances, the routing policy, the
-//!   relay (retries, failover, typed upstream errors), the keep-alive pool to workers, and
-//!   admission (`apiserver::admission`: per-model queues with priorities, hold-and-wake).
+//! - [`apiserver`]: its config, routes, model aliases and fallback chains, discovery of
+//!   instances, outlier detection from live traffic, the routing policy, the relay (retries,
+//!   failover, typed upstream errors), the keep-alive pool to workers, and admission
+//!   (`apiserver::admission`: per-model queues with priorities, hold-and-wake).
 //! - [`cli`]: clap definitions and one file per client command group.
 //!
 //! Only what the `dbgpt` binary and the examples (benchmarks, test doubles) use is `pub`;
@@ -51,8 +52,10 @@
 //! # The path of a chat request
 //!
 //! `apiserver::mod` (route, key check) → `openai::request` (parse, validate) →
+//! `apiserver::aliases` (the models to try: an alias's target, then its fallbacks) →
 //! `apiserver::discovery` (healthy instances of the model) → `apiserver::admission` (room
-//! in the model's queue, or a wait for it) → `apiserver::policy` (pick one) →
+//! in the model's queue, or a wait for it) → `apiserver::policy` (pick one, passing over
+//! instances `apiserver::outlier` ejected) →
 //! `apiserver::proxy` (relay: `wire::worker::PromptRequest` over `apiserver::pool`) → the
 //! worker's `worker::routes` (`generate_stream`) → `worker::manager` → a backend's token
 //! stream, sent back as DB-GPT's cumulative NUL-separated frames (`wire::worker`) → the relay

@@ -390,6 +390,22 @@ impl Drop for Waiting {
     }
 }
 
+/// Why a request was not admitted.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The model cannot take it now without a wait (unknown, no routable instance, or at
+    /// capacity when the request may not wait): the next model of a fallback chain may.
+    Upstream(UpstreamError),
+    /// Shed from a full queue, or waited past `--queue_timeout`: the answer.
+    Answer(OpenAiError),
+}
+
+impl From<OpenAiError> for Refusal {
+    fn from(e: OpenAiError) -> Self {
+        Refusal::Answer(e)
+    }
+}
+
 /// A request's admission: while it holds a slot, dropping it (with the answer's last byte)
 /// frees the slot for the next waiter.
 pub struct Ticket {
@@ -523,22 +539,23 @@ impl Admission {
 
     /// Admits a request for `model` of `worker_type`: its group and its [`Ticket`] (to be
     /// kept until the answer is complete), after waiting in the model's queue when it is at
-    /// capacity or has no instance (and is known). The refusals are OpenAI errors: unknown
-    /// model 404, shed or expired 503 with `Retry-After`.
+    /// capacity or has no instance (and is known), if it `may_wait` (and waiting is on).
+    /// Refused: the model's own error (unknown: 404; no instance, or full without a wait:
+    /// [`Refusal::Upstream`]), or shed or expired (503 with `Retry-After`).
     pub async fn admit(
         &self,
         up: &Upstream,
-        model: &str,
-        worker_type: WorkerType,
+        (model, worker_type): (&str, WorkerType),
         priority: Priority,
-    ) -> Result<(Arc<Group>, Ticket), OpenAiError> {
+        may_wait: bool,
+    ) -> Result<(Arc<Group>, Ticket), Refusal> {
         let key = worker_key(model, worker_type.as_str());
-        let waits = !self.settings.queue_timeout.is_zero();
+        let waits = may_wait && !self.settings.queue_timeout.is_zero();
         let group = match up.group(model, worker_type).await {
             Ok(g) => Some(g),
             Err(UpstreamError::NoneRoutable { .. }) if waits => None,
             Err(UpstreamError::UnknownModel { .. }) if waits && self.is_known(model, &key) => None,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(Refusal::Upstream(e)),
         };
         let mut ticket = Ticket {
             gate: self.gate(&key),
@@ -558,10 +575,21 @@ impl Admission {
                     ticket.holding = true;
                     return Ok((g, ticket));
                 }
-                Entry::Shed => return Err(self.shed(&ticket)),
-                Entry::Wait(w) => {
+                Entry::Shed if waits => return Err(self.shed(&ticket).into()),
+                Entry::Wait(w) if waits => {
                     let g = self.wait_admitted(up, &mut ticket, w).await?;
                     return Ok((g, ticket));
+                }
+                // At capacity and no wait: the caller tries elsewhere or answers overloaded.
+                Entry::Shed | Entry::Wait(_) => {
+                    return Err(Refusal::Upstream(UpstreamError::Overloaded {
+                        model: model.to_string(),
+                        tried: 0,
+                        last: "it is at capacity in this apiserver (--max_instance_concurrency, \
+                               or paused after an overloaded answer)"
+                            .into(),
+                        retry_after: RETRY_AFTER_SECS,
+                    }));
                 }
             }
         }

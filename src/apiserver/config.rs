@@ -8,6 +8,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
 
+use super::aliases::{self, Routes};
+use super::outlier;
 use super::policy::RoutingPolicy;
 use crate::config::{
     CommonServerArgs, TraceSection, TracerConfig, load_section, resolve_log_file, resolve_tracer,
@@ -67,7 +69,7 @@ pub struct ApiserverArgs {
     )]
     pub request_timeout_secs: Option<f64>,
     /// Seconds to wait for a worker's response headers on a completion before treating the
-    /// instance as frozen, marking it suspect and trying another; our workers answer them
+    /// instance as frozen (a failure towards its ejection) and trying another; our workers answer them
     /// when the model has produced its first token, so raise it for long prefills on a slow
     /// model; DB-GPT's Python workers answer a non-stream `generate` only when it is
     /// complete, so in front of them raise it above the longest one (at the request timeout
@@ -103,6 +105,42 @@ pub struct ApiserverArgs {
         env = "APISERVER_STREAM_STALL_TIMEOUT_SECS"
     )]
     pub stream_stall_timeout_secs: Option<f64>,
+    /// A model alias, ALIAS=MODEL: requests for ALIAS are served by MODEL (repeat the flag
+    /// for several; an alias may name another alias)
+    #[arg(
+        long = "model_alias",
+        visible_alias = "model-alias",
+        value_name = "ALIAS=MODEL"
+    )]
+    pub model_alias: Vec<String>,
+    /// A fallback chain, MODEL=FALLBACK[,FALLBACK…]: a request for MODEL (or an alias of it)
+    /// that no instance of MODEL can serve before the first byte (none routable, all failed
+    /// or overloaded) goes to the next model of the chain (repeat the flag for several)
+    #[arg(long = "fallback", value_name = "MODEL=FALLBACK,…")]
+    pub fallback: Vec<String>,
+    /// Outlier detection: failures in a row (connect errors, 5xx, stalls) that eject an
+    /// instance from routing; 0 turns it off [default: 3]
+    #[arg(
+        long = "outlier_consecutive_failures",
+        visible_alias = "outlier-consecutive-failures",
+        env = "APISERVER_OUTLIER_CONSECUTIVE_FAILURES"
+    )]
+    pub outlier_consecutive_failures: Option<u32>,
+    /// Outlier detection: seconds of an instance's first ejection; each ejection in a row
+    /// doubles it [default: 5]
+    #[arg(
+        long = "outlier_base_ejection_secs",
+        visible_alias = "outlier-base-ejection-secs",
+        env = "APISERVER_OUTLIER_BASE_EJECTION_SECS"
+    )]
+    pub outlier_base_ejection_secs: Option<f64>,
+    /// Outlier detection: the longest ejection, in seconds [default: 300]
+    #[arg(
+        long = "outlier_max_ejection_secs",
+        visible_alias = "outlier-max-ejection-secs",
+        env = "APISERVER_OUTLIER_MAX_EJECTION_SECS"
+    )]
+    pub outlier_max_ejection_secs: Option<f64>,
     /// HTTP serving threads; each owns its client connections and its pooled worker
     /// connections [default: the number of CPUs]
     #[arg(long = "threads", env = "APISERVER_THREADS")]
@@ -202,6 +240,11 @@ struct ApiserverFile {
     wake_models: Option<String>,
     wake_on_request: Option<bool>,
     idle_unload_secs: Option<f64>,
+    model_alias: Option<AliasList>,
+    fallback: Option<FallbackList>,
+    outlier_consecutive_failures: Option<u32>,
+    outlier_base_ejection_secs: Option<f64>,
+    outlier_max_ejection_secs: Option<f64>,
     log_level: Option<String>,
     log_file: Option<PathBuf>,
     tracer_file: Option<String>,
@@ -213,6 +256,89 @@ struct ApiserverFile {
     http_max_connections: Option<usize>,
     otlp_endpoint: Option<String>,
     otlp_batch_delay_ms: Option<u64>,
+}
+
+/// `model_alias` in a config file: `["ALIAS=MODEL", …]` or a table `{ ALIAS = "MODEL" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum AliasList {
+    List(Vec<String>),
+    Table(toml::Table),
+}
+
+/// `fallback` in a config file: `["MODEL=A,B", …]` or a table `{ MODEL = ["A", "B"] }`
+/// (or `MODEL = "A,B"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FallbackList {
+    List(Vec<String>),
+    Table(toml::Table),
+}
+
+/// The `--model_alias` entries: the flags when given, else the file's.
+fn alias_entries(
+    flags: Vec<String>,
+    file: Option<AliasList>,
+) -> anyhow::Result<Vec<(String, String)>> {
+    if !flags.is_empty() {
+        return Ok(flags
+            .iter()
+            .map(|s| aliases::parse_alias(s))
+            .collect::<Result<_, _>>()?);
+    }
+    Ok(match file {
+        None => Vec::new(),
+        Some(AliasList::List(l)) => l
+            .iter()
+            .map(|s| aliases::parse_alias(s))
+            .collect::<Result<_, _>>()?,
+        Some(AliasList::Table(t)) => {
+            let mut out = Vec::with_capacity(t.len());
+            for (a, v) in t {
+                let Some(m) = v.as_str() else {
+                    bail!("model_alias.{a}: expected the name of a model (a string)");
+                };
+                out.push(aliases::parse_alias(&format!("{a}={m}"))?);
+            }
+            out
+        }
+    })
+}
+
+/// The `--fallback` entries: the flags when given, else the file's.
+fn fallback_entries(
+    flags: Vec<String>,
+    file: Option<FallbackList>,
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    if !flags.is_empty() {
+        return Ok(flags
+            .iter()
+            .map(|s| aliases::parse_fallback(s))
+            .collect::<Result<_, _>>()?);
+    }
+    Ok(match file {
+        None => Vec::new(),
+        Some(FallbackList::List(l)) => l
+            .iter()
+            .map(|s| aliases::parse_fallback(s))
+            .collect::<Result<_, _>>()?,
+        Some(FallbackList::Table(t)) => {
+            let mut out = Vec::with_capacity(t.len());
+            for (m, v) in t {
+                let chain = match &v {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Array(a) if a.iter().all(toml::Value::is_str) => a
+                        .iter()
+                        .filter_map(toml::Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    _ => bail!("fallback.{m}: expected a list of model names"),
+                };
+                out.push(aliases::parse_fallback(&format!("{m}={chain}"))?);
+            }
+            out
+        }
+    })
 }
 
 /// Resolved apiserver configuration.
@@ -241,6 +367,10 @@ pub struct ApiserverConfig {
     pub cors_allow_origins: Option<Vec<String>>,
     /// Queues, priorities and hold-and-wake.
     pub admission: super::admission::Settings,
+    /// Model aliases and fallback chains.
+    pub routes: Routes,
+    /// Outlier detection.
+    pub outlier: outlier::Settings,
     pub log_level: Option<String>,
     pub log_file: PathBuf,
     pub tracer: TracerConfig,
@@ -444,6 +574,41 @@ impl ApiserverArgs {
             self.wake_on_request || file.wake_on_request.unwrap_or(false),
             self.idle_unload_secs.or(file.idle_unload_secs),
         )?;
+        let routes = Routes::new(
+            alias_entries(self.model_alias, file.model_alias)?,
+            fallback_entries(self.fallback, file.fallback)?,
+        )?;
+        let consecutive_failures = self
+            .outlier_consecutive_failures
+            .or(file.outlier_consecutive_failures)
+            .unwrap_or(3);
+        if consecutive_failures > 1000 {
+            bail!("--outlier_consecutive_failures must be at most 1000 (0 turns it off)");
+        }
+        let base_ejection = positive_secs(
+            self.outlier_base_ejection_secs
+                .or(file.outlier_base_ejection_secs)
+                .unwrap_or(5.0),
+            "outlier_base_ejection_secs",
+        )?;
+        let max_ejection = positive_secs(
+            self.outlier_max_ejection_secs
+                .or(file.outlier_max_ejection_secs)
+                .unwrap_or(300.0),
+            "outlier_max_ejection_secs",
+        )?;
+        if max_ejection < base_ejection {
+            bail!(
+                "--outlier_max_ejection_secs ({}) must be at least --outlier_base_ejection_secs ({})",
+                max_ejection.as_secs_f64(),
+                base_ejection.as_secs_f64()
+            );
+        }
+        let outlier = outlier::Settings {
+            consecutive_failures,
+            base_ejection,
+            max_ejection,
+        };
         let http = self.common.http_limits(crate::config::http_keys!(file))?;
         let metrics = self.common.metrics()?;
         let otlp = self
@@ -470,6 +635,8 @@ impl ApiserverArgs {
             keys_sync: Duration::from_millis(keys_sync_ms),
             cors_allow_origins,
             admission,
+            routes,
+            outlier,
             log_level: self.common.log_level.or(file.log_level),
             log_file: resolve_log_file(
                 self.common.log_file.or(file.log_file),
@@ -575,6 +742,95 @@ mod tests {
                 Ok(c) => assert!(ok && c.threads == n, "--threads {n}"),
                 Err(e) => assert!(!ok && e.to_string().contains("--threads"), "{e}"),
             }
+        }
+    }
+
+    #[test]
+    fn aliases_fallbacks_and_outlier_flags() {
+        let c = ApiserverArgs::default().resolve().unwrap();
+        assert_eq!(c.routes, Routes::default());
+        assert_eq!(c.outlier, outlier::Settings::default());
+        let c = ApiserverArgs {
+            model_alias: vec!["gpt-4o-mini=smollm2".into()],
+            fallback: vec!["smollm2=qwen,proxy-gpt".into()],
+            outlier_consecutive_failures: Some(2),
+            outlier_base_ejection_secs: Some(0.5),
+            outlier_max_ejection_secs: Some(4.0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let hops: Vec<&str> = c
+            .routes
+            .hops("gpt-4o-mini")
+            .iter()
+            .map(|h| h.model)
+            .collect();
+        assert_eq!(hops, ["smollm2", "qwen", "proxy-gpt"]);
+        assert_eq!(c.outlier.consecutive_failures, 2);
+        assert_eq!(c.outlier.base_ejection, Duration::from_millis(500));
+        assert_eq!(c.outlier.max_ejection, Duration::from_secs(4));
+        // Both shapes of the config file.
+        let dir = tempfile::tempdir().unwrap();
+        for text in [
+            "[apiserver]\nmodel_alias = [\"a=m\"]\nfallback = [\"m=x,y\"]\n",
+            "[apiserver.model_alias]\na = \"m\"\n[apiserver.fallback]\nm = [\"x\", \"y\"]\n",
+            "[apiserver.model_alias]\na = \"m\"\n[apiserver.fallback]\nm = \"x,y\"\n",
+        ] {
+            let f = dir.path().join("a.toml");
+            std::fs::write(&f, text).unwrap();
+            let c = ApiserverArgs {
+                common: CommonServerArgs {
+                    config: Some(f),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap();
+            let hops: Vec<&str> = c.routes.hops("a").iter().map(|h| h.model).collect();
+            assert_eq!(hops, ["m", "x", "y"], "{text}");
+        }
+        for (args, flag) in [
+            (
+                ApiserverArgs {
+                    model_alias: vec!["a=".into()],
+                    ..Default::default()
+                },
+                "--model_alias",
+            ),
+            (
+                ApiserverArgs {
+                    model_alias: vec!["a=b".into(), "b=a".into()],
+                    ..Default::default()
+                },
+                "--model_alias",
+            ),
+            (
+                ApiserverArgs {
+                    fallback: vec!["m".into()],
+                    ..Default::default()
+                },
+                "--fallback",
+            ),
+            (
+                ApiserverArgs {
+                    outlier_base_ejection_secs: Some(10.0),
+                    outlier_max_ejection_secs: Some(5.0),
+                    ..Default::default()
+                },
+                "--outlier_max_ejection_secs",
+            ),
+            (
+                ApiserverArgs {
+                    outlier_base_ejection_secs: Some(0.0),
+                    ..Default::default()
+                },
+                "--outlier_base_ejection_secs",
+            ),
+        ] {
+            let e = args.resolve().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
         }
     }
 

@@ -8,10 +8,11 @@
 //! concurrent misses share one controller request, and misses refresh at most once per
 //! [`MISS_REFRESH_GAP`].
 //! When every controller is down the last view keeps serving. Per-instance state (requests in
-//! flight, round-robin credit, the "suspect" mark after a failed call) lives in a map keyed
-//! by instance identity, so it survives refreshes. A suspect instance is avoided for
-//! [`SUSPECT_FOR`] unless nothing else is left; a refresh that shows an instance coming back
-//! (unhealthy or absent before, healthy now) clears the mark.
+//! flight, round-robin credit, the outlier state judged from live traffic ([`super::outlier`]),
+//! the mark of a draining worker) lives in a map keyed by instance identity, so it survives
+//! refreshes. An ejected or draining instance is avoided unless nothing else is left; a
+//! refresh that shows an instance coming back (unhealthy or absent before, healthy now)
+//! clears both.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -22,13 +23,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::outlier::{self, Change, Ejection, Outlier};
 use super::pool::Target;
 use crate::controller::client::ControllerClient;
 use crate::wire::controller::{ModelInstance, split_worker_key};
 use crate::wire::worker::WorkerType;
 
-/// How long an instance that failed a call is avoided.
-pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// How long an instance whose worker said it is draining is avoided (unless a refresh shows
+/// it registered again first).
+pub const DRAINING_FOR: Duration = Duration::from_secs(10);
 /// How long an instance that lacks the native OpenAI routes is served through DB-GPT's
 /// worker API before it is asked again.
 pub const LEGACY_FOR: Duration = Duration::from_secs(60);
@@ -46,8 +49,11 @@ pub struct InstanceState {
     pub served: AtomicU64,
     /// Smooth weighted round-robin credit.
     pub rr_current: AtomicI64,
-    /// Milliseconds (since discovery start) until which the instance is avoided; 0 = never.
-    suspect_until_ms: AtomicU64,
+    /// Milliseconds (since discovery start) until which the instance is avoided because its
+    /// worker is draining; 0 = never.
+    draining_until_ms: AtomicU64,
+    /// Health judged from live traffic.
+    pub outlier: Outlier,
     /// Milliseconds (since discovery start) until which the instance is taken for a worker
     /// without the native OpenAI routes (DB-GPT's own); 0 = never seen so.
     legacy_until_ms: AtomicU64,
@@ -144,6 +150,8 @@ pub struct Discovery {
     /// Held by the miss that refreshes; holds when the last miss-refresh started.
     miss_refresh: tokio::sync::Mutex<Option<Instant>>,
     miss_gap: Duration,
+    /// Outlier detection ([`super::outlier`]).
+    outlier: outlier::Settings,
 }
 
 fn base_url(host: &str, port: u16) -> String {
@@ -169,7 +177,14 @@ impl Discovery {
             completed: AtomicU64::new(0),
             miss_refresh: tokio::sync::Mutex::new(None),
             miss_gap: MISS_REFRESH_GAP,
+            outlier: outlier::Settings::default(),
         }
+    }
+
+    /// The same discovery with outlier detection set to `settings`.
+    pub fn with_outlier(mut self, settings: outlier::Settings) -> Self {
+        self.outlier = settings;
+        self
     }
 
     /// After a look-up miss: refreshes the view, unless a refresh completed while this miss
@@ -218,9 +233,16 @@ impl Discovery {
         }
     }
 
-    /// Is the instance currently marked suspect?
-    pub fn is_suspect(&self, i: &Instance) -> bool {
-        i.state.suspect_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    /// Should the policy pass it over while other candidates are left? (Ejected by outlier
+    /// detection with no trial due, or draining.)
+    pub fn avoids(&self, i: &Instance) -> bool {
+        !i.state.outlier.admits(outlier::now_ms())
+            || i.state.draining_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// The instance's ejection, if it is ejected.
+    pub fn ejection(&self, i: &Instance) -> Option<Ejection> {
+        i.state.outlier.ejection(outlier::now_ms())
     }
 
     /// Is the instance known (lately) to lack the native OpenAI routes?
@@ -238,22 +260,40 @@ impl Discovery {
         }
     }
 
-    /// Marks an instance suspect after a failed call and asks for a refresh.
-    pub fn mark_suspect(&self, i: &Instance, reason: &str) {
-        let until = self.now_ms() + SUSPECT_FOR.as_millis() as u64;
-        i.state.suspect_until_ms.store(until, Ordering::Relaxed);
-        warn!(instance = %crate::telemetry::Escaped(&i.addr), reason = %crate::telemetry::Escaped(reason), "worker call failed; instance marked suspect");
+    /// Records that a call to the instance failed (a connect error, a 5xx, a stall: see
+    /// [`super::outlier`]) and asks for a refresh; the ejection it caused, if any.
+    pub fn record_failure(&self, i: &Instance, reason: &str) -> Option<Duration> {
+        let change = i.state.outlier.failure(outlier::now_ms(), &self.outlier);
+        let addr = crate::telemetry::Escaped(&i.addr);
+        let reason = crate::telemetry::Escaped(reason);
         self.request_refresh();
+        match change {
+            Change::Ejected { backoff, nth } => {
+                warn!(instance = %addr, %reason, backoff_secs = backoff.as_secs_f64(), ejection = nth, "worker call failed; instance ejected");
+                Some(backoff)
+            }
+            _ => {
+                warn!(instance = %addr, %reason, "worker call failed");
+                None
+            }
+        }
+    }
+
+    /// Records that the instance answered a call.
+    pub fn record_success(&self, i: &Instance) {
+        if i.state.outlier.success(outlier::now_ms()) == Change::Restored {
+            info!(instance = %crate::telemetry::Escaped(&i.addr), "instance answered its trial request; back in rotation");
+        }
     }
 
     /// Notes that a worker answered with [`crate::http::DRAINING_HEADER`] (it is stopping):
-    /// new requests avoid it as they avoid a suspect instance (it is used only when no other
-    /// is left) for [`SUSPECT_FOR`] or until a refresh shows it registered again, and the
-    /// view is refreshed now.
+    /// new requests avoid it as they avoid an ejected instance (it is used only when no other
+    /// is left) for [`DRAINING_FOR`] or until a refresh shows it registered again, and the
+    /// view is refreshed now. Draining is not a failure: it does not count towards ejection.
     pub fn mark_draining(&self, i: &Instance) {
         let now = self.now_ms();
-        let until = now + SUSPECT_FOR.as_millis() as u64;
-        if i.state.suspect_until_ms.swap(until, Ordering::Relaxed) <= now {
+        let until = now + DRAINING_FOR.as_millis() as u64;
+        if i.state.draining_until_ms.swap(until, Ordering::Relaxed) <= now {
             info!(instance = %crate::telemetry::Escaped(&i.addr), "worker is draining: new requests go to other instances");
             self.request_refresh();
         }
@@ -326,8 +366,9 @@ impl Discovery {
                 .and_then(|g| g.instances.iter().find(|i| i.addr == addr))
                 .is_some_and(|i| i.healthy);
             if healthy && !was_healthy {
-                // Came back (or is new): forget an old failure.
-                state.suspect_until_ms.store(0, Ordering::Relaxed);
+                // Came back (or is new): forget old failures and a drain.
+                state.draining_until_ms.store(0, Ordering::Relaxed);
+                state.outlier.reset();
             }
             let weight = m.weight.unwrap_or(1.0);
             let base = base_url(&m.host, m.port);
@@ -445,22 +486,26 @@ mod tests {
             panic!()
         };
         g.instances[0].state.outstanding.store(7, Ordering::Relaxed);
-        d.mark_suspect(&g.instances[1], "test");
-        assert!(d.is_suspect(&g.instances[1]));
-        // Still healthy in the next list: state and suspect mark survive.
+        for _ in 0..3 {
+            d.record_failure(&g.instances[1], "test");
+        }
+        assert!(d.avoids(&g.instances[1]));
+        assert!(d.ejection(&g.instances[1]).is_some());
+        // Still healthy in the next list: state and ejection survive.
         d.install(vec![inst("a@llm", 1, true), inst("a@llm", 2, true)]);
         let Lookup::Found(g) = d.lookup("a@llm") else {
             panic!()
         };
         assert_eq!(g.instances[0].state.outstanding.load(Ordering::Relaxed), 7);
-        assert!(d.is_suspect(&g.instances[1]));
-        // Goes away, then comes back: the mark is cleared.
+        assert!(d.avoids(&g.instances[1]));
+        // Goes away, then comes back: the ejection is forgotten.
         d.install(vec![inst("a@llm", 1, true), inst("a@llm", 2, false)]);
         d.install(vec![inst("a@llm", 1, true), inst("a@llm", 2, true)]);
         let Lookup::Found(g) = d.lookup("a@llm") else {
             panic!()
         };
-        assert!(!d.is_suspect(&g.instances[1]));
+        assert!(!d.avoids(&g.instances[1]));
+        assert!(d.ejection(&g.instances[1]).is_none());
     }
 
     /// A controller on 127.0.0.1 that lists `name@llm` and records when it was asked.

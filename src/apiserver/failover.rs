@@ -4,7 +4,7 @@
 //!
 //! The relay forwards whole events only (never half an event before an error), notes the
 //! chunks' envelope (`id`, `created`, `model`) and the text of choice 0. On a failure it
-//! marks the instance suspect and, when the stream may be continued
+//! records it against the instance (outlier detection) and, when the stream may be continued
 //! ([`continuation::blocker`], no tool call or other non-text delta seen, migrations left),
 //! sends the continuation request ([`continuation::request`]: the client's request with the
 //! text so far as an open assistant message) to another instance through
@@ -56,6 +56,9 @@ pub(super) struct Request {
     pub blocker: Option<String>,
     pub include_usage: bool,
     pub trace: Option<SpanCtx>,
+    /// The name every chunk's `model` gets instead of the worker's (an alias served by its
+    /// target, [`super::aliases`]).
+    pub rename: Option<String>,
 }
 
 /// Whether a worker's answer is an SSE stream the relay should carry.
@@ -129,16 +132,15 @@ async fn run(s: &Shared, req: Request, first: NativeAnswer, tx: &mpsc::Sender<By
     let mut sent = Sent::default();
     let mut migrations = 0u32;
     loop {
-        let failure = match pass(&mut body, stall, migrations > 0, &mut sent, tx).await {
+        let rename = req.rename.as_deref();
+        let failure = match pass(&mut body, stall, (migrations > 0, rename), &mut sent, tx).await {
             End::Done | End::Gone => return,
             End::Failed(why) => why,
         };
         if sent.worker_error {
             return;
         }
-        s.upstream
-            .discovery
-            .mark_suspect(guard.instance(), &failure);
+        s.upstream.failed(&req.model, guard.instance(), &failure);
         if sent.finished {
             // The text is complete; only the end is missing.
             if req.include_usage && !sent.usage {
@@ -244,11 +246,11 @@ async fn run(s: &Shared, req: Request, first: NativeAnswer, tx: &mpsc::Sender<By
 }
 
 /// Relays one worker's stream until it ends; `continued` when it is a continuation (its
-/// chunks get the first stream's envelope).
+/// chunks get the first stream's envelope); `rename`: the `model` every chunk gets.
 async fn pass(
     body: &mut pool::Body,
     stall: Duration,
-    continued: bool,
+    (continued, rename): (bool, Option<&str>),
     sent: &mut Sent,
     tx: &mpsc::Sender<Bytes>,
 ) -> End {
@@ -265,7 +267,12 @@ async fn pass(
                     Some(ev)
                 }
                 Event::Other => Some(ev),
-                Event::Chunk(c) => {
+                Event::Chunk(mut c) => {
+                    if let Some(name) = rename
+                        && let Some(slot) = c.get_mut("model")
+                    {
+                        *slot = serde_json::Value::String(name.to_string());
+                    }
                     let seen = continuation::seen(&c);
                     sent.text.push_str(&seen.content);
                     sent.finished |= seen.finished;
@@ -275,7 +282,11 @@ async fn pass(
                         sent.envelope.rewrite(c)
                     } else {
                         sent.envelope.note(&c);
-                        Some(ev)
+                        if rename.is_some() {
+                            Some(sse(&serde_json::Value::Object(c)))
+                        } else {
+                            Some(ev)
+                        }
                     }
                 }
             };

@@ -8,8 +8,10 @@
 //! SSE), `POST completions`, `POST responses` (stateless, onto chat), `POST embeddings`, `POST beta/relevance`, `POST rerank` (also at
 //! `/rerank` and `/v2/rerank`); plus an open `GET /api/health`. Relevance and rerank go to a
 //! `reranker` worker (DB-GPT 0.7), else to a `text2vec` worker serving a reranker (0.5). Requests are validated and answered in OpenAI's shapes ([`openai`]), routed to a worker instance from
-//! the cached controller view ([`discovery`], [`policy`]) after [`admission`] (a bounded
-//! per-model queue; a hold for a known model without instances) and relayed ([`proxy`]); worker
+//! the cached controller view ([`discovery`], [`policy`], instances ejected by [`outlier`]
+//! detection passed over) on the models of the request's chain ([`aliases`]: an alias's
+//! target, then its fallbacks) after [`admission`] (a bounded per-model queue; a hold for a
+//! known model without instances) and relayed ([`proxy`]); worker
 //! frames carry cumulative text, which is turned into OpenAI deltas here. A completion goes
 //! first to the worker's native OpenAI route, which takes the client's body unchanged and
 //! answers in OpenAI's shape, relayed byte for byte ([`splice`]) or, for a stream, event by
@@ -27,10 +29,12 @@
 //! `DB-GPT-Trace-Span-Id` header ([`crate::tracer`]). [`service`] wires the process.
 
 pub(crate) mod admission;
+pub(crate) mod aliases;
 pub(crate) mod config;
 pub(crate) mod discovery;
 pub(crate) mod failover;
 pub(crate) mod limits;
+pub(crate) mod outlier;
 pub(crate) mod policy;
 pub mod pool;
 pub(crate) mod proxy;
@@ -49,10 +53,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use self::aliases::Hop;
 use self::discovery::Group;
 use self::proxy::{FrameStream, Native, NativeAnswer, NativeBody, Upstream, UpstreamError};
 use self::splice::Spliced;
@@ -75,6 +81,8 @@ pub struct AppState {
     pub upstream: Upstream,
     /// Static and managed API keys, their limits and usage ([`tenancy`]); shared.
     pub tenancy: Arc<tenancy::Tenancy>,
+    /// Model aliases and fallback chains ([`aliases`]), shared by every serving thread.
+    pub routes: Arc<aliases::Routes>,
     pub embedding_batch_size: usize,
     /// Shared by every serving thread.
     pub stats: Arc<Stats>,
@@ -235,11 +243,16 @@ impl Busy {
     }
 
     /// Admits the request for `model` ([`admission::Admission::admit`]): its group.
-    async fn admit(&mut self, model: &str, wt: WorkerType) -> Result<Arc<Group>, OpenAiError> {
+    async fn admit(
+        &mut self,
+        model: &str,
+        wt: WorkerType,
+        may_wait: bool,
+    ) -> Result<Arc<Group>, admission::Refusal> {
         let s = self.s.clone();
         let (group, ticket) = s
             .admission
-            .admit(&s.upstream, model, wt, self.priority)
+            .admit(&s.upstream, (model, wt), self.priority, may_wait)
             .await?;
         self.ticket = Some(ticket);
         Ok(group)
@@ -266,7 +279,15 @@ async fn models(State(s): State<Shared>, auth: Authorized) -> Response {
     names.sort();
     names.dedup();
     let now = openai::unix_now();
-    let data: Vec<Value> = names.iter().map(|m| openai::model_card(m, now)).collect();
+    let mut data: Vec<Value> = names.iter().map(|m| openai::model_card(m, now)).collect();
+    // Aliases something serves, their `root` the model they stand for.
+    for (alias, target) in s.routes.listed(&names) {
+        if names.binary_search(&alias).is_err() {
+            let mut card = openai::model_card(&alias, now);
+            card["root"] = Value::String(target);
+            data.push(card);
+        }
+    }
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }
 
@@ -335,7 +356,7 @@ async fn chat(State(s): State<Shared>, auth: Authorized, req: Request) -> Respon
             };
             let body = tenancy::stream_usage(&mut r, body, &mut lease);
             let resp = run_completion(s.clone(), Kind::Chat, r, body, busy).await;
-            ModelName::tag(tenancy::attach(resp, lease), &model)
+            tag(&s, tenancy::attach(resp, lease), &model)
         }
         Err(e) => e.into_response(),
     }
@@ -356,7 +377,7 @@ async fn completions(State(s): State<Shared>, auth: Authorized, req: Request) ->
             };
             let body = tenancy::stream_usage(&mut r, body, &mut lease);
             let resp = run_completion(s.clone(), Kind::Text, r, body, busy).await;
-            ModelName::tag(tenancy::attach(resp, lease), &model)
+            tag(&s, tenancy::attach(resp, lease), &model)
         }
         Err(e) => e.into_response(),
     }
@@ -381,12 +402,15 @@ async fn responses(State(s): State<Shared>, auth: Authorized, req: Request) -> R
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let model = r.model.clone();
-    let lease = match admit(&s, &auth, &model) {
+    let lease = match admit(&s, &auth, &r.model) {
         Ok(l) => l,
         Err(resp) => return *resp,
     };
     let answer = run_completion(s.clone(), Kind::Chat, r, chat_body, busy).await;
+    // The model that served it (for the metrics and the header).
+    let model = aliases::served_by(&answer)
+        .unwrap_or_else(|| s.routes.target(ctx.model()))
+        .to_string();
     if !answer.status().is_success() {
         return ModelName::tag(tenancy::attach(answer, lease), &model);
     }
@@ -394,7 +418,10 @@ async fn responses(State(s): State<Shared>, auth: Authorized, req: Request) -> R
         return match axum::body::to_bytes(answer.into_body(), MAX_REQUEST_BYTES).await {
             Ok(b) => match openai::responses::whole(&ctx, &b) {
                 Ok(json) => ModelName::tag(
-                    tenancy::attach(json_body(StatusCode::OK, json), lease),
+                    aliases::served(
+                        tenancy::attach(json_body(StatusCode::OK, json), lease),
+                        &model,
+                    ),
                     &model,
                 ),
                 Err(e) => e.into_response(),
@@ -422,8 +449,22 @@ async fn responses(State(s): State<Shared>, auth: Authorized, req: Request) -> R
         ))
     })
     .filter(|r| futures::future::ready(r.as_ref().map_or(true, |b| !b.is_empty())));
-    let resp = sse_response(Body::from_stream(events));
-    ModelName::tag(tenancy::attach(resp, lease), &model)
+    ModelName::tag(
+        aliases::served(
+            tenancy::attach(sse_response(Body::from_stream(events)), lease),
+            &model,
+        ),
+        &model,
+    )
+}
+
+/// Tags an answer with the model it is measured under: the model that served it (the
+/// header [`aliases::served`] set), else the one the request resolves to.
+fn tag(s: &Shared, resp: Response, requested: &str) -> Response {
+    let model = aliases::served_by(&resp)
+        .unwrap_or_else(|| s.routes.target(requested))
+        .to_string();
+    ModelName::tag(resp, &model)
 }
 
 /// A JSON body as it is.
@@ -450,6 +491,48 @@ fn spliced(s: &Shared, a: NativeAnswer, guards: (Busy, tracer::Span)) -> Respons
         resp.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     resp
+}
+
+/// [`spliced`], with the answer's `model` renamed to `rename` when given (an alias served by
+/// its target: the client gets the name it asked for). Only a whole JSON answer is renamed
+/// (read first, within the request timeout); streams are renamed by [`failover`].
+async fn spliced_as(
+    s: &Shared,
+    mut a: NativeAnswer,
+    guards: (Busy, tracer::Span),
+    rename: Option<&str>,
+) -> Response {
+    let json = a
+        .content_type
+        .as_ref()
+        .and_then(|c| c.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if let Some(name) = rename
+        && a.status.is_success()
+        && json
+    {
+        let bytes = match std::mem::replace(&mut a.body, NativeBody::Whole(Bytes::new())) {
+            NativeBody::Whole(b) => b,
+            NativeBody::Stream(body) => {
+                match tokio::time::timeout(s.upstream.timeout, body.collect()).await {
+                    Ok(Ok(b)) => b.to_bytes(),
+                    Ok(Err(e)) => {
+                        return OpenAiError::bad_gateway(format!(
+                            "the worker's answer broke off: {}",
+                            crate::http::error_chain(&e)
+                        ))
+                        .into_response();
+                    }
+                    Err(_) => {
+                        return OpenAiError::from(UpstreamError::Timeout(s.upstream.timeout))
+                            .into_response();
+                    }
+                }
+            }
+        };
+        a.body = NativeBody::Whole(aliases::renamed(&bytes, name).unwrap_or(bytes));
+    }
+    spliced(s, a, guards)
 }
 
 /// The route of a completion on a worker with native OpenAI routes.
@@ -538,41 +621,137 @@ fn total_usage(choices: &[Choice]) -> Usage {
     u
 }
 
-/// A chat or text completion: the worker body of each prompt (sent `n` times), then the
-/// whole answer or a stream.
+/// What a request holds until its answer is committed: the busy count and its span (started
+/// once the first model of its chain is found). Handed to the answer that is sent.
+struct Guards {
+    busy: Option<Busy>,
+    span: Option<tracer::Span>,
+}
+
+impl Guards {
+    fn new(busy: Busy) -> Self {
+        Guards {
+            busy: Some(busy),
+            span: None,
+        }
+    }
+
+    /// The span, started by `start` the first time.
+    fn span(&mut self, start: impl FnOnce() -> tracer::Span) -> &tracer::Span {
+        self.span.get_or_insert_with(start)
+    }
+
+    /// Admits the request on `model` ([`Busy::admit`]); only the last model of a chain may
+    /// wait (`may_wait`): the others fall back at once when full.
+    async fn admit(
+        &mut self,
+        model: &str,
+        wt: WorkerType,
+        may_wait: bool,
+    ) -> Result<Arc<Group>, admission::Refusal> {
+        let busy = self.busy.as_mut().expect("admitted before the answer");
+        busy.admit(model, wt, may_wait).await
+    }
+
+    /// After every instance answered overloaded: [`Busy::again`].
+    async fn again(&mut self, retry_after: u32) -> Option<Arc<Group>> {
+        self.busy.as_mut()?.again(retry_after).await
+    }
+
+    /// Both, for the answer being sent (taken once).
+    fn take(&mut self) -> (Busy, tracer::Span) {
+        let busy = self
+            .busy
+            .take()
+            .expect("guards are taken once, by the answer");
+        // Always started before an answer is sent; a no-op span otherwise.
+        let span = self
+            .span
+            .take()
+            .unwrap_or_else(|| Tracer::disabled().start_with("", None, || Meta::None));
+        (busy, span)
+    }
+}
+
+/// The request's body for `hop`'s model: the client's, with `model` rewritten when another
+/// model serves it.
+fn body_for(body: &Bytes, requested: &str, hop: &Hop<'_>) -> Bytes {
+    if hop.model == requested {
+        return body.clone();
+    }
+    aliases::with_model(body, hop.model).unwrap_or_else(|| body.clone())
+}
+
+/// A chat or text completion, on the models of its chain in turn ([`aliases`]) until one
+/// serves it; the error of the first when none can.
 async fn run_completion(
     s: Shared,
     kind: Kind,
     r: CompletionRequest,
     body: Bytes,
-    mut busy: Busy,
+    busy: Busy,
 ) -> Response {
+    let mut guards = Guards::new(busy);
+    let hops = s.routes.hops(&r.model);
+    let mut first_error = None;
+    for (n, hop) in hops.iter().enumerate() {
+        let body = body_for(&body, &r.model, hop);
+        let last = n + 1 == hops.len();
+        match complete_on(&s, kind, &r, (hop, last), body, &mut guards).await {
+            Ok(resp) => return aliases::served(resp, hop.model),
+            Err(e) => {
+                if let Some(next) = hops.get(n + 1) {
+                    aliases::note_fallback(&s.metrics, hop.model, next.model, &e);
+                }
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let e = first_error.expect("a chain has at least one model");
+    OpenAiError::from_upstream(e, prompt_field(kind)).into_response()
+}
+
+/// A completion on `hop`'s model: the worker body of each prompt (sent `n` times), then the
+/// whole answer or a stream. `Err` when the model cannot serve it and the next model of the
+/// chain may ([`aliases::falls_back`]); every other failure is answered.
+async fn complete_on(
+    s: &Shared,
+    kind: Kind,
+    r: &CompletionRequest,
+    (hop, may_wait): (&Hop<'_>, bool),
+    body: Bytes,
+    guards: &mut Guards,
+) -> Result<Response, UpstreamError> {
     // Validate the model before anything else (404/503 with the right message), and wait
-    // for room (or an instance) in its queue.
-    let mut group = match busy.admit(&r.model, WorkerType::Llm).await {
+    // for room (or an instance) in its queue when it is the last model of the chain.
+    let mut group = match guards.admit(hop.model, WorkerType::Llm, may_wait).await {
         Ok(g) => g,
-        Err(e) => return e.into_response(),
+        Err(admission::Refusal::Upstream(e)) => return Err(e),
+        Err(admission::Refusal::Answer(e)) => return Ok(e.into_response()),
     };
     // Ends when the answer is complete (for a stream: when the last chunk is sent).
-    let span = s
-        .tracer
-        .start_with(span_name(kind), tracer::current(), || completion_meta(&r));
+    let trace = guards
+        .span(|| {
+            s.tracer
+                .start_with(span_name(kind), tracer::current(), || completion_meta(r))
+        })
+        .ctx();
     // Our workers take the request as it is; DB-GPT's get it as PromptRequests below.
     let legacy_ok = r.native_only.is_none();
     let native = loop {
         let native = s
             .upstream
             .native(
-                &r.model,
+                hop.model,
                 &group,
                 (native_path(kind), &body),
                 legacy_ok,
-                span.ctx(),
+                trace,
             )
             .await;
         match &native {
-            Err(UpstreamError::Overloaded { retry_after, .. }) => {
-                match busy.again(*retry_after).await {
+            Err(UpstreamError::Overloaded { retry_after, .. }) if may_wait => {
+                match guards.again(*retry_after).await {
                     Some(g) => group = g,
                     None => break native,
                 }
@@ -583,42 +762,44 @@ async fn run_completion(
     let first = match native {
         Ok(Native::Answer(a)) if r.stream && failover::is_stream(&a) => {
             let blocker = match kind {
-                Kind::Chat => openai::continuation::blocker(&r, &body),
+                Kind::Chat => openai::continuation::blocker(r, &body),
                 Kind::Text => Some("text completions are not continued".into()),
             };
             let req = failover::Request {
-                model: r.model.clone(),
+                model: hop.model.to_string(),
                 group: group.clone(),
                 path: native_path(kind),
                 body,
                 blocker,
                 include_usage: r.include_usage,
-                trace: span.ctx(),
+                trace,
+                rename: hop.rename().map(str::to_string),
             };
-            return failover::relay(s.clone(), req, a, (busy, span));
+            return Ok(failover::relay(s.clone(), req, a, guards.take()));
         }
-        Ok(Native::Answer(a)) => return spliced(&s, a, (busy, span)),
+        Ok(Native::Answer(a)) => return Ok(spliced_as(s, a, guards.take(), hop.rename()).await),
         Ok(Native::Legacy(first)) => first,
-        Err(e) => return OpenAiError::from_upstream(e, prompt_field(kind)).into_response(),
+        Err(e) if aliases::falls_back(&e) => return Err(e),
+        Err(e) => return Ok(OpenAiError::from_upstream(e, prompt_field(kind)).into_response()),
     };
     if let Some(field) = &r.native_only {
-        return needs_native(&r.model, field);
+        return Ok(needs_native(hop.model, field));
     }
-    let env = Envelope::new(kind, r.model.clone(), r.include_usage);
+    let env = Envelope::new(kind, hop.answer_as.to_string(), r.include_usage);
     let mut bodies = Vec::new();
     let mut choices = Vec::new();
     for (p, msgs) in r.prompts.iter().enumerate() {
-        let body = openai::worker_prompt(&r.model, msgs, &r.sampling);
+        let body = openai::worker_prompt(hop.model, msgs, &r.sampling);
         if body.len() > MAX_REQUEST_BYTES {
             // Every worker would refuse it: no instance is tried.
-            return OpenAiError::new(
+            return Ok(OpenAiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 "request_too_large",
                 format!("The prompt is larger than {MAX_REQUEST_BYTES} bytes"),
             )
             .with_param(prompt_field(kind))
-            .into_response();
+            .into_response());
         }
         for j in 0..r.n {
             bodies.push(body.clone());
@@ -633,14 +814,14 @@ async fn run_completion(
         }
     }
     let call = Call {
-        s: &s,
-        model: &r.model,
+        s,
+        model: hop.model,
         group: &group,
         first: first.as_ref(),
-        trace: span.ctx(),
+        trace,
     };
     if r.stream {
-        stream_completion(call, env, bodies, choices, (busy, span)).await
+        stream_completion(call, env, bodies, choices, guards).await
     } else {
         whole_completion(call, &env, &bodies, choices).await
     }
@@ -676,7 +857,7 @@ async fn whole_completion(
     env: &Envelope,
     bodies: &[Bytes],
     mut choices: Vec<Choice>,
-) -> Response {
+) -> Result<Response, UpstreamError> {
     let results = futures::future::join_all(bodies.iter().map(|b| {
         call.s
             .upstream
@@ -687,17 +868,20 @@ async fn whole_completion(
     for (c, res) in choices.iter_mut().zip(results) {
         let f = match res {
             Ok(f) => f,
-            Err(e) => return OpenAiError::from_upstream(e, prompt_field(env.kind)).into_response(),
+            Err(e) if aliases::falls_back(&e) => return Err(e),
+            Err(e) => {
+                return Ok(OpenAiError::from_upstream(e, prompt_field(env.kind)).into_response());
+            }
         };
         if f.error_code != 0 {
-            return worker_failed(&f).into_response();
+            return Ok(worker_failed(&f).into_response());
         }
         let text = c.apply(&f);
         let finish_reason = c.finish_reason.clone().unwrap_or_else(|| "stop".into());
         out.push(env.result_choice(c.index, text, finish_reason));
     }
     let body = env.completion(out, total_usage(&choices));
-    json_response_sized(StatusCode::OK, &body, 512)
+    Ok(json_response_sized(StatusCode::OK, &body, 512))
 }
 
 /// A stream completion: every choice's worker stream must deliver its first frame before we
@@ -709,8 +893,8 @@ async fn stream_completion(
     env: Envelope,
     bodies: Vec<Bytes>,
     choices: Vec<Choice>,
-    guards: (Busy, tracer::Span),
-) -> Response {
+    guards: &mut Guards,
+) -> Result<Response, UpstreamError> {
     let opened = futures::future::join_all(bodies.iter().map(|b| {
         call.s
             .upstream
@@ -721,12 +905,16 @@ async fn stream_completion(
     for o in opened {
         match o {
             // An error before any output is still an HTTP error, not a 200 stream.
-            Ok((f, _)) if f.error_code != 0 => return worker_failed(&f).into_response(),
+            Ok((f, _)) if f.error_code != 0 => return Ok(worker_failed(&f).into_response()),
             Ok(v) => streams.push(v),
-            Err(e) => return OpenAiError::from_upstream(e, prompt_field(env.kind)).into_response(),
+            Err(e) if aliases::falls_back(&e) => return Err(e),
+            Err(e) => {
+                return Ok(OpenAiError::from_upstream(e, prompt_field(env.kind)).into_response());
+            }
         }
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let guards = guards.take();
     tokio::spawn(async move {
         let _guards = guards;
         tokio::select! {
@@ -734,9 +922,9 @@ async fn stream_completion(
             _ = tx.closed() => debug!("client went away; cancelling the worker stream"),
         }
     });
-    sse_response(Body::from_stream(
+    Ok(sse_response(Body::from_stream(
         tokio_stream_from(rx).map(Ok::<Bytes, std::convert::Infallible>),
-    ))
+    )))
 }
 
 /// An mpsc receiver as a stream.
@@ -826,34 +1014,65 @@ async fn embeddings(State(s): State<Shared>, auth: Authorized, req: Request) -> 
         Ok(l) => l,
         Err(resp) => return *resp,
     };
-    let resp = embed(s, busy, body, r).await;
-    ModelName::tag(tenancy::attach(resp, lease), &model)
+    let resp = embed(s.clone(), busy, body, r).await;
+    tag(&s, tenancy::attach(resp, lease), &model)
 }
 
-/// `embeddings` once the request is parsed.
+/// `embeddings` once the request is parsed: on the models of its chain in turn until one
+/// serves it ([`aliases`]).
 async fn embed(
     s: Shared,
-    mut busy: Busy,
+    busy: Busy,
     body: Bytes,
     r: openai::request::EmbeddingsRequest,
 ) -> Response {
-    let mut group = match busy.admit(&r.model, WorkerType::Text2vec).await {
+    let mut guards = Guards::new(busy);
+    let hops = s.routes.hops(&r.model);
+    let mut first_error = None;
+    for (n, hop) in hops.iter().enumerate() {
+        let body = body_for(&body, &r.model, hop);
+        let last = n + 1 == hops.len();
+        match embed_on(&s, &r, (hop, last), body, &mut guards).await {
+            Ok(resp) => return aliases::served(resp, hop.model),
+            Err(e) => {
+                if let Some(next) = hops.get(n + 1) {
+                    aliases::note_fallback(&s.metrics, hop.model, next.model, &e);
+                }
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let e = first_error.expect("a chain has at least one model");
+    OpenAiError::from_upstream(e, "input").into_response()
+}
+
+/// `embeddings` on `hop`'s model; `Err` as [`complete_on`].
+async fn embed_on(
+    s: &Shared,
+    r: &openai::request::EmbeddingsRequest,
+    (hop, may_wait): (&Hop<'_>, bool),
+    body: Bytes,
+    guards: &mut Guards,
+) -> Result<Response, UpstreamError> {
+    let model = hop.model;
+    let mut group = match guards.admit(model, WorkerType::Text2vec, may_wait).await {
         Ok(g) => g,
-        Err(e) => return e.into_response(),
+        Err(admission::Refusal::Upstream(e)) => return Err(e),
+        Err(admission::Refusal::Answer(e)) => return Ok(e.into_response()),
     };
     // Our workers answer the whole request (real token counts, `dimensions`); DB-GPT's get
     // it in batches below.
     let span = s.tracer.start_with(
         "dbgpt.model.apiserver.generate_embeddings",
         tracer::current(),
-        || model_meta(&r.model),
+        || model_meta(model),
     );
     let legacy_ok = r.dimensions.is_none();
     let native = loop {
         let native = s
             .upstream
             .native(
-                &r.model,
+                model,
                 &group,
                 (wire::OPENAI_EMBEDDINGS_PATH, &body),
                 legacy_ok,
@@ -861,8 +1080,8 @@ async fn embed(
             )
             .await;
         match &native {
-            Err(UpstreamError::Overloaded { retry_after, .. }) => {
-                match busy.again(*retry_after).await {
+            Err(UpstreamError::Overloaded { retry_after, .. }) if may_wait => {
+                match guards.again(*retry_after).await {
                     Some(g) => group = g,
                     None => break native,
                 }
@@ -871,15 +1090,19 @@ async fn embed(
         }
     };
     let first = match native {
-        Ok(Native::Answer(a)) => return spliced(&s, a, (busy, span)),
+        Ok(Native::Answer(a)) => {
+            guards.span = Some(span);
+            return Ok(spliced_as(s, a, guards.take(), hop.rename()).await);
+        }
         Ok(Native::Legacy(first)) => {
             drop(span);
             first
         }
-        Err(e) => return OpenAiError::from_upstream(e, "input").into_response(),
+        Err(e) if aliases::falls_back(&e) => return Err(e),
+        Err(e) => return Ok(OpenAiError::from_upstream(e, "input").into_response()),
     };
     if r.dimensions.is_some() {
-        return needs_native(&r.model, "dimensions");
+        return Ok(needs_native(model, "dimensions"));
     }
     let batches: Vec<&[String]> = r.input.chunks(s.embedding_batch_size).collect();
     // One span per worker call, as DB-GPT's `embeddings_generate`.
@@ -890,9 +1113,9 @@ async fn embed(
         let span = s
             .tracer
             .start_with("dbgpt.model.apiserver.generate_embeddings", parent, || {
-                model_meta(&r.model)
+                model_meta(model)
             });
-        let (s, model, group) = (&s, &r.model, &group);
+        let group = &group;
         async move {
             let res = s
                 .upstream
@@ -914,15 +1137,16 @@ async fn embed(
     for (b, res) in batches.iter().zip(results) {
         let vecs = match res {
             Ok(v) => v,
-            Err(e) => return OpenAiError::from_upstream(e, "input").into_response(),
+            Err(e) if aliases::falls_back(&e) => return Err(e),
+            Err(e) => return Ok(OpenAiError::from_upstream(e, "input").into_response()),
         };
         if vecs.len() != b.len() {
-            return OpenAiError::bad_gateway(format!(
+            return Ok(OpenAiError::bad_gateway(format!(
                 "the worker returned {} embeddings for {} inputs",
                 vecs.len(),
                 b.len()
             ))
-            .into_response();
+            .into_response());
         }
         for v in vecs {
             let index = data.len();
@@ -934,22 +1158,22 @@ async fn embed(
             data.push(json!({"object": "embedding", "embedding": embedding, "index": index}));
         }
     }
-    json_response(
+    Ok(json_response(
         StatusCode::OK,
         &json!({
             "object": "list",
             "data": data,
-            "model": r.model,
+            "model": hop.answer_as,
             "usage": {"prompt_tokens": 0, "total_tokens": 0},
         }),
-    )
+    ))
 }
 
 /// The group serving `model` as a reranker: a `reranker` worker, else a `text2vec` one (DB-GPT
 /// 0.5 serves rerankers as text2vec; whether it is one shows in its answer), the latter found
 /// in the view without the refresh a miss costs. A chat model is a 400 naming `model`; an
 /// unknown one a 404 listing the rerank-capable models.
-async fn reranker_group(s: &Shared, model: &str) -> Result<(Arc<Group>, WorkerType), OpenAiError> {
+async fn reranker_group(s: &Shared, model: &str) -> Result<(Arc<Group>, WorkerType), Unserved> {
     let in_view = |t: WorkerType| {
         let key = crate::wire::controller::worker_key(model, t.as_str());
         !matches!(
@@ -958,24 +1182,47 @@ async fn reranker_group(s: &Shared, model: &str) -> Result<(Arc<Group>, WorkerTy
         )
     };
     let group = |t: WorkerType| async move { s.upstream.group(model, t).await.map(|g| (g, t)) };
+    let unserved = |e| Unserved::from_upstream(e, "documents");
     if !in_view(WorkerType::Reranker) && in_view(WorkerType::Text2vec) {
-        return group(WorkerType::Text2vec).await.map_err(OpenAiError::from);
+        return group(WorkerType::Text2vec).await.map_err(unserved);
     }
     match group(WorkerType::Reranker).await {
         Err(UpstreamError::UnknownModel { .. }) => {}
-        other => return other.map_err(OpenAiError::from),
+        other => return other.map_err(unserved),
     }
     // The miss refreshed the view: a `text2vec` entry may have come with it.
     if in_view(WorkerType::Text2vec) {
-        return group(WorkerType::Text2vec).await.map_err(OpenAiError::from);
+        return group(WorkerType::Text2vec).await.map_err(unserved);
     }
     let view = s.upstream.discovery.view();
     if view.models(WorkerType::Llm).iter().any(|m| m == model) {
-        return Err(not_a_reranker(model, "it is a chat model"));
+        return Err(Unserved::Final(not_a_reranker(model, "it is a chat model")));
     }
     let mut available = view.models(WorkerType::Reranker);
     available.extend(view.models(WorkerType::Text2vec));
-    Err(OpenAiError::model_not_found(model, &available))
+    Err(Unserved::Next(UpstreamError::UnknownModel {
+        model: model.to_string(),
+        available,
+    }))
+}
+
+/// Why a model of a chain did not serve a request.
+enum Unserved {
+    /// The next model of the chain may ([`aliases::falls_back`]).
+    Next(UpstreamError),
+    /// The answer.
+    Final(OpenAiError),
+}
+
+impl Unserved {
+    /// Sorts a relay error; `field` is named by a worker's refusal.
+    fn from_upstream(e: UpstreamError, field: &str) -> Self {
+        if aliases::falls_back(&e) {
+            Unserved::Next(e)
+        } else {
+            Unserved::Final(OpenAiError::from_upstream(e, field))
+        }
+    }
 }
 
 fn not_a_reranker(model: &str, why: &str) -> OpenAiError {
@@ -995,7 +1242,7 @@ async fn score_documents(
     model: &str,
     query: &str,
     documents: &[String],
-) -> Result<Vec<f32>, OpenAiError> {
+) -> Result<Vec<f32>, Unserved> {
     let (group, worker_type) = reranker_group(s, model).await?;
     if documents.is_empty() {
         return Ok(Vec::new());
@@ -1031,12 +1278,39 @@ async fn score_documents(
     {
         // A reranker answers one list of scores, one per document.
         Ok(mut v) if v.len() == 1 && v[0].len() == documents.len() => Ok(v.remove(0)),
-        Ok(_) => Err(not_a_reranker(
+        Ok(_) => Err(Unserved::Final(not_a_reranker(
             model,
             "it answered with embeddings, not one score per document",
-        )),
-        Err(e) => Err(OpenAiError::from_upstream(e, "documents")),
+        ))),
+        Err(e) => Err(Unserved::from_upstream(e, "documents")),
     }
+}
+
+/// [`score_documents`] on the models of `requested`'s chain in turn ([`aliases`]): the
+/// scores, or the answer of the error, with the hop that gave them (the first when none
+/// served).
+async fn score_on_chain<'a>(
+    s: &'a Shared,
+    requested: &'a str,
+    query: &str,
+    documents: &[String],
+) -> (Result<Vec<f32>, OpenAiError>, Hop<'a>) {
+    let hops = s.routes.hops(requested);
+    let mut first_error = None;
+    for (n, hop) in hops.iter().enumerate() {
+        match score_documents(s, hop.model, query, documents).await {
+            Ok(scores) => return (Ok(scores), *hop),
+            Err(Unserved::Final(e)) => return (Err(e), *hop),
+            Err(Unserved::Next(e)) => {
+                if let Some(next) = hops.get(n + 1) {
+                    aliases::note_fallback(&s.metrics, hop.model, next.model, &e);
+                }
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let e = first_error.expect("a chain has at least one model");
+    (Err(OpenAiError::from_upstream(e, "documents")), hops[0])
 }
 
 async fn relevance(State(s): State<Shared>, auth: Authorized, req: Request) -> Response {
@@ -1052,19 +1326,22 @@ async fn relevance(State(s): State<Shared>, auth: Authorized, req: Request) -> R
         Ok(l) => l,
         Err(resp) => return *resp,
     };
-    let resp = match score_documents(&s, &r.model, &r.query, &r.documents).await {
-        Ok(scores) => json_response(
-            StatusCode::OK,
-            &json!({
-                "object": "list",
-                "model": r.model,
-                "data": scores,
-                "usage": {"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0},
-            }),
+    let resp = match score_on_chain(&s, &r.model, &r.query, &r.documents).await {
+        (Ok(scores), hop) => aliases::served(
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "object": "list",
+                    "model": hop.answer_as,
+                    "data": scores,
+                    "usage": {"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0},
+                }),
+            ),
+            hop.model,
         ),
-        Err(e) => e.into_response(),
+        (Err(e), _) => e.into_response(),
     };
-    ModelName::tag(tenancy::attach(resp, lease), &r.model)
+    tag(&s, tenancy::attach(resp, lease), &r.model)
 }
 
 /// Jina's and Cohere's rerank: the relevance call, answered sorted and cut to `top_n`.
@@ -1078,14 +1355,23 @@ async fn rerank(State(s): State<Shared>, auth: Authorized, req: Request) -> Resp
         Ok(l) => l,
         Err(resp) => return *resp,
     };
-    let resp = match score_documents(&s, &r.model, &r.query, &r.documents).await {
-        Ok(scores) => json_response(
-            StatusCode::OK,
-            &openai::rerank_response(&r.model, &scores, &r.documents, r.top_n, r.return_documents),
+    let resp = match score_on_chain(&s, &r.model, &r.query, &r.documents).await {
+        (Ok(scores), hop) => aliases::served(
+            json_response(
+                StatusCode::OK,
+                &openai::rerank_response(
+                    hop.answer_as,
+                    &scores,
+                    &r.documents,
+                    r.top_n,
+                    r.return_documents,
+                ),
+            ),
+            hop.model,
         ),
-        Err(e) => e.into_response(),
+        (Err(e), _) => e.into_response(),
     };
-    ModelName::tag(tenancy::attach(resp, lease), &r.model)
+    tag(&s, tenancy::attach(resp, lease), &r.model)
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Instance selection: which worker instance of a model serves the next request.
 //!
 //! Candidates are the routable instances (healthy, `enabled`, `weight > 0`) not yet tried by
-//! this request; instances marked suspect are used only when no other candidate is left.
+//! this request; instances ejected by outlier detection ([`super::outlier`]; unless their
+//! trial is due) or draining are used only when no other candidate is left. The request that
+//! starts on an instance whose trial is due holds the trial ([`InFlight`]).
 //! `random` is DB-GPT's uniform choice made weight-proportional; `round_robin` is nginx's
 //! smooth weighted round robin (credits kept per instance across refreshes, so equal weights
 //! alternate strictly); `least_outstanding` picks the lowest `(in flight + 1) / weight`, ties
@@ -64,7 +66,7 @@ pub fn choose(
     let healthy: Vec<&Arc<Instance>> = fresh
         .iter()
         .copied()
-        .filter(|i| !discovery.is_suspect(i))
+        .filter(|i| !discovery.avoids(i))
         .collect();
     let cands = if healthy.is_empty() { fresh } else { healthy };
     if cands.is_empty() {
@@ -133,14 +135,17 @@ pub fn choose(
     Some(picked.clone())
 }
 
-/// Counts one request in flight on an instance for as long as it lives.
-pub struct InFlight(Arc<Instance>);
+/// Counts one request in flight on an instance for as long as it lives, and holds the
+/// instance's outlier trial when the request is that trial (given back if the request ends
+/// without a verdict).
+pub struct InFlight(Arc<Instance>, Option<u64>);
 
 impl InFlight {
     pub fn new(i: Arc<Instance>) -> Self {
         i.state.outstanding.fetch_add(1, Ordering::Relaxed);
         i.state.served.fetch_add(1, Ordering::Relaxed);
-        InFlight(i)
+        let trial = i.state.outlier.claim(super::outlier::now_ms());
+        InFlight(i, trial)
     }
 
     pub fn instance(&self) -> &Arc<Instance> {
@@ -151,6 +156,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.state.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if let Some(id) = self.1 {
+            self.0.state.outlier.release(id);
+        }
     }
 }
 
@@ -224,7 +232,7 @@ mod tests {
     }
 
     #[test]
-    fn least_outstanding_prefers_idle_and_skips_tried_and_suspect() {
+    fn least_outstanding_prefers_idle_and_skips_tried_and_ejected() {
         let d = disc(&[(1, 1.0, true), (2, 1.0, true)]);
         let super::super::discovery::Lookup::Found(g) = d.lookup("m@llm") else {
             panic!()
@@ -244,12 +252,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(i.addr, "127.0.0.1:1");
-        d.mark_suspect(&g.instances[0], "test");
+        for _ in 0..3 {
+            d.record_failure(&g.instances[0], "test");
+        }
         for _ in 0..20 {
             let i = choose(RoutingPolicy::Random, &d, &g, &[]).unwrap();
             assert_eq!(i.addr, "127.0.0.1:2");
         }
-        // Suspect is still a last resort.
+        // Ejected is still a last resort.
         let i = choose(RoutingPolicy::Random, &d, &g, &["127.0.0.1:2".into()]).unwrap();
         assert_eq!(i.addr, "127.0.0.1:1");
         assert!(

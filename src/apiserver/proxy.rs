@@ -6,9 +6,10 @@
 //! Each call picks an instance through the routing policy. If the instance cannot be reached,
 //! answers 5xx, sends no response headers within the first-byte timeout (a frozen worker; our
 //! workers answer their headers once the model produced its first event, for `generate` as
-//! for `generate_stream`), or its stream fails before the first frame, the instance is marked
-//! suspect (which also triggers a discovery refresh) and the call is retried on another
-//! instance, at most `max_retries` more times. A worker that has answered but is slow is not
+//! for `generate_stream`), or its stream fails before the first frame, the failure is recorded
+//! against the instance (outlier detection, [`super::outlier`], which also triggers a
+//! discovery refresh) and the call is retried on another instance, at most `max_retries`
+//! more times; any answer from a worker is recorded as a success. A worker that has answered but is slow is not
 //! retried: waiting longer than the request timeout for the first frame (or a whole
 //! non-stream answer) is a 504. A worker's 400 or 413 is the client's error (a prompt longer
 //! than the model's context, a body over the cap): every instance would refuse it, so it is
@@ -112,11 +113,11 @@ pub enum UpstreamError {
 
 /// Why an attempt failed.
 enum Attempt {
-    /// Try another instance (this one is marked suspect); the reason is for the log and the
-    /// final error.
+    /// Try another instance (the failure counts towards this one's ejection); the reason is
+    /// for the log and the final error.
     Retry(String),
-    /// The instance is healthy but full (503 with `Retry-After`): try another one without
-    /// marking it suspect.
+    /// The instance is healthy but full (503 with `Retry-After`): try another one; neither a
+    /// failure nor a success.
     Busy { reason: String, retry_after: u32 },
     /// Give up with this error.
     Fail(UpstreamError),
@@ -233,6 +234,15 @@ impl FrameStream {
     }
 }
 
+/// Whether a final error is the worker's answer (its verdict on the request): a success
+/// for outlier detection. A timeout or a malformed answer counts neither way.
+fn answered(e: &UpstreamError) -> bool {
+    matches!(
+        e,
+        UpstreamError::Refused { .. } | UpstreamError::Rejected { .. }
+    )
+}
+
 /// The instance's pre-parsed address (a host that makes no valid URL is a failed attempt,
 /// so the request moves on to another instance).
 fn endpoint(inst: &discovery::Instance) -> Result<&Target, Attempt> {
@@ -280,6 +290,14 @@ fn snippet(b: &[u8]) -> String {
 }
 
 impl Upstream {
+    /// Records a failed call to `inst` for outlier detection (and counts an ejection it
+    /// causes).
+    pub fn failed(&self, model: &str, inst: &Instance, reason: &str) {
+        if self.discovery.record_failure(inst, reason).is_some() {
+            self.metrics.ejected(model);
+        }
+    }
+
     /// A worker that answers with the draining header is stopping: choose others from now.
     fn note_draining(&self, inst: &Instance, headers: &http::HeaderMap) {
         if headers.contains_key(&crate::http::DRAINING_HEADER) {
@@ -339,11 +357,19 @@ impl Upstream {
             tried.push(inst.addr.clone());
             let span = otlp::worker_call(model, &inst.addr);
             match attempt(InFlight::new(inst.clone())).instrument(span).await {
-                Ok(v) => return Ok(v),
-                Err(Attempt::Fail(e)) => return Err(e),
+                Ok(v) => {
+                    self.discovery.record_success(&inst);
+                    return Ok(v);
+                }
+                Err(Attempt::Fail(e)) => {
+                    if answered(&e) {
+                        self.discovery.record_success(&inst);
+                    }
+                    return Err(e);
+                }
                 Err(Attempt::Retry(reason)) => {
                     self.metrics.retried(model);
-                    self.discovery.mark_suspect(&inst, &reason);
+                    self.failed(model, &inst, &reason);
                     last = format!("worker {} failed: {reason}", inst.addr);
                     busy = None;
                 }
@@ -591,8 +617,12 @@ impl Upstream {
             let span = otlp::worker_call(model, &inst.addr);
             let once = self.native_once(guard, path, body, trace).instrument(span);
             let failed = match once.await {
-                Ok(Some(answer)) => return Ok(Native::Answer(answer)),
+                Ok(Some(answer)) => {
+                    self.discovery.record_success(&inst);
+                    return Ok(Native::Answer(answer));
+                }
                 Ok(None) => {
+                    self.discovery.record_success(&inst);
                     self.discovery.mark_legacy(&inst);
                     if legacy_ok {
                         return Ok(Native::Legacy(Some(inst)));
@@ -600,7 +630,12 @@ impl Upstream {
                     passed_over = true;
                     continue;
                 }
-                Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Fail(e)) => {
+                    if answered(&e) {
+                        self.discovery.record_success(&inst);
+                    }
+                    return Err(e);
+                }
                 Err(Attempt::Retry(reason)) => reason,
                 Err(Attempt::Busy {
                     reason,
@@ -611,7 +646,7 @@ impl Upstream {
                     continue;
                 }
             };
-            self.discovery.mark_suspect(&inst, &failed);
+            self.failed(model, &inst, &failed);
             last = format!("worker {} failed: {failed}", inst.addr);
             busy = None;
         }

@@ -73,7 +73,7 @@ impl Daemon for Apiserver {
             for g in view.groups.values() {
                 for i in &g.instances {
                     total += 1;
-                    if i.routable() && !d.is_suspect(i) {
+                    if i.routable() && !d.avoids(i) {
                         healthy += 1;
                     }
                 }
@@ -223,9 +223,24 @@ fn cors(origins: &Option<Vec<String>>) -> OriginCors {
                 Method::DELETE,
                 Method::OPTIONS,
             ])
-            .allow_headers(AllowHeaders::mirror_request()),
+            .allow_headers(AllowHeaders::mirror_request())
+            // What a browser client may read of an answer besides the safelisted headers:
+            // which model served it, and when to try again after a 429/503.
+            .expose_headers(EXPOSED_HEADERS.map(axum::http::HeaderName::from_static)),
     )
 }
+
+/// Response headers a browser's script may read ([`cors`]).
+const EXPOSED_HEADERS: [&str; 8] = [
+    "x-dbgpt-served-model",
+    "retry-after",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
 
 /// The CORS layer, applied only to requests with an `Origin` header. A request without one
 /// is not a CORS request (browsers send `Origin` on every cross-origin request and every
@@ -292,7 +307,7 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
         upstream: Upstream {
             metrics: metrics.clone(),
             http: super::proxy::worker_client(),
-            discovery: Arc::new(Discovery::new(client)),
+            discovery: Arc::new(Discovery::new(client).with_outlier(cfg.outlier)),
             policy: cfg.routing_policy,
             max_retries: cfg.max_retries,
             timeout: cfg.request_timeout,
@@ -302,6 +317,7 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
             cfg.api_keys.clone(),
             format!("{}:{}/{}", cfg.host, cfg.port, std::process::id()),
         )),
+        routes: Arc::new(cfg.routes.clone()),
         embedding_batch_size: cfg.embedding_batch_size,
         stats: Arc::new(Stats::default()),
         tracer,
@@ -380,10 +396,15 @@ async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
         CONTROLLER_TIMEOUT,
     )?));
     let metrics_listener = exposition.bind_separate().await?;
-    if !state.upstream.discovery.refresh().await {
+    // The instance list and the keys at once (a controller that is down costs one wait).
+    let (refreshed, keys) = tokio::join!(
+        state.upstream.discovery.refresh(),
+        state.tenancy.sync_once(&*key_client)
+    );
+    if !refreshed {
         warn!("no controller answered at start-up; models appear once one does");
     }
-    if let Err(e) = state.tenancy.sync_once(&*key_client).await {
+    if let Err(e) = keys {
         warn!(error = %e, "managed API keys: the first key sync failed; keys are learned once a controller answers it");
     }
     let (listener, admin) = daemon::bind(&mut base, &cfg.host).await?;

@@ -51,6 +51,8 @@ use crate::wire::keys::{
 
 /// Most usage rows kept for a controller that does not answer (the oldest go first).
 pub const MAX_BACKLOG: usize = 100_000;
+/// Most usage rows in one report (a backlog goes in several, ~3 MB of JSON each).
+pub const MAX_REPORT_ROWS: usize = 20_000;
 
 /// The controller's key sync, as the apiserver calls it (a trait, so tests can answer it
 /// from memory).
@@ -466,6 +468,14 @@ impl Tenancy {
                 }
             }
         }
+        if usage.len() > MAX_REPORT_ROWS {
+            // The newest rows wait for the next report.
+            let rest = usage.split_off(MAX_REPORT_ROWS);
+            let mut backlog = lock(&self.backlog);
+            let mut rows = rest;
+            rows.append(&mut backlog);
+            *backlog = rows;
+        }
         SyncRequest {
             apiserver: self.apiserver.clone(),
             since_version: table.version,
@@ -597,6 +607,8 @@ impl Tenancy {
             let mut failing = false;
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The start-up sync was just done: the first one here comes an interval later.
+            tick.reset();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}

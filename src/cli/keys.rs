@@ -68,7 +68,7 @@ pub enum KeysCommand {
 }
 
 /// The settings `create` and `update` share.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct KeySettings {
     /// Models the key may use, comma-separated (`*`: every model, the default).
     #[arg(long)]
@@ -103,6 +103,119 @@ pub struct KeySettings {
     /// Expiry: 30d, 12h, 90m from now, or a date (YYYY-MM-DD, 00:00 UTC); `none` on update.
     #[arg(long, allow_hyphen_values = true, value_parser = parse_expires)]
     pub expires: Option<ExpiresArg>,
+    /// Limits on one model, on top of the key's: MODEL:rpm=N,tpm=N,max_concurrency=N,daily_tokens=N
+    /// (repeatable; on update `rpm=none` removes one, MODEL:none all of that model's).
+    #[arg(
+        long = "model_limit",
+        visible_alias = "model-limit",
+        value_name = "MODEL:LIMITS",
+        allow_hyphen_values = true,
+        value_parser = parse_model_limit
+    )]
+    pub model_limit: Vec<ModelLimitArg>,
+}
+
+/// A `--model_limit` value: the model and its limit flags (`None`: `MODEL:none`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelLimitArg {
+    pub model: String,
+    pub limits: Option<Vec<(LimitField, LimitArg)>>,
+}
+
+/// Which limit a `--model_limit` part sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitField {
+    Rpm,
+    Tpm,
+    MaxConcurrency,
+    DailyTokens,
+}
+
+impl LimitField {
+    fn slot(self, l: &mut Limits) -> &mut Option<u64> {
+        match self {
+            LimitField::Rpm => &mut l.rpm,
+            LimitField::Tpm => &mut l.tpm,
+            LimitField::MaxConcurrency => &mut l.max_concurrency,
+            LimitField::DailyTokens => &mut l.daily_tokens,
+        }
+    }
+}
+
+fn parse_model_limit(s: &str) -> Result<ModelLimitArg, String> {
+    let Some((model, rest)) = s.rsplit_once(':').filter(|(m, _)| !m.trim().is_empty()) else {
+        return Err(format!(
+            "expected MODEL:rpm=N,tpm=N,max_concurrency=N,daily_tokens=N, got {s:?}"
+        ));
+    };
+    let model = model.trim().to_string();
+    if rest.trim().eq_ignore_ascii_case("none") {
+        return Ok(ModelLimitArg {
+            model,
+            limits: None,
+        });
+    }
+    let mut limits = Vec::new();
+    for part in rest.split(',') {
+        let Some((k, v)) = part.split_once('=') else {
+            return Err(format!("{part:?} in {s:?} is not NAME=VALUE"));
+        };
+        let field = match k.trim() {
+            "rpm" => LimitField::Rpm,
+            "tpm" => LimitField::Tpm,
+            "max_concurrency" | "max-concurrency" => LimitField::MaxConcurrency,
+            "daily_tokens" | "daily-tokens" => LimitField::DailyTokens,
+            other => {
+                return Err(format!(
+                    "unknown limit {other:?} (rpm, tpm, max_concurrency, daily_tokens)"
+                ));
+            }
+        };
+        let v = parse_limit(v).map_err(|e| format!("{}: {e}", k.trim()))?;
+        limits.push((field, v));
+    }
+    Ok(ModelLimitArg {
+        model,
+        limits: Some(limits),
+    })
+}
+
+/// `current` with the `--model_limit` flags applied; `create` (no current limits) refuses
+/// `none`. A model left without any limit is removed.
+fn apply_model_limits(
+    mut current: std::collections::BTreeMap<String, Limits>,
+    args: &[ModelLimitArg],
+    create: bool,
+) -> anyhow::Result<std::collections::BTreeMap<String, Limits>> {
+    for a in args {
+        match &a.limits {
+            None if create => {
+                bail!(
+                    "--model_limit: `{}:none` removes limits with `dbgpt keys update`",
+                    a.model
+                )
+            }
+            None => {
+                current.remove(&a.model);
+            }
+            Some(parts) => {
+                let l = current.entry(a.model.clone()).or_default();
+                for (field, v) in parts {
+                    *field.slot(l) = match v {
+                        LimitArg::Set(n) => Some(*n),
+                        LimitArg::Clear if create => bail!(
+                            "--model_limit: `none` removes a limit with `dbgpt keys update`; leave it out for no limit"
+                        ),
+                        LimitArg::Clear => None,
+                    };
+                }
+                if *l == Limits::default() {
+                    current.remove(&a.model);
+                }
+            }
+        }
+    }
+    Ok(current)
 }
 
 #[derive(Debug, Args)]
@@ -265,20 +378,30 @@ fn spec_from(args: CreateArgs) -> anyhow::Result<KeySpec> {
         name: args.name,
         models,
         limits,
-        model_limits: Default::default(),
+        model_limits: apply_model_limits(Default::default(), &s.model_limit, true)?,
         priority: s.priority.unwrap_or_default(),
         expires_at,
     })
 }
 
-fn update_from(s: KeySettings) -> anyhow::Result<KeyUpdate> {
+/// The update the flags ask for; `current` gives the key's model limits when
+/// `--model_limit` changes them (the update carries the whole new map).
+fn update_from(s: KeySettings, current: Option<&ApiKey>) -> anyhow::Result<KeyUpdate> {
+    let model_limits = if s.model_limit.is_empty() {
+        None
+    } else {
+        let base = current
+            .map(|k| k.spec.model_limits.clone())
+            .unwrap_or_default();
+        Some(apply_model_limits(base, &s.model_limit, false)?)
+    };
     let u = KeyUpdate {
         models: parse_models(&s.models)?,
         rpm: limit_for_update(s.rpm),
         tpm: limit_for_update(s.tpm),
         max_concurrency: limit_for_update(s.max_concurrency),
         daily_tokens: limit_for_update(s.daily_tokens),
-        model_limits: None,
+        model_limits,
         priority: s.priority,
         expires_at: s.expires.map(|e| match e {
             ExpiresArg::At(t) => Some(t),
@@ -287,7 +410,7 @@ fn update_from(s: KeySettings) -> anyhow::Result<KeyUpdate> {
     };
     if u == KeyUpdate::default() {
         bail!(
-            "nothing to change: give --models, --rpm, --tpm, --max_concurrency, --daily_tokens, --priority or --expires"
+            "nothing to change: give --models, --rpm, --tpm, --max_concurrency, --daily_tokens, --model_limit, --priority or --expires"
         );
     }
     Ok(u)
@@ -345,8 +468,22 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<ExitCode> {
             }
         }
         KeysCommand::Update(a) => {
-            let update = update_from(a.settings)?;
-            let key = client()?
+            // Flags first (no request for bad input); the current key only when the model
+            // limits change (the update carries the whole map).
+            update_from(a.settings.clone(), None)?;
+            let client = client()?;
+            let current = if a.settings.model_limit.is_empty() {
+                None
+            } else {
+                Some(
+                    client
+                        .keys_get(&a.name)
+                        .await
+                        .map_err(|e| failed("keys update failed", e))?,
+                )
+            };
+            let update = update_from(a.settings, current.as_ref())?;
+            let key = client
                 .keys_update(&a.name, &update)
                 .await
                 .map_err(|e| failed("keys update failed", e))?;
@@ -450,7 +587,10 @@ pub fn render_keys(keys: &[ApiKey], now: i64) -> String {
                 k.spec.name.clone(),
                 k.id.clone(),
                 show_models(k),
-                show_limits(&k.spec.limits),
+                match k.spec.model_limits.len() {
+                    0 => show_limits(&k.spec.limits),
+                    n => format!("{} (+{n} per model)", show_limits(&k.spec.limits)),
+                },
                 k.spec.priority.as_str().to_string(),
                 show_time(k.spec.expires_at),
                 state(k, now).to_string(),
@@ -613,18 +753,75 @@ mod tests {
         else {
             panic!()
         };
-        let u = update_from(u.settings).unwrap();
+        let u = update_from(u.settings, None).unwrap();
         assert_eq!(u.rpm, Some(None));
         assert_eq!(u.models, Some(None));
         assert_eq!(u.tpm, None);
         let KeysCommand::Update(u) = parse(&["update", "team-a"]).unwrap() else {
             panic!()
         };
-        assert!(update_from(u.settings).is_err());
+        assert!(update_from(u.settings, None).is_err());
         let KeysCommand::Create(a) = parse(&["create", "--name", "bad name"]).unwrap() else {
             panic!()
         };
         assert!(spec_from(a).unwrap_err().to_string().starts_with("--name:"));
+    }
+
+    #[test]
+    fn model_limits_are_parsed_applied_and_cleared() {
+        let KeysCommand::Create(a) = parse(&[
+            "create",
+            "--name",
+            "a",
+            "--model_limit",
+            "smollm2:rpm=5,tpm=100",
+            "--model-limit",
+            "org/q:7b:daily_tokens=9",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        let s = spec_from(a).unwrap();
+        assert_eq!(s.model_limits.len(), 2);
+        assert_eq!(s.model_limits["smollm2"].rpm, Some(5));
+        assert_eq!(s.model_limits["smollm2"].tpm, Some(100));
+        assert_eq!(s.model_limits["org/q:7b"].daily_tokens, Some(9));
+        for bad in [
+            "smollm2", ":rpm=5", "m:rpm=0", "m:rpm=-1", "m:rps=5", "m:rpm",
+        ] {
+            let e = parse(&["create", "--name", "a", "--model_limit", bad]).unwrap_err();
+            assert!(e.contains("--model_limit"), "{bad}: {e}");
+        }
+        let KeysCommand::Create(a) =
+            parse(&["create", "--name", "a", "--model_limit", "m:none"]).unwrap()
+        else {
+            panic!()
+        };
+        assert!(spec_from(a).is_err());
+
+        let (key, _) = crate::keys::new_key(s, 0);
+        let KeysCommand::Update(u) = parse(&[
+            "update",
+            "a",
+            "--model_limit",
+            "smollm2:rpm=none",
+            "--model_limit",
+            "org/q:7b:none",
+            "--model_limit",
+            "new:max_concurrency=2",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        // The flags alone are valid before the key is fetched.
+        update_from(u.settings.clone(), None).unwrap();
+        let u = update_from(u.settings, Some(&key)).unwrap();
+        let m = u.model_limits.unwrap();
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m["smollm2"].rpm, None);
+        assert_eq!(m["smollm2"].tpm, Some(100));
+        assert_eq!(m["new"].max_concurrency, Some(2));
+        assert_eq!(u.rpm, None);
     }
 
     #[test]

@@ -24,6 +24,11 @@ use crate::wire::keys::{
     KEY_PATH, KEYS_PATH, KEYS_SYNC_PATH, KEYS_USAGE_PATH, KeySpec, KeyUpdate, SyncRequest,
 };
 
+/// The largest sync body taken: an apiserver that could not reach the controller for a
+/// while reports everything it kept (a usage row is ~150 bytes; other routes keep the
+/// default 1 MiB).
+pub const SYNC_BODY_LIMIT: usize = 16 << 20;
+
 /// The key routes (merged into the controller's router).
 pub fn routes() -> Router<ControllerState> {
     Router::new()
@@ -145,7 +150,7 @@ async fn usage(
 
 async fn sync(
     State(s): State<ControllerState>,
-    CappedBody(bytes): CappedBody,
+    CappedBody(bytes): CappedBody<SYNC_BODY_LIMIT>,
 ) -> Result<Response, ApiError> {
     let req: SyncRequest = body(&bytes, "sync request")?;
     let answer = s.keys.sync(&req, now_secs()).await.map_err(key_error)?;

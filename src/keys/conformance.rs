@@ -20,6 +20,7 @@ pub trait Factory: Send + Sync {
 pub async fn run_all(f: &dyn Factory) {
     keys_lifecycle_and_persistence(f).await;
     sync_adds_usage_and_minutes(f).await;
+    an_expired_key_can_still_be_changed(f).await;
 }
 
 fn spec(name: &str) -> KeySpec {
@@ -322,4 +323,49 @@ async fn sync_adds_usage_and_minutes(f: &dyn Factory) {
     assert_eq!(only_a_recent.len(), 1);
     assert_eq!(only_a_recent[0].day, today);
     assert!(s.usage(Some("nobody"), None).await.unwrap().is_empty());
+}
+
+/// An expired key's settings can be changed (its expiry is checked only when set), and
+/// it can be given a new expiry in the future, not one in the past.
+async fn an_expired_key_can_still_be_changed(f: &dyn Factory) {
+    let s = f.open().await;
+    let mut spec = spec("short-lived");
+    spec.expires_at = Some(now_secs() + 1);
+    s.create(spec).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let k = s
+        .update(
+            "short-lived",
+            KeyUpdate {
+                rpm: Some(Some(3)),
+                ..KeyUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(k.spec.limits.rpm, Some(3));
+    let past = s
+        .update(
+            "short-lived",
+            KeyUpdate {
+                expires_at: Some(Some(now_secs() - 10)),
+                ..KeyUpdate::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(&past, Err(KeyError::Invalid { field, .. }) if field == "expires_at"),
+        "{past:?}"
+    );
+    let renewed = s
+        .update(
+            "short-lived",
+            KeyUpdate {
+                expires_at: Some(Some(now_secs() + 3600)),
+                ..KeyUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(super::state(&renewed, now_secs()), "active");
 }

@@ -161,9 +161,36 @@ fn check_model_name(field: &str, m: &str) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// Checks a spec: the name, the model list, every limit above 0, an expiry in the future
-/// (`now` is unix seconds).
+/// Checks a new key's spec: the name, the model list, every limit above 0, an expiry in the
+/// future (`now` is unix seconds).
 pub fn validate_spec(spec: &KeySpec, now: i64) -> Result<(), KeyError> {
+    validate_fields(spec)?;
+    check_expiry(spec.expires_at, now)
+}
+
+/// Checks a key's spec after `update`: as [`validate_spec`], but the expiry only when the
+/// update sets one (an expired key's other settings can still be changed).
+pub fn validate_updated(spec: &KeySpec, update: &KeyUpdate, now: i64) -> Result<(), KeyError> {
+    validate_fields(spec)?;
+    match update.expires_at {
+        Some(at) => check_expiry(at, now),
+        None => Ok(()),
+    }
+}
+
+fn check_expiry(expires_at: Option<i64>, now: i64) -> Result<(), KeyError> {
+    if let Some(at) = expires_at
+        && at <= now
+    {
+        return Err(KeyError::invalid(
+            "expires_at",
+            format!("{at} is not in the future"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_fields(spec: &KeySpec) -> Result<(), KeyError> {
     if !is_valid_name(&spec.name) {
         return Err(KeyError::invalid(
             "name",
@@ -189,18 +216,10 @@ pub fn validate_spec(spec: &KeySpec, now: i64) -> Result<(), KeyError> {
         check_model_name("model_limits", m)?;
         check_limits(&format!("model_limits.{m}."), l)?;
     }
-    if let Some(at) = spec.expires_at
-        && at <= now
-    {
-        return Err(KeyError::invalid(
-            "expires_at",
-            format!("{at} is not in the future"),
-        ));
-    }
     Ok(())
 }
 
-/// `key` with `update` applied (not yet validated: see [`validate_spec`]).
+/// `key` with `update` applied (not yet validated: see [`validate_updated`]).
 pub fn apply_update(key: &ApiKey, update: &KeyUpdate) -> ApiKey {
     let mut k = key.clone();
     let s = &mut k.spec;
@@ -440,6 +459,33 @@ mod tests {
         assert_eq!(field(&s), "expires_at");
         s.expires_at = Some(1001);
         validate_spec(&s, 1000).unwrap();
+    }
+
+    #[test]
+    fn an_expired_key_can_be_changed_but_not_given_a_past_expiry() {
+        let spec = KeySpec {
+            name: "k".into(),
+            expires_at: Some(100),
+            ..KeySpec::default()
+        };
+        let rpm = KeyUpdate {
+            rpm: Some(Some(5)),
+            ..KeyUpdate::default()
+        };
+        validate_updated(&spec, &rpm, 200).unwrap();
+        let past = KeyUpdate {
+            expires_at: Some(Some(150)),
+            ..KeyUpdate::default()
+        };
+        assert!(matches!(
+            validate_updated(&spec, &past, 200),
+            Err(KeyError::Invalid { field, .. }) if field == "expires_at"
+        ));
+        let never = KeyUpdate {
+            expires_at: Some(None),
+            ..KeyUpdate::default()
+        };
+        validate_updated(&spec, &never, 200).unwrap();
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tracing::warn;
 
 use super::{
     KeyError, KeyStore, MINUTE_RETENTION, apply_update, day_of, minute_of, new_key, validate_spec,
-    validate_sync,
+    validate_sync, validate_updated,
 };
 use crate::registry::{RedbRegistry, RegistryError};
 use crate::wire::keys::{
@@ -264,7 +264,7 @@ impl KeyStore for RedbKeyStore {
                 return Ok(Err(KeyError::NotFound(wanted)));
             };
             let new = apply_update(&old, &update);
-            if let Err(e) = validate_spec(&new.spec, now) {
+            if let Err(e) = validate_updated(&new.spec, &update, now) {
                 return Ok(Err(e));
             }
             put_changed(txn, new).map(Ok)

@@ -7,9 +7,10 @@
 //! prompt and completion tokens) and `dbgpt_key_minute` (key_id, model, minute → requests,
 //! tokens). Key writes bump the counter row in their transaction: its row lock orders them,
 //! so a committed version never hides a smaller uncommitted one from a sync. A sync's
-//! usage and minute counts are additive upserts in one transaction (rows sorted, so two
-//! controllers writing the same rows lock them in the same order), minute rows older than
-//! [`MINUTE_RETENTION`] minutes are deleted in it.
+//! usage and minute counts are additive multi-row upserts ([`UPSERT_BATCH`] rows a
+//! statement) in one transaction (rows sorted, so two controllers writing the same rows
+//! lock them in the same order); minute rows older than [`MINUTE_RETENTION`] minutes are
+//! deleted in it.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +20,7 @@ use tracing::info;
 
 use super::{
     KeyError, KeyStore, MINUTE_RETENTION, apply_update, day_of, minute_of, new_key, now_secs, pick,
-    validate_spec, validate_sync,
+    validate_spec, validate_sync, validate_updated,
 };
 use crate::registry::sql::{DbType, Pool, schema_lock, schema_unlock};
 use crate::wire::keys::{
@@ -160,6 +161,7 @@ struct Statements {
     update_key: String,
     all_keys: String,
     keys_since: String,
+    /// Templates (MySQL placeholders, `{ROWS}` for the rows): see [`rows_sql`].
     upsert_usage: String,
     upsert_minute: String,
     prune_minute: String,
@@ -175,12 +177,12 @@ impl Statements {
             DbType::Mysql => (
                 format!(
                     "INSERT INTO {USAGE_TABLE} (key_id, model, day, requests, prompt_tokens, completion_tokens) \
-                     VALUES (?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE requests = requests + VALUES(requests), \
+                     VALUES {{ROWS}} ON DUPLICATE KEY UPDATE requests = requests + VALUES(requests), \
                      prompt_tokens = prompt_tokens + VALUES(prompt_tokens), \
                      completion_tokens = completion_tokens + VALUES(completion_tokens)"
                 ),
                 format!(
-                    "INSERT INTO {MINUTE_TABLE} (key_id, model, minute, requests, tokens) VALUES (?, ?, ?, ?, ?) \
+                    "INSERT INTO {MINUTE_TABLE} (key_id, model, minute, requests, tokens) VALUES {{ROWS}} \
                      ON DUPLICATE KEY UPDATE requests = requests + VALUES(requests), tokens = tokens + VALUES(tokens)"
                 ),
                 "SIGNED",
@@ -188,13 +190,13 @@ impl Statements {
             DbType::Postgresql => (
                 format!(
                     "INSERT INTO {USAGE_TABLE} (key_id, model, day, requests, prompt_tokens, completion_tokens) \
-                     VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, model, day) DO UPDATE SET \
+                     VALUES {{ROWS}} ON CONFLICT (key_id, model, day) DO UPDATE SET \
                      requests = {USAGE_TABLE}.requests + EXCLUDED.requests, \
                      prompt_tokens = {USAGE_TABLE}.prompt_tokens + EXCLUDED.prompt_tokens, \
                      completion_tokens = {USAGE_TABLE}.completion_tokens + EXCLUDED.completion_tokens"
                 ),
                 format!(
-                    "INSERT INTO {MINUTE_TABLE} (key_id, model, minute, requests, tokens) VALUES (?, ?, ?, ?, ?) \
+                    "INSERT INTO {MINUTE_TABLE} (key_id, model, minute, requests, tokens) VALUES {{ROWS}} \
                      ON CONFLICT (key_id, model, minute) DO UPDATE SET \
                      requests = {MINUTE_TABLE}.requests + EXCLUDED.requests, \
                      tokens = {MINUTE_TABLE}.tokens + EXCLUDED.tokens"
@@ -224,8 +226,8 @@ impl Statements {
             keys_since: q(&format!(
                 "SELECT record FROM {KEYS_TABLE} WHERE version > ? ORDER BY version"
             )),
-            upsert_usage: q(&upsert_usage),
-            upsert_minute: q(&upsert_minute),
+            upsert_usage,
+            upsert_minute,
             prune_minute: q(&format!("DELETE FROM {MINUTE_TABLE} WHERE minute < ?")),
             minute_since: q(&format!(
                 "SELECT key_id, model, minute, requests, tokens FROM {MINUTE_TABLE} WHERE minute >= ? \
@@ -243,8 +245,25 @@ impl Statements {
     }
 }
 
+/// Rows per multi-row upsert (6 parameters each: far below both servers' 65535).
+const UPSERT_BATCH: usize = 500;
+
+/// `template` for `n` rows: its `{ROWS}` replaced by `n` groups of `width` placeholders,
+/// in `d`'s placeholder style.
+fn rows_sql(d: DbType, template: &str, width: usize, n: usize) -> String {
+    let group = format!("({})", vec!["?"; width].join(", "));
+    let rows = vec![group.as_str(); n].join(", ");
+    dialect(d, &template.replace("{ROWS}", &rows))
+}
+
 fn sql(s: &str) -> AssertSqlSafe<String> {
     AssertSqlSafe(s.to_string())
+}
+
+/// Whether a transaction failed as a deadlock victim or on a serialization conflict (and
+/// was rolled back whole, so running it again is safe).
+fn retryable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01")))
 }
 
 fn storage(e: sqlx::Error) -> KeyError {
@@ -422,7 +441,7 @@ impl KeyStore for SqlKeyStore {
         let now = now_secs();
         self.change(name_or_id, |old| {
             let new = apply_update(&old, &update);
-            validate_spec(&new.spec, now)?;
+            validate_updated(&new.spec, &update, now)?;
             Ok(Some(new))
         })
         .await
@@ -475,7 +494,8 @@ impl KeyStore for SqlKeyStore {
 
     async fn sync(&self, req: &SyncRequest, now: i64) -> Result<SyncResponse, KeyError> {
         validate_sync(req)?;
-        // Merged and sorted: one upsert per row, rows locked in the same order everywhere.
+        // Merged and sorted: each row once (PostgreSQL refuses one row twice in an upsert),
+        // and rows locked in the same order by every controller.
         let mut usage: BTreeMap<(&str, &str, &str), (u64, u64, u64)> = BTreeMap::new();
         for u in &req.usage {
             let e = usage
@@ -496,36 +516,57 @@ impl KeyStore for SqlKeyStore {
         let current = minute_of(now);
         let today = day_of(now);
         let s = &self.sql;
+        let d = self.dialect;
         let r: Result<SyncResponse, sqlx::Error> = on_pool!(&self.pool, |p| async {
             // Nothing to add (an idle apiserver): reads only.
             if !usage.is_empty() || !minutes.is_empty() {
-                let mut tx = p.begin().await?;
-                for ((id, model, day), (r, pt, ct)) in &usage {
-                    sqlx::query(sql(&s.upsert_usage))
-                        .bind(*id)
-                        .bind(*model)
-                        .bind(*day)
-                        .bind(to_i64(*r))
-                        .bind(to_i64(*pt))
-                        .bind(to_i64(*ct))
-                        .execute(&mut *tx)
-                        .await?;
+                // A deadlock or serialization failure rolled everything back: try again.
+                let mut attempt = 0;
+                loop {
+                    let written = async {
+                        let mut tx = p.begin().await?;
+                        let usage: Vec<_> = usage.iter().collect();
+                        for chunk in usage.chunks(UPSERT_BATCH) {
+                            let stmt = rows_sql(d, &s.upsert_usage, 6, chunk.len());
+                            let mut q = sqlx::query(sql(&stmt));
+                            for ((id, model, day), (r, pt, ct)) in chunk {
+                                q = q
+                                    .bind(*id)
+                                    .bind(*model)
+                                    .bind(*day)
+                                    .bind(to_i64(*r))
+                                    .bind(to_i64(*pt))
+                                    .bind(to_i64(*ct));
+                            }
+                            q.execute(&mut *tx).await?;
+                        }
+                        let minutes: Vec<_> = minutes.iter().collect();
+                        for chunk in minutes.chunks(UPSERT_BATCH) {
+                            let stmt = rows_sql(d, &s.upsert_minute, 5, chunk.len());
+                            let mut q = sqlx::query(sql(&stmt));
+                            for ((id, model, minute), (r, t)) in chunk {
+                                q = q
+                                    .bind(*id)
+                                    .bind(*model)
+                                    .bind(*minute)
+                                    .bind(to_i64(*r))
+                                    .bind(to_i64(*t));
+                            }
+                            q.execute(&mut *tx).await?;
+                        }
+                        sqlx::query(sql(&s.prune_minute))
+                            .bind(current - MINUTE_RETENTION)
+                            .execute(&mut *tx)
+                            .await?;
+                        tx.commit().await?;
+                        Ok::<(), sqlx::Error>(())
+                    }
+                    .await;
+                    match written {
+                        Err(e) if attempt < 2 && retryable(&e) => attempt += 1,
+                        r => break r?,
+                    }
                 }
-                for ((id, model, minute), (r, t)) in &minutes {
-                    sqlx::query(sql(&s.upsert_minute))
-                        .bind(*id)
-                        .bind(*model)
-                        .bind(*minute)
-                        .bind(to_i64(*r))
-                        .bind(to_i64(*t))
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                sqlx::query(sql(&s.prune_minute))
-                    .bind(current - MINUTE_RETENTION)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
             }
             // The version first: every key at or below it is committed, so none is missed.
             let version: i64 = sqlx::query(sql(&s.version))

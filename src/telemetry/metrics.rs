@@ -452,7 +452,7 @@ pub const STATUS_RATE: &str = "req_per_s";
 pub const STATUS_IN_FLIGHT: &str = "in_flight";
 pub const STATUS_ERRORS: &str = "errors";
 /// Prefix of the admin status `details` keys of the apiserver's per-instance health
-/// (`instance <model>@<host:port>` = `healthy|suspect|unhealthy|disabled outstanding=N`).
+/// (`instance <model>@<host:port>` = `healthy|ejected …|draining|unhealthy|disabled outstanding=N`).
 pub const STATUS_INSTANCE_PREFIX: &str = "instance ";
 
 #[cfg(test)]

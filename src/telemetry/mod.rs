@@ -75,6 +75,11 @@ pub fn init(
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            // A log line that cannot be written (stderr is a closed pipe) is dropped: the
+            // default reports it with `eprintln!`, which panics on that same closed pipe
+            // and took the task that logged with it (a SIGTERM handler: the daemon then
+            // never stopped).
+            .log_internal_errors(false)
             .with_ansi(ansi)
             .with_target(false)
             .try_init()
@@ -92,6 +97,7 @@ pub fn init(
     );
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .with_ansi(ansi)
         .with_target(false)
         .with_filter(filter);

@@ -111,10 +111,18 @@ fn manager_error(e: ManagerError) -> ApiError {
 }
 
 fn backend_error(e: BackendError) -> ApiError {
+    if let BackendError::Overloaded {
+        retry_after_secs, ..
+    } = e
+    {
+        return ApiError::Overloaded {
+            message: e.to_string(),
+            retry_after_secs,
+        };
+    }
     let status = match &e {
         BackendError::BadRequest(_) => StatusCode::BAD_REQUEST,
         BackendError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-        BackendError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError::Status(status, e.to_string())
@@ -216,13 +224,12 @@ async fn generation(
     {
         return Err(ApiError::Status(status, e.to_string()));
     }
-    // A full model is a 503 (the apiserver tries another instance), not an error frame.
-    if let Some(Err(e @ BackendError::Overloaded { .. })) = &first {
-        return Err(ApiError::Status(
-            StatusCode::SERVICE_UNAVAILABLE,
-            e.to_string(),
-        ));
-    }
+    // A full model is a 503 with Retry-After (the apiserver tries another instance, a
+    // client waits and tries again), not an error frame.
+    let first = match first {
+        Some(Err(e @ BackendError::Overloaded { .. })) => return Err(backend_error(e)),
+        other => other,
+    };
     let events = futures::stream::iter(first).chain(events);
     let frames = events
         .scan(

@@ -136,6 +136,55 @@ fn dbgpt_stop_controller_spelling_and_sigterm() {
     assert!(stdout(&out).contains("not found"), "{}", stdout(&out));
 }
 
+/// A daemon whose log pipe was closed (the shell or supervisor that read it went away)
+/// still stops on SIGTERM: a log line that cannot be written is dropped, it does not take
+/// the signal handler down with it.
+#[test]
+fn sigterm_stops_a_daemon_whose_log_pipe_is_closed() {
+    let env = TestEnv::new();
+    let port = free_port();
+    let port_s = port.to_string();
+    let reg = env.path("r.redb");
+    for service in ["controller", "apiserver"] {
+        let mut args = vec!["start", service, "--host", "127.0.0.1", "--port", &port_s];
+        match service {
+            "controller" => args.extend(["--registry_path", reg.to_str().unwrap()]),
+            _ => args.extend(["--controller_addr", "http://127.0.0.1:1"]),
+        }
+        let mut child = env
+            .cmd()
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(30), || http_get_status(
+                port,
+                "/api/health"
+            ) == Some(200)),
+            "{service} never answered"
+        );
+        // The reader of both pipes goes away.
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = wait_timeout(&mut child, Duration::from_secs(15));
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{service} did not stop cleanly on SIGTERM with its log pipe closed: {status:?}"
+        );
+    }
+}
+
 #[test]
 fn stale_socket_after_kill_9_is_cleaned_and_second_instance_refused() {
     let env = TestEnv::new();

@@ -251,6 +251,15 @@ fn a_full_model_is_overloaded_and_a_dropped_stream_frees_its_slot() {
         assert_eq!(header(&h, "retry-after"), Some("1"), "{path}: {h:?}");
         assert_eq!(v["error"]["code"], "model_overloaded", "{path}: {v}");
     }
+    // DB-GPT's worker routes say the same in their own shape, with the same Retry-After.
+    let ask = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]});
+    for path in ["/api/worker/generate_stream", "/api/worker/generate"] {
+        let (s, h, v) = post(w.port, path, &ask);
+        assert_eq!(s, 503, "{path}: {v}");
+        assert_eq!(header(&h, "retry-after"), Some("1"), "{path}: {h:?}");
+        let detail = v["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("sequence slots are busy"), "{path}: {v}");
+    }
 
     // A second instance: the apiserver tries it when the first is full.
     let w2 = llama_worker(

@@ -338,7 +338,7 @@ fn a_stalled_workers_stream_goes_on_and_the_bound_ends_it() {
     assert!(api.logs().contains("went silent"), "{}", api.logs());
 
     // Both frozen in turn: one migration, then the bound.
-    std::thread::sleep(Duration::from_secs(11)); // the suspect marks wear off
+    std::thread::sleep(Duration::from_secs(11)); // any ejection wears off (outlier detection)
     let (p1, p2) = (w1.pid(), w2.pid());
     let mut stops: Vec<Stopped> = Vec::new();
     let mut other = None;

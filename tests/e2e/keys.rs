@@ -247,6 +247,34 @@ fn bad_key_input_names_the_flag_and_changes_nothing() {
             "2h",
         ],
     );
+    // Limits per model: set at creation, one removed by an update, the rest kept.
+    ok(
+        &env,
+        &url,
+        &[
+            "create",
+            "--name",
+            "team-m",
+            "--model_limit",
+            "smollm2:rpm=5,tpm=100",
+            "--model_limit",
+            "qwen:max_concurrency=1",
+        ],
+    );
+    ok(
+        &env,
+        &url,
+        &[
+            "update",
+            "team-m",
+            "--model_limit",
+            "smollm2:rpm=none",
+            "--model_limit",
+            "qwen:none",
+        ],
+    );
+    let m = json_of(&env, &url, &["show", "team-m", "--json"]);
+    assert_eq!(m["model_limits"], json!({"smollm2": {"tpm": 100}}), "{m}");
     let before = json_of(&env, &url, &["list", "--json"]);
 
     let cases: &[(&[&str], &str)] = &[
@@ -270,6 +298,15 @@ fn bad_key_input_names_the_flag_and_changes_nothing() {
         (&["update", "team-a", "--expires", "3x"], "--expires"),
         (&["update", "team-a"], "nothing to change"),
         (&["update", "nobody", "--rpm", "5"], "nobody"),
+        (&["update", "nobody", "--model_limit", "m:rpm=5"], "nobody"),
+        (
+            &["update", "team-m", "--model_limit", "m:rpm=0"],
+            "--model_limit",
+        ),
+        (
+            &["create", "--name", "x", "--model_limit", "m:rps=1"],
+            "--model_limit",
+        ),
         (&["show", "nobody"], "nobody"),
         (&["revoke", "nobody"], "nobody"),
         (&["usage", "nobody"], "nobody"),
@@ -390,4 +427,31 @@ fn sql_mysql_controllers_share_keys() {
 #[test]
 fn sql_postgres_controllers_share_keys() {
     two_sql_controllers_share_keys(crate::sql::Db::Pg);
+}
+
+/// A report larger than the other routes' 1 MiB body cap (what an apiserver holds after a
+/// while without its controller) is taken whole, in one transaction.
+#[test]
+fn a_large_usage_report_is_taken_whole() {
+    let env = TestEnv::new();
+    let c = env.controller(&[]);
+    let url = c.url();
+    ok(&env, &url, &["create", "--name", "bulk"]);
+    let id = json_of(&env, &url, &["show", "bulk", "--json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let usage: Vec<Value> = (0..8000)
+        .map(|i| {
+            json!({"key_id": id, "model": format!("model-with-a-longish-name-{i}"),
+                   "day": today(), "requests": 1, "prompt_tokens": 2, "completion_tokens": 3})
+        })
+        .collect();
+    let report = json!({"apiserver": "a", "since_version": 0, "usage": usage, "minute": []});
+    assert!(serde_json::to_vec(&report).unwrap().len() > 1 << 20);
+    let (status, answer) = json_req(c.port, "POST", "/api/controller/keys-sync", Some(&report));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["daily_tokens"][&id], 8000 * 5, "{answer}");
+    let rows = json_of(&env, &url, &["usage", "bulk", "--json"]);
+    assert_eq!(rows.as_array().unwrap().len(), 8000);
 }

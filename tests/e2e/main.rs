@@ -18,6 +18,7 @@ mod otlp;
 mod registry;
 mod rerank;
 mod restart;
+mod routing;
 mod sql;
 mod stack;
 mod tenancy;

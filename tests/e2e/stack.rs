@@ -271,7 +271,7 @@ fn apiserver_real_workers_refusals_and_a_frozen_one() {
     }
     let log = api.logs();
     assert!(
-        !log.contains("marked suspect"),
+        !log.contains("worker call failed"),
         "refusals are not failures: {log}"
     );
     // The worker itself answers them with HTTP 400 naming the limit, on both routes.

@@ -323,11 +323,9 @@ fn usage_survives_an_apiserver_restart() {
 #[test]
 fn two_apiservers_share_a_keys_limits_through_mariadb() {
     let db = TestDb::new(Db::My);
-    let flags = db.flags();
-    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
     let env = TestEnv::new();
-    let c1 = env.controller_on(free_port(), &env.path("unused1.redb"), &extra);
-    let c2 = env.controller_on(free_port(), &env.path("unused2.redb"), &extra);
+    let c1 = crate::sql::start(&env, &db, free_port());
+    let c2 = crate::sql::start(&env, &db, free_port());
     let up = FakeUpstream::start(Duration::ZERO);
     let _w = gpt_worker(&env, &c1.url(), &up);
     let key = create(&env, &c1.url(), "shared", &["--rpm", "4"]);
@@ -364,4 +362,83 @@ fn two_apiservers_share_a_keys_limits_through_mariadb() {
         "shared"
     )
     .0 == served));
+}
+
+#[test]
+fn streamed_tokens_count_toward_tpm_daily_tokens_a_model_limit_and_concurrency() {
+    let up = FakeUpstream::start(Duration::from_millis(600));
+    let env = TestEnv::new();
+    let c = env.controller(&[]);
+    let url = c.url();
+    let _w = gpt_worker(&env, &url, &up);
+    let tpm = create(&env, &url, "tpm", &["--tpm", "20"]);
+    let daily = create(&env, &url, "daily", &["--daily_tokens", "10"]);
+    let conc = create(&env, &url, "conc", &["--max_concurrency", "1"]);
+    let per_model = create(&env, &url, "per-model", &["--model_limit", "gpt:rpm=1"]);
+    let a = apiserver(&env, &url, &["--keys_sync_ms", "200"]);
+    wait_served(a.port, Some(&conc));
+
+    // 12 tokens per answer, counted from the streams' (hidden) usage chunks: two fit under
+    // 20 tokens a minute (the second starts at 12), the third is refused.
+    for _ in 0..2 {
+        assert_eq!(chat(a.port, Some(&tpm), "gpt", true).0, 200);
+    }
+    let r = chat(a.port, Some(&tpm), "gpt", true);
+    assert_eq!(r.0, 429, "{}", String::from_utf8_lossy(&r.2));
+    let e = error_of(&r);
+    assert_eq!(e["type"], "tokens");
+    assert!(e["message"].as_str().unwrap().contains("(tpm)"), "{e}");
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), Some("20"));
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), Some("0"));
+
+    // 10 tokens a day: the first answer spends them.
+    assert_eq!(chat(a.port, Some(&daily), "gpt", false).0, 200);
+    let r = chat(a.port, Some(&daily), "gpt", false);
+    assert_eq!(r.0, 429);
+    assert!(
+        error_of(&r)["message"]
+            .as_str()
+            .unwrap()
+            .contains("(daily_tokens)")
+    );
+    let retry: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
+    assert!(retry <= 86_400);
+
+    // A limit on one model only.
+    assert_eq!(chat(a.port, Some(&per_model), "gpt", false).0, 200);
+    let r = chat(a.port, Some(&per_model), "gpt", false);
+    assert_eq!(r.0, 429);
+    let msg = error_of(&r)["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("'per-model' on model 'gpt'") && msg.contains("(rpm)"),
+        "{msg}"
+    );
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), Some("1"));
+
+    // One request in flight at a time: a second one meanwhile is refused, and the slot is
+    // free again once the first answer has ended.
+    let port = a.port;
+    let k = conc.clone();
+    let first = std::thread::spawn(move || chat(port, Some(&k), "gpt", true).0);
+    std::thread::sleep(Duration::from_millis(250));
+    let r = chat(a.port, Some(&conc), "gpt", false);
+    assert_eq!(r.0, 429, "{}", String::from_utf8_lossy(&r.2));
+    assert!(
+        error_of(&r)["message"]
+            .as_str()
+            .unwrap()
+            .contains("(max_concurrency)")
+    );
+    assert_eq!(first.join().unwrap(), 200);
+    assert_eq!(chat(a.port, Some(&conc), "gpt", false).0, 200);
+    let (_, m) = scrape(a.port);
+    for (key, limit) in [
+        ("tpm", "tpm"),
+        ("daily", "daily_tokens"),
+        ("conc", "max_concurrency"),
+    ] {
+        let k =
+            format!("dbgpt_apiserver_key_rate_limited_total{{key=\"{key}\",limit=\"{limit}\"}}");
+        assert_eq!(metric(&m, &k), 1.0, "{k}");
+    }
 }

@@ -215,6 +215,14 @@ fn upstream() -> Upstream {
     }
 }
 
+/// The answer a refusal becomes.
+fn answer(r: Refusal) -> OpenAiError {
+    match r {
+        Refusal::Upstream(e) => e.into(),
+        Refusal::Answer(e) => e,
+    }
+}
+
 fn admission(s: Settings) -> Arc<Admission> {
     let client = ControllerClient::new("http://127.0.0.1:1", Duration::from_secs(1)).unwrap();
     Arc::new(Admission::new(s, wake::Waker::new(client).unwrap()))
@@ -230,11 +238,11 @@ async fn instances_at_their_limit_queue_requests_until_one_finishes() {
         queue_timeout: Duration::from_secs(5),
         ..Default::default()
     });
-    let (_, t1) = a.admit(&up, "m", WorkerType::Llm, I).await.unwrap();
-    let (_, t2) = a.admit(&up, "m", WorkerType::Llm, I).await.unwrap();
+    let (_, t1) = a.admit(&up, ("m", WorkerType::Llm), I, true).await.unwrap();
+    let (_, t2) = a.admit(&up, ("m", WorkerType::Llm), I, true).await.unwrap();
     // Two instances at one request each: the third waits.
     let (a2, up2) = (a.clone(), up.clone());
-    let third = tokio::spawn(async move { a2.admit(&up2, "m", WorkerType::Llm, B).await });
+    let third = tokio::spawn(async move { a2.admit(&up2, ("m", WorkerType::Llm), B, true).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!third.is_finished());
     assert_eq!(a.depths(), [("m@llm".to_string(), 1)]);
@@ -255,8 +263,13 @@ async fn a_full_queue_answers_503_with_retry_after() {
         max_queue: 0,
         ..Default::default()
     });
-    let _t = a.admit(&up, "m", WorkerType::Llm, I).await.unwrap();
-    let e = a.admit(&up, "m", WorkerType::Llm, I).await.err().unwrap();
+    let _t = a.admit(&up, ("m", WorkerType::Llm), I, true).await.unwrap();
+    let e = a
+        .admit(&up, ("m", WorkerType::Llm), I, true)
+        .await
+        .err()
+        .map(answer)
+        .unwrap();
     assert_eq!(e.status, 503);
     assert_eq!(e.code, Some("model_overloaded"));
     assert_eq!(e.retry_after, Some(RETRY_AFTER_SECS));
@@ -272,9 +285,14 @@ async fn a_queued_request_expires_with_model_overloaded() {
         queue_timeout: Duration::from_millis(200),
         ..Default::default()
     });
-    let _t = a.admit(&up, "m", WorkerType::Llm, I).await.unwrap();
+    let _t = a.admit(&up, ("m", WorkerType::Llm), I, true).await.unwrap();
     let start = Instant::now();
-    let e = a.admit(&up, "m", WorkerType::Llm, I).await.err().unwrap();
+    let e = a
+        .admit(&up, ("m", WorkerType::Llm), I, true)
+        .await
+        .err()
+        .map(answer)
+        .unwrap();
     assert!(start.elapsed() >= Duration::from_millis(200));
     assert_eq!((e.status.as_u16(), e.code), (503, Some("model_overloaded")));
     assert_eq!(e.retry_after, Some(RETRY_AFTER_SECS));
@@ -289,7 +307,7 @@ async fn a_known_model_without_instances_holds_until_one_appears() {
         ..Default::default()
     });
     let (a2, up2) = (a.clone(), up.clone());
-    let held = tokio::spawn(async move { a2.admit(&up2, "m", WorkerType::Llm, I).await });
+    let held = tokio::spawn(async move { a2.admit(&up2, ("m", WorkerType::Llm), I, true).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!held.is_finished());
     up.discovery.install(vec![inst("m@llm", 1, true)]);
@@ -307,7 +325,12 @@ async fn a_hold_expires_as_no_healthy_instance_and_unknown_models_stay_404() {
         wake_models: vec!["configured".into()],
         ..Default::default()
     });
-    let e = a.admit(&up, "m", WorkerType::Llm, I).await.err().unwrap();
+    let e = a
+        .admit(&up, ("m", WorkerType::Llm), I, true)
+        .await
+        .err()
+        .map(answer)
+        .unwrap();
     assert_eq!(
         (e.status.as_u16(), e.code),
         (503, Some("no_healthy_instance"))
@@ -317,33 +340,37 @@ async fn a_hold_expires_as_no_healthy_instance_and_unknown_models_stay_404() {
     // Never known: 404 at once.
     let start = Instant::now();
     let e = a
-        .admit(&up, "never", WorkerType::Llm, I)
+        .admit(&up, ("never", WorkerType::Llm), I, true)
         .await
         .err()
+        .map(answer)
         .unwrap();
     assert_eq!((e.status.as_u16(), e.code), (404, Some("model_not_found")));
     assert!(start.elapsed() < Duration::from_millis(150));
     // Configured, or seen in the view before: held.
     let e = a
-        .admit(&up, "configured", WorkerType::Llm, I)
+        .admit(&up, ("configured", WorkerType::Llm), I, true)
         .await
         .err()
+        .map(answer)
         .unwrap();
     assert_eq!(e.code, Some("no_healthy_instance"));
     up.discovery.install(vec![inst("seen@llm", 1, true)]);
     a.learn(&up.discovery);
     up.discovery.install(vec![]);
     let e = a
-        .admit(&up, "seen", WorkerType::Llm, I)
+        .admit(&up, ("seen", WorkerType::Llm), I, true)
         .await
         .err()
+        .map(answer)
         .unwrap();
     assert_eq!(e.code, Some("no_healthy_instance"));
     // Another worker type of a seen name was never seen.
     let e = a
-        .admit(&up, "seen", WorkerType::Text2vec, I)
+        .admit(&up, ("seen", WorkerType::Text2vec), I, true)
         .await
         .err()
+        .map(answer)
         .unwrap();
     assert_eq!(e.status, 404);
 }
@@ -359,18 +386,24 @@ async fn waiting_off_answers_at_once() {
         ..Default::default()
     });
     let e = a
-        .admit(&up, "down", WorkerType::Llm, I)
+        .admit(&up, ("down", WorkerType::Llm), I, true)
         .await
         .err()
+        .map(answer)
         .unwrap();
     assert_eq!(
         (e.status.as_u16(), e.code),
         (503, Some("no_healthy_instance"))
     );
     assert_eq!(e.retry_after, None, "today's answer, unchanged");
-    let _t = a.admit(&up, "m", WorkerType::Llm, I).await.unwrap();
+    let _t = a.admit(&up, ("m", WorkerType::Llm), I, true).await.unwrap();
     let start = Instant::now();
-    let e = a.admit(&up, "m", WorkerType::Llm, I).await.err().unwrap();
+    let e = a
+        .admit(&up, ("m", WorkerType::Llm), I, true)
+        .await
+        .err()
+        .map(answer)
+        .unwrap();
     assert_eq!(e.code, Some("model_overloaded"));
     assert!(start.elapsed() < Duration::from_millis(100));
 }
@@ -392,4 +425,40 @@ async fn an_idle_gate_quiesces_and_holds_arrivals_while_its_model_stops() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     g.retune(usize::MAX);
     assert_eq!(h.await.unwrap(), Ok(()));
+}
+
+#[tokio::test]
+async fn a_model_that_may_not_wait_is_refused_at_once_for_the_next_of_its_chain() {
+    let up = upstream();
+    up.discovery
+        .install(vec![inst("m@llm", 1, true), inst("down@llm", 2, false)]);
+    let a = admission(Settings {
+        max_instance_concurrency: 1,
+        ..Default::default()
+    });
+    let _t = a
+        .admit(&up, ("m", WorkerType::Llm), I, false)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let r = a
+        .admit(&up, ("m", WorkerType::Llm), I, false)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(r, Refusal::Upstream(UpstreamError::Overloaded { .. })),
+        "{r:?}"
+    );
+    let r = a
+        .admit(&up, ("down", WorkerType::Llm), I, false)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(r, Refusal::Upstream(UpstreamError::NoneRoutable { .. })),
+        "{r:?}"
+    );
+    assert!(start.elapsed() < Duration::from_millis(100));
+    assert_eq!(a.depths(), []);
 }

@@ -371,3 +371,40 @@ async fn a_stream_without_include_usage_is_counted_and_its_usage_chunk_hidden() 
         (1, 5, 2)
     );
 }
+
+#[test]
+fn a_large_backlog_goes_out_in_bounded_reports_oldest_first() {
+    let t = Tenancy::new(vec![], "a".into());
+    let row = |i: usize| UsageRow {
+        key_id: "abc123".into(),
+        key_name: String::new(),
+        model: format!("m{i}"),
+        day: "2026-12-07".into(),
+        requests: 1,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+    *lock(&t.backlog) = (0..MAX_REPORT_ROWS + 5).map(row).collect();
+    let report = t.take_report();
+    assert_eq!(report.usage.len(), MAX_REPORT_ROWS);
+    assert_eq!(report.usage[0].model, "m0");
+    assert_eq!(lock(&t.backlog).len(), 5);
+    // A failed report goes back in front of the rest, in order.
+    t.sync_failed(report);
+    let all = lock(&t.backlog).clone();
+    assert_eq!(all.len(), MAX_REPORT_ROWS + 5);
+    assert!(
+        all.iter()
+            .enumerate()
+            .all(|(i, r)| r.model == format!("m{i}"))
+    );
+    // Past MAX_BACKLOG the oldest rows are dropped.
+    *lock(&t.backlog) = (0..MAX_BACKLOG).map(row).collect();
+    let report = t.take_report();
+    let mut more = report.clone();
+    more.usage.push(row(MAX_BACKLOG));
+    t.sync_failed(more);
+    let all = lock(&t.backlog).clone();
+    assert_eq!(all.len(), MAX_BACKLOG);
+    assert_eq!(all[0].model, "m1");
+}

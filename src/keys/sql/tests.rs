@@ -153,3 +153,60 @@ async fn mysql_stores_share_keys_and_usage() {
 async fn postgres_stores_share_keys_and_usage() {
     shared(DbType::Postgresql).await;
 }
+
+/// A report of more rows than one statement takes (three multi-row upserts) adds them all,
+/// and a second report adds to each.
+async fn large_report(d: DbType) {
+    let db = TestDb::new(d).await;
+    let s = open(&db.cfg).await;
+    let now = now_secs();
+    let day = day_of(now);
+    let req = SyncRequest {
+        apiserver: "a".into(),
+        since_version: 0,
+        usage: (0..1200)
+            .map(|i| UsageRow {
+                key_id: "k".into(),
+                key_name: String::new(),
+                model: format!("m{i}"),
+                day: day.clone(),
+                requests: 1,
+                prompt_tokens: 2,
+                completion_tokens: 3,
+            })
+            .collect(),
+        minute: (0..1200)
+            .map(|i| MinuteCount {
+                key_id: "k".into(),
+                model: format!("m{i}"),
+                minute: minute_of(now),
+                requests: 1,
+                tokens: 5,
+            })
+            .collect(),
+    };
+    s.sync(&req, now).await.unwrap();
+    let answer = s.sync(&req, now).await.unwrap();
+    assert_eq!(answer.daily_tokens.get("k"), Some(&12_000));
+    assert_eq!(answer.minute.len(), 1200);
+    assert!(
+        answer
+            .minute
+            .iter()
+            .all(|m| m.requests == 2 && m.tokens == 10)
+    );
+    let rows = s.usage(Some("k"), None).await.unwrap();
+    assert_eq!(rows.len(), 1200);
+    assert!(rows.iter().all(|r| r.requests == 2 && r.prompt_tokens == 4));
+    drop(db);
+}
+
+#[tokio::test]
+async fn mysql_takes_a_large_report() {
+    large_report(DbType::Mysql).await;
+}
+
+#[tokio::test]
+async fn postgres_takes_a_large_report() {
+    large_report(DbType::Postgresql).await;
+}

@@ -8,13 +8,19 @@
 //! `stream_options.include_usage`; the worker counts every token it generates). From the
 //! relay: `dbgpt_apiserver_retries_total{model}` (attempts moved to another instance before
 //! the first byte) and `dbgpt_apiserver_failovers_total{model}` (streams continued on
-//! another instance mid-way; counted by the mid-stream relay). At scrape time, from the
+//! another instance mid-way; counted by the mid-stream relay),
+//! `dbgpt_apiserver_ejections_total{model}` (instances ejected by outlier detection) and
+//! `dbgpt_apiserver_fallbacks_total{model,to}` (requests moved from `model` to the next model
+//! of its fallback chain). At scrape time, from the
 //! discovery view: `dbgpt_apiserver_in_flight_requests`,
 //! `dbgpt_apiserver_instance_outstanding_requests{model,worker_type,worker}` (`worker`: the
 //! instance's host:port; not `instance`, which Prometheus gives the scrape target),
 //! `dbgpt_apiserver_instance_healthy{…}` (1 when the apiserver would route to it: healthy,
-//! enabled, not marked suspect), `dbgpt_apiserver_discovery_refresh_age_seconds` and
-//! `dbgpt_apiserver_discovery_refresh_failing`.
+//! enabled, neither ejected nor draining), `dbgpt_apiserver_instance_ejected{…}` (1 while
+//! outlier detection has it ejected, its trial included),
+//! `dbgpt_apiserver_discovery_refresh_age_seconds` and
+//! `dbgpt_apiserver_discovery_refresh_failing`. The per-key series
+//! (`dbgpt_apiserver_key_*`, by key name) are [`crate::apiserver::tenancy`]'s.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -68,6 +74,8 @@ struct Families {
     completion_tokens: CounterFamily,
     retries: CounterFamily,
     failovers: CounterFamily,
+    ejections: CounterFamily,
+    fallbacks: CounterFamily,
 }
 
 /// One model's handles.
@@ -80,6 +88,7 @@ pub struct ApiModel {
     tokens: OnceLock<(Counter, Counter)>,
     retries: OnceLock<Counter>,
     failovers: OnceLock<Counter>,
+    ejections: OnceLock<Counter>,
 }
 
 impl ApiModel {
@@ -128,6 +137,8 @@ impl ApiMetrics {
             completion_tokens: Family::default(),
             retries: Family::default(),
             failovers: Family::default(),
+            ejections: Family::default(),
+            fallbacks: Family::default(),
         };
         let f = families.clone();
         ApiMetrics {
@@ -141,6 +152,7 @@ impl ApiMetrics {
                 tokens: OnceLock::new(),
                 retries: OnceLock::new(),
                 failovers: OnceLock::new(),
+                ejections: OnceLock::new(),
             }),
             families,
             discovery: OnceLock::new(),
@@ -185,6 +197,16 @@ impl ApiMetrics {
             "Streams continued on another instance after their first byte",
             f.failovers.clone(),
         );
+        r.register(
+            "dbgpt_apiserver_ejections",
+            "Instances ejected by outlier detection (failures in a row from live traffic)",
+            f.ejections.clone(),
+        );
+        r.register(
+            "dbgpt_apiserver_fallbacks",
+            "Requests moved from a model to the next model of its fallback chain",
+            f.fallbacks.clone(),
+        );
         let _ = self.discovery.set(discovery.clone());
         r.register_collector(Box::new(ViewCollector {
             metrics: self.clone(),
@@ -213,6 +235,23 @@ impl ApiMetrics {
         let m = self.model(model);
         m.failovers
             .get_or_init(|| m.families.failovers.get_or_create_owned(&m.one()))
+            .inc();
+    }
+
+    /// Outlier detection ejected an instance of `model`.
+    pub fn ejected(&self, model: &str) {
+        let m = self.model(model);
+        m.ejections
+            .get_or_init(|| m.families.ejections.get_or_create_owned(&m.one()))
+            .inc();
+    }
+
+    /// A request for `model` moves on to `to`, the next model of its fallback chain (both
+    /// come from the configured chains, so the series are bounded).
+    pub fn fell_back(&self, model: &str, to: &str) {
+        self.families
+            .fallbacks
+            .get_or_create(&vec![("model", model.to_string()), ("to", to.to_string())])
             .inc();
     }
 
@@ -363,15 +402,28 @@ impl Collector for ViewCollector {
                 ConstGauge::new(v).encode(m.encode_family(&l)?)?;
             }
         }
+        {
+            let mut m = enc.encode_descriptor(
+                "dbgpt_apiserver_instance_healthy",
+                "1 when the apiserver routes to the instance (healthy, enabled, neither ejected nor draining)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for row in &rows {
+                let l = labels(row);
+                let v = i64::from(row.2.routable() && !d.avoids(row.2));
+                ConstGauge::new(v).encode(m.encode_family(&l)?)?;
+            }
+        }
         let mut m = enc.encode_descriptor(
-            "dbgpt_apiserver_instance_healthy",
-            "1 when the apiserver routes to the instance (healthy, enabled, not suspect)",
+            "dbgpt_apiserver_instance_ejected",
+            "1 while outlier detection has the instance ejected (its trial request included)",
             None,
             MetricType::Gauge,
         )?;
         for row in &rows {
             let l = labels(row);
-            let v = i64::from(row.2.routable() && !d.is_suspect(row.2));
+            let v = i64::from(d.ejection(row.2).is_some());
             ConstGauge::new(v).encode(m.encode_family(&l)?)?;
         }
         Ok(())
@@ -379,21 +431,32 @@ impl Collector for ViewCollector {
 }
 
 /// `instance <model>@<type>@<addr>` entries of the admin status: how the apiserver sees
-/// each instance (`healthy`, `suspect`, `unhealthy`, `disabled`) and its outstanding
-/// requests.
+/// each instance (`healthy`, `ejected <time left>` (`ejected trial` while its trial request
+/// runs, `ejected trial-due` once its backoff is over), `draining`, `unhealthy`, `disabled`)
+/// and its outstanding requests.
 pub fn instance_details(d: &Discovery) -> Vec<(String, String)> {
     let view = d.view();
     let mut out = Vec::new();
     for (key, g) in &view.groups {
         for i in &g.instances {
+            let ejection = d.ejection(i);
             let state = if !i.enabled {
-                "disabled"
+                "disabled".to_string()
             } else if !i.healthy {
-                "unhealthy"
-            } else if d.is_suspect(i) {
-                "suspect"
+                "unhealthy".to_string()
+            } else if let Some(e) = ejection {
+                let left = if e.trial {
+                    "trial".to_string()
+                } else if e.remaining.is_zero() {
+                    "trial-due".to_string()
+                } else {
+                    format!("{:.1}s", e.remaining.as_secs_f64())
+                };
+                format!("ejected {left} ejections={}", e.streak)
+            } else if d.avoids(i) {
+                "draining".to_string()
             } else {
-                "healthy"
+                "healthy".to_string()
             };
             out.push((
                 format!("{}{key}@{}", super::STATUS_INSTANCE_PREFIX, i.addr),
