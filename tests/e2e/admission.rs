@@ -644,3 +644,40 @@ fn interactive_keys_go_first_and_batch_keys_are_shed_first() {
     // The worker saw the first and the two interactive ones only.
     assert_eq!(fake.hits() - before, 3);
 }
+
+#[test]
+fn a_full_model_with_a_fallback_passes_requests_on_at_once() {
+    let env = TestEnv::new();
+    let ctl = controller(&env);
+    let slow = Fake::start(&ctl.url(), "a", 2000, 0);
+    let spare = Fake::start(&ctl.url(), "b", 0, 0);
+    let api = apiserver(
+        &env,
+        &ctl.url(),
+        &["--max_instance_concurrency", "1", "--fallback", "a=b"],
+    );
+    wait_listed(api.port, "a", true);
+    wait_listed(api.port, "b", true);
+    let running = chat_in_thread(api.port, "a");
+    wait_busy(&slow, 1);
+    // `a` is full: the request goes to `b` without waiting, and the answer says so.
+    let start = Instant::now();
+    let (s, h, b) = raw_http(
+        api.port,
+        "POST",
+        "/v1/chat/completions",
+        &[("Content-Type", "application/json")],
+        &chat_body("a"),
+    )
+    .unwrap();
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert!(start.elapsed() < Duration::from_millis(1500));
+    assert!(
+        h.iter()
+            .any(|(k, v)| k == "x-dbgpt-served-model" && v == "b"),
+        "{h:?}"
+    );
+    assert_eq!(spare.hits(), 1);
+    assert_eq!(running.join().unwrap().0, 200);
+    assert_eq!(slow.hits(), 1);
+}
