@@ -21,6 +21,8 @@
 //! `dbgpt_apiserver_discovery_refresh_age_seconds` and
 //! `dbgpt_apiserver_discovery_refresh_failing`. The per-key series
 //! (`dbgpt_apiserver_key_*`, by key name) are [`crate::apiserver::tenancy`]'s.
+//! The queues' series (`dbgpt_apiserver_queue_*`, `dbgpt_apiserver_model_wakes_total`,
+//! `…_unloads_total`) are registered by [`crate::apiserver::admission`].
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
