@@ -24,7 +24,8 @@
 //! `Retry-After`. With `--wake_on_request` the model is started on a worker manager that ran
 //! it ([`wake`]), and with `--idle_unload_secs` a model woken so is stopped again when idle.
 //! A model never known stays a 404. `--queue_timeout 0` turns every wait off (today's
-//! immediate answers).
+//! immediate answers). In a fallback chain only the last model waits (`may_wait`): a model
+//! with a fallback after it refuses at once ([`Refusal::Upstream`]) and the next one is tried.
 
 pub(crate) mod wake;
 
