@@ -78,44 +78,10 @@ impl Fake {
             hits: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
         });
-        let rt = runtime(1);
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
         let app = Router::new()
             .route("/api/worker/openai/v1/chat/completions", post(native_chat))
             .with_state(s.clone());
-        rt.spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let inst = json!({
-            "model_name": format!("{model}@llm"), "host": "127.0.0.1", "port": port,
-            "weight": 1.0, "check_healthy": true, "healthy": true, "enabled": true,
-            "prompt_template": null, "last_heartbeat": null
-        });
-        dbgpt_cluster::http::ensure_tls_provider();
-        let client = reqwest::Client::new();
-        let url = controller.to_string();
-        let r = rt
-            .block_on(
-                client
-                    .post(format!("{url}/api/controller/models"))
-                    .json(&inst)
-                    .send(),
-            )
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let _ = client
-                    .post(format!("{url}/api/controller/heartbeat"))
-                    .json(&inst)
-                    .send()
-                    .await;
-            }
-        });
+        let (rt, _) = registered_double(controller, 0, app, &format!("{model}@llm"), (1.0, true));
         Fake { s, _rt: rt }
     }
 

@@ -231,45 +231,13 @@ impl FakeWorker {
             reranker: AtomicBool::new(false),
             cancelled: AtomicUsize::new(0),
         });
-        let rt = runtime(1);
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
         let app = Router::new()
             .route("/api/worker/generate_stream", post(generate_stream))
             .route("/api/worker/generate", post(generate))
             .route("/api/worker/embeddings", post(embeddings))
             .with_state(shared.clone());
-        rt.spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let inst = json!({
-            "model_name": format!("{model}@{worker_type}"), "host": "127.0.0.1", "port": port,
-            "weight": weight, "check_healthy": true, "healthy": true, "enabled": enabled,
-            "prompt_template": null, "last_heartbeat": null
-        });
-        let url = controller.to_string();
-        let client = client();
-        let r = rt
-            .block_on(
-                client
-                    .post(format!("{url}/api/controller/models"))
-                    .json(&inst)
-                    .send(),
-            )
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let _ = client
-                    .post(format!("{url}/api/controller/heartbeat"))
-                    .json(&inst)
-                    .send()
-                    .await;
-            }
-        });
+        let key = format!("{model}@{worker_type}");
+        let (rt, port) = registered_double(controller, port, app, &key, (weight, enabled));
         FakeWorker {
             port,
             shared,

@@ -255,6 +255,56 @@ pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A worker test double: `app` served on its own runtime on `port` (0: any free one),
+/// registered with the controller at `controller` (its base URL) as `model_key`
+/// (`name@type`) with `weight` and `enabled`, and heartbeating every 300 ms while the
+/// runtime lives (dropping or shutting down the runtime is a worker dying). Returns the
+/// runtime and the port.
+pub fn registered_double(
+    controller: &str,
+    port: u16,
+    app: axum::Router,
+    model_key: &str,
+    (weight, enabled): (f64, bool),
+) -> (tokio::runtime::Runtime, u16) {
+    let rt = runtime(1);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let inst = serde_json::json!({
+        "model_name": model_key, "host": "127.0.0.1", "port": port,
+        "weight": weight, "check_healthy": true, "healthy": true, "enabled": enabled,
+        "prompt_template": null, "last_heartbeat": null
+    });
+    dbgpt_cluster::http::ensure_tls_provider();
+    let client = reqwest::Client::new();
+    let url = controller.to_string();
+    let r = rt
+        .block_on(
+            client
+                .post(format!("{url}/api/controller/models"))
+                .json(&inst)
+                .send(),
+        )
+        .unwrap();
+    assert_eq!(r.status(), 200, "registering the test double {model_key}");
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = client
+                .post(format!("{url}/api/controller/heartbeat"))
+                .json(&inst)
+                .send()
+                .await;
+        }
+    });
+    (rt, port)
+}
+
 /// Status, lowercased headers, body.
 pub type RawResponse = (u16, Vec<(String, String)>, Vec<u8>);
 

@@ -121,40 +121,13 @@ impl Fake {
             hits: AtomicUsize::new(0),
             models: Mutex::new(Vec::new()),
         });
-        let rt = runtime(1);
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
         let app = Router::new()
             .route("/api/worker/openai/v1/chat/completions", post(answer))
             .route("/api/worker/openai/v1/completions", post(answer))
             .route("/api/worker/openai/v1/embeddings", post(answer))
             .with_state(shared.clone());
-        rt.spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let inst = json!({
-            "model_name": format!("{model}@{worker_type}"), "host": "127.0.0.1", "port": port,
-            "weight": 1.0, "check_healthy": true, "healthy": true, "enabled": true,
-            "prompt_template": null, "last_heartbeat": null
-        });
-        let cport: u16 = controller.rsplit(':').next().unwrap().parse().unwrap();
-        let (status, _) = json_req(cport, "POST", "/api/controller/models", Some(&inst));
-        assert_eq!(status, 200);
-        dbgpt_cluster::http::ensure_tls_provider();
-        let url = controller.to_string();
-        rt.spawn(async move {
-            let client = reqwest::Client::new();
-            loop {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let _ = client
-                    .post(format!("{url}/api/controller/heartbeat"))
-                    .json(&inst)
-                    .send()
-                    .await;
-            }
-        });
+        let key = format!("{model}@{worker_type}");
+        let (rt, port) = registered_double(controller, 0, app, &key, (1.0, true));
         Fake {
             port,
             shared,
