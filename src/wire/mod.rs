@@ -2,7 +2,8 @@
 //! JSON shapes: [`controller`] (registration, heartbeats, listings) and [`worker`]
 //! (generation, embeddings, model lifecycle), plus one of ours, [`keys`] (managed API keys
 //! and their usage). Every side that speaks a protocol — server, client, the CLI — uses the
-//! types and paths defined here, so a field or a route is added once. (The admin protocol over Unix sockets lives in [`crate::admin::proto`].)
+//! types and paths defined here, so a field or a route is added once. (The admin protocol
+//! over Unix sockets lives in [`crate::admin::proto`].)
 
 pub mod controller;
 pub mod keys;
