@@ -223,6 +223,15 @@ fn answer(r: Refusal) -> OpenAiError {
     }
 }
 
+/// The answer to an interactive request that may wait, which `a` must refuse.
+async fn refused(a: &Admission, up: &Upstream, model: (&str, WorkerType)) -> OpenAiError {
+    a.admit(up, model, I, true)
+        .await
+        .err()
+        .map(answer)
+        .expect("the request was admitted")
+}
+
 fn admission(s: Settings) -> Arc<Admission> {
     let client = ControllerClient::new("http://127.0.0.1:1", Duration::from_secs(1)).unwrap();
     Arc::new(Admission::new(s, wake::Waker::new(client).unwrap()))
@@ -264,12 +273,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
         ..Default::default()
     });
     let _t = a.admit(&up, ("m", WorkerType::Llm), I, true).await.unwrap();
-    let e = a
-        .admit(&up, ("m", WorkerType::Llm), I, true)
-        .await
-        .err()
-        .map(answer)
-        .unwrap();
+    let e = refused(&a, &up, ("m", WorkerType::Llm)).await;
     assert_eq!(e.status, 503);
     assert_eq!(e.code, Some("model_overloaded"));
     assert_eq!(e.retry_after, Some(RETRY_AFTER_SECS));
@@ -287,12 +291,7 @@ async fn a_queued_request_expires_with_model_overloaded() {
     });
     let _t = a.admit(&up, ("m", WorkerType::Llm), I, true).await.unwrap();
     let start = Instant::now();
-    let e = a
-        .admit(&up, ("m", WorkerType::Llm), I, true)
-        .await
-        .err()
-        .map(answer)
-        .unwrap();
+    let e = refused(&a, &up, ("m", WorkerType::Llm)).await;
     assert!(start.elapsed() >= Duration::from_millis(200));
     assert_eq!((e.status.as_u16(), e.code), (503, Some("model_overloaded")));
     assert_eq!(e.retry_after, Some(RETRY_AFTER_SECS));
@@ -325,12 +324,7 @@ async fn a_hold_expires_as_no_healthy_instance_and_unknown_models_stay_404() {
         wake_models: vec!["configured".into()],
         ..Default::default()
     });
-    let e = a
-        .admit(&up, ("m", WorkerType::Llm), I, true)
-        .await
-        .err()
-        .map(answer)
-        .unwrap();
+    let e = refused(&a, &up, ("m", WorkerType::Llm)).await;
     assert_eq!(
         (e.status.as_u16(), e.code),
         (503, Some("no_healthy_instance"))
@@ -339,39 +333,19 @@ async fn a_hold_expires_as_no_healthy_instance_and_unknown_models_stay_404() {
     assert!(e.message.contains("no healthy instance"), "{}", e.message);
     // Never known: 404 at once.
     let start = Instant::now();
-    let e = a
-        .admit(&up, ("never", WorkerType::Llm), I, true)
-        .await
-        .err()
-        .map(answer)
-        .unwrap();
+    let e = refused(&a, &up, ("never", WorkerType::Llm)).await;
     assert_eq!((e.status.as_u16(), e.code), (404, Some("model_not_found")));
     assert!(start.elapsed() < Duration::from_millis(150));
     // Configured, or seen in the view before: held.
-    let e = a
-        .admit(&up, ("configured", WorkerType::Llm), I, true)
-        .await
-        .err()
-        .map(answer)
-        .unwrap();
+    let e = refused(&a, &up, ("configured", WorkerType::Llm)).await;
     assert_eq!(e.code, Some("no_healthy_instance"));
     up.discovery.install(vec![inst("seen@llm", 1, true)]);
     a.learn(&up.discovery);
     up.discovery.install(vec![]);
-    let e = a
-        .admit(&up, ("seen", WorkerType::Llm), I, true)
-        .await
-        .err()
-        .map(answer)
-        .unwrap();
+    let e = refused(&a, &up, ("seen", WorkerType::Llm)).await;
     assert_eq!(e.code, Some("no_healthy_instance"));
     // Another worker type of a seen name was never seen.
-    let e = a
-        .admit(&up, ("seen", WorkerType::Text2vec), I, true)
-        .await
-        .err()
-        .map(answer)
-        .unwrap();
+    let e = refused(&a, &up, ("seen", WorkerType::Text2vec)).await;
     assert_eq!(e.status, 404);
 }
 
@@ -385,12 +359,7 @@ async fn waiting_off_answers_at_once() {
         max_instance_concurrency: 1,
         ..Default::default()
     });
-    let e = a
-        .admit(&up, ("down", WorkerType::Llm), I, true)
-        .await
-        .err()
-        .map(answer)
-        .unwrap();
+    let e = refused(&a, &up, ("down", WorkerType::Llm)).await;
     assert_eq!(
         (e.status.as_u16(), e.code),
         (503, Some("no_healthy_instance"))
@@ -398,12 +367,7 @@ async fn waiting_off_answers_at_once() {
     assert_eq!(e.retry_after, None, "today's answer, unchanged");
     let _t = a.admit(&up, ("m", WorkerType::Llm), I, true).await.unwrap();
     let start = Instant::now();
-    let e = a
-        .admit(&up, ("m", WorkerType::Llm), I, true)
-        .await
-        .err()
-        .map(answer)
-        .unwrap();
+    let e = refused(&a, &up, ("m", WorkerType::Llm)).await;
     assert_eq!(e.code, Some("model_overloaded"));
     assert!(start.elapsed() < Duration::from_millis(100));
 }
