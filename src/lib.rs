@@ -73,6 +73,9 @@ pub(crate) mod daemon;
 pub mod http;
 pub(crate) mod keys;
 pub mod openai;
+/// In-process per-request cost measurements for `examples/bench_overhead.rs` (not an API).
+#[doc(hidden)]
+pub mod overhead;
 pub(crate) mod registry;
 pub mod telemetry;
 pub mod tracer;

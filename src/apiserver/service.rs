@@ -32,7 +32,7 @@ use super::admission::wake::Waker;
 use super::config::ApiserverConfig;
 use super::discovery::Discovery;
 use super::proxy::Upstream;
-use super::tenancy::{KeySync, Tenancy};
+use super::tenancy::{self, KeySync, Tenancy};
 use super::{AppState, Stats, router};
 use crate::controller::client::ControllerClient;
 use crate::daemon::{self, Daemon, DaemonBase, Health, Readiness, Service, Started};
@@ -109,7 +109,9 @@ impl Daemon for Apiserver {
                         format!(
                             "{}{}",
                             state.tenancy.key_count(),
-                            if state.tenancy.has_synced() {
+                            if state.tenancy.controller_has_no_keys_api() {
+                                " (the controller has no keys API)"
+                            } else if state.tenancy.has_synced() {
                                 ""
                             } else {
                                 " (no key sync yet)"
@@ -330,18 +332,6 @@ pub fn build_state(cfg: &ApiserverConfig, tracer: Tracer) -> anyhow::Result<Arc<
 }
 
 /// The managed keys' sync, through the controller client.
-struct ControllerKeys(ControllerClient);
-
-#[async_trait::async_trait]
-impl KeySync for ControllerKeys {
-    async fn keys_sync(
-        &self,
-        req: &crate::wire::keys::SyncRequest,
-    ) -> Result<crate::wire::keys::SyncResponse, String> {
-        self.0.keys_sync(req).await.map_err(|e| e.to_string())
-    }
-}
-
 /// The state of one more serving thread: its own worker connection pool (connections are
 /// driven by the runtime that opened them), everything else shared with `base`.
 fn thread_state(base: &AppState) -> anyhow::Result<Arc<AppState>> {
@@ -391,10 +381,10 @@ async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
         .register(exposition.registry(), state.upstream.discovery.clone());
     state.admission.register(exposition.registry());
     state.tenancy.register(exposition.registry());
-    let key_client: Arc<dyn KeySync> = Arc::new(ControllerKeys(ControllerClient::new(
+    let key_client: Arc<dyn KeySync> = Arc::new(ControllerClient::new(
         &cfg.controller_addr,
         CONTROLLER_TIMEOUT,
-    )?));
+    )?);
     let metrics_listener = exposition.bind_separate().await?;
     // The instance list and the keys at once (a controller that is down costs one wait).
     let (refreshed, keys) = tokio::join!(
@@ -404,8 +394,12 @@ async fn start(cfg: ApiserverConfig) -> anyhow::Result<Started<Apiserver>> {
     if !refreshed {
         warn!("no controller answered at start-up; models appear once one does");
     }
-    if let Err(e) = keys {
-        warn!(error = %e, "managed API keys: the first key sync failed; keys are learned once a controller answers it");
+    match keys {
+        Err(e) if tenancy::no_keys_api(&e) => {} // said once by the tenancy
+        Err(e) => {
+            warn!(error = %e, "managed API keys: the first key sync failed; keys are learned once a controller answers it")
+        }
+        Ok(()) => {}
     }
     let (listener, admin) = daemon::bind(&mut base, &cfg.host).await?;
     Ok(Started {

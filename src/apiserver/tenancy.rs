@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::limits::{self, DAY_US, Exceeded, MINUTE_US, Scope, Status};
+use crate::controller::client::{ClientError, ControllerClient};
 use crate::openai::OpenAiError;
 use crate::telemetry::metrics::usage::{Tokens, UsageScan};
 use crate::telemetry::metrics::{Charge, TokenSink};
@@ -54,11 +55,28 @@ pub const MAX_BACKLOG: usize = 100_000;
 /// Most usage rows in one report (a backlog goes in several, ~3 MB of JSON each).
 pub const MAX_REPORT_ROWS: usize = 20_000;
 
+/// How often a controller without the keys API (DB-GPT's own) is asked again.
+pub const NO_KEYS_API_RETRY: Duration = Duration::from_secs(60);
+
 /// The controller's key sync, as the apiserver calls it (a trait, so tests can answer it
 /// from memory).
 #[async_trait::async_trait]
 pub trait KeySync: Send + Sync + 'static {
-    async fn keys_sync(&self, req: &SyncRequest) -> Result<SyncResponse, String>;
+    async fn keys_sync(&self, req: &SyncRequest) -> Result<SyncResponse, ClientError>;
+}
+
+#[async_trait::async_trait]
+impl KeySync for ControllerClient {
+    async fn keys_sync(&self, req: &SyncRequest) -> Result<SyncResponse, ClientError> {
+        ControllerClient::keys_sync(self, req).await
+    }
+}
+
+/// Whether `e` says the controller has no keys API at all (DB-GPT's own controller answers
+/// the sync route 404, FastAPI's 405 for a path it routes otherwise): nothing to sync, not a
+/// failure.
+pub fn no_keys_api(e: &ClientError) -> bool {
+    matches!(e.status(), Some(404 | 405))
 }
 
 /// The known keys, replaced as a whole by each sync that changes them.
@@ -223,6 +241,8 @@ pub struct Tenancy {
     synced: AtomicBool,
     /// Whether the table has any key (the open mode's check without a lock).
     any_keys: AtomicBool,
+    /// The last sync was answered "no such route" (a controller without the keys API).
+    no_keys_api: AtomicBool,
     metrics: KeyMetrics,
     /// This process, for the controller's per-apiserver minute counts.
     apiserver: String,
@@ -238,6 +258,7 @@ impl Tenancy {
             backlog: Mutex::default(),
             synced: AtomicBool::new(false),
             any_keys: AtomicBool::new(false),
+            no_keys_api: AtomicBool::new(false),
             metrics: KeyMetrics::default(),
             apiserver,
         }
@@ -581,14 +602,24 @@ impl Tenancy {
     }
 
     /// One sync with the controller; `Err` says why it failed (the usage is kept).
-    pub async fn sync_once(&self, client: &dyn KeySync) -> Result<(), String> {
+    pub async fn sync_once(&self, client: &dyn KeySync) -> Result<(), ClientError> {
         let report = self.take_report();
         match client.keys_sync(&report).await {
             Ok(resp) => {
+                if self.no_keys_api.swap(false, Ordering::Relaxed) {
+                    info!("managed API keys: the controller serves the keys API now");
+                }
                 self.synced(resp, report.since_version);
                 Ok(())
             }
             Err(e) => {
+                if no_keys_api(&e) && !self.no_keys_api.swap(true, Ordering::Relaxed) {
+                    info!(
+                        error = %e,
+                        retry_secs = NO_KEYS_API_RETRY.as_secs(),
+                        "managed API keys: the controller has no keys API (DB-GPT's own controller?); only --api_keys apply, asked again every retry_secs"
+                    );
+                }
                 self.sync_failed(report);
                 Err(e)
             }
@@ -605,21 +636,31 @@ impl Tenancy {
         let me = self.clone();
         tokio::spawn(async move {
             let mut failing = false;
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // The start-up sync was just done: the first one here comes an interval later.
-            tick.reset();
+            // A controller without the keys API is asked every NO_KEYS_API_RETRY only.
+            let mut no_api = me.no_keys_api.load(Ordering::Relaxed);
+            let mut last = tokio::time::Instant::now();
             loop {
+                let wait = if no_api { NO_KEYS_API_RETRY } else { every };
                 tokio::select! {
-                    _ = tick.tick() => {}
+                    _ = tokio::time::sleep_until(last + wait) => {}
                     _ = shutdown.cancelled() => break,
                 }
-                match me.sync_once(&*client).await {
+                last = tokio::time::Instant::now();
+                let result = me.sync_once(&*client).await;
+                if no_api != me.no_keys_api.load(Ordering::Relaxed) {
+                    no_api = !no_api;
+                    if no_api {
+                        failing = false;
+                        continue;
+                    }
+                }
+                match result {
                     Ok(()) if failing => {
                         failing = false;
                         info!("managed API keys: the controller answers the key sync again");
                     }
                     Ok(()) => {}
+                    Err(e) if no_keys_api(&e) => {}
                     Err(e) if !failing => {
                         failing = true;
                         warn!(error = %e, "managed API keys: key sync failed; the last known keys stay in use and usage is kept");
@@ -634,8 +675,16 @@ impl Tenancy {
     pub async fn final_report(&self, client: &dyn KeySync) {
         if let Err(e) = self.sync_once(client).await {
             let rows = lock(&self.backlog).len();
+            if no_keys_api(&e) && rows == 0 {
+                return;
+            }
             warn!(error = %e, rows, "the last usage report failed; its usage is lost");
         }
+    }
+
+    /// Whether the controller said it has no keys API (at the last sync).
+    pub fn controller_has_no_keys_api(&self) -> bool {
+        self.no_keys_api.load(Ordering::Relaxed)
     }
 
     /// Whether a sync has gone through.

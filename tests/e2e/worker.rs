@@ -528,9 +528,14 @@ fn sigterm_deregisters_and_kill_9_expires() {
             "1",
         ],
     );
+    // The manager's entry is registered once serving starts, after the model's: wait for
+    // both (a stop before that leaves no manager entry to mark unhealthy).
     assert!(wait_until(Duration::from_secs(10), || healthy(
         c.port,
         "smollm2@llm"
+    ) && healthy(
+        c.port,
+        "WorkerManager@service"
     )));
     assert!(a.terminate().success(), "{}", a.logs());
     assert_eq!(

@@ -13,13 +13,27 @@ struct Fake {
     version: AtomicU64,
     reports: Mutex<Vec<SyncRequest>>,
     down: AtomicBool,
+    /// Answers 404, as DB-GPT's own controller does.
+    no_api: AtomicBool,
+    calls: AtomicU64,
 }
 
 #[async_trait::async_trait]
 impl KeySync for Fake {
-    async fn keys_sync(&self, req: &SyncRequest) -> Result<SyncResponse, String> {
+    async fn keys_sync(&self, req: &SyncRequest) -> Result<SyncResponse, ClientError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         if self.down.load(Ordering::Relaxed) {
-            return Err("controller down".into());
+            return Err(ClientError::Unreachable {
+                url: "http://fake".into(),
+                reason: "controller down".into(),
+            });
+        }
+        if self.no_api.load(Ordering::Relaxed) {
+            return Err(ClientError::Status {
+                url: "http://fake".into(),
+                status: 404,
+                body: r#"{"detail":"Not Found"}"#.into(),
+            });
         }
         lock(&self.reports).push(req.clone());
         Ok(SyncResponse {
@@ -407,4 +421,52 @@ fn a_large_backlog_goes_out_in_bounded_reports_oldest_first() {
     let all = lock(&t.backlog).clone();
     assert_eq!(all.len(), MAX_BACKLOG);
     assert_eq!(all[0].model, "m1");
+}
+
+/// DB-GPT's own controller has no keys API: its 404 is no failure, the apiserver stays
+/// open (no keys), asks again only every [`NO_KEYS_API_RETRY`], and picks keys up when a
+/// controller with the API answers. A controller that is down is retried every interval.
+#[tokio::test]
+async fn a_controller_without_the_keys_api_is_asked_rarely() {
+    let fake = Arc::new(Fake::default());
+    fake.no_api.store(true, Ordering::Relaxed);
+    let t = Arc::new(Tenancy::new(vec![], "a".into()));
+    let e = t.sync_once(&*fake).await.unwrap_err();
+    assert!(no_keys_api(&e), "{e}");
+    assert!(t.controller_has_no_keys_api() && !t.required());
+    assert!(matches!(
+        t.authenticate(&HeaderMap::new()),
+        Ok(Caller::Open)
+    ));
+
+    let stop = CancellationToken::new();
+    let calls = fake.calls.load(Ordering::Relaxed);
+    let h = t.spawn_loop(fake.clone(), Duration::from_millis(5), stop.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        fake.calls.load(Ordering::Relaxed),
+        calls,
+        "asked again within a second"
+    );
+    stop.cancel();
+    h.await.unwrap();
+
+    // Down, not without the API: asked every interval.
+    fake.no_api.store(false, Ordering::Relaxed);
+    fake.down.store(true, Ordering::Relaxed);
+    let t2 = Arc::new(Tenancy::new(vec![], "b".into()));
+    let stop = CancellationToken::new();
+    let calls = fake.calls.load(Ordering::Relaxed);
+    let h = t2.spawn_loop(fake.clone(), Duration::from_millis(5), stop.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(fake.calls.load(Ordering::Relaxed) - calls >= 5);
+    stop.cancel();
+    h.await.unwrap();
+
+    // The API appears (the controller was upgraded): keys are learned.
+    fake.down.store(false, Ordering::Relaxed);
+    let secret = fake.put("abc123", spec("team-a"), false);
+    t.sync_once(&*fake).await.unwrap();
+    assert!(!t.controller_has_no_keys_api() && t.required());
+    assert!(t.authenticate(&auth(&secret)).is_ok());
 }

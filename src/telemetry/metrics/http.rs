@@ -27,7 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::Vitals;
-use super::usage::{Tokens, UsageScan};
+use super::usage::{BodyScan, Tokens};
 
 /// Takes the token counts read out of an answer.
 pub trait TokenSink: Send + Sync + 'static {
@@ -135,8 +135,8 @@ where
             let resp = fut.await?;
             let status = resp.status();
             let rec = meter.record(route, resp.extensions().get::<ModelName>(), status);
-            let streamed =
-                rec.ttft.is_some() && resp.headers().get(header::CONTENT_TYPE).is_some_and(is_sse);
+            let sse = resp.headers().get(header::CONTENT_TYPE).is_some_and(is_sse);
+            let streamed = rec.ttft.is_some() && sse;
             let (mut parts, body) = resp.into_parts();
             let charge = parts.extensions.remove::<Charge>();
             let done = Done {
@@ -149,7 +149,7 @@ where
             let scan = done.rec.tokens.is_some() || done.charge.is_some();
             let body = Body::new(Measured {
                 inner: body,
-                scan: scan.then(UsageScan::default),
+                scan: scan.then(|| BodyScan::new(sse)),
                 streamed,
                 first: true,
                 done: Some(done),
@@ -173,6 +173,19 @@ struct Done<M: Meter> {
     charge: Option<Charge>,
 }
 
+impl<M: Meter> Done<M> {
+    /// The answer's token counts: its metrics and its charge.
+    fn tokens(&self, u: Tokens) {
+        if let Some((p, c)) = &self.rec.tokens {
+            p.inc_by(u.prompt_tokens);
+            c.inc_by(u.completion_tokens);
+        }
+        if let Some(charge) = &self.charge {
+            charge.0.tokens(u);
+        }
+    }
+}
+
 impl<M: Meter> Drop for Done<M> {
     fn drop(&mut self) {
         self.rec.requests.inc();
@@ -186,7 +199,7 @@ impl<M: Meter> Drop for Done<M> {
 /// The answer's body, watched on its way out.
 struct Measured<M: Meter> {
     inner: Body,
-    scan: Option<UsageScan>,
+    scan: Option<BodyScan>,
     streamed: bool,
     first: bool,
     done: Option<Done<M>>,
@@ -217,17 +230,16 @@ impl<M: Meter> hyper::body::Body for Measured<M> {
                     if let (Some(scan), Some(d)) = (&mut this.scan, &this.done)
                         && let Some(u) = scan.feed(data)
                     {
-                        if let Some((p, c)) = &d.rec.tokens {
-                            p.inc_by(u.prompt_tokens);
-                            c.inc_by(u.completion_tokens);
-                        }
-                        if let Some(charge) = &d.charge {
-                            charge.0.tokens(u);
-                        }
+                        d.tokens(u);
                     }
                 }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                if let (Some(scan), Some(d)) = (&mut this.scan, &this.done)
+                    && let Some(u) = scan.finish()
+                {
+                    d.tokens(u);
+                }
                 this.done.take();
             }
             Poll::Pending => {}

@@ -352,3 +352,60 @@ fn vitals_rate_over_the_window() {
     assert_eq!(d[1], (STATUS_IN_FLIGHT.to_string(), "0".to_string()));
     assert_eq!(d[2], (STATUS_ERRORS.to_string(), "0".to_string()));
 }
+
+/// A proxy model's pass-through stream: its first chunk is the first token, its usage gives
+/// the tokens (read at its end), and it adds one inter-token observation, its mean gap; a
+/// whole answer adds none. A stream the client leaves early is still recorded.
+#[tokio::test]
+async fn a_pass_through_stream_is_timed_and_counted_once() {
+    use futures::StreamExt;
+    let (_, w, _, e) = full_exposition();
+    let m = w.model("proxy-m", "llm");
+    let chunks = |n: usize| {
+        let mut v: Vec<Result<bytes::Bytes, std::convert::Infallible>> = (0..n)
+            .map(|i| {
+                Ok(bytes::Bytes::from(format!(
+                    "data: {{\"choices\":[{{\"delta\":{{\"content\":\"w{i}\"}}}}],\"usage\":null}}\n\n"
+                )))
+            })
+            .collect();
+        v.push(Ok(bytes::Bytes::from_static(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":5}}\n\ndata: [DONE]\n\n",
+        )));
+        futures::stream::iter(v).boxed()
+    };
+    let started = std::time::Instant::now();
+    let body = m.meter_body(chunks(5), true, started);
+    assert_eq!(body.collect::<Vec<_>>().await.len(), 6);
+    // A whole answer: tokens, first byte, no inter-token observation.
+    let whole = futures::stream::iter([Ok::<_, std::convert::Infallible>(
+        bytes::Bytes::from_static(
+            br#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#,
+        ),
+    )])
+    .boxed();
+    m.meter_body(whole, false, started)
+        .collect::<Vec<_>>()
+        .await;
+    // Left after two chunks: no usage seen, the mean over the chunks that came.
+    let mut left = m.meter_body(chunks(5), true, started);
+    left.next().await;
+    left.next().await;
+    drop(left);
+
+    let s = parse_exposition(&e.render()).unwrap();
+    let key = |k: &str| s.get(k).copied().unwrap_or(-1.0);
+    let l = "{model=\"proxy-m\",worker_type=\"llm\"}";
+    assert_eq!(key(&format!("dbgpt_worker_prompt_tokens_total{l}")), 11.0);
+    assert_eq!(key(&format!("dbgpt_worker_generated_tokens_total{l}")), 8.0);
+    assert_eq!(
+        key(&format!(
+            "dbgpt_worker_time_to_first_token_seconds_count{l}"
+        )),
+        3.0
+    );
+    assert_eq!(
+        key(&format!("dbgpt_worker_inter_token_seconds_count{l}")),
+        2.0
+    );
+}

@@ -4,16 +4,24 @@
 //! (SIMD `memmem`), never parsed as a whole; an object split across body frames is put
 //! together from the pieces. `"usage":null` (the chunks before a stream's usage chunk) is
 //! skipped. Text inside a JSON string cannot look like the key: its quotes are escaped.
+//!
+//! [`BodyScan`] reads a whole answer frame by frame ([`UsageScan`]) and a stream (SSE) by
+//! its tail ([`TailScan`]): a stream's usage is its last event's (OpenAI's usage chunk, the
+//! Responses `response.completed` event; a server that sends a running total in every chunk
+//! gets its final one counted, not their sum), so a stream's frames are only copied into a
+//! small window on their way and searched once, at the end, instead of one search per
+//! token.
 
 use std::sync::LazyLock;
 
-use memchr::memmem::Finder;
+use memchr::memmem::{Finder, FinderRev};
 
 const KEY: &[u8] = b"\"usage\":";
 /// Longest usage object read (larger ones are not usage objects we know).
 const MAX_OBJECT: usize = 1024;
 
 static FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
+static FINDER_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(KEY));
 
 /// Token counts of one usage object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,13 +37,16 @@ impl std::ops::AddAssign for Tokens {
     }
 }
 
-/// Scans the frames of one body in order.
+/// Scans the frames of one body in order. Allocates only for an object cut between
+/// frames; a stream's chunks cost a SIMD search each.
 #[derive(Debug, Default)]
 pub struct UsageScan {
     /// The start of an object the last frame cut (from its key on).
     pending: Vec<u8>,
-    /// The last bytes of the last frame (a key cut in two).
-    carry: Vec<u8>,
+    /// The last frame's tail from its last quote on, when that could be the start of a key
+    /// cut in two (`carry[..carried]`).
+    carry: [u8; KEY.len() - 1],
+    carried: usize,
 }
 
 impl UsageScan {
@@ -59,16 +70,22 @@ impl UsageScan {
                 Parsed::Partial if self.pending.len() < MAX_OBJECT => return None,
                 _ => self.pending.clear(),
             }
-        } else if !self.carry.is_empty() {
+        } else if self.carried > 0 {
             // A key cut between the last frame and this one.
+            let carried = std::mem::take(&mut self.carried);
             let head = &data[..data.len().min(KEY.len())];
-            let mut joined = std::mem::take(&mut self.carry);
-            let carried = joined.len();
-            joined.extend_from_slice(head);
-            if let Some(pos) = FINDER.find(&joined)
-                && pos < carried
-            {
-                let mut obj = joined[pos..].to_vec();
+            let mut buf = [0u8; 2 * KEY.len()];
+            buf[..carried].copy_from_slice(&self.carry[..carried]);
+            buf[carried..carried + head.len()].copy_from_slice(head);
+            let joined = &buf[..carried + head.len()];
+            if joined.len() < KEY.len() && KEY.starts_with(joined) {
+                // Still only the key's start (a frame shorter than the key).
+                self.carry[..joined.len()].copy_from_slice(joined);
+                self.carried = joined.len();
+                return None;
+            }
+            if joined.starts_with(KEY) {
+                let mut obj = joined.to_vec();
                 obj.extend_from_slice(&data[head.len()..data.len().min(MAX_OBJECT)]);
                 match object_at(&obj) {
                     Parsed::Done(t, _) => add(&mut found, t),
@@ -92,10 +109,103 @@ impl UsageScan {
                 Parsed::No => {}
             }
         }
-        let keep = rest.len().min(KEY.len() - 1);
-        self.carry.clear();
-        self.carry.extend_from_slice(&rest[rest.len() - keep..]);
+        // A key cut at the end: the tail from a quote within the last KEY.len() - 1 bytes on
+        // is the key's start (the earliest such quote: the key has a second one). A frame
+        // that ends in a byte the key does not have (a stream event's newline) has none.
+        let tail = &rest[rest.len() - rest.len().min(KEY.len() - 1)..];
+        if let Some(&last) = tail.last()
+            && KEY.contains(&last)
+            && let Some(cut) = memchr::memchr_iter(b'"', tail)
+                .map(|q| &tail[q..])
+                .find(|cut| KEY.starts_with(cut))
+        {
+            self.carry[..cut.len()].copy_from_slice(cut);
+            self.carried = cut.len();
+        }
         found
+    }
+}
+
+/// Bytes of a stream's tail kept for [`TailScan`]: a usage object ends its event, and only
+/// `data: [DONE]` follows it. OpenAI's largest usage object (every `*_details` field) is
+/// about 250 bytes. The buffer (twice this) stays below glibc's 1 KiB "large" allocations,
+/// which cost several times a small one.
+const WINDOW: usize = 496;
+
+/// A stream's last [`WINDOW`] bytes (at least), searched at its end for the last usage
+/// object.
+#[derive(Debug, Default)]
+pub struct TailScan {
+    buf: Vec<u8>,
+}
+
+impl TailScan {
+    /// Keeps `data` (and what is still within the window before it).
+    pub fn push(&mut self, data: &[u8]) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(2 * WINDOW);
+        }
+        if data.len() >= WINDOW {
+            self.buf.clear();
+            self.buf.extend_from_slice(&data[data.len() - WINDOW..]);
+            return;
+        }
+        if self.buf.len() + data.len() > 2 * WINDOW {
+            let cut = self.buf.len() + data.len() - WINDOW;
+            self.buf.drain(..cut);
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The last complete usage object in the window (searched from the end: usually the
+    /// first key found).
+    pub fn finish(&mut self) -> Option<Tokens> {
+        let buf = std::mem::take(&mut self.buf);
+        let mut end = buf.len();
+        while let Some(pos) = FINDER_REV.rfind(&buf[..end]) {
+            if let Parsed::Done(t, _) = object_at(&buf[pos..]) {
+                return Some(t);
+            }
+            end = pos;
+        }
+        None
+    }
+}
+
+/// How an answer's body is read for its usage (see the module documentation).
+#[derive(Debug)]
+pub enum BodyScan {
+    Whole(UsageScan),
+    Stream(TailScan),
+}
+
+impl BodyScan {
+    /// For a stream (`text/event-stream`) or a whole answer.
+    pub fn new(stream: bool) -> Self {
+        if stream {
+            BodyScan::Stream(TailScan::default())
+        } else {
+            BodyScan::Whole(UsageScan::default())
+        }
+    }
+
+    /// The next frame; the tokens found in it (a whole answer's).
+    pub fn feed(&mut self, data: &[u8]) -> Option<Tokens> {
+        match self {
+            BodyScan::Whole(s) => s.feed(data),
+            BodyScan::Stream(s) => {
+                s.push(data);
+                None
+            }
+        }
+    }
+
+    /// At the body's end: the tokens of a stream.
+    pub fn finish(&mut self) -> Option<Tokens> {
+        match self {
+            BodyScan::Whole(_) => None,
+            BodyScan::Stream(s) => s.finish(),
+        }
     }
 }
 
@@ -108,101 +218,88 @@ enum Parsed {
     No,
 }
 
-/// Reads the object after the key at the start of `b` (`"usage":{…}`).
+/// Reads the object after the key at the start of `b` (`"usage":{…}`), in one pass: its
+/// end (braces and brackets outside strings; usage objects nest `*_details` objects) and the
+/// numbers of its first-level token keys (`prompt_tokens`, else `input_tokens`;
+/// `completion_tokens`, else `output_tokens`; the first of a repeated key).
 fn object_at(b: &[u8]) -> Parsed {
-    let mut i = KEY.len();
-    while i < b.len() && b[i].is_ascii_whitespace() {
-        i += 1;
-    }
+    let skip_ws = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let i = skip_ws(KEY.len());
     if i >= b.len() {
         return Parsed::Partial;
     }
     if b[i] != b'{' {
         return Parsed::No;
     }
-    // The object's end: braces outside strings (usage objects nest `*_details` objects).
-    let start = i;
-    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
-    let mut end = None;
-    for (j, &c) in b[start..].iter().enumerate() {
-        if in_str {
-            match (esc, c) {
-                (true, _) => esc = false,
-                (false, b'\\') => esc = true,
-                (false, b'"') => in_str = false,
-                _ => {}
-            }
-            continue;
-        }
-        match c {
-            b'"' => in_str = true,
-            b'{' => depth += 1,
-            b'}' => {
-                depth -= 1;
-                if depth == 0 {
-                    end = Some(start + j + 1);
-                    break;
-                }
-            }
-            _ => {}
-        }
-    }
-    let Some(end) = end else {
-        return Parsed::Partial;
-    };
-    let obj = &b[start..end];
-    let num = |keys: &[&[u8]]| keys.iter().find_map(|k| top_level_number(obj, k));
-    Parsed::Done(
-        Tokens {
-            prompt_tokens: num(&[b"\"prompt_tokens\"", b"\"input_tokens\""]).unwrap_or(0),
-            completion_tokens: num(&[b"\"completion_tokens\"", b"\"output_tokens\""]).unwrap_or(0),
-        },
-        end,
-    )
-}
-
-/// The number after `"key":` at the object's first level (`obj` starts with `{`).
-fn top_level_number(obj: &[u8], key: &[u8]) -> Option<u64> {
+    // prompt_tokens, input_tokens, completion_tokens, output_tokens.
+    let mut found: [Option<u64>; 4] = [None; 4];
     let mut depth = 0usize;
-    let mut in_str = false;
-    let mut esc = false;
-    let mut i = 0;
-    while i < obj.len() {
-        let c = obj[i];
-        if in_str {
-            match (esc, c) {
-                (true, _) => esc = false,
-                (false, b'\\') => esc = true,
-                (false, b'"') => in_str = false,
-                _ => {}
-            }
-            i += 1;
-            continue;
-        }
-        match c {
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b'"' if depth == 1 && obj[i..].starts_with(key) => {
-                let mut j = i + key.len();
-                while j < obj.len() && obj[j].is_ascii_whitespace() {
-                    j += 1;
-                }
-                if obj.get(j) == Some(&b':') {
-                    j += 1;
-                    while j < obj.len() && obj[j].is_ascii_whitespace() {
-                        j += 1;
+    let mut j = i;
+    while j < b.len() {
+        match b[j] {
+            b'"' => {
+                // The string's end: the next quote not escaped by a backslash.
+                let start = j + 1;
+                let mut k = start;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &b[k..]) {
+                        None => return Parsed::Partial,
+                        Some(o) if b[k + o] == b'\\' => k += o + 2,
+                        Some(o) => {
+                            k += o;
+                            break;
+                        }
                     }
-                    let digits = obj[j..].iter().take_while(|c| c.is_ascii_digit()).count();
-                    return std::str::from_utf8(&obj[j..j + digits]).ok()?.parse().ok();
+                    if k >= b.len() {
+                        return Parsed::Partial;
+                    }
                 }
-                in_str = true;
+                j = k + 1;
+                if depth != 1 {
+                    continue;
+                }
+                let slot = match &b[start..k] {
+                    b"prompt_tokens" => 0,
+                    b"input_tokens" => 1,
+                    b"completion_tokens" => 2,
+                    b"output_tokens" => 3,
+                    _ => continue,
+                };
+                let c = skip_ws(j);
+                if b.get(c) != Some(&b':') {
+                    continue;
+                }
+                let n = skip_ws(c + 1);
+                let digits = b[n..].iter().take_while(|d| d.is_ascii_digit()).count();
+                if found[slot].is_none() {
+                    found[slot] = std::str::from_utf8(&b[n..n + digits])
+                        .ok()
+                        .and_then(|d| d.parse().ok());
+                }
+                j = n + digits;
+                continue;
             }
-            b'"' => in_str = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    let tokens = Tokens {
+                        prompt_tokens: found[0].or(found[1]).unwrap_or(0),
+                        completion_tokens: found[2].or(found[3]).unwrap_or(0),
+                    };
+                    return Parsed::Done(tokens, j + 1);
+                }
+            }
             _ => {}
         }
-        i += 1;
+        j += 1;
     }
-    None
+    Parsed::Partial
 }
 
 #[cfg(test)]
@@ -241,6 +338,79 @@ mod tests {
             assert_eq!(scan_all(&[a, b]).completion_tokens, 7, "cut at {cut}");
             assert_eq!(scan_all(&[a, b]).prompt_tokens, 12, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn every_pair_of_split_points_gives_the_same_count() {
+        // Three frames, the key or the object cut anywhere (frames of a byte or two too).
+        for a in 0..=WHOLE.len() {
+            for b in a..=WHOLE.len() {
+                let t = scan_all(&[&WHOLE[..a], &WHOLE[a..b], &WHOLE[b..]]);
+                assert_eq!(
+                    (t.prompt_tokens, t.completion_tokens),
+                    (12, 7),
+                    "cuts {a}, {b}"
+                );
+            }
+        }
+        // A byte at a time.
+        let bytes: Vec<&[u8]> = WHOLE.chunks(1).collect();
+        assert_eq!(scan_all(&bytes).completion_tokens, 7);
+    }
+
+    fn stream_events(n: usize, usage_every_chunk: bool) -> Vec<Vec<u8>> {
+        let mut ev: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                let usage = if usage_every_chunk {
+                    format!("{{\"prompt_tokens\":5,\"completion_tokens\":{}}}", i + 1)
+                } else {
+                    "null".to_string()
+                };
+                format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"w{i} \\\"usage\\\":{{\"}}}}],\"usage\":{usage}}}\n\n")
+                    .into_bytes()
+            })
+            .collect();
+        if !usage_every_chunk {
+            ev.push(
+                b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":400}}\n\n"
+                    .to_vec(),
+            );
+        }
+        ev.push(b"data: [DONE]\n\n".to_vec());
+        ev
+    }
+
+    fn tail_scan(frames: &[&[u8]]) -> Option<Tokens> {
+        let mut s = BodyScan::new(true);
+        for f in frames {
+            assert_eq!(s.feed(f), None, "a stream counts at its end");
+        }
+        s.finish()
+    }
+
+    #[test]
+    fn a_stream_is_counted_by_its_last_usage_object_however_it_is_cut() {
+        let ev = stream_events(400, false);
+        let frames: Vec<&[u8]> = ev.iter().map(Vec::as_slice).collect();
+        let want = Some(Tokens {
+            prompt_tokens: 5,
+            completion_tokens: 400,
+        });
+        assert_eq!(tail_scan(&frames), want);
+        // The same bytes in other frames: one, a byte at a time, 7 and 1000 at a time.
+        let all: Vec<u8> = ev.concat();
+        assert_eq!(tail_scan(&[&all]), want);
+        for size in [1, 7, 1000, 5000] {
+            let pieces: Vec<&[u8]> = all.chunks(size).collect();
+            assert_eq!(tail_scan(&pieces), want, "frames of {size}");
+        }
+        // A running total in every chunk: the last one, not their sum.
+        let ev = stream_events(50, true);
+        let frames: Vec<&[u8]> = ev.iter().map(Vec::as_slice).collect();
+        assert_eq!(tail_scan(&frames).unwrap().completion_tokens, 50);
+        // No usage at all.
+        let none = stream_events(3, false);
+        assert_eq!(tail_scan(&[&none[0], &none[1], &none[4]]), None);
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //! The worker's generation layer sets them: slots and queue are the model's concurrency
 //! permits (`--limit_model_concurrency`), token timings come from the engine's event stream
 //! ([`Metered`]) or, for a proxy model's pass-through answer, from its bytes
-//! ([`ModelMetrics::meter_body`]). For an engine with its own scheduler (llama.cpp) the
+//! ([`ModelMetrics::meter_body`]: the first chunk is the first token; a stream's chunks are
+//! not tokens, so it adds one inter-token observation per stream, its mean: the time from
+//! the first chunk to the stream's end over the completion tokens its usage reports, or
+//! over its chunks without one). For an engine with its own scheduler (llama.cpp) the
 //! worker manager calls [`ModelMetrics::engine_owned`] and copies the engine's slots, queue
 //! and prefix-cache figures into `slots_in_use`, `queue_depth` and `prompt_cached_tokens`
 //! every second.
@@ -33,7 +36,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::usage::UsageScan;
+use super::usage::BodyScan;
 use super::{CLASSES, Labels, Meter, ModelName, Record, Vitals, class_index};
 use crate::wire::worker as wire;
 use crate::worker::backends::{
@@ -341,33 +344,99 @@ impl ModelMetrics {
     }
 
     /// A pass-through answer (a proxy model's upstream bytes) watched on its way: the first
-    /// chunk (since the request was `started` upstream) is the first token, the gaps between
-    /// later chunks of a stream are inter-token times, and the `usage` object gives the
-    /// token counts.
+    /// chunk (since the request was `started` upstream) is the first token, a stream's mean
+    /// gap between tokens is observed at its end, and the `usage` object gives the token
+    /// counts (see the module documentation).
     pub fn meter_body<E: Send + 'static>(
         self: &Arc<Self>,
         body: BoxStream<'static, Result<bytes::Bytes, E>>,
         streamed: bool,
         started: Instant,
     ) -> BoxStream<'static, Result<bytes::Bytes, E>> {
-        let m = self.clone();
-        let mut last: Option<Instant> = None;
-        let mut scan = UsageScan::default();
-        body.inspect(move |item| {
-            let Ok(b) = item else { return };
-            let now = Instant::now();
-            match last {
-                None => m.ttft.observe((now - started).as_secs_f64()),
-                Some(l) if streamed => m.inter_token.observe((now - l).as_secs_f64()),
-                Some(_) => {}
-            }
-            last = Some(now);
-            if let Some(t) = scan.feed(b) {
-                m.prompt_tokens.inc_by(t.prompt_tokens);
-                m.generated_tokens.inc_by(t.completion_tokens);
-            }
-        })
+        MeteredChunks {
+            inner: body,
+            m: self.clone(),
+            started,
+            first: None,
+            chunks: 0,
+            streamed,
+            scan: BodyScan::new(streamed),
+            done: false,
+        }
         .boxed()
+    }
+}
+
+/// [`ModelMetrics::meter_body`]'s stream; what it read is recorded at its end (or when the
+/// client goes away).
+struct MeteredChunks<E> {
+    inner: BoxStream<'static, Result<bytes::Bytes, E>>,
+    m: Arc<ModelMetrics>,
+    started: Instant,
+    /// When the first chunk came.
+    first: Option<Instant>,
+    chunks: u64,
+    streamed: bool,
+    scan: BodyScan,
+    done: bool,
+}
+
+impl<E> MeteredChunks<E> {
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let tokens = self.scan.finish();
+        if let Some(t) = tokens {
+            self.m.prompt_tokens.inc_by(t.prompt_tokens);
+            self.m.generated_tokens.inc_by(t.completion_tokens);
+        }
+        if let (true, Some(first)) = (self.streamed, self.first) {
+            let n = match tokens {
+                Some(t) if t.completion_tokens >= 2 => t.completion_tokens,
+                _ => self.chunks,
+            };
+            if n >= 2 {
+                self.m
+                    .inter_token
+                    .observe(first.elapsed().as_secs_f64() / (n - 1) as f64);
+            }
+        }
+    }
+}
+
+impl<E> futures::Stream for MeteredChunks<E> {
+    type Item = Result<bytes::Bytes, E>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let polled = this.inner.as_mut().poll_next(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(b))) => {
+                if this.first.is_none() {
+                    let now = Instant::now();
+                    this.m.ttft.observe((now - this.started).as_secs_f64());
+                    this.first = Some(now);
+                }
+                this.chunks += 1;
+                if let Some(t) = this.scan.feed(b) {
+                    this.m.prompt_tokens.inc_by(t.prompt_tokens);
+                    this.m.generated_tokens.inc_by(t.completion_tokens);
+                }
+            }
+            std::task::Poll::Ready(None) => this.finish(),
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<E> Drop for MeteredChunks<E> {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
