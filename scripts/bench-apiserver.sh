@@ -15,9 +15,11 @@
 #   direct, apiserver, apiserver+worker, bare relay+worker (below), "apiserver+worker tools"
 #   (the same path, every request with a `tools` list, `tool_choice` and a json_schema
 #   `response_format`), "apiserver+worker metrics off" (a second apiserver and proxy worker
-#   started with --metrics_addr off, model "viaworker_nometrics": the cost of the Prometheus
-#   metrics is the difference to "apiserver+worker", printed per concurrency after the
-#   tables), "apiserver+worker static key" and "apiserver+worker managed key" (a third
+#   started with --metrics_addr off, model "viaworker_nometrics": the difference to
+#   "apiserver+worker", printed per concurrency after the tables, is what serving /metrics
+#   costs; --metrics_addr off still records every metric, for `dbgpt ctl status`, so the
+#   recording's own cost is measured in one process by scripts/bench-overhead.sh),
+#   "apiserver+worker static key" and "apiserver+worker managed key" (a third
 #   apiserver started with --api_keys, behind its own controller and proxy worker, called
 #   once with that static key and once with a managed key created through the keys API, carrying every limit (rpm, tpm,
 #   max_concurrency, daily_tokens, on the key and on the model) set far too high to trip:
