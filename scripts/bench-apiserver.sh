@@ -10,6 +10,7 @@
 #   BENCH_SGLANG=1 scripts/bench-apiserver.sh   # pip install sglang-router==0.3.2 if missing
 #   BENCH_METRICS=0 scripts/bench-apiserver.sh  # without the "metrics off" rows
 #   BENCH_KEYS=0 scripts/bench-apiserver.sh     # without the "static key"/"managed key" rows
+#   BENCH_OVERHEAD=0 scripts/bench-apiserver.sh # without the in-process cost table (bench-overhead.sh)
 #
 # Rows (each at every concurrency; a plain and a streamed phase, CPU µs/req for both):
 #   direct, apiserver, apiserver+worker, bare relay+worker (below), "apiserver+worker tools"
@@ -66,7 +67,7 @@ if [ -n "${BENCH_BIN_DIR:-}" ]; then
   # bare_relay (copied out of a target dir after the build below), nothing is built.
   BIN=$BENCH_BIN_DIR/dbgpt EX=$BENCH_BIN_DIR
 else
-  cargo build -q --example fake_openai --example bench_apiserver --example bare_relay
+  cargo build -q --example fake_openai --example bench_apiserver --example bare_relay --example bench_overhead
   scripts/build-optimized.sh   # dbgpt as shipped (function order applied)
   BIN=$CARGO_TARGET_DIR/debug/dbgpt EX=$CARGO_TARGET_DIR/debug/examples
 fi
@@ -250,6 +251,15 @@ if [ -n "$APIK_PID" ]; then
         printf "| stream | %d | %.1f | %.1f | %+.1f | | |\n", c, ss[c], ms[c], ms[c] - ss[c]
       }
     }' "$WORK/table.md"
+fi
+
+# The metrics' and a managed key's cost measured in one process (src/overhead.rs; what
+# scripts/bench-overhead.sh prints): the rows above compare processes, whose spread is larger
+# than a few microseconds, and --metrics_addr off still records. BENCH_OVERHEAD=0 skips it.
+if [ "${BENCH_OVERHEAD:-1}" = 1 ] && [ -x "$EX/bench_overhead" ]; then
+  echo
+  echo "# in one process: what the metrics and a managed key add per request"
+  "$EX/bench_overhead" --rounds "${OVERHEAD_ROUNDS:-9}" --requests 20000
 fi
 
 [ "${BENCH_PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null || exit 0
