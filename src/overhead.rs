@@ -350,27 +350,27 @@ fn pairs() -> Vec<Pair> {
     out
 }
 
+/// The single thread every measurement runs on.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime")
+}
+
 /// Runs one variant alone: `n` requests of comparison `index` (in [`measure`]'s order),
 /// with the piece or without; for counting its instructions under callgrind.
 pub fn run_one(index: usize, with: bool, n: usize) -> Option<(&'static str, Kind)> {
     let p = pairs().into_iter().nth(index)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread runtime");
     let (svc, key) = if with { &p.with } else { &p.without };
-    rt.block_on(run(svc, p.kind, key.as_deref(), p.path, n));
+    runtime().block_on(run(svc, p.kind, key.as_deref(), p.path, n));
     Some((p.piece, p.kind))
 }
 
 /// Measures every comparison: `rounds` rounds of `n` requests per variant (after one
 /// warm-up round), the two variants of a pair alternating which goes first.
 pub fn measure(rounds: usize, n: usize) -> Vec<Comparison> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread runtime");
-    rt.block_on(async {
+    runtime().block_on(async {
         let mut out = Vec::new();
         for p in pairs() {
             let (mut without, mut with, mut added) = (Vec::new(), Vec::new(), Vec::new());
@@ -416,11 +416,7 @@ mod tests {
         for x in &c {
             assert!(x.with_ns > 0.0 && x.without_ns > 0.0, "{x:?}");
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        runtime().block_on(async {
             let (t, _) = tenancy();
             let h = keyed(Kind::Plain, t);
             let resp = h
@@ -433,11 +429,7 @@ mod tests {
 
     #[test]
     fn the_managed_key_is_charged_its_usage() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        runtime().block_on(async {
             let (t, secret) = tenancy();
             let h = Handler::new(
                 MeasureLayer(Arc::new(ApiMetrics::new())).layer(keyed(Kind::Stream, t.clone())),
