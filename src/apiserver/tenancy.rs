@@ -636,31 +636,27 @@ impl Tenancy {
         let me = self.clone();
         tokio::spawn(async move {
             let mut failing = false;
-            // A controller without the keys API is asked every NO_KEYS_API_RETRY only.
-            let mut no_api = me.no_keys_api.load(Ordering::Relaxed);
             let mut last = tokio::time::Instant::now();
             loop {
-                let wait = if no_api { NO_KEYS_API_RETRY } else { every };
+                // A controller without the keys API is asked every NO_KEYS_API_RETRY only.
+                let wait = if me.no_keys_api.load(Ordering::Relaxed) {
+                    NO_KEYS_API_RETRY
+                } else {
+                    every
+                };
                 tokio::select! {
                     _ = tokio::time::sleep_until(last + wait) => {}
                     _ = shutdown.cancelled() => break,
                 }
                 last = tokio::time::Instant::now();
-                let result = me.sync_once(&*client).await;
-                if no_api != me.no_keys_api.load(Ordering::Relaxed) {
-                    no_api = !no_api;
-                    if no_api {
-                        failing = false;
-                        continue;
-                    }
-                }
-                match result {
+                match me.sync_once(&*client).await {
                     Ok(()) if failing => {
                         failing = false;
                         info!("managed API keys: the controller answers the key sync again");
                     }
                     Ok(()) => {}
-                    Err(e) if no_keys_api(&e) => {}
+                    // Not a failure (`sync_once` said so once).
+                    Err(e) if no_keys_api(&e) => failing = false,
                     Err(e) if !failing => {
                         failing = true;
                         warn!(error = %e, "managed API keys: key sync failed; the last known keys stay in use and usage is kept");
