@@ -367,6 +367,14 @@ impl ModelMetrics {
     }
 }
 
+impl ModelMetrics {
+    /// An answer's token counts, read from its `usage`.
+    fn count_tokens(&self, t: super::usage::Tokens) {
+        self.prompt_tokens.inc_by(t.prompt_tokens);
+        self.generated_tokens.inc_by(t.completion_tokens);
+    }
+}
+
 /// [`ModelMetrics::meter_body`]'s stream; what it read is recorded at its end (or when the
 /// client goes away).
 struct MeteredChunks<E> {
@@ -388,8 +396,7 @@ impl<E> MeteredChunks<E> {
         }
         let tokens = self.scan.finish();
         if let Some(t) = tokens {
-            self.m.prompt_tokens.inc_by(t.prompt_tokens);
-            self.m.generated_tokens.inc_by(t.completion_tokens);
+            self.m.count_tokens(t);
         }
         if let (true, Some(first)) = (self.streamed, self.first) {
             let n = match tokens {
@@ -423,8 +430,7 @@ impl<E> futures::Stream for MeteredChunks<E> {
                 }
                 this.chunks += 1;
                 if let Some(t) = this.scan.feed(b) {
-                    this.m.prompt_tokens.inc_by(t.prompt_tokens);
-                    this.m.generated_tokens.inc_by(t.completion_tokens);
+                    this.m.count_tokens(t);
                 }
             }
             std::task::Poll::Ready(None) => this.finish(),
