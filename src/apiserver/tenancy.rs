@@ -868,7 +868,7 @@ pub fn attach(resp: Response, lease: Option<Lease>) -> Response {
     let lease = Arc::new(lease);
     if hide {
         let (parts, body) = resp.into_parts();
-        let body = axum::body::Body::new(HideUsage { inner: body, lease });
+        let body = crate::http::boxed_body(HideUsage { inner: body, lease });
         return Response::from_parts(parts, body);
     }
     resp.extensions_mut().insert(Charge(lease));

@@ -197,7 +197,7 @@ where
                     h.insert(DRAINING_HEADER.clone(), HeaderValue::from_static("1"));
                 }
             }
-            let body = axum::body::Body::new(CountedBody {
+            let body = super::boxed_body(CountedBody {
                 inner: body,
                 _count: count,
             });

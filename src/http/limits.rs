@@ -352,7 +352,7 @@ where
         resp
     };
     resp.map(|inner| {
-        Body::new(Tracked {
+        super::boxed_body(Tracked {
             inner,
             _request: request,
         })

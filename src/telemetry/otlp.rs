@@ -330,7 +330,7 @@ where
     if status >= 500 {
         span.record("otel.status_code", "error");
     }
-    resp.map(|body| Body::new(InSpan { body, _span: span }))
+    resp.map(|body| crate::http::boxed_body(InSpan { body, _span: span }))
 }
 
 /// A response body that keeps its request's span open until it ends.

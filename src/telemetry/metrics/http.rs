@@ -147,7 +147,7 @@ where
                 charge,
             };
             let scan = done.rec.tokens.is_some() || done.charge.is_some();
-            let body = Body::new(Measured {
+            let body = crate::http::boxed_body(Measured {
                 inner: body,
                 scan: scan.then(|| BodyScan::new(sse)),
                 streamed,

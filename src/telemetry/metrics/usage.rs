@@ -128,45 +128,63 @@ impl UsageScan {
 
 /// Bytes of a stream's tail kept for [`TailScan`]: a usage object ends its event, and only
 /// `data: [DONE]` follows it. OpenAI's largest usage object (every `*_details` field) is
-/// about 250 bytes. The buffer (twice this) stays below glibc's 1 KiB "large" allocations,
-/// which cost several times a small one.
-const WINDOW: usize = 496;
+/// about 250 bytes.
+const WINDOW: usize = 512;
 
-/// A stream's last [`WINDOW`] bytes (at least), searched at its end for the last usage
-/// object.
-#[derive(Debug, Default)]
+/// A stream's last [`WINDOW`] bytes, in a ring kept inline (no allocation; each frame is
+/// copied once, in at most two pieces), searched at its end for the last usage object.
+#[derive(Debug)]
 pub struct TailScan {
-    buf: Vec<u8>,
+    ring: [u8; WINDOW],
+    /// Where the next byte goes.
+    pos: usize,
+    /// The ring has wrapped: all [`WINDOW`] bytes are the stream's, oldest at `pos`.
+    full: bool,
+}
+
+impl Default for TailScan {
+    fn default() -> Self {
+        TailScan {
+            ring: [0; WINDOW],
+            pos: 0,
+            full: false,
+        }
+    }
 }
 
 impl TailScan {
     /// Keeps `data` (and what is still within the window before it).
     pub fn push(&mut self, data: &[u8]) {
-        if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(2 * WINDOW);
-        }
-        if data.len() >= WINDOW {
-            self.buf.clear();
-            self.buf.extend_from_slice(&data[data.len() - WINDOW..]);
-            return;
-        }
-        if self.buf.len() + data.len() > 2 * WINDOW {
-            let cut = self.buf.len() + data.len() - WINDOW;
-            self.buf.drain(..cut);
-        }
-        self.buf.extend_from_slice(data);
+        let data = &data[data.len().saturating_sub(WINDOW)..];
+        let first = (WINDOW - self.pos).min(data.len());
+        self.ring[self.pos..self.pos + first].copy_from_slice(&data[..first]);
+        let rest = &data[first..];
+        self.ring[..rest.len()].copy_from_slice(rest);
+        let end = self.pos + data.len();
+        self.full |= end >= WINDOW;
+        self.pos = end % WINDOW;
     }
 
     /// The last complete usage object in the window (searched from the end: usually the
     /// first key found).
     pub fn finish(&mut self) -> Option<Tokens> {
-        let buf = std::mem::take(&mut self.buf);
-        let mut end = buf.len();
-        while let Some(pos) = FINDER_REV.rfind(&buf[..end]) {
-            if let Parsed::Done(t, _) = object_at(&buf[pos..]) {
+        let mut tail = [0u8; WINDOW];
+        let len = if self.full {
+            let (old, new) = self.ring.split_at(self.pos);
+            tail[..new.len()].copy_from_slice(new);
+            tail[new.len()..].copy_from_slice(old);
+            WINDOW
+        } else {
+            tail[..self.pos].copy_from_slice(&self.ring[..self.pos]);
+            self.pos
+        };
+        (self.pos, self.full) = (0, false);
+        let mut end = len;
+        while let Some(at) = FINDER_REV.rfind(&tail[..end]) {
+            if let Parsed::Done(t, _) = object_at(&tail[at..len]) {
                 return Some(t);
             }
-            end = pos;
+            end = at;
         }
         None
     }
@@ -176,14 +194,15 @@ impl TailScan {
 #[derive(Debug)]
 pub enum BodyScan {
     Whole(UsageScan),
-    Stream(TailScan),
+    /// Boxed: the window is 512 bytes, moved with every body wrapper otherwise.
+    Stream(Box<TailScan>),
 }
 
 impl BodyScan {
     /// For a stream (`text/event-stream`) or a whole answer.
     pub fn new(stream: bool) -> Self {
         if stream {
-            BodyScan::Stream(TailScan::default())
+            BodyScan::Stream(Box::default())
         } else {
             BodyScan::Whole(UsageScan::default())
         }
@@ -400,7 +419,7 @@ mod tests {
         // The same bytes in other frames: one, a byte at a time, 7 and 1000 at a time.
         let all: Vec<u8> = ev.concat();
         assert_eq!(tail_scan(&[&all]), want);
-        for size in [1, 7, 1000, 5000] {
+        for size in [1, 7, 511, 512, 513, 1000, 5000] {
             let pieces: Vec<&[u8]> = all.chunks(size).collect();
             assert_eq!(tail_scan(&pieces), want, "frames of {size}");
         }
