@@ -122,7 +122,14 @@ pub struct OpenAiProxyBackend {
 }
 
 struct Inner {
+    /// Checked at load; each thread that calls the upstream clones it on first use.
     client: reqwest::Client,
+    /// One client per calling thread: a client's pooled connections are driven by tasks on
+    /// the runtime that opened them, so a shared one made each serving thread's streams
+    /// wake the thread that first connected, for every event (see the worker's
+    /// `serve_on_threads`).
+    per_thread: thread_local::ThreadLocal<reqwest::Client>,
+    connect_timeout: std::time::Duration,
     api_base: String,
     /// The upstream URLs of the OpenAI endpoints, parsed once (a string URL is parsed on
     /// every request).
@@ -249,6 +256,8 @@ impl OpenAiProxyBackend {
         Ok(OpenAiProxyBackend {
             inner: Arc::new(Inner {
                 client,
+                per_thread: thread_local::ThreadLocal::new(),
+                connect_timeout: connect,
                 urls: ["chat/completions", "completions", "embeddings"]
                     .into_iter()
                     .filter_map(|p| Some((p, format!("{base}/{p}").parse().ok()?)))
@@ -266,10 +275,20 @@ impl OpenAiProxyBackend {
 }
 
 impl Inner {
+    /// This thread's client (built like the one checked at load; that one if building
+    /// fails).
+    fn client(&self) -> &reqwest::Client {
+        self.per_thread.get_or(|| {
+            crate::http::build_client(|b| b.connect_timeout(self.connect_timeout))
+                .unwrap_or_else(|_| self.client.clone())
+        })
+    }
+
     fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let client = self.client();
         let rb = match self.urls.iter().find(|(p, _)| *p == path) {
-            Some((_, url)) => self.client.post(url.clone()),
-            None => self.client.post(format!("{}/{}", self.api_base, path)),
+            Some((_, url)) => client.post(url.clone()),
+            None => client.post(format!("{}/{}", self.api_base, path)),
         };
         let rb = match &self.api_key {
             Some(k) => rb.bearer_auth(k),
