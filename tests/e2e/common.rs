@@ -273,6 +273,8 @@ pub fn registered_double(
         .unwrap();
     let port = listener.local_addr().unwrap().port();
     rt.spawn(async move {
+        // With the peer's address, for doubles that count the connections they get.
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let _ = axum::serve(listener, app).await;
     });
     let inst = serde_json::json!({
