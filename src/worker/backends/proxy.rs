@@ -122,7 +122,8 @@ pub struct OpenAiProxyBackend {
 }
 
 struct Inner {
-    /// Checked at load; each thread that calls the upstream clones it on first use.
+    /// Built at load, which checks the settings; a thread whose own client cannot be built
+    /// falls back to it.
     client: reqwest::Client,
     /// One client per calling thread: a client's pooled connections are driven by tasks on
     /// the runtime that opened them, so a shared one made each serving thread's streams
