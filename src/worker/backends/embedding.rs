@@ -18,11 +18,12 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::Config;
 use futures::future::BoxFuture;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use super::batcher::{BatchConfig, BatchModel, Batcher};
+use super::bert::Bert;
 use super::{BackendError, EmbeddingBackend};
 
 /// Configuration of a [`BertEmbeddingBackend`].
@@ -66,7 +67,7 @@ struct Inner {
 /// What the batching thread runs: tokenizer, encoder, pooling.
 struct Encoder {
     pool: rayon::ThreadPool,
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     pad_id: u32,
     device: Device,
@@ -173,8 +174,8 @@ impl BertDir {
     }
 
     /// The BERT encoder (without pooler or head).
-    pub fn bert(&self) -> Result<BertModel, BackendError> {
-        BertModel::load(self.vb.clone(), &self.config).map_err(|e| self.mismatch(e))
+    pub fn bert(&self) -> Result<Bert, BackendError> {
+        Bert::load(self.vb.clone(), &self.config).map_err(|e| self.mismatch(e))
     }
 
     /// A load error for weights that do not fit `config.json`.
@@ -186,7 +187,8 @@ impl BertDir {
     }
 }
 
-/// A safetensors file whose linear-layer weights are handed out transposed in memory: a
+/// A safetensors file whose linear-layer weights are handed out transposed in memory (for
+/// candle's XLM-RoBERTa; our BERT encoder packs its own, [`super::packed`]): a
 /// 2-D `*.weight` `(out, in)` (embedding tables excepted) is copied once, at load, into
 /// `(in, out)` row-major storage and served as a strided `(out, in)` view of it. candle's
 /// `Linear` multiplies by `weight.t()`, which then is a plain row-major matrix, the layout

@@ -24,9 +24,13 @@ use serde::{Deserialize, Serialize};
 #[cfg_attr(not(feature = "local-models"), allow(dead_code))]
 pub(crate) mod batcher;
 #[cfg(feature = "local-models")]
+pub(crate) mod bert;
+#[cfg(feature = "local-models")]
 pub(crate) mod embedding;
 #[cfg(feature = "local-models")]
 pub(crate) mod llama;
+#[cfg(feature = "local-models")]
+pub(crate) mod packed;
 pub(crate) mod proxy;
 #[cfg(feature = "local-models")]
 pub(crate) mod reranker;

@@ -30,7 +30,6 @@ use std::time::Instant;
 use candle_core::Tensor;
 use candle_core::{IndexOp, Module};
 use candle_nn::Linear;
-use candle_transformers::models::bert::BertModel;
 use candle_transformers::models::xlm_roberta::{
     Config as XlmRobertaConfig, XLMRobertaForSequenceClassification,
 };
@@ -39,6 +38,7 @@ use serde_json::Value;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use super::batcher::{BatchConfig, BatchModel, Batcher};
+use super::bert::Bert;
 use super::embedding::{BertDir, compute_pool, padded_batches};
 use super::{BackendError, RerankBackend};
 
@@ -147,7 +147,7 @@ pub struct BertRerankerBackend {
 /// The encoder and head of one checkpoint layout.
 enum Model {
     Bert {
-        bert: BertModel,
+        bert: Bert,
         pooler: Linear,
         classifier: Linear,
     },
