@@ -257,6 +257,20 @@ async fn pass(
     let mut buf = BytesMut::new();
     loop {
         while let Some(ev) = continuation::next_event(&mut buf) {
+            // Relayed as it is: read in place, no map of values built.
+            if !continued
+                && rename.is_none()
+                && sent.envelope.is_noted()
+                && let Some(seen) = continuation::glance(&ev, &mut sent.text)
+            {
+                sent.finished |= seen.finished;
+                sent.usage |= seen.usage;
+                sent.not_text |= seen.not_text;
+                if tx.send(ev).await.is_err() {
+                    return End::Gone;
+                }
+                continue;
+            }
             let out = match continuation::classify(&ev) {
                 Event::Done => {
                     let _ = tx.send(ev).await;

@@ -198,6 +198,181 @@ pub fn seen(chunk: &Map<String, Value>) -> Seen {
     s
 }
 
+/// [`classify`] and [`seen`] in one pass over a chunk that is relayed as it is (no rename, no
+/// envelope to impose): the event's `data:` payload is read in place into borrowed views of
+/// the few fields [`Seen`] needs, not built into a map of values; the text is appended to
+/// `text`. `None` when the event is not one `data:` line holding such a chunk (`[DONE]`, an
+/// error object, a comment, a shape the views do not take): then [`classify`] reads it, so
+/// both give the same answer for every event. Most events of a long stream take this path.
+pub fn glance(event: &[u8], text: &mut String) -> Option<Seen> {
+    let mut lines = event
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty() && l != b"\r");
+    let line = lines.next()?;
+    if lines.next().is_some() {
+        return None;
+    }
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let payload = line.strip_prefix(b"data:")?;
+    let view: ChunkView<'_> = serde_json::from_slice(payload).ok()?;
+    if view.error {
+        return None;
+    }
+    let mut s = Seen {
+        usage: view.usage.is_some(),
+        ..Default::default()
+    };
+    for c in view.choices.unwrap_or_default() {
+        if c.index.unwrap_or(0) != 0 {
+            s.not_text = true;
+            continue;
+        }
+        s.finished |= c.finish_reason.is_some();
+        if let Some(d) = c.delta {
+            text.push_str(&d.content);
+            s.not_text |= d.not_text;
+        }
+    }
+    Some(s)
+}
+
+/// The fields of a chunk [`glance`] reads.
+#[derive(serde::Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default, deserialize_with = "present")]
+    error: bool,
+    #[serde(default)]
+    usage: Option<serde::de::IgnoredAny>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChoiceView<'a>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(default)]
+    finish_reason: Option<serde::de::IgnoredAny>,
+    #[serde(default, borrow)]
+    delta: Option<DeltaView<'a>>,
+}
+
+/// A delta as [`seen`] reads it: the `content` text, and whether any field but `role` and
+/// `content` holds something (not null, not an empty list).
+#[derive(Default)]
+struct DeltaView<'a> {
+    content: std::borrow::Cow<'a, str>,
+    not_text: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+use serde::Deserialize as _;
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for DeltaView<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = DeltaView<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a delta object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = DeltaView::default();
+                while let Some(key) = m.next_key::<&'de str>()? {
+                    match (key, m.next_value::<Piece<'de>>()?) {
+                        ("content", Piece::Text(t)) => {
+                            if out.content.is_empty() {
+                                out.content = t;
+                            } else {
+                                out.content.to_mut().push_str(&t);
+                            }
+                        }
+                        ("role" | "content", _) | (_, Piece::Nothing) => {}
+                        _ => out.not_text = true,
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// A delta field's value, as far as [`seen`] distinguishes them.
+enum Piece<'a> {
+    Text(std::borrow::Cow<'a, str>),
+    /// `null` or `[]`.
+    Nothing,
+    Something,
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Piece<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Piece<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Piece::Text(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Piece::Text(v.to_owned().into()))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Piece::Nothing)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Piece::Nothing)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Piece::Something)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Piece::Something)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Piece::Something)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Piece::Something)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut empty = true;
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    empty = false;
+                }
+                Ok(if empty {
+                    Piece::Nothing
+                } else {
+                    Piece::Something
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                while m
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Piece::Something)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
 /// The envelope of the stream the client sees: the first chunk's `id`, `created`, `model`
 /// (and `system_fingerprint`), which a continuation's chunks are given.
 #[derive(Debug, Default, Clone)]
@@ -206,6 +381,11 @@ pub struct Envelope(Vec<(String, Value)>);
 const ENVELOPE_KEYS: [&str; 4] = ["id", "created", "model", "system_fingerprint"];
 
 impl Envelope {
+    /// Whether a chunk's envelope fields were noted.
+    pub fn is_noted(&self) -> bool {
+        !self.0.is_empty()
+    }
+
     /// Notes the envelope fields of the first chunk that has them.
     pub fn note(&mut self, chunk: &Map<String, Value>) {
         if self.0.is_empty() {
@@ -364,5 +544,56 @@ mod tests {
         let usage =
             chunk(r#"{"id":"x","created":2,"model":"m","choices":[],"usage":{"prompt_tokens":1}}"#);
         assert!(env.rewrite(usage).is_some());
+    }
+
+    /// `glance` gives what `classify` + `seen` give whenever it answers, and answers for the
+    /// usual chunk shapes (so relayed streams take it).
+    #[test]
+    fn glance_agrees_with_classify_and_seen() {
+        let usual = [
+            r#"data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}"#,
+            r#"data:{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+            r#"data: {"choices":[{"index":0,"delta":{"content":"a\"b\n\u00e9"},"finish_reason":null}]}"#,
+            r#"data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}"#,
+            r#"data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            r#"data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#,
+            r#"data: {"choices":[{"index":0,"delta":{"tool_calls":[],"reasoning_content":null,"content":"x"}}]}"#,
+            r#"data: {"choices":[{"index":1,"delta":{"content":"other"}}]}"#,
+            r#"data: {"choices":[{"index":0,"delta":{"refusal":"no"}}]}"#,
+            r#"data: {"choices":[{"index":0,"delta":{"content":null}}]}"#,
+            r#"data: {"choices":[{"index":0,"delta":{"content":["x"]}}]}"#,
+            r#"data: {"choices":[{"delta":{"content":"no index"}}],"choices_extra":1}"#,
+            r#"data: {"choices":null}"#,
+        ];
+        let other = [
+            "data: [DONE]",
+            r#"data: {"error":{"message":"x"}}"#,
+            r#"data: {"error":null,"choices":[]}"#,
+            ": ping",
+            "event: x\ndata: {\"choices\":[]}",
+            "data: {\"choices\":[]}\ndata: {\"x\":1}",
+            r#"data: {"choices":{"0":1}}"#,
+            r#"data: {"choices":[{"index":-1,"delta":{"content":"neg"}}]}"#,
+            r#"data: {"choices":[{"index":0,"delta":"text"}]}"#,
+            r#"data: {"choices":[{"index":0,"delta":{"con\u0074ent":"escaped key"}}]}"#,
+            r#"data: {"choices":[{"index":0"#,
+            "data: not json",
+        ];
+        for (i, e) in usual.iter().chain(&other).enumerate() {
+            for sep in ["\n", "\r\n"] {
+                let ev = format!("{}{sep}{sep}", e.replace('\n', sep));
+                let mut text = String::new();
+                let fast = glance(ev.as_bytes(), &mut text);
+                assert_eq!(fast.is_some(), i < usual.len(), "event {i}: {e}");
+                if let Some(s) = fast {
+                    let Event::Chunk(c) = classify(ev.as_bytes()) else {
+                        panic!("event {i} is a chunk to classify too")
+                    };
+                    let slow = seen(&c);
+                    assert_eq!(text, slow.content, "event {i}");
+                    assert_eq!(Seen { content: text, ..s }, slow, "event {i}");
+                }
+            }
+        }
     }
 }
