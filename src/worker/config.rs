@@ -82,7 +82,8 @@ pub struct WorkerArgs {
     /// merge, only while requests are arriving concurrently; 0 never waits [default: 2]
     #[arg(long = "embed_batch_wait_ms", visible_alias = "embed-batch-wait-ms")]
     pub embed_batch_wait_ms: Option<u64>,
-    /// text2vec and reranker (hf): threads of one forward pass [default: 1]
+    /// text2vec and reranker (hf): forward passes run at once, one thread each; concurrent
+    /// requests are spread over them [default: the CPU count, at most 4]
     #[arg(long = "embed_threads", visible_alias = "embed-threads")]
     pub embed_threads: Option<usize>,
     /// Address to bind [default: 0.0.0.0]

@@ -102,7 +102,8 @@ pub struct ModelSpec {
     /// Local text2vec and reranker models: milliseconds a forward pass waits for more
     /// requests under concurrent load (`embed_batch_wait_ms`).
     pub embed_batch_wait_ms: Option<u64>,
-    /// Local text2vec and reranker models: threads of one forward pass (`embed_threads`).
+    /// Local text2vec and reranker models: forward passes run at once, one thread each
+    /// (`embed_threads`).
     pub embed_threads: Option<usize>,
     /// llama.cpp: the scheduler's slots, batch and wait queue.
     pub llama: LlamaSpec,
@@ -602,7 +603,7 @@ impl ModelSpec {
             out.push(p(
                 "embed_threads",
                 "int",
-                "Threads of one forward pass",
+                "Forward passes run at once, one thread each",
                 Some(Value::from(b.threads)),
                 "",
             ));

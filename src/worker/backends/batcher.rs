@@ -16,8 +16,16 @@
 //! A job whose caller went away (its future dropped) is skipped before the next pass; a
 //! failing pass fails the jobs that had items in it, and only them. The thread ends when
 //! the model is dropped (the last sender goes).
+//!
+//! [`Lanes`] runs several such batchers of one model side by side ([`BatchConfig::threads`]
+//! of them, sharing the weights), each pass on one thread: a request goes to the lane with
+//! the fewest items outstanding, so concurrent requests keep every lane's thread busy with
+//! a pass of its own instead of splitting each small pass over threads that wait for each
+//! other.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +40,7 @@ pub struct BatchConfig {
     pub max_batch: usize,
     /// How long a pass waits for more requests under concurrent load.
     pub max_wait: Duration,
-    /// Threads one forward pass uses (the model's own pool).
+    /// Forward passes that run at once, each on its own thread ([`Lanes`]).
     pub threads: usize,
 }
 
@@ -41,8 +49,16 @@ impl BatchConfig {
     pub const DEFAULT_MAX_BATCH: usize = 32;
     /// Default wait for more requests, in milliseconds.
     pub const DEFAULT_MAX_WAIT_MS: u64 = 2;
-    /// Default threads per forward pass.
-    pub const DEFAULT_THREADS: usize = 1;
+    /// The default [`BatchConfig::threads`] is the CPU count up to this many.
+    pub const MAX_DEFAULT_THREADS: usize = 4;
+
+    /// The default [`BatchConfig::threads`]: the CPU count, at most
+    /// [`BatchConfig::MAX_DEFAULT_THREADS`].
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, Self::MAX_DEFAULT_THREADS)
+    }
 }
 
 impl Default for BatchConfig {
@@ -50,7 +66,7 @@ impl Default for BatchConfig {
         BatchConfig {
             max_batch: Self::DEFAULT_MAX_BATCH,
             max_wait: Duration::from_millis(Self::DEFAULT_MAX_WAIT_MS),
-            threads: Self::DEFAULT_THREADS,
+            threads: Self::default_threads(),
         }
     }
 }
@@ -127,6 +143,69 @@ impl<M: BatchModel> Batcher<M> {
                 .await
                 .map_err(|_| BackendError::internal("the model's batching thread has stopped"))?
         }
+    }
+}
+
+/// Several [`Batcher`]s of one model, one thread each (see the module documentation).
+pub(crate) struct Lanes<M: BatchModel> {
+    lanes: Vec<(Batcher<M>, Arc<AtomicUsize>)>,
+}
+
+impl<M: BatchModel> Lanes<M> {
+    /// Starts one batcher per model (copies sharing their weights), threads `name-0`, ….
+    pub fn start(models: Vec<M>, config: BatchConfig, name: &str) -> Result<Self, BackendError> {
+        if models.is_empty() {
+            return Err(BackendError::internal(
+                "a model needs one batching thread at least",
+            ));
+        }
+        let lanes = models
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                Ok((
+                    Batcher::start(m, config, &format!("{name}-{i}"))?,
+                    Arc::new(AtomicUsize::new(0)),
+                ))
+            })
+            .collect::<Result<_, BackendError>>()?;
+        Ok(Lanes { lanes })
+    }
+
+    /// [`Batcher::submit`] on the lane with the fewest items outstanding (the first of
+    /// equals, so a lone client always uses lane 0 and its passes stay warm in one cache).
+    pub fn submit(
+        &self,
+        items: Vec<M::Item>,
+    ) -> impl std::future::Future<Output = Result<Vec<M::Output>, BackendError>> + Send + 'static
+    {
+        let (batcher, outstanding) = self
+            .lanes
+            .iter()
+            .min_by_key(|(_, n)| n.load(Ordering::Relaxed))
+            .expect("Lanes::start refuses no lanes");
+        let held = Outstanding::new(outstanding.clone(), items.len());
+        let answer = batcher.submit(items);
+        async move {
+            let _held = held;
+            answer.await
+        }
+    }
+}
+
+/// A request's items counted in its lane's outstanding items until it is answered or dropped.
+struct Outstanding(Arc<AtomicUsize>, usize);
+
+impl Outstanding {
+    fn new(count: Arc<AtomicUsize>, n: usize) -> Self {
+        count.fetch_add(n, Ordering::Relaxed);
+        Outstanding(count, n)
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 

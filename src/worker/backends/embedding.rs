@@ -22,7 +22,7 @@ use candle_transformers::models::bert::Config;
 use futures::future::BoxFuture;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::batcher::{BatchConfig, BatchModel, Batcher};
+use super::batcher::{BatchConfig, BatchModel, Lanes};
 use super::bert::Bert;
 use super::{BackendError, EmbeddingBackend};
 
@@ -57,17 +57,17 @@ pub struct BertEmbeddingBackend {
 }
 
 struct Inner {
-    batcher: Batcher<Encoder>,
+    batcher: Lanes<Encoder>,
     /// The encoder's tokenizer, for [`EmbeddingBackend::count_tokens`].
     tokenizer: Tokenizer,
     dimension: usize,
     batch: BatchConfig,
 }
 
-/// What the batching thread runs: tokenizer, encoder, pooling.
+/// What a batching thread runs: tokenizer, encoder (shared by the threads), pooling.
 struct Encoder {
     pool: rayon::ThreadPool,
-    model: Bert,
+    model: Arc<Bert>,
     tokenizer: Tokenizer,
     pad_id: u32,
     device: Device,
@@ -232,14 +232,15 @@ impl SimpleBackend for TransposedLinears {
     }
 }
 
-/// The thread pool a model's forward passes run in (`install`ed around each pass): gemm
-/// and the tokenizer split their work over the pool they are called from. On this 2-core
-/// machine, shared with the HTTP stack, candle's default of every core for every matmul
-/// cost twice the CPU per text at 32 concurrent requests (9.8 against 4.4 ms) and more
-/// wall time, hence [`BatchConfig::threads`], default 1.
-pub(super) fn compute_pool(threads: usize) -> Result<rayon::ThreadPool, BackendError> {
+/// The one-thread pool a batching thread's passes run in (`install`ed around each pass):
+/// gemm and the tokenizer split their work over the pool they are called from. On this
+/// 2-core machine, shared with the HTTP stack, candle's default of every core for every
+/// matmul cost twice the CPU per text at 32 concurrent requests (9.8 against 4.4 ms) and
+/// more wall time: a pass runs on one thread, and [`BatchConfig::threads`] passes run side by
+/// side instead ([`Lanes`]).
+pub(super) fn compute_pool() -> Result<rayon::ThreadPool, BackendError> {
     rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
+        .num_threads(1)
         .thread_name(|i| format!("dbgpt-encoder-{i}"))
         .build()
         .map_err(|e| BackendError::internal(format!("cannot start the model's threads: {e}")))
@@ -350,16 +351,21 @@ impl BertEmbeddingBackend {
             load_ms = start.elapsed().as_millis() as u64,
             "loaded BERT embedding model"
         );
-        let encoder = Encoder {
-            pool: compute_pool(config.batch.threads)?,
-            model,
-            tokenizer: tokenizer.clone(),
-            pad_id,
-            device,
-        };
+        let model = Arc::new(model);
+        let encoders = (0..config.batch.threads.max(1))
+            .map(|_| {
+                Ok(Encoder {
+                    pool: compute_pool()?,
+                    model: model.clone(),
+                    tokenizer: tokenizer.clone(),
+                    pad_id,
+                    device: device.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
         Ok(BertEmbeddingBackend {
             inner: Arc::new(Inner {
-                batcher: Batcher::start(encoder, config.batch, "dbgpt-embed")?,
+                batcher: Lanes::start(encoders, config.batch, "dbgpt-embed")?,
                 tokenizer,
                 dimension,
                 batch: config.batch,

@@ -37,7 +37,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::batcher::{BatchConfig, BatchModel, Batcher};
+use super::batcher::{BatchConfig, BatchModel, Lanes};
 use super::bert::Bert;
 use super::embedding::{BertDir, compute_pool, padded_batches};
 use super::{BackendError, RerankBackend};
@@ -180,7 +180,7 @@ impl Model {
 }
 
 struct Inner {
-    batcher: Batcher<Scorer>,
+    batcher: Lanes<Scorer>,
     activation: ScoreActivation,
     batch: BatchConfig,
 }
@@ -188,7 +188,8 @@ struct Inner {
 /// What the batching thread runs: tokenizer, encoder, head.
 struct Scorer {
     pool: rayon::ThreadPool,
-    model: Model,
+    /// Shared by the model's batching threads.
+    model: Arc<Model>,
     activation: ScoreActivation,
     tokenizer: Tokenizer,
     pad_id: u32,
@@ -287,17 +288,22 @@ impl BertRerankerBackend {
             load_ms = start.elapsed().as_millis() as u64,
             "loaded cross-encoder"
         );
-        let scorer = Scorer {
-            pool: compute_pool(config.batch.threads)?,
-            model,
-            activation,
-            tokenizer,
-            pad_id: d.pad_id,
-            device: d.device,
-        };
+        let model = Arc::new(model);
+        let scorers = (0..config.batch.threads.max(1))
+            .map(|_| {
+                Ok(Scorer {
+                    pool: compute_pool()?,
+                    model: model.clone(),
+                    activation,
+                    tokenizer: tokenizer.clone(),
+                    pad_id: d.pad_id,
+                    device: d.device.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
         Ok(BertRerankerBackend {
             inner: Arc::new(Inner {
-                batcher: Batcher::start(scorer, config.batch, "dbgpt-rerank")?,
+                batcher: Lanes::start(scorers, config.batch, "dbgpt-rerank")?,
                 activation,
                 batch: config.batch,
             }),

@@ -146,3 +146,57 @@ async fn empty_requests_and_a_stopped_model() {
     // The thread serves what was queued before it goes.
     assert_eq!(pending.await.unwrap(), vec![18]);
 }
+
+#[tokio::test]
+async fn lanes_take_requests_by_their_outstanding_items() {
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let logs: Vec<Arc<Mutex<Vec<Vec<u32>>>>> = (0..2).map(|_| Arc::default()).collect();
+    let models = logs
+        .iter()
+        .map(|passes| Doubler {
+            passes: passes.clone(),
+            gate: gate.clone(),
+        })
+        .collect();
+    let config = BatchConfig {
+        max_batch: 32,
+        max_wait: Duration::ZERO,
+        threads: 2,
+    };
+    let lanes = Lanes::start(models, config, "test-lanes").unwrap();
+    let count = |i: usize| lanes.lanes[i].1.load(Ordering::Relaxed);
+    // A → lane 0 (both empty: the first), B → lane 1, C (3 items) → lane 0 (1 each: the
+    // first), D → lane 1 (4 against 1).
+    let a = tokio::spawn(lanes.submit(vec![1]));
+    let b = tokio::spawn(lanes.submit(vec![2]));
+    let c = tokio::spawn(lanes.submit(vec![3, 4, 5]));
+    let d = tokio::spawn(lanes.submit(vec![6]));
+    settle().await;
+    assert_eq!((count(0), count(1)), (4, 2));
+    // A request withdrawn before it ran gives its count back.
+    drop(lanes.submit(vec![7, 8, 9]));
+    assert_eq!((count(0), count(1)), (4, 2));
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    assert_eq!(a.await.unwrap().unwrap(), vec![2]);
+    assert_eq!(b.await.unwrap().unwrap(), vec![4]);
+    assert_eq!(c.await.unwrap().unwrap(), vec![6, 8, 10]);
+    assert_eq!(d.await.unwrap().unwrap(), vec![12]);
+    assert_eq!(
+        (count(0), count(1)),
+        (0, 0),
+        "answered requests are not outstanding"
+    );
+    let items = |i: usize| -> Vec<u32> { logs[i].lock().unwrap().concat() };
+    assert_eq!((items(0), items(1)), (vec![1, 3, 4, 5], vec![2, 6]));
+    // Idle again: a lone client is served by lane 0.
+    assert_eq!(lanes.submit(vec![10]).await.unwrap(), vec![20]);
+    assert_eq!(items(0), vec![1, 3, 4, 5, 10]);
+}
+
+#[test]
+fn lanes_need_a_model() {
+    let err = Lanes::<Doubler>::start(Vec::new(), BatchConfig::default(), "none");
+    assert!(err.is_err());
+    assert!((1..=BatchConfig::MAX_DEFAULT_THREADS).contains(&BatchConfig::default().threads));
+}
