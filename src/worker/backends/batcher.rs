@@ -174,7 +174,31 @@ impl<M: BatchModel> Lanes<M> {
 
     /// [`Batcher::submit`] on the lane with the fewest items outstanding (the first of
     /// equals, so a lone client always uses lane 0 and its passes stay warm in one cache).
+    /// A request of at least [`SPLIT_ITEMS`] items per lane is cut into one contiguous part
+    /// per lane, each part going the same way, and answered in order: a lone large request
+    /// uses every lane.
     pub fn submit(
+        &self,
+        mut items: Vec<M::Item>,
+    ) -> impl std::future::Future<Output = Result<Vec<M::Output>, BackendError>> + Send + 'static
+    {
+        let parts = (items.len() / SPLIT_ITEMS).clamp(1, self.lanes.len());
+        let size = items.len().div_ceil(parts);
+        let mut answers = Vec::with_capacity(parts);
+        while !items.is_empty() {
+            let rest = items.split_off(size.min(items.len()));
+            answers.push(self.submit_part(std::mem::replace(&mut items, rest)));
+        }
+        async move {
+            let mut out = Vec::new();
+            for part in futures::future::join_all(answers).await {
+                out.extend(part?);
+            }
+            Ok(out)
+        }
+    }
+
+    fn submit_part(
         &self,
         items: Vec<M::Item>,
     ) -> impl std::future::Future<Output = Result<Vec<M::Output>, BackendError>> + Send + 'static
@@ -192,6 +216,10 @@ impl<M: BatchModel> Lanes<M> {
         }
     }
 }
+
+/// A request is split over the lanes only when each part gets at least this many items:
+/// below it, one pass of the whole request costs less than two half passes.
+pub(crate) const SPLIT_ITEMS: usize = 8;
 
 /// A request's items counted in its lane's outstanding items until it is answered or dropped.
 struct Outstanding(Arc<AtomicUsize>, usize);

@@ -192,6 +192,17 @@ async fn lanes_take_requests_by_their_outstanding_items() {
     // Idle again: a lone client is served by lane 0.
     assert_eq!(lanes.submit(vec![10]).await.unwrap(), vec![20]);
     assert_eq!(items(0), vec![1, 3, 4, 5, 10]);
+    // A request of SPLIT_ITEMS per lane is cut in two, one part per lane, answered in order;
+    // one item less is not.
+    let big: Vec<u32> = (100..100 + 2 * SPLIT_ITEMS as u32).collect();
+    let doubled: Vec<u32> = big.iter().map(|x| 2 * x).collect();
+    assert_eq!(lanes.submit(big.clone()).await.unwrap(), doubled);
+    assert_eq!(items(0)[5..], big[..SPLIT_ITEMS]);
+    assert_eq!(items(1)[2..], big[SPLIT_ITEMS..]);
+    let smaller: Vec<u32> = (200..200 + 2 * SPLIT_ITEMS as u32 - 1).collect();
+    lanes.submit(smaller.clone()).await.unwrap();
+    assert_eq!(items(0)[5 + SPLIT_ITEMS..], smaller[..]);
+    assert_eq!(lanes.submit(Vec::new()).await.unwrap(), Vec::<u32>::new());
 }
 
 #[test]
