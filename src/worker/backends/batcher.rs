@@ -152,19 +152,17 @@ pub(crate) struct Lanes<M: BatchModel> {
 }
 
 impl<M: BatchModel> Lanes<M> {
-    /// Starts one batcher per model (copies sharing their weights), threads `name-0`, ….
-    pub fn start(models: Vec<M>, config: BatchConfig, name: &str) -> Result<Self, BackendError> {
-        if models.is_empty() {
-            return Err(BackendError::internal(
-                "a model needs one batching thread at least",
-            ));
-        }
-        let lanes = models
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| {
+    /// Starts [`BatchConfig::threads`] batchers (at least one), threads `name-0`, …, each
+    /// running a model `make` returns (copies sharing their weights).
+    pub fn start(
+        config: BatchConfig,
+        name: &str,
+        mut make: impl FnMut() -> Result<M, BackendError>,
+    ) -> Result<Self, BackendError> {
+        let lanes = (0..config.threads.max(1))
+            .map(|i| {
                 Ok((
-                    Batcher::start(m, config, &format!("{name}-{i}"))?,
+                    Batcher::start(make()?, config, &format!("{name}-{i}"))?,
                     Arc::new(AtomicUsize::new(0)),
                 ))
             })

@@ -352,20 +352,18 @@ impl BertEmbeddingBackend {
             "loaded BERT embedding model"
         );
         let model = Arc::new(model);
-        let encoders = (0..config.batch.threads.max(1))
-            .map(|_| {
-                Ok(Encoder {
-                    pool: compute_pool()?,
-                    model: model.clone(),
-                    tokenizer: tokenizer.clone(),
-                    pad_id,
-                    device: device.clone(),
-                })
+        let batcher = Lanes::start(config.batch, "dbgpt-embed", || {
+            Ok(Encoder {
+                pool: compute_pool()?,
+                model: model.clone(),
+                tokenizer: tokenizer.clone(),
+                pad_id,
+                device: device.clone(),
             })
-            .collect::<Result<Vec<_>, BackendError>>()?;
+        })?;
         Ok(BertEmbeddingBackend {
             inner: Arc::new(Inner {
-                batcher: Lanes::start(encoders, config.batch, "dbgpt-embed")?,
+                batcher,
                 tokenizer,
                 dimension,
                 batch: config.batch,

@@ -290,6 +290,17 @@ mod tests {
         }
     }
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn strided_weights_and_inputs_are_read_by_their_layout() {
         let dev = Device::Cpu;
@@ -308,23 +319,8 @@ mod tests {
             .unwrap();
         let b = PackedLinear::new(&view, None).unwrap().forward(&x).unwrap();
         let c = x.matmul(&stored.t().unwrap()).unwrap();
-        let diff = (a.clone() - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0);
-        let diff = (a - c)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
+        let diff = max_abs_diff(&a, &c);
         assert!(diff < 1e-4, "{diff}");
     }
 

@@ -289,21 +289,19 @@ impl BertRerankerBackend {
             "loaded cross-encoder"
         );
         let model = Arc::new(model);
-        let scorers = (0..config.batch.threads.max(1))
-            .map(|_| {
-                Ok(Scorer {
-                    pool: compute_pool()?,
-                    model: model.clone(),
-                    activation,
-                    tokenizer: tokenizer.clone(),
-                    pad_id: d.pad_id,
-                    device: d.device.clone(),
-                })
+        let batcher = Lanes::start(config.batch, "dbgpt-rerank", || {
+            Ok(Scorer {
+                pool: compute_pool()?,
+                model: model.clone(),
+                activation,
+                tokenizer: tokenizer.clone(),
+                pad_id: d.pad_id,
+                device: d.device.clone(),
             })
-            .collect::<Result<Vec<_>, BackendError>>()?;
+        })?;
         Ok(BertRerankerBackend {
             inner: Arc::new(Inner {
-                batcher: Lanes::start(scorers, config.batch, "dbgpt-rerank")?,
+                batcher,
                 activation,
                 batch: config.batch,
             }),

@@ -151,19 +151,19 @@ async fn empty_requests_and_a_stopped_model() {
 async fn lanes_take_requests_by_their_outstanding_items() {
     let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
     let logs: Vec<Arc<Mutex<Vec<Vec<u32>>>>> = (0..2).map(|_| Arc::default()).collect();
-    let models = logs
-        .iter()
-        .map(|passes| Doubler {
-            passes: passes.clone(),
-            gate: gate.clone(),
-        })
-        .collect();
     let config = BatchConfig {
         max_batch: 32,
         max_wait: Duration::ZERO,
         threads: 2,
     };
-    let lanes = Lanes::start(models, config, "test-lanes").unwrap();
+    let mut made = logs.iter();
+    let lanes = Lanes::start(config, "test-lanes", || {
+        Ok(Doubler {
+            passes: made.next().expect("two lanes").clone(),
+            gate: gate.clone(),
+        })
+    })
+    .unwrap();
     let count = |i: usize| lanes.lanes[i].1.load(Ordering::Relaxed);
     // A → lane 0 (both empty: the first), B → lane 1, C (3 items) → lane 0 (1 each: the
     // first), D → lane 1 (4 against 1).
@@ -206,8 +206,24 @@ async fn lanes_take_requests_by_their_outstanding_items() {
 }
 
 #[test]
-fn lanes_need_a_model() {
-    let err = Lanes::<Doubler>::start(Vec::new(), BatchConfig::default(), "none");
+fn lanes_start_at_least_one_and_report_a_failed_model() {
+    let config = BatchConfig {
+        threads: 0,
+        ..BatchConfig::default()
+    };
+    let mut made = 0;
+    let lanes = Lanes::<Doubler>::start(config, "one", || {
+        made += 1;
+        Ok(Doubler {
+            passes: Arc::default(),
+            gate: Arc::new((Mutex::new(true), std::sync::Condvar::new())),
+        })
+    })
+    .unwrap();
+    assert_eq!((lanes.lanes.len(), made), (1, 1));
+    let err = Lanes::<Doubler>::start(BatchConfig::default(), "none", || {
+        Err(BackendError::internal("cannot load"))
+    });
     assert!(err.is_err());
     assert!((1..=BatchConfig::MAX_DEFAULT_THREADS).contains(&BatchConfig::default().threads));
 }
