@@ -4,9 +4,10 @@
 //! masked mean pooling, L2 normalisation.
 //!
 //! A model directory holds `config.json`, `model.safetensors` and
-//! `tokenizer.json`. Requests go through the model's [`Batcher`]: concurrent
+//! `tokenizer.json`. Requests go through the model's [`Lanes`]: concurrent
 //! requests are merged into forward passes of at most [`BatchConfig::max_batch`]
-//! texts (one thread per model runs them), and each pass is cut by
+//! texts ([`BatchConfig::threads`] passes run at once, one thread each, on the shared
+//! encoder of [`super::bert`]), and each pass is cut by
 //! [`padded_batches`] into runs of similar length, each padded to its longest
 //! member with the padding masked, so a text gets the same vector alone or in
 //! any batch. Dropping the `embed` future withdraws the texts not yet in a pass.
@@ -323,7 +324,7 @@ pub(super) fn padded_batches(
 }
 
 impl BertEmbeddingBackend {
-    /// Load a model directory and start its batching thread. Blocking (reads ~100 MB):
+    /// Load a model directory and start its batching threads. Blocking (reads ~100 MB):
     /// call it from `spawn_blocking` when on an async executor.
     pub fn load(config: BertEmbeddingConfig) -> Result<Self, BackendError> {
         let dir = &config.model_dir;

@@ -17,7 +17,7 @@
 //!
 //! The directory holds `config.json`, `model.safetensors` and `tokenizer.json`, as for the
 //! embedding models ([`super::embedding::BertDir`]). Pairs go through the model's
-//! [`Batcher`], as the embedding model's texts: the pairs of concurrent requests are merged
+//! [`Lanes`], as the embedding model's texts: the pairs of concurrent requests are merged
 //! into forward passes of at most [`BatchConfig::max_batch`] pairs, cut by length and
 //! padded with the padding masked ([`super::embedding::padded_batches`]), so a pair gets the
 //! same score alone or batched; dropping the `rerank` future withdraws the pairs not yet in
@@ -185,7 +185,7 @@ struct Inner {
     batch: BatchConfig,
 }
 
-/// What the batching thread runs: tokenizer, encoder, head.
+/// What a batching thread runs: tokenizer, encoder and head (shared by the threads).
 struct Scorer {
     pool: rayon::ThreadPool,
     /// Shared by the model's batching threads.
